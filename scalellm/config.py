@@ -1,0 +1,45 @@
+"""Engine settings shared by the offline API and the server."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 1 << 30
+
+
+def parse_bytes(value: str | int | float) -> int:
+    """'4GB', '512MiB', '1.5G', 2000000 -> bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = value.strip().upper().replace("IB", "B")
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "K": 1 << 10, "M": 1 << 20,
+             "G": 1 << 30, "T": 1 << 40, "B": 1}
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return int(float(text))
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the bundled SmolLM2 GGUF
+    dtype: str = "auto"
+    device: str = "cpu"
+    max_model_len: int | None = None  # default: the model's context length
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 512  # per-step token budget shared by decodes and prefill chunks
+    block_size: int = 16
+    kv_cache_memory: int | str = 2 * GiB
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use it to force preemption)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda":
+            raise ValueError("device cuda is not available in this build yet; use --device cpu")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+        self.kv_cache_memory = parse_bytes(self.kv_cache_memory)

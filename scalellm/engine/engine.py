@@ -1,0 +1,185 @@
+"""The synchronous engine core: admit requests, step the model, and report what each step produced."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from scalellm.config import EngineConfig
+from scalellm.engine.block_manager import BlockManager
+from scalellm.engine.output_processor import append_token, take_delta
+from scalellm.engine.scheduler import Scheduler
+from scalellm.engine.sequence import Sequence, Status
+from scalellm.model.loader import LoadedModel, load_model
+from scalellm.model.runner import ModelRunner, kv_bytes_per_token
+from scalellm.outputs import StreamDelta
+from scalellm.sampling.sampler import Sampler
+from scalellm.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs) and len(self.seqs) == self.params.n
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        loaded = loaded or load_model(config.model, config.dtype, config.device, config.max_model_len)
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_config = loaded.config
+        context = loaded.config.max_position_embeddings
+        if loaded.config.sliding_window:
+            context = min(context, loaded.config.sliding_window)
+        self.max_model_len = min(config.max_model_len or context, context)
+        per_block = kv_bytes_per_token(loaded.model) * config.block_size
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory // per_block)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size)
+        self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
+        self.sampler = Sampler(sorted(self.eos_token_ids))
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size,
+                 num_blocks * config.block_size)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    # -- admission -----------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt contains token ids outside the vocabulary [0, {vocab})")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt has {n} tokens, which leaves no room in the model's context "
+                             f"length of {self.max_model_len}")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds the "
+                             f"model's context length of {self.max_model_len}")
+        total = n + (params.max_tokens or self.max_model_len - n)
+        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+            raise ValueError(f"prompt plus max_tokens ({total} tokens) exceeds the KV cache capacity of "
+                             f"{self.kv_capacity_tokens} tokens")
+
+    def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams,
+                    prompt_token_ids: list[int] | None = None) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise ValueError("prompt must not be empty")
+                prompt_token_ids = self.tokenize(prompt)
+            elif isinstance(prompt, (list, tuple)):
+                prompt_token_ids, prompt = list(prompt), None
+            else:
+                raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        self.validate_prompt(prompt_token_ids, params)
+        now = time.monotonic()
+        seq = Sequence(next(self._seq_ids), request_id, 0, list(prompt_token_ids), len(prompt_token_ids),
+                       params, now, pending_forks=params.n - 1)
+        request = Request(request_id, prompt, list(prompt_token_ids), params, [seq], now)
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+        return request
+
+    def abort_request(self, request_id: str) -> bool:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- stepping ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StreamDelta]:
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return []
+        logits = self.runner.run(batch.items)
+        ready: list[Sequence] = []
+        for seq, n in batch.items:
+            seq.num_computed += n
+            self.block_manager.register_full_blocks(seq)
+            if seq.num_computed == seq.num_tokens:
+                ready.append(seq)
+        rows = list(range(len(ready)))
+        for row, seq in enumerate(list(ready)):
+            if seq.pending_forks:
+                children = self._fork(seq)
+                ready.extend(children)
+                rows.extend([row] * len(children))
+        if len(rows) != logits.shape[0]:
+            logits = logits[rows]
+        sampled = self.sampler(logits, ready)
+        deltas = []
+        for seq, token, logprob in zip(ready, sampled.token_ids, sampled.logprobs):
+            append_token(self.tokenizer, seq, token, logprob, self.eos_token_ids, self.max_model_len)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            deltas.append(take_delta(seq))
+        for delta in deltas:
+            request = self.requests.get(delta.request_id)
+            if request is not None and request.finished:
+                del self.requests[delta.request_id]
+        return deltas
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Make the other n - 1 samples of a request whose prompt was just computed: they share the
+        parent's full prompt blocks and recompute only the partial last block next step."""
+        request = self.requests[parent.request_id]
+        full_blocks = parent.num_computed // self.block_manager.block_size
+        children = []
+        for index in range(1, parent.pending_forks + 1):
+            child = Sequence(next(self._seq_ids), parent.request_id, index, parent.token_ids[:parent.prompt_len],
+                             parent.prompt_len, parent.params, parent.arrival_time,
+                             num_cached_tokens=parent.num_cached_tokens, prefix_looked_up=True)
+            self.block_manager.share_prefix(parent, child, full_blocks)
+            self.scheduler.add_running(child)
+            request.seqs.append(child)
+            children.append(child)
+        parent.pending_forks = 0
+        return children
+
+    # -- introspection -------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": bm.usage,
+            "kv_blocks_used": bm.num_used_blocks,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

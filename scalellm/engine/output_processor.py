@@ -1,0 +1,75 @@
+"""After each step: append sampled tokens, detokenize incrementally, check stop conditions, emit deltas."""
+from __future__ import annotations
+
+from scalellm.engine.sequence import Sequence
+from scalellm.outputs import Logprob, StreamDelta
+
+
+def detokenize_step(tokenizer, seq: Sequence) -> str:
+    """Text added by the newest tokens. Decodes a short window of recent tokens and waits while the
+    window ends inside a multi-byte character (shown by U+FFFD), so deltas are always valid UTF-8."""
+    skip = seq.params.skip_special_tokens
+    ids = seq.token_ids
+    prefix_text = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
+    new_text = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
+    if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+        return ""
+    seq.prefix_offset = seq.read_offset
+    seq.read_offset = len(ids)
+    return new_text[len(prefix_text):]
+
+
+def check_stop(seq: Sequence, token: int, delta_len: int, eos_token_ids: frozenset[int],
+               max_model_len: int) -> None:
+    p = seq.params
+    if seq.num_output_tokens >= p.min_tokens:
+        if not p.ignore_eos and token in eos_token_ids:
+            seq.finish_reason = "stop"
+            return
+        if token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+            return
+        if p.stop_list and _truncate_at_stop_string(seq, delta_len):
+            return
+    if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= max_model_len:
+        seq.finish_reason = "length"
+
+
+def _truncate_at_stop_string(seq: Sequence, delta_len: int) -> bool:
+    p = seq.params
+    start = max(0, len(seq.text) - delta_len - p.max_stop_len + 1)
+    found = [(i, s) for s in p.stop_list if (i := seq.text.find(s, start)) != -1]
+    if not found:
+        return False
+    index, stop = min(found)
+    seq.text = seq.text[:index + len(stop)] if p.include_stop_str_in_output else seq.text[:index]
+    seq.finish_reason, seq.stop_reason = "stop", stop
+    return True
+
+
+def append_token(tokenizer, seq: Sequence, token: int, logprob: Logprob | None,
+                 eos_token_ids: frozenset[int], max_model_len: int) -> None:
+    seq.token_ids.append(token)
+    if logprob is not None:
+        seq.logprobs.append(logprob)
+    delta = detokenize_step(tokenizer, seq) if tokenizer is not None else ""
+    seq.text += delta
+    check_stop(seq, token, len(delta), eos_token_ids, max_model_len)
+
+
+def take_delta(seq: Sequence) -> StreamDelta:
+    """What the sequence produced since the last delta. While running, the last max_stop_len - 1
+    characters are held back: they might still turn out to begin a stop string."""
+    end = len(seq.text)
+    if seq.finish_reason is None and seq.params.max_stop_len > 1:
+        end = max(seq.emitted_text_len, end - seq.params.max_stop_len + 1)
+    text = seq.text[seq.emitted_text_len:end]
+    seq.emitted_text_len = end
+    tokens = seq.token_ids[seq.prompt_len + seq.emitted_tokens:]
+    seq.emitted_tokens += len(tokens)
+    logprobs = None
+    if seq.logprobs is not None:
+        logprobs = seq.logprobs[seq.emitted_logprobs:]
+        seq.emitted_logprobs = len(seq.logprobs)
+    return StreamDelta(seq.request_id, seq.index, text, tokens, seq.finish_reason, seq.stop_reason,
+                       logprobs, seq.prompt_len, seq.num_cached_tokens)

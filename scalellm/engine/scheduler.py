@@ -1,0 +1,103 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step gets a token budget. Running sequences go first (decodes cost one token each, an
+unfinished prompt continues with its next chunk), then waiting sequences are admitted in arrival
+order while budget, blocks and the max_num_seqs limit allow. When blocks run out, the most recently
+admitted sequence is preempted: its blocks are freed and it returns to the front of the queue, to be
+recomputed later (the prefix cache usually gives most of its blocks back).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from scalellm.engine.block_manager import BlockManager
+from scalellm.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    items: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        running = self.running
+        idx = 0
+        while idx < len(running) and budget > 0:
+            seq = running[idx]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.bm.ensure(seq, seq.num_computed + n):
+                victim = running.pop()
+                self._preempt(victim)
+                batch.num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                batch.items.append((seq, n))
+                budget -= n
+                idx += 1
+                continue
+            break
+        if batch.num_preempted:
+            return batch
+        while self.waiting and budget > 0 and len(running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.prefix_looked_up:
+                self.bm.reuse_prefix(seq)
+                seq.prefix_looked_up = True
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.bm.ensure(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            running.append(seq)
+            batch.items.append((seq, n))
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.free_sequence(seq)
+        seq.prefix_looked_up = False
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence wherever it is and free its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        seq.status = Status.FINISHED
+        self.bm.free_sequence(seq)

@@ -1,0 +1,65 @@
+"""A sequence: one sample of one request, with its tokens, cache blocks and output state."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from scalellm.outputs import Logprob
+from scalellm.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n samples
+    token_ids: list[int]
+    prompt_len: int
+    params: SamplingParams
+    arrival_time: float
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hash chain of the leading full blocks
+    pending_forks: int = 0  # samples still to fork off once the prompt is computed
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prefix_looked_up: bool = False
+    num_preemptions: int = 0
+    # detokenization and output state
+    prefix_offset: int = 0
+    read_offset: int = 0
+    text: str = ""
+    emitted_text_len: int = 0
+    emitted_tokens: int = 0
+    emitted_logprobs: int = 0
+    logprobs: list[Logprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def __post_init__(self) -> None:
+        self.read_offset = self.prompt_len
+        self.prefix_offset = max(self.prompt_len - 5, 0)
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,80 @@
+"""The offline API: LLM(model=...).generate(prompts, SamplingParams(...))."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+from tqdm import tqdm
+
+from scalellm.config import EngineConfig
+from scalellm.engine.engine import LLMEngine, Request
+from scalellm.outputs import CompletionOutput, RequestOutput
+from scalellm.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "cpu", **engine_kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **engine_kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings or of token id lists")
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        requests: list[Request] = []
+        try:
+            for prompt, p in zip(prompts, params_list):
+                requests.append(self.engine.add_request(f"offline-{next(self._ids)}", prompt, p))
+        except ValueError:
+            for r in requests:
+                self.engine.abort_request(r.request_id)
+            raise
+        return self._run(requests, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if not conversation:
+            raise ValueError("messages must not be empty")
+        for m in conversation:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+                raise ValueError(f"messages: each message needs a role of system, user or assistant; got {m!r}")
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _run(self, requests: list[Request], use_tqdm: bool) -> list[RequestOutput]:
+        pending = {r.request_id for r in requests}
+        bar = tqdm(total=len(requests), desc="generating", disable=not use_tqdm)
+        while pending:
+            for delta in self.engine.step():
+                if delta.request_id in pending and delta.request_id not in self.engine.requests:
+                    pending.discard(delta.request_id)
+                    bar.update(1)
+        bar.close()
+        return [_to_output(r) for r in requests]
+
+
+def _to_output(request: Request) -> RequestOutput:
+    outputs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.stop_reason, s.logprobs)
+               for s in sorted(request.seqs, key=lambda s: s.index)]
+    return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, True,
+                         request.seqs[0].num_cached_tokens)

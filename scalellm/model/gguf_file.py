@@ -1,0 +1,110 @@
+"""GGUF checkpoints: tensors read with the gguf package, dequantized here with vectorized numpy."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+QK = 32  # elements per block in the legacy quant formats
+
+
+def _halves(blocks: np.ndarray, start: int) -> np.ndarray:
+    return blocks[:, start:start + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[n, 16] packed bytes -> [n, 32] values: low nibbles are elements 0-15, high ones 16-31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+
+
+def _q4_0(blocks: np.ndarray) -> np.ndarray:
+    d = _halves(blocks, 0)
+    return (_nibbles(blocks[:, 2:18]) - 8.0) * d
+
+
+def _q4_1(blocks: np.ndarray) -> np.ndarray:
+    d, m = _halves(blocks, 0), _halves(blocks, 2)
+    return _nibbles(blocks[:, 4:20]) * d + m
+
+
+def _q8_0(blocks: np.ndarray) -> np.ndarray:
+    d = _halves(blocks, 0)
+    return blocks[:, 2:34].copy().view(np.int8).astype(np.float32) * d
+
+
+# type id -> (bytes per block of 32 elements, dequantizer)
+_BLOCK_FORMATS = {2: (18, _q4_0), 3: (20, _q4_1), 8: (34, _q8_0)}
+
+
+def dequantize(tensor) -> torch.Tensor:
+    """A gguf ReaderTensor -> float32 tensor in PyTorch's [rows, cols] order."""
+    import gguf
+
+    shape = tuple(int(x) for x in reversed(tensor.shape.tolist()))
+    ttype = int(tensor.tensor_type)
+    raw = np.asarray(tensor.data)
+    if ttype == gguf.GGMLQuantizationType.F32:
+        values = raw.astype(np.float32, copy=False)
+    elif ttype == gguf.GGMLQuantizationType.F16:
+        values = raw.view(np.float16).astype(np.float32)
+    elif ttype == gguf.GGMLQuantizationType.BF16:
+        values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    elif ttype in _BLOCK_FORMATS:
+        block_bytes, fn = _BLOCK_FORMATS[ttype]
+        blocks = raw.reshape(-1).view(np.uint8).reshape(-1, block_bytes)
+        values = fn(blocks)
+    else:  # k-quants and the rest: the gguf package's own numpy dequantizers
+        values = gguf.quants.dequantize(raw, tensor.tensor_type)
+    if values.size != int(np.prod(shape)):
+        raise ValueError(f"GGUF tensor {tensor.name!r}: {values.size} values for shape {shape} (corrupt file?)")
+    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def hf_name(name: str) -> str | None:
+    m = _LAYER_RE.match(name)
+    if m:
+        layer, part, kind = m.groups()
+        if part not in _LAYER_NAMES:
+            return None
+        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    base, _, kind = name.rpartition(".")
+    return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's conversion-time reordering of Q/K rows (interleaved RoPE -> rotate-half)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_gguf_weights(path: str, num_heads: int, num_kv_heads: int, arch: str
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on a damaged file
+        raise ValueError(f"cannot read GGUF file {path}: {e}") from e
+    permuted = arch in ("LlamaForCausalLM", "MistralForCausalLM")
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if name is None:
+            continue
+        w = dequantize(tensor)
+        if permuted and name.endswith("q_proj.weight"):
+            w = _unpermute(w, num_heads)
+        elif permuted and name.endswith("k_proj.weight"):
+            w = _unpermute(w, num_kv_heads)
+        yield name, w

