@@ -9,3 +9,15 @@ def checkpoint(request, tmp_path_factory):
     # The llama checkpoint is sharded to exercise model.safetensors.index.json.
     shard = "2MB" if request.param == "llama" else None
     return request.param, build_checkpoint(request.param, str(folder), max_shard_size=shard)
+
+
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory):
+    return build_checkpoint("llama", str(tmp_path_factory.mktemp("ckpt-llama-plain")))
+
+
+@pytest.fixture(scope="session")
+def llama_llm(llama_folder):
+    from scalellm import LLM
+
+    return LLM(llama_folder, dtype="float32")

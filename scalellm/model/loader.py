@@ -77,8 +77,8 @@ def load_model(model: str | None, dtype: str | torch.dtype = "auto", device: str
         raise ValueError(f"missing config.json in model folder {folder}")
     try:
         hf_config = AutoConfig.from_pretrained(folder, gguf_file=gguf_name)
-    except ValueError as e:
-        raise ValueError(f"cannot read model config from {path}: {e}") from e
+    except Exception as e:  # readers raise assorted errors on damaged files
+        raise ValueError(f"cannot read model config from {path} (corrupt or unsupported file?): {e}") from e
     architecture_of(hf_config)  # fail on an unsupported architecture before reading weights
     config = model_config_from_hf(hf_config)
     try:

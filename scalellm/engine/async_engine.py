@@ -1,0 +1,121 @@
+"""The asyncio face of the engine: the model steps on its own thread, the event loop never blocks.
+
+Requests and aborts reach the engine thread through an inbox; each step's deltas come back to the
+loop in one callback and are routed to per-request queues.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+
+from scalellm.engine.engine import LLMEngine
+from scalellm.outputs import StreamDelta
+from scalellm.sampling_params import SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: deque[tuple] = deque()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="scalellm-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       prompt: str | None = None) -> AsyncIterator[StreamDelta]:
+        """Stream the request's deltas; leaving the iteration early aborts the request."""
+        if self._loop is None:
+            self.start()
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.engine.validate_prompt(prompt_token_ids, params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._post(("add", request_id, prompt, prompt_token_ids, params))
+        remaining = params.n
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if remaining:
+                self._post(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._post(("abort", request_id))
+
+    def _post(self, message: tuple) -> None:
+        self._inbox.append(message)
+        self._wake.set()
+
+    # -- engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            self._drain_inbox()
+            if not engine.has_unfinished():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                deltas = engine.step()
+            except BaseException as e:  # a failed step fails its requests, not the process
+                self.error = e
+                self._fail_all(e)
+                continue
+            if deltas:
+                self._loop.call_soon_threadsafe(self._dispatch, deltas)
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, request_id, *rest = self._inbox.popleft()
+            if kind == "abort":
+                self.engine.abort_request(request_id)
+                continue
+            prompt, token_ids, params = rest
+            try:
+                self.engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids)
+            except ValueError as e:
+                self._loop.call_soon_threadsafe(self._deliver, request_id, e)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+            self._loop.call_soon_threadsafe(self._deliver, request_id, RuntimeError(f"engine step failed: {error}"))
+
+    def _deliver(self, request_id: str, item) -> None:
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    def _dispatch(self, deltas: list[StreamDelta]) -> None:
+        streams = self._streams
+        for delta in deltas:
+            queue = streams.get(delta.request_id)
+            if queue is not None:
+                queue.put_nowait(delta)

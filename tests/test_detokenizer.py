@@ -1,0 +1,35 @@
+"""Incremental detokenization: deltas are valid text and add up to the full decode."""
+from scalellm.engine.output_processor import append_token
+from scalellm.engine.sequence import Sequence
+from scalellm.sampling_params import SamplingParams
+from tests.checkpoints import bundled_tokenizer
+
+TEXTS = ["Grüße aus Köln — naïve café", "日本語のテキストと絵文字 🎉🚀👩‍👩‍👧", "mixed: ∑∫√ and ascii"]
+
+
+def test_multibyte_characters_are_never_split():
+    tok = bundled_tokenizer()
+    split_seen = 0
+    for text in TEXTS:
+        prompt = tok.encode("Say:")
+        ids = tok.encode(text)
+        split_seen += sum("\ufffd" in tok.decode([i]) for i in ids)  # a token holding part of a character
+        s = Sequence(0, "r", 0, list(prompt), len(prompt), SamplingParams(max_tokens=1000), 0.0)
+        deltas = []
+        for t in ids:
+            before = len(s.text)
+            append_token(tok, s, t, None, frozenset(), 10**6)
+            deltas.append(s.text[before:])
+        assert all("\ufffd" not in d for d in deltas)
+        assert "".join(deltas) == tok.decode(ids) == s.text
+    assert split_seen > 0
+
+
+def test_special_tokens_skipped_or_kept():
+    tok = bundled_tokenizer()
+    ids = tok.encode("Hello") + [tok.convert_tokens_to_ids("<|im_end|>")] + tok.encode(" world")
+    for skip in (True, False):
+        s = Sequence(0, "r", 0, [1], 1, SamplingParams(skip_special_tokens=skip), 0.0)
+        for t in ids:
+            append_token(tok, s, t, None, frozenset(), 10**6)
+        assert s.text == tok.decode(ids, skip_special_tokens=skip)

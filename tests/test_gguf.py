@@ -1,0 +1,79 @@
+"""The bundled SmolLM2 GGUF: our dequantization, our model's logits, and a sensible answer."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from scalellm import LLM, SamplingParams
+from scalellm.model.gguf_file import dequantize
+from scalellm.model.loader import default_model_path
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return LLM(dtype="float32")
+
+
+def test_dequantization_matches_gguf_reference():
+    import gguf
+
+    reader = gguf.GGUFReader(default_model_path())
+    seen = set()
+    for tensor in reader.tensors:
+        name = tensor.tensor_type.name
+        if name in seen:
+            continue
+        seen.add(name)
+        ours = dequantize(tensor)
+        ref = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        assert tuple(ours.shape) == tuple(int(x) for x in reversed(tensor.shape.tolist()))
+        np.testing.assert_array_equal(ours.numpy().reshape(-1), np.asarray(ref, dtype=np.float32).reshape(-1))
+    assert {"Q4_1", "Q8_0", "F32"} <= seen
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_dequantization_of_each_block_format(qtype):
+    import gguf
+
+    from scalellm.model.gguf_file import _BLOCK_FORMATS
+
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((8, 64)).astype(np.float32)
+    packed = gguf.quants.quantize(values, t)
+    ref = gguf.quants.dequantize(packed, t)
+    block_bytes, fn = _BLOCK_FORMATS[int(t)]
+    ours = fn(packed.reshape(-1).view(np.uint8).reshape(-1, block_bytes)).reshape(ref.shape)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_logits_match_transformers_reading_the_same_gguf(smollm):
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.float32)
+    ids = smollm.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0, -1]
+    out = smollm.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=5))[0].outputs[0]
+    ref_lp = torch.log_softmax(ref, -1)
+    assert out.token_ids[0] == int(ref.argmax())
+    for token, lp in out.logprobs[0].top:
+        assert abs(lp - ref_lp[token].item()) < 1e-3
+
+
+def test_chat_answers_paris(smollm):
+    out = smollm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                      SamplingParams(temperature=0, max_tokens=16))
+    assert "Paris" in out[0].outputs[0].text
+    assert out[0].outputs[0].finish_reason == "stop"
+
+
+def test_default_dtype_answers_paris_too():
+    llm = LLM()  # auto dtype: bfloat16 on CPU
+    assert llm.engine.loaded.dtype == torch.bfloat16
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=16))
+    assert "Paris" in out[0].outputs[0].text
