@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -20,8 +21,9 @@ class PrefillChunk:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot each new token's K/V is written to
     num_decode_tokens: int  # decode tokens come first in the batch, one per sequence
-    decode_key_slots: torch.Tensor | None = None  # [num_decodes, max_context] slot per position
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int32
+    decode_context_starts: torch.Tensor | None = None  # [num_decodes] int32, >0 only in a sliding window
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] int32, including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -39,20 +41,17 @@ def build_attention_metadata(
         num_decode_tokens=len(decode_tables),
     )
     if decode_tables:
-        max_ctx = max(decode_context_lens)
-        max_blocks = (max_ctx + block_size - 1) // block_size
-        tables = torch.zeros(len(decode_tables), max_blocks, dtype=torch.long)
+        max_blocks = max(len(t) for t in decode_tables)
+        tables = np.zeros((len(decode_tables), max_blocks), dtype=np.int32)
         for i, table in enumerate(decode_tables):
-            n = min(len(table), max_blocks)
-            tables[i, :n] = torch.tensor(table[:n], dtype=torch.long)
-        pos = torch.arange(max_ctx)
-        slots = tables[:, pos // block_size] * block_size + pos % block_size
-        lens = torch.tensor(decode_context_lens, dtype=torch.long)
-        mask = pos[None, :] < lens[:, None]
+            tables[i, :len(table)] = table
+        lens = torch.tensor(decode_context_lens, dtype=torch.int32)
+        starts = torch.zeros_like(lens)
         if sliding_window is not None:
-            mask &= pos[None, :] > (lens[:, None] - 1 - sliding_window)
-        meta.decode_key_slots = slots
-        meta.decode_mask = mask[:, None, None, :]
+            starts = (lens - sliding_window).clamp(min=0)
+        meta.decode_block_tables = torch.from_numpy(tables)
+        meta.decode_context_starts = starts
+        meta.decode_context_lens = lens
     for query_start, query_len, context_len, table in prefill_specs:
         pos = torch.arange(context_len)
         table_t = torch.tensor(table, dtype=torch.long)

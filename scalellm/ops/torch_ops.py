@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from scalellm.ops.attention_metadata import AttentionMetadata
+from scalellm.ops.cpu_attention import paged_decode_attention
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,11 +52,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     v_flat = v_cache.view(-1, kv_heads, head_dim)
     nd = meta.num_decode_tokens
     if nd:
-        keys = k_flat[meta.decode_key_slots].transpose(1, 2)  # [B, kvh, L, D]
-        values = v_flat[meta.decode_key_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[:nd, :, None, :], keys, values, attn_mask=meta.decode_mask,
-                                           scale=scale, enable_gqa=True)
-        out[:nd] = o[:, :, 0, :]
+        out[:nd] = paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                          meta.decode_context_starts, meta.decode_context_lens, scale)
     for chunk in meta.prefills:
         s, n = chunk.query_start, chunk.query_len
         keys = k_flat[chunk.key_slots].transpose(0, 1)[None]  # [1, kvh, ctx, D]
