@@ -48,3 +48,4 @@ class StreamDelta:
     logprobs: list[Logprob] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    queue_time: float | None = None  # seconds from arrival to first schedule, on a sample's first delta

@@ -65,6 +65,9 @@ def take_delta(seq: Sequence) -> StreamDelta:
         end = max(seq.emitted_text_len, end - seq.params.max_stop_len + 1)
     text = seq.text[seq.emitted_text_len:end]
     seq.emitted_text_len = end
+    queue_time = None
+    if seq.emitted_tokens == 0 and seq.first_scheduled_time is not None:
+        queue_time = seq.first_scheduled_time - seq.arrival_time
     tokens = seq.token_ids[seq.prompt_len + seq.emitted_tokens:]
     seq.emitted_tokens += len(tokens)
     logprobs = None
@@ -72,4 +75,4 @@ def take_delta(seq: Sequence) -> StreamDelta:
         logprobs = seq.logprobs[seq.emitted_logprobs:]
         seq.emitted_logprobs = len(seq.logprobs)
     return StreamDelta(seq.request_id, seq.index, text, tokens, seq.finish_reason, seq.stop_reason,
-                       logprobs, seq.prompt_len, seq.num_cached_tokens)
+                       logprobs, seq.prompt_len, seq.num_cached_tokens, queue_time)

@@ -8,6 +8,7 @@ recomputed later (the prefix cache usually gives most of its blocks back).
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -76,6 +77,8 @@ class Scheduler:
             if not self.bm.ensure(seq, seq.num_computed + n):
                 break
             self.waiting.popleft()
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             seq.status = Status.RUNNING
             running.append(seq)
             batch.items.append((seq, n))

@@ -30,6 +30,7 @@ class Sequence:
     pending_forks: int = 0  # samples still to fork off once the prompt is computed
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prefix_looked_up: bool = False
+    first_scheduled_time: float | None = None
     num_preemptions: int = 0
     # detokenization and output state
     prefix_offset: int = 0
