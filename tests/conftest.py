@@ -21,3 +21,13 @@ def llama_llm(llama_folder):
     from scalellm import LLM
 
     return LLM(llama_folder, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def llama_server(llama_folder):
+    from tests.server_utils import ServerProcess
+
+    server = ServerProcess("--model", llama_folder, "--dtype", "float32", "--served-model-name", "tiny-llama",
+                           "--max-model-len", "512", "--kv-cache-memory", "64MB")
+    yield server
+    server.stop()

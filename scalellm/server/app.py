@@ -1,0 +1,235 @@
+"""The aiohttp application: lifecycle, auth, admission control, and the small endpoints."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from scalellm.engine.async_engine import AsyncEngine
+from scalellm.server import protocol as P
+from scalellm.server.errors import APIError, error_response, from_api_error
+from scalellm.server.formatting import LogprobFormatter
+from scalellm.server.metrics import Metrics
+from scalellm.server.serving import OpenAIServing, _decode, chat_conversation
+
+log = logging.getLogger("scalellm.server")
+
+
+class Server:
+    def __init__(self, api_key: str | None = None, served_model_name: str | None = None,
+                 max_queue_len: int = 256, max_body_bytes: int = 8 << 20):
+        self.api_key = api_key
+        self.served_model_name = served_model_name
+        self.max_queue_len = max_queue_len
+        self.max_body_bytes = max_body_bytes
+        self.state = "loading"  # loading -> serving -> draining
+        self.engine: AsyncEngine | None = None
+        self.tokenizer = None
+        self.formatter: LogprobFormatter | None = None
+        self.model_name = served_model_name or ""
+        self.model_aliases: set[str] = set()
+        self.in_flight = 0  # prompts admitted and not yet answered
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scalellm-tokenize")
+        self.metrics = Metrics(lambda: self.engine.engine.stats() if self.engine else None)
+        self.serving = OpenAIServing(self)
+        self.created = int(time.time())
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def attach(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.engine.tokenizer
+        self.formatter = LogprobFormatter(self.tokenizer)
+        path = engine.engine.loaded.path
+        base = os.path.basename(path.rstrip("/"))
+        base = base.split(".")[0] if base.endswith(".gguf") else base
+        self.model_name = self.served_model_name or base
+        self.model_aliases = {self.model_name, path, base}
+        engine.start()
+        self.state = "serving"
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._middleware])
+        s = self.serving
+        app.router.add_post("/v1/completions", s.completions)
+        app.router.add_post("/v1/chat/completions", s.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_handler)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        if self.api_key and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                return error_response(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                                      code="invalid_api_key")
+        try:
+            return await handler(request)
+        except APIError as e:
+            return from_api_error(e)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return error_response(e.status, e.text if e.status != 413 else
+                                  f"request body exceeds the limit of {self.max_body_bytes} bytes")
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("internal error on %s", request.path)
+            return error_response(500, "internal server error")
+
+    # -- helpers used by the handlers ----------------------------------------------------------
+    def check_ready(self) -> None:
+        if self.state == "loading":
+            raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
+        if self.state == "draining":
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.model_aliases:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+    def admit(self, count: int) -> None:
+        limit = self.engine.engine.config.max_num_seqs + self.max_queue_len
+        if self.in_flight + count > limit:
+            self.metrics.requests.labels("rejected").inc()
+            raise APIError(503, "the server is at capacity; retry shortly", code="server_overloaded",
+                           headers={"Retry-After": "1"})
+        self.in_flight += count
+
+    def release(self, count: int) -> None:
+        self.in_flight -= count
+
+    async def run_blocking(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenizer.encode(t) for t in texts]
+
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        try:
+            ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True)
+        except Exception as e:  # the template itself may reject a conversation
+            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    async def timed(self, deltas, num_choices: int):
+        """Pass deltas through, recording latency metrics and outcomes."""
+        m = self.metrics
+        start = time.monotonic()
+        last: dict[tuple[int, int], float] = {}
+        finished = 0
+        try:
+            async for i, d in deltas:
+                now = time.monotonic()
+                key = (i, d.index)
+                if key in last:
+                    m.itl.observe(now - last[key])
+                else:
+                    m.ttft.observe(now - start)
+                    m.prompt_tokens.inc(d.num_prompt_tokens if d.index == 0 else 0)
+                    if d.queue_time is not None:
+                        m.queue.observe(d.queue_time)
+                last[key] = now
+                m.generation_tokens.inc(len(d.token_ids))
+                if d.finish_reason is not None:
+                    finished += 1
+                    m.requests.labels(d.finish_reason).inc()
+                yield i, d
+        finally:
+            m.e2e.observe(time.monotonic() - start)
+            if finished < num_choices:
+                m.requests.labels("abort").inc(num_choices - finished)
+
+    # -- small endpoints -----------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        if self.state != "serving":
+            return web.json_response({"status": self.state}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.check_ready()
+        card = P.ModelCard(self.model_name, self.created, self.engine.engine.max_model_len)
+        return web.Response(body=P.encoder.encode(P.ModelList([card])), content_type="application/json")
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        self.check_ready()
+        req = _decode(P.tokenize_decoder, await request.read())
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if req.prompt is not None:
+            ids = await self.run_blocking(
+                lambda: self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+        else:
+            ids = await self.run_blocking(self.apply_chat_template, chat_conversation(req.messages),
+                                          req.add_generation_prompt)
+        return web.json_response({"tokens": ids, "count": len(ids),
+                                  "max_model_len": self.engine.engine.max_model_len})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        self.check_ready()
+        req = _decode(P.detokenize_decoder, await request.read())
+        self.check_model(req.model)
+        vocab = self.engine.engine.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in req.tokens):
+            raise APIError(400, f"tokens must be in [0, {vocab})", param="tokens")
+        text = await self.run_blocking(self.tokenizer.decode, req.tokens)
+        return web.json_response({"prompt": text})
+
+
+async def serve(server: Server, engine_factory, host: str, port: int, shutdown_grace: float,
+                ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> int:
+    """Listen at once (health says 503 while loading), load the engine on a thread, serve until
+    stopped, then drain: refuse new work, let in-flight requests finish within the grace period."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(server.make_app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    url = f"http://{host}:{port}"
+    log.info("listening on %s (loading the model)", url)
+    try:
+        engine = await asyncio.to_thread(engine_factory)
+    except Exception as e:
+        log.error("could not load the model: %s", e)
+        await runner.cleanup()
+        return 1
+    server.attach(AsyncEngine(engine))
+    e = engine
+    log.info("serving %s as %r on %s: device=%s dtype=%s max_model_len=%d KV cache=%d blocks (%d tokens)",
+             e.loaded.path, server.model_name, url, e.config.device, str(e.loaded.dtype).replace("torch.", ""),
+             e.max_model_len, e.block_manager.num_blocks, e.kv_capacity_tokens)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    server.state = "draining"
+    log.info("draining: %d request(s) in flight, up to %.0f s", server.in_flight, shutdown_grace)
+    deadline = time.monotonic() + shutdown_grace
+    while server.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await runner.cleanup()
+    await server.engine.stop()
+    server.pool.shutdown(wait=False)
+    log.info("stopped")
+    return 0

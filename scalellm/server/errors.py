@@ -1,0 +1,52 @@
+"""OpenAI-shaped errors: every failure a client can cause becomes one of these, never a traceback."""
+from __future__ import annotations
+
+import re
+
+import msgspec
+from aiohttp import web
+
+from scalellm.server.protocol import ErrorBody, ErrorResponse, encoder
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          500: "internal_server_error", 503: "service_unavailable"}
+_PATH = re.compile(r"at `\$\.([A-Za-z_][\w]*)")
+_MISSING = re.compile(r"missing required field `(\w+)`")
+_FIELD = re.compile(r"^([a-z_]+) ")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    body = ErrorResponse(ErrorBody(message, _TYPES.get(status, "invalid_request_error"), param, code))
+    return web.Response(status=status, body=encoder.encode(body), content_type="application/json",
+                        headers=headers)
+
+
+def from_api_error(e: APIError) -> web.Response:
+    return error_response(e.status, e.message, e.param, e.code, e.headers)
+
+
+def bad_body(e: Exception) -> APIError:
+    """A body that is not valid JSON, or not the request's shape."""
+    message = str(e)
+    if isinstance(e, UnicodeDecodeError):
+        return APIError(400, "request body is not valid UTF-8")
+    if isinstance(e, msgspec.DecodeError):
+        return APIError(400, f"request body is not valid JSON: {message}")
+    m = _PATH.search(message) or _MISSING.search(message)
+    return APIError(400, message, param=m.group(1) if m else None)
+
+
+def bad_value(e: ValueError, default_param: str | None = None) -> APIError:
+    """A ValueError from validation; its message starts with the field's name when it names one."""
+    message = str(e)
+    m = _FIELD.match(message)
+    return APIError(400, message, param=m.group(1) if m else default_param)

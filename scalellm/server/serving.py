@@ -1,0 +1,229 @@
+"""POST /v1/completions and /v1/chat/completions: validate, tokenize off the loop, run, format."""
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import msgspec
+from aiohttp import web
+
+from scalellm.outputs import Logprob
+from scalellm.sampling_params import SamplingParams
+from scalellm.server import protocol as P
+from scalellm.server.errors import APIError, bad_body, bad_value
+from scalellm.server.streams import merged_deltas
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
+DONE = b"data: [DONE]\n\n"
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def sse(obj) -> bytes:
+    return b"data: " + P.encoder.encode(obj) + b"\n\n"
+
+
+@dataclass
+class Choice:
+    """What has been produced for one choice of a non-streamed response."""
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+def sampling_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k in (None, -1) else req.top_k,
+            min_p=req.min_p or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+            logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output)
+    except ValueError as e:
+        raise bad_value(e) from None
+
+
+def _is_token_list(x) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+class OpenAIServing:
+    def __init__(self, server):
+        self.server = server
+
+    # -- completions ---------------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        srv = self.server
+        srv.check_ready()
+        req = _decode(P.completion_decoder, await request.read())
+        srv.check_model(req.model)
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
+        params = sampling_params(req, req.max_tokens, req.logprobs)
+        prompts = await self._completion_prompts(req.prompt)
+        return await self._run(request, "completion", req, prompts, params)
+
+    async def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+        if isinstance(prompt, str):
+            texts: list = [prompt]
+        elif _is_token_list(prompt) and prompt:
+            texts = [prompt]
+        elif prompt and all(isinstance(p, str) for p in prompt):
+            texts = list(prompt)
+        elif prompt and all(_is_token_list(p) for p in prompt):
+            texts = list(prompt)
+        else:
+            raise APIError(400, "prompt must be a non-empty string, list of strings, list of token ids, "
+                                "or list of token id lists", param="prompt")
+        if any(isinstance(t, str) and not t for t in texts) or any(isinstance(t, list) and not t for t in texts):
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        to_encode = [t for t in texts if isinstance(t, str)]
+        encoded = iter(await self.server.run_blocking(self.server.encode_many, to_encode) if to_encode else [])
+        return [(t, next(encoded)) if isinstance(t, str) else (None, t) for t in texts]
+
+    # -- chat ----------------------------------------------------------------------------------
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        srv = self.server
+        srv.check_ready()
+        req = _decode(P.chat_decoder, await request.read())
+        srv.check_model(req.model)
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+            raise APIError(400, f"top_logprobs must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        conversation = chat_conversation(req.messages)
+        ids = await srv.run_blocking(srv.apply_chat_template, conversation, req.add_generation_prompt)
+        return await self._run(request, "chat", req, [(None, ids)], params)
+
+    # -- shared --------------------------------------------------------------------------------
+    async def _run(self, request, kind, req, prompts, params) -> web.StreamResponse:
+        srv = self.server
+        for _, ids in prompts:
+            try:
+                srv.engine.engine.validate_prompt(ids, params)
+            except ValueError as e:
+                raise bad_value(e, "prompt") from None
+        srv.admit(len(prompts))
+        prefix = "cmpl" if kind == "completion" else "chatcmpl"
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        deltas = srv.timed(merged_deltas(srv.engine, rid, prompts, params), len(prompts) * params.n)
+        try:
+            if req.stream:
+                return await self._stream(request, kind, req, rid, created, prompts, params, deltas)
+            return await self._collect(kind, req, rid, created, prompts, params, deltas)
+        finally:
+            srv.release(len(prompts))
+
+    async def _collect(self, kind, req, rid, created, prompts, params, deltas) -> web.Response:
+        n = params.n
+        choices = [Choice() for _ in range(len(prompts) * n)]
+        async with contextlib.aclosing(deltas) as stream:
+            async for i, d in stream:
+                c = choices[i * n + d.index]
+                c.text.append(d.text)
+                c.token_ids += d.token_ids
+                if d.logprobs:
+                    c.logprobs += d.logprobs
+                c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+        usage = _usage(prompts, choices)
+        fmt = self.server.formatter
+        if kind == "completion":
+            out = []
+            for idx, c in enumerate(choices):
+                text, ids = prompts[idx // n]
+                echo = (text if text is not None else fmt.decode(ids)) if req.echo else ""
+                lp = fmt.completion_logprobs(c.logprobs, len(echo)) if params.logprobs is not None else None
+                out.append(P.CompletionChoice(idx, echo + "".join(c.text), lp, c.finish_reason, c.stop_reason))
+            body = P.CompletionResponse(rid, created, self.server.model_name, out, usage=usage)
+        else:
+            out = [P.ChatChoice(idx, P.ChatResponseMessage("assistant", "".join(c.text)),
+                                fmt.chat_logprobs(c.logprobs) if params.logprobs is not None else None,
+                                c.finish_reason, c.stop_reason) for idx, c in enumerate(choices)]
+            body = P.ChatCompletionResponse(rid, created, self.server.model_name, out, usage=usage)
+        return web.Response(body=P.encoder.encode(body), content_type="application/json")
+
+    async def _stream(self, request, kind, req, rid, created, prompts, params, deltas) -> web.StreamResponse:
+        model, fmt, n = self.server.model_name, self.server.formatter, params.n
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        usage_field = None if include_usage else msgspec.UNSET
+        resp = web.StreamResponse(headers=SSE_HEADERS)
+        await resp.prepare(request)
+        completion_tokens = 0
+        offsets = [0] * (len(prompts) * n)
+        try:
+            if kind == "chat":
+                first = [P.ChatChunkChoice(i, P.ChatDelta(role="assistant", content="")) for i in range(n)]
+                await resp.write(sse(P.ChatCompletionChunk(rid, created, model, first, usage=usage_field)))
+            elif req.echo:
+                for idx in range(len(prompts) * n):
+                    text, ids = prompts[idx // n]
+                    echo = text if text is not None else fmt.decode(ids)
+                    offsets[idx] = len(echo)
+                    choice = P.CompletionChoice(idx, echo)
+                    await resp.write(sse(P.CompletionResponse(rid, created, model, [choice], usage=usage_field)))
+            async with contextlib.aclosing(deltas) as stream:
+                async for i, d in stream:
+                    idx = i * n + d.index
+                    completion_tokens += len(d.token_ids)
+                    if kind == "chat":
+                        lp = fmt.chat_logprobs(d.logprobs) if d.logprobs is not None else None
+                        choice = P.ChatChunkChoice(idx, P.ChatDelta(content=d.text), lp, d.finish_reason)
+                        chunk = P.ChatCompletionChunk(rid, created, model, [choice], usage=usage_field)
+                    else:
+                        lp = fmt.completion_logprobs(d.logprobs, offsets[idx]) if d.logprobs is not None else None
+                        offsets[idx] += len(d.text)
+                        choice = P.CompletionChoice(idx, d.text, lp, d.finish_reason, d.stop_reason)
+                        chunk = P.CompletionResponse(rid, created, model, [choice], usage=usage_field)
+                    await resp.write(sse(chunk))
+            if include_usage:
+                prompt_tokens = sum(len(ids) for _, ids in prompts)
+                usage = P.Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+                cls = P.ChatCompletionChunk if kind == "chat" else P.CompletionResponse
+                await resp.write(sse(cls(rid, created, model, [], usage=usage)))
+            await resp.write(DONE)
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the client left; closing the stream above aborted its requests
+        return resp
+
+
+def chat_conversation(messages: list[P.ChatMessage]) -> list[dict]:
+    if not messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+    conversation = []
+    for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of system, user, assistant; got {m.role!r}",
+                           param="messages")
+        content = m.content
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+            content = "".join(part.text for part in content)
+        conversation.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    return conversation
+
+
+def _decode(decoder, body: bytes):
+    try:
+        return decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+        raise bad_body(e) from None
+
+
+def _usage(prompts, choices: list[Choice]) -> P.Usage:
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    completion_tokens = sum(len(c.token_ids) for c in choices)
+    return P.Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
