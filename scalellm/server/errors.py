@@ -11,9 +11,9 @@ from scalellm.server.protocol import ErrorBody, ErrorResponse, encoder
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           500: "internal_server_error", 503: "service_unavailable"}
-_PATH = re.compile(r"at `\$\.([A-Za-z_][\w]*)")
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING = re.compile(r"missing required field `(\w+)`")
-_FIELD = re.compile(r"^([a-z_]+) ")
+_FIELD = re.compile(r"^([a-z_]+)\b")
 
 
 class APIError(Exception):
@@ -39,10 +39,12 @@ def bad_body(e: Exception) -> APIError:
     message = str(e)
     if isinstance(e, UnicodeDecodeError):
         return APIError(400, "request body is not valid UTF-8")
-    if isinstance(e, msgspec.DecodeError):
+    if not isinstance(e, msgspec.ValidationError):  # (ValidationError subclasses DecodeError)
         return APIError(400, f"request body is not valid JSON: {message}")
-    m = _PATH.search(message) or _MISSING.search(message)
-    return APIError(400, message, param=m.group(1) if m else None)
+    path = _PATH.search(message)
+    missing = _MISSING.search(message)
+    parts = [p for p in (path.group(1) if path else "", missing.group(1) if missing else "") if p]
+    return APIError(400, message, param=".".join(parts) or None)
 
 
 def bad_value(e: ValueError, default_param: str | None = None) -> APIError:
