@@ -37,6 +37,15 @@ class RequestOutput:
 
 
 @dataclass
+class StageTimes:
+    """Where one sample's time went inside the engine (seconds), reported with its final delta."""
+    queue: float
+    prefill: float  # first schedule to first token
+    decode: float  # first token to last token
+    detokenize: float
+
+
+@dataclass
 class StreamDelta:
     """What one engine step added to one sample of a request (the unit of streaming)."""
     request_id: str
@@ -49,3 +58,4 @@ class StreamDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first schedule, on a sample's first delta
+    timings: StageTimes | None = None  # on the final delta only

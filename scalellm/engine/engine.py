@@ -163,7 +163,8 @@ class LLMEngine:
         for index in range(1, parent.pending_forks + 1):
             child = Sequence(next(self._seq_ids), parent.request_id, index, parent.token_ids[:parent.prompt_len],
                              parent.prompt_len, parent.params, parent.arrival_time,
-                             num_cached_tokens=parent.num_cached_tokens, prefix_looked_up=True)
+                             num_cached_tokens=parent.num_cached_tokens, prefix_looked_up=True,
+                             first_scheduled_time=parent.first_scheduled_time)
             self.block_manager.share_prefix(parent, child, full_blocks)
             self.scheduler.add_running(child)
             request.seqs.append(child)

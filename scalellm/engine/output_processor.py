@@ -1,8 +1,10 @@
 """After each step: append sampled tokens, detokenize incrementally, check stop conditions, emit deltas."""
 from __future__ import annotations
 
+import time
+
 from scalellm.engine.sequence import Sequence
-from scalellm.outputs import Logprob, StreamDelta
+from scalellm.outputs import Logprob, StageTimes, StreamDelta
 
 
 def detokenize_step(tokenizer, seq: Sequence) -> str:
@@ -52,7 +54,11 @@ def append_token(tokenizer, seq: Sequence, token: int, logprob: Logprob | None,
     seq.token_ids.append(token)
     if logprob is not None:
         seq.logprobs.append(logprob)
+    start = time.monotonic()
+    if seq.first_token_time is None:
+        seq.first_token_time = start
     delta = detokenize_step(tokenizer, seq) if tokenizer is not None else ""
+    seq.detokenize_seconds += time.monotonic() - start
     seq.text += delta
     check_stop(seq, token, len(delta), eos_token_ids, max_model_len)
 
@@ -74,5 +80,10 @@ def take_delta(seq: Sequence) -> StreamDelta:
     if seq.logprobs is not None:
         logprobs = seq.logprobs[seq.emitted_logprobs:]
         seq.emitted_logprobs = len(seq.logprobs)
+    timings = None
+    if seq.finish_reason is not None and seq.first_token_time is not None:
+        scheduled = seq.first_scheduled_time or seq.arrival_time
+        timings = StageTimes(scheduled - seq.arrival_time, seq.first_token_time - scheduled,
+                             time.monotonic() - seq.first_token_time, seq.detokenize_seconds)
     return StreamDelta(seq.request_id, seq.index, text, tokens, seq.finish_reason, seq.stop_reason,
-                       logprobs, seq.prompt_len, seq.num_cached_tokens, queue_time)
+                       logprobs, seq.prompt_len, seq.num_cached_tokens, queue_time, timings)

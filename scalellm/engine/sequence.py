@@ -31,6 +31,8 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prefix_looked_up: bool = False
     first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    detokenize_seconds: float = 0.0
     num_preemptions: int = 0
     # detokenization and output state
     prefix_offset: int = 0

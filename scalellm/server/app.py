@@ -123,8 +123,8 @@ class Server:
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    async def timed(self, deltas, num_choices: int):
-        """Pass deltas through, recording latency metrics and outcomes."""
+    async def timed(self, deltas, num_choices: int, stages: dict[str, float]):
+        """Pass deltas through, recording latency metrics, outcomes, and the engine's stage times."""
         m = self.metrics
         start = time.monotonic()
         last: dict[tuple[int, int], float] = {}
@@ -145,6 +145,11 @@ class Server:
                 if d.finish_reason is not None:
                     finished += 1
                     m.requests.labels(d.finish_reason).inc()
+                    if d.timings is not None:
+                        t = d.timings
+                        for name, value in (("queue", t.queue), ("prefill", t.prefill), ("decode", t.decode),
+                                            ("detokenize", t.detokenize)):
+                            stages[name] = stages.get(name, 0.0) + value
                 yield i, d
         finally:
             m.e2e.observe(time.monotonic() - start)

@@ -9,6 +9,9 @@ _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
+STAGES = ("parse", "tokenize", "queue", "prefill", "decode", "detokenize", "write")
+
+
 class _EngineCollector:
     def __init__(self, stats):
         self.stats = stats
@@ -47,6 +50,17 @@ class Metrics:
         self.prompt_tokens = Counter("scalellm:prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("scalellm:generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("scalellm:requests", "Finished requests by outcome", ["outcome"], registry=r)
+        self.stage_seconds = Counter("scalellm:request_stage_seconds", "Request time spent in each stage "
+                                     "(parse, tokenize, queue, prefill, decode, detokenize, write)", ["stage"],
+                                     registry=r)
+        self.stage_requests = Counter("scalellm:stage_requests", "Requests whose stages are in "
+                                      "request_stage_seconds", registry=r)
+        self._stage_children = {name: self.stage_seconds.labels(name) for name in STAGES}
+
+    def add_stages(self, stages: dict[str, float]) -> None:
+        for name, seconds in stages.items():
+            self._stage_children[name].inc(seconds)
+        self.stage_requests.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

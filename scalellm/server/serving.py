@@ -64,13 +64,16 @@ class OpenAIServing:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         srv = self.server
         srv.check_ready()
+        t0 = time.monotonic()
         req = _decode(P.completion_decoder, await request.read())
+        t1 = time.monotonic()
         srv.check_model(req.model)
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
         params = sampling_params(req, req.max_tokens, req.logprobs)
         prompts = await self._completion_prompts(req.prompt)
-        return await self._run(request, "completion", req, prompts, params)
+        stages = {"parse": t1 - t0, "tokenize": time.monotonic() - t1}
+        return await self._run(request, "completion", req, prompts, params, stages)
 
     async def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
         if isinstance(prompt, str):
@@ -94,7 +97,9 @@ class OpenAIServing:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         srv = self.server
         srv.check_ready()
+        t0 = time.monotonic()
         req = _decode(P.chat_decoder, await request.read())
+        t1 = time.monotonic()
         srv.check_model(req.model)
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, f"top_logprobs must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
@@ -104,10 +109,11 @@ class OpenAIServing:
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         conversation = chat_conversation(req.messages)
         ids = await srv.run_blocking(srv.apply_chat_template, conversation, req.add_generation_prompt)
-        return await self._run(request, "chat", req, [(None, ids)], params)
+        stages = {"parse": t1 - t0, "tokenize": time.monotonic() - t1}
+        return await self._run(request, "chat", req, [(None, ids)], params, stages)
 
     # -- shared --------------------------------------------------------------------------------
-    async def _run(self, request, kind, req, prompts, params) -> web.StreamResponse:
+    async def _run(self, request, kind, req, prompts, params, stages) -> web.StreamResponse:
         srv = self.server
         for _, ids in prompts:
             try:
@@ -118,13 +124,15 @@ class OpenAIServing:
         prefix = "cmpl" if kind == "completion" else "chatcmpl"
         rid = f"{prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
-        deltas = srv.timed(merged_deltas(srv.engine, rid, prompts, params), len(prompts) * params.n)
+        stages.update(write=0.0)
+        deltas = srv.timed(merged_deltas(srv.engine, rid, prompts, params), len(prompts) * params.n, stages)
         try:
             if req.stream:
-                return await self._stream(request, kind, req, rid, created, prompts, params, deltas)
+                return await self._stream(request, kind, req, rid, created, prompts, params, deltas, stages)
             return await self._collect(kind, req, rid, created, prompts, params, deltas)
         finally:
             srv.release(len(prompts))
+            srv.metrics.add_stages(stages)
 
     async def _collect(self, kind, req, rid, created, prompts, params, deltas) -> web.Response:
         n = params.n
@@ -154,7 +162,7 @@ class OpenAIServing:
             body = P.ChatCompletionResponse(rid, created, self.server.model_name, out, usage=usage)
         return web.Response(body=P.encoder.encode(body), content_type="application/json")
 
-    async def _stream(self, request, kind, req, rid, created, prompts, params, deltas) -> web.StreamResponse:
+    async def _stream(self, request, kind, req, rid, created, prompts, params, deltas, stages) -> web.StreamResponse:
         model, fmt, n = self.server.model_name, self.server.formatter, params.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         usage_field = None if include_usage else msgspec.UNSET
@@ -186,7 +194,9 @@ class OpenAIServing:
                         offsets[idx] += len(d.text)
                         choice = P.CompletionChoice(idx, d.text, lp, d.finish_reason, d.stop_reason)
                         chunk = P.CompletionResponse(rid, created, model, [choice], usage=usage_field)
+                    t = time.monotonic()
                     await resp.write(sse(chunk))
+                    stages["write"] += time.monotonic() - t
             if include_usage:
                 prompt_tokens = sum(len(ids) for _, ids in prompts)
                 usage = P.Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
