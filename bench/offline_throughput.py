@@ -12,27 +12,15 @@ import argparse
 import os
 import platform
 import random
-import sys
 import time
 
 import torch
 
-from scalellm import LLM, SamplingParams
-from scalellm import ops
+from models import smollm2_bf16  # noqa: E402  (bench/models.py)
+from scalellm import LLM, SamplingParams  # noqa: E402
+from scalellm import ops  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def converted_default_model() -> str:
-    """The bundled GGUF dequantized once into a bfloat16 safetensors folder that every system loads."""
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "smollm2-135m-instruct-bf16")
-    if not os.path.exists(os.path.join(folder, "model.safetensors")):
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-        from convert_gguf import convert
-        from scalellm.model.loader import default_model_path
-
-        convert(default_model_path(), folder, torch.bfloat16)
-    return folder
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -92,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
-    folder = converted_default_model()
+    folder = smollm2_bf16()
     llm = LLM(folder, dtype="bfloat16", max_num_seqs=max(batches), max_num_batched_tokens=2048)
     hf_model = None
     if not args.skip_transformers:

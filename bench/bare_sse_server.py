@@ -1,0 +1,65 @@
+"""The HTTP floor: a bare aiohttp server that streams canned completion chunks as fast as it can.
+
+    python bench/bare_sse_server.py --port 8100
+
+It does what every server must at the least (read and parse the body, write max_tokens SSE frames,
+a usage frame and [DONE]) and nothing else, so loadgen against it measures the HTTP layer alone.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import msgspec
+from aiohttp import web
+
+
+class Body(msgspec.Struct):
+    max_tokens: int = 16
+    stream: bool = False
+
+
+DECODER = msgspec.json.Decoder(Body)
+CHUNK = (b'data: {"id":"cmpl-bare","object":"text_completion","created":0,"model":"bare","choices":'
+         b'[{"index":0,"text":" tok","logprobs":null,"finish_reason":null}]}\n\n')
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = DECODER.decode(await request.read())
+    usage = {"prompt_tokens": 0, "completion_tokens": body.max_tokens, "total_tokens": body.max_tokens}
+    if not body.stream:
+        return web.json_response({"id": "cmpl-bare", "object": "text_completion", "model": "bare",
+                                  "choices": [{"index": 0, "text": " tok" * body.max_tokens,
+                                               "finish_reason": "length"}], "usage": usage})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for _ in range(body.max_tokens):
+        await resp.write(CHUNK)
+    final = {"id": "cmpl-bare", "object": "text_completion", "model": "bare", "choices": [], "usage": usage}
+    await resp.write(b"data: " + msgspec.json.encode(final) + b"\n\ndata: [DONE]\n\n")
+    return resp
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8100)
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/health", health)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

