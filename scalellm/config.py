@@ -31,6 +31,7 @@ class EngineConfig:
     kv_cache_memory: int | str = 2 * GiB
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use it to force preemption)
     enable_prefix_caching: bool = True
+    num_threads: int | None = None  # compute threads for torch and numba; None: their defaults
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):

@@ -45,6 +45,12 @@ class LlamaModel:
         self.cos = (emb.cos() * scaling).to(self.dtype)
         self.sin = (emb.sin() * scaling).to(self.dtype)
 
+    @property
+    def num_parameters(self) -> int:
+        tensors = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        tensors += [t for w in self.layers for t in vars(w).values() if t is not None]
+        return sum(t.numel() for t in tensors)
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: ops.AttentionMetadata) -> torch.Tensor:

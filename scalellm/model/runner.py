@@ -21,6 +21,14 @@ class ModelRunner:
         self.kv_cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim,
                                     dtype=model.dtype)
 
+    def warm_up(self) -> None:
+        """One tiny prefill and decode, so kernels compile (or load from cache) before serving."""
+        bs = self.block_size
+        meta = ops.build_attention_metadata(bs, [0, 1], [], [], [(0, 2, 2, [0])])
+        self.model.forward(torch.tensor([0, 0]), torch.tensor([0, 1]), self.kv_cache, meta)
+        meta = ops.build_attention_metadata(bs, [2], [[0]], [3], [])
+        self.model.logits(self.model.forward(torch.tensor([0]), torch.tensor([2]), self.kv_cache, meta))
+
     def run(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Compute the scheduled tokens; returns logits [sequences that completed their tokens, vocab].
 

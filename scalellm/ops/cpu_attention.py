@@ -2,81 +2,84 @@
 
 One parallel task per sequence: it scores every query head against each cached key of the
 sequence, softmaxes in float32, and accumulates the values. bfloat16 caches are
-read as raw 16-bit words and widened to float32 in a per-task scratch row.
+read as raw 16-bit words and widened to float32 in registers (a shift and a bit cast). The kernel releases the
+GIL, so the event loop keeps serving while it runs.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 
-@njit(inline="always")
-def _load_f32(cache, blk, off, head, scratch_u32, scratch_f32):
-    return cache[blk, off, head]
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    """Reinterpret a uint32 as float32 (no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
 
 
-@njit(inline="always")
-def _load_bf16(cache, blk, off, head, scratch_u32, scratch_f32):
-    row = cache[blk, off, head]
-    for d in range(row.shape[0]):
-        scratch_u32[d] = np.uint32(row[d]) << 16
-    return scratch_f32
+def _as_f32(x):
+    """A cached element as float32: bfloat16 bits (uint16) are widened, float32 passes through."""
+    raise TypeError("_as_f32 is only callable from numba-compiled code")
 
 
-def _make_decode_kernel(load):
-    @njit(parallel=True, fastmath=True, cache=True)
-    def kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale, out):
-        num_seqs, num_heads, head_dim = q.shape
-        block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-        group = num_heads // kv_heads
-        for b in prange(num_seqs):  # one task per sequence: its cached rows are read contiguously
-            start = context_starts[b]
-            length = context_lens[b] - start
-            scratch_u32 = np.empty(head_dim, np.uint32)
-            scratch_f32 = scratch_u32.view(np.float32)
-            scores = np.empty((num_heads, length), np.float32)
-            qb = q[b]
+@overload(_as_f32, inline="always")
+def _as_f32_impl(x):
+    if x == types.uint16:
+        return lambda x: _bits_to_f32(np.uint32(x) << 16)
+    return lambda x: np.float32(x)
+
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale, out):
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // kv_heads
+    for b in prange(num_seqs):  # one task per sequence: its cached rows are read contiguously
+        start = context_starts[b]
+        length = context_lens[b] - start
+        scores = np.empty((num_heads, length), np.float32)
+        qb = q[b]
+        for t in range(length):
+            pos = start + t
+            blk, off = block_tables[b, pos // block_size], pos % block_size
+            for kh in range(kv_heads):
+                k = k_cache[blk, off, kh]
+                for h in range(kh * group, (kh + 1) * group):
+                    s = np.float32(0.0)
+                    for d in range(head_dim):
+                        s += qb[h, d] * _as_f32(k[d])
+                    scores[h, t] = s * scale
+        for h in range(num_heads):
+            m = scores[h, 0]
+            for t in range(1, length):
+                m = max(m, scores[h, t])
+            total = np.float32(0.0)
             for t in range(length):
-                pos = start + t
-                blk, off = block_tables[b, pos // block_size], pos % block_size
-                for kh in range(kv_heads):
-                    k = load(k_cache, blk, off, kh, scratch_u32, scratch_f32)
-                    for h in range(kh * group, (kh + 1) * group):
-                        s = np.float32(0.0)
-                        for d in range(head_dim):
-                            s += qb[h, d] * k[d]
-                        scores[h, t] = s * scale
-            for h in range(num_heads):
-                m = scores[h, 0]
-                for t in range(1, length):
-                    m = max(m, scores[h, t])
-                total = np.float32(0.0)
-                for t in range(length):
-                    e = np.exp(scores[h, t] - m)
-                    scores[h, t] = e
-                    total += e
-                inv = np.float32(1.0) / total
-                for t in range(length):
-                    scores[h, t] *= inv
-            acc = np.zeros((num_heads, head_dim), np.float32)
+                e = np.exp(scores[h, t] - m)
+                scores[h, t] = e
+                total += e
+            inv = np.float32(1.0) / total
             for t in range(length):
-                pos = start + t
-                blk, off = block_tables[b, pos // block_size], pos % block_size
-                for kh in range(kv_heads):
-                    v = load(v_cache, blk, off, kh, scratch_u32, scratch_f32)
-                    for h in range(kh * group, (kh + 1) * group):
-                        p = scores[h, t]
-                        for d in range(head_dim):
-                            acc[h, d] += p * v[d]
-            out[b] = acc
+                scores[h, t] *= inv
+        acc = np.zeros((num_heads, head_dim), np.float32)
+        for t in range(length):
+            pos = start + t
+            blk, off = block_tables[b, pos // block_size], pos % block_size
+            for kh in range(kv_heads):
+                v = v_cache[blk, off, kh]
+                for h in range(kh * group, (kh + 1) * group):
+                    p = scores[h, t]
+                    for d in range(head_dim):
+                        acc[h, d] += p * _as_f32(v[d])
+        out[b] = acc
 
-    return kernel
 
-
-_decode_f32 = _make_decode_kernel(_load_f32)
-_decode_bf16 = _make_decode_kernel(_load_bf16)
 
 
 def _as_numpy_cache(cache: torch.Tensor) -> np.ndarray:
@@ -95,8 +98,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     [context_starts, context_lens) (int32; the start is non-zero only under a sliding window)."""
     qf = q.float().contiguous()
     out = torch.empty_like(qf)
-    kernel = _decode_bf16 if k_cache.dtype == torch.bfloat16 else _decode_f32
-    kernel(qf.numpy(), _as_numpy_cache(k_cache), _as_numpy_cache(v_cache), block_tables.numpy(),
+    _decode_kernel(qf.numpy(), _as_numpy_cache(k_cache), _as_numpy_cache(v_cache), block_tables.numpy(),
            context_starts.numpy(), context_lens.numpy(), np.float32(scale), out.numpy())
     return out.to(q.dtype)
 

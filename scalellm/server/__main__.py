@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512,
                     help="token budget per step, shared by decodes and prefill chunks")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    ap.add_argument("--num-threads", type=int, default=None,
+                    help="compute threads for the model step (default: one per core; for models under "
+                         "50M parameters one core is left to the event loop)")
     ap.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt prefixes")
     ap.add_argument("--max-queue-len", type=int, default=256,
                     help="requests that may wait beyond --max-num-seqs before new ones get 503")
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                               kv_cache_memory=args.kv_cache_memory,
-                              enable_prefix_caching=not args.no_prefix_caching)
+                              enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -222,9 +222,10 @@ async def serve(server: Server, engine_factory, host: str, port: int, shutdown_g
         return 1
     server.attach(AsyncEngine(engine))
     e = engine
-    log.info("serving %s as %r on %s: device=%s dtype=%s max_model_len=%d KV cache=%d blocks (%d tokens)",
-             e.loaded.path, server.model_name, url, e.config.device, str(e.loaded.dtype).replace("torch.", ""),
-             e.max_model_len, e.block_manager.num_blocks, e.kv_capacity_tokens)
+    log.info("serving %s as %r on %s: device=%s dtype=%s threads=%d max_model_len=%d KV cache=%d blocks "
+             "(%d tokens)", e.loaded.path, server.model_name, url, e.config.device,
+             str(e.loaded.dtype).replace("torch.", ""), e.num_threads, e.max_model_len, e.block_manager.num_blocks,
+             e.kv_capacity_tokens)
     if ready is not None:
         ready.set()
     await stop.wait()
