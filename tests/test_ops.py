@@ -1,85 +1,204 @@
-"""CPU operations against float64 references."""
+"""Every operation against a float64 torch reference on fresh random inputs over many shapes.
+
+Outputs are poisoned (NaN) before each run, so an element a kernel fails to write fails the test.
+CPU kernels always run; the CUDA kernels run where CUDA is present and skip with the reason elsewhere.
+"""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from scalellm import ops
+from scalellm.ops import cpu_kernels
 from scalellm.ops.cpu_attention import paged_decode_attention
+from tests import ops_reference as R
+
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import cupy  # noqa: F401
+    HAS_CUPY = True
+except ImportError:
+    HAS_CUPY = False
+cuda = pytest.mark.skipif(not (HAS_CUDA and HAS_CUPY), reason="needs a CUDA GPU and CuPy (pip install -e '.[cuda]')")
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+
+
+def tol(dtype):
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+# -- attention -----------------------------------------------------------------------------------
+def paged_setup(lens, kv_heads, head_dim, dtype, bs=16, device="cpu", seed=0):
+    """Random caches with each sequence's blocks scattered; returns caches and block tables."""
+    g = torch.Generator().manual_seed(seed)
+    need = sum(-(-n // bs) for n in lens)
+    num_blocks = need + 7
+    k_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g)
+    width = max(-(-n // bs) for n in lens)
+    tables = torch.zeros(len(lens), width, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(lens):
+        nb = -(-n // bs)
+        tables[i, :nb] = perm[used:used + nb].to(torch.int32)
+        used += nb
+    return k_cache.to(device), v_cache.to(device), tables
 
 
 def reference_attention(q, k_cache, v_cache, tables, starts, lens, scale):
-    """Per sequence in float64: gather the context, softmax(q k^T) v with GQA."""
+    """Per sequence, in float64: gather the context and softmax(q k^T) v with GQA."""
     bs = k_cache.shape[1]
     out = []
     for i in range(q.shape[0]):
         pos = torch.arange(int(starts[i]), int(lens[i]))
         slots = tables[i].long()[pos // bs] * bs + pos % bs
-        k = k_cache.reshape(-1, *k_cache.shape[2:])[slots].double()  # [L, kvh, D]
-        v = v_cache.reshape(-1, *v_cache.shape[2:])[slots].double()
+        k = k_cache.cpu().reshape(-1, *k_cache.shape[2:])[slots].double()
+        v = v_cache.cpu().reshape(-1, *v_cache.shape[2:])[slots].double()
         group = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        w = torch.einsum("hd,lhd->hl", q[i].double(), k) * scale
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        w = torch.einsum("hd,lhd->hl", q[i].cpu().double(), k) * scale
         out.append(torch.einsum("hl,lhd->hd", w.softmax(-1), v))
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 32), (8, 2, 64), (9, 3, 64), (6, 1, 16)])
-def test_decode_attention_matches_reference(dtype, tol, heads, kv_heads, head_dim):
-    torch.manual_seed(heads * 100 + head_dim)
-    bs, num_blocks = 16, 96
-    lens = torch.tensor([1, 15, 16, 17, 100, 333], dtype=torch.int32)
-    starts = torch.tensor([0, 0, 0, 3, 0, 300], dtype=torch.int32)  # some with a sliding window
-    k_cache = torch.randn(num_blocks, bs, kv_heads, head_dim).to(dtype)
-    v_cache = torch.randn(num_blocks, bs, kv_heads, head_dim).to(dtype)
-    perm = torch.randperm(num_blocks).to(torch.int32)
-    tables = torch.zeros(len(lens), 22, dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(lens.tolist()):
-        nb = -(-n // bs)
-        tables[i, :nb] = perm[used:used + nb]
-        used += nb
-    q = torch.randn(len(lens), heads, head_dim).to(dtype)
+DECODE_SHAPES = [(4, 4, 32), (8, 2, 64), (9, 3, 64), (6, 1, 16), (32, 8, 128)]
+LENS = [1, 15, 16, 17, 100, 333, 2049]
+
+
+@pytest.mark.parametrize("dtype, _", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", DECODE_SHAPES)
+def test_cpu_decode_attention(dtype, _, heads, kv_heads, head_dim):
+    lens = torch.tensor(LENS, dtype=torch.int32)
+    starts = torch.tensor([0, 0, 0, 3, 0, 300, 1000], dtype=torch.int32)  # some under a sliding window
+    k_cache, v_cache, tables = paged_setup(LENS, kv_heads, head_dim, dtype, seed=heads)
+    q = torch.randn(len(LENS), heads, head_dim).to(dtype)
     out = paged_decode_attention(q, k_cache, v_cache, tables, starts, lens, head_dim ** -0.5)
     ref = reference_attention(q, k_cache, v_cache, tables, starts, lens, head_dim ** -0.5)
     assert out.dtype == dtype and out.shape == q.shape
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.double(), ref, **tol(dtype))
 
 
-def test_prefill_chunk_attends_to_cached_context():
-    """A chunk of 5 queries at positions 20..24 over a 25-token paged context equals plain causal attention."""
-    torch.manual_seed(0)
-    bs, kvh, h, d = 4, 2, 4, 16
-    k_cache = torch.full((16, bs, kvh, d), float("nan"))  # unwritten slots must never be read
-    v_cache = torch.full((16, bs, kvh, d), float("nan"))
-    table = [9, 3, 14, 0, 7, 12, 5]
-    k_all, v_all, q_all = torch.randn(25, kvh, d), torch.randn(25, kvh, d), torch.randn(25, h, d)
-    slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(25)])
+@pytest.mark.parametrize("dtype, _", DTYPES)
+@pytest.mark.parametrize("query_len, context_len, window", [(5, 25, 0), (25, 25, 0), (1, 40, 0), (17, 64, 8)])
+def test_prefill_chunk_attention(dtype, _, query_len, context_len, window):
+    """A chunk attends causally to everything cached before it (numba kernel and SDPA path)."""
+    torch.manual_seed(context_len)
+    bs, kvh, h, d = 4, 2, 4, 32
+    k_cache = torch.full((32, bs, kvh, d), float("nan")).to(dtype)  # unwritten slots must never be read
+    v_cache = torch.full((32, bs, kvh, d), float("nan")).to(dtype)
+    table = torch.randperm(32)[:-(-context_len // bs)].tolist()
+    k_all = torch.randn(context_len, kvh, d).to(dtype)
+    v_all = torch.randn(context_len, kvh, d).to(dtype)
+    q_all = torch.randn(context_len, h, d).to(dtype)
+    slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(context_len)])
     ops.write_kv(k_all, v_all, k_cache, v_cache, slots)
-    meta = ops.build_attention_metadata(bs, slots[20:].tolist(), [], [], [(0, 5, 25, table)])
-    out = ops.paged_attention(q_all[20:], k_cache, v_cache, meta, d ** -0.5)
-    ref = F.scaled_dot_product_attention(q_all.transpose(0, 1)[None].double(), k_all.transpose(0, 1)[None].double(),
-                                         v_all.transpose(0, 1)[None].double(), is_causal=True, enable_gqa=True)
-    torch.testing.assert_close(out.double(), ref[0].transpose(0, 1)[20:], atol=1e-5, rtol=1e-5)
+    first = context_len - query_len
+    meta = ops.build_attention_metadata(bs, slots[first:].tolist(), [], [], [(0, query_len, context_len, table)],
+                                        window or None)
+    qd, kd, vd = (t.transpose(0, 1)[None].double() for t in (q_all, k_all, v_all))
+    mask = torch.ones(context_len, context_len, dtype=torch.bool).tril()
+    if window:
+        mask &= ~torch.ones(context_len, context_len, dtype=torch.bool).tril(-window)
+    ref = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)[first:]
+    via_ops = ops.paged_attention(q_all[first:], k_cache, v_cache, meta, d ** -0.5)
+    torch.testing.assert_close(via_ops.double(), ref, **tol(dtype))
+    out = torch.full((query_len, h, d), float("nan")).to(dtype)
+    cpu_kernels.prefill_attention(out, q_all[first:], k_cache, v_cache, meta.prefills[0].key_slots, 0, query_len,
+                                  context_len, window, d ** -0.5)
+    torch.testing.assert_close(out.double(), ref, **tol(dtype))
 
 
-def test_rms_norm_rotary_silu_against_float64():
-    torch.manual_seed(1)
-    x, r, w = torch.randn(7, 32), torch.randn(7, 32), torch.randn(32)
-    normed, residual = ops.add_rms_norm(x, r, w, 1e-6)
-    s = (x + r).double()
-    torch.testing.assert_close(normed.double(), w.double() * s / (s.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt(),
-                               atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(residual, x + r)
-    g = torch.randn(5, 64)
-    torch.testing.assert_close(ops.silu_mul(g).double(), F.silu(g[:, :32].double()) * g[:, 32:].double(),
-                               atol=1e-6, rtol=1e-6)
-    q = torch.randn(5, 3, 8)
-    angle = torch.randn(5, 4).double()
-    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
-    out = ops.rotary(q, cos.float(), sin.float()).double()
-    qd = q.double()
-    x1, x2 = qd[..., :4], qd[..., 4:]
-    c, s_ = angle.cos()[:, None], angle.sin()[:, None]
-    torch.testing.assert_close(out, torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], -1), atol=1e-6, rtol=1e-6)
+# -- elementwise ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, _", DTYPES)
+@pytest.mark.parametrize("rows, hidden", [(1, 64), (7, 576), (33, 1000), (3, 4096)])
+def test_rms_norm_and_residual(dtype, _, rows, hidden):
+    x, r, w = (torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype),
+               torch.randn(hidden).to(dtype))
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), R.rms_norm(x, w, 1e-6), **tol(dtype))
+    out, res = ops.add_rms_norm(x, r, w, 1e-6)
+    ref_out, ref_res = R.add_rms_norm(x, r, w, 1e-6)
+    torch.testing.assert_close(res, ref_res, **tol(dtype))
+    torch.testing.assert_close(out, ref_out, **tol(dtype))
+    s = (x.double() + r.double())
+    f64 = w.double() * s / (s.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(out.double(), f64, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype, _", DTYPES)
+@pytest.mark.parametrize("tokens, heads, kv_heads, dim", [(1, 4, 4, 8), (9, 9, 3, 64), (30, 8, 2, 128)])
+def test_rotary_in_place(dtype, _, tokens, heads, kv_heads, dim):
+    positions = torch.randint(0, 500, (tokens,))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    freqs = torch.arange(512).float()[:, None] * inv_freq[None]
+    cos, sin = torch.cat([freqs.cos()] * 2, -1).to(dtype), torch.cat([freqs.sin()] * 2, -1).to(dtype)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)  # q and k as strided views, as in the model
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+    q0 = q.double().clone()
+    ref_q, ref_k = R.rotary(q, cos[positions], sin[positions]), R.rotary(k, cos[positions], sin[positions])
+    ops.rotary(q, k, positions, cos, sin)
+    torch.testing.assert_close(q, ref_q, **tol(dtype))
+    torch.testing.assert_close(k, ref_k, **tol(dtype))
+    c, s = freqs[positions].double().cos()[:, None], freqs[positions].double().sin()[:, None]
+    x1, x2 = q0[..., :dim // 2], q0[..., dim // 2:]
+    torch.testing.assert_close(q.double(), torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype, _", DTYPES)
+@pytest.mark.parametrize("tokens, n", [(1, 8), (13, 1536), (64, 688)])
+def test_silu_mul(dtype, _, tokens, n):
+    x = torch.randn(tokens, 2 * n).to(dtype)
+    out = ops.silu_mul(x)
+    torch.testing.assert_close(out, R.silu_mul(x), **tol(dtype))
+    f64 = F.silu(x[:, :n].double()) * x[:, n:].double()
+    torch.testing.assert_close(out.double(), f64, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype, _", DTYPES)
+def test_write_kv_touches_only_its_slots(dtype, _):
+    bs, kvh, d = 16, 3, 64
+    k_cache = torch.full((10, bs, kvh, d), float("nan")).to(dtype)
+    v_cache = torch.full((10, bs, kvh, d), float("nan")).to(dtype)
+    k, v = torch.randn(21, kvh, d).to(dtype), torch.randn(21, kvh, d).to(dtype)
+    slots = torch.randperm(10 * bs)[:21]
+    ops.write_kv(k, v, k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.view(-1, kvh, d), v_cache.view(-1, kvh, d)
+    assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
+    others = torch.ones(10 * bs, dtype=torch.bool)
+    others[slots] = False
+    assert flat_k[others].isnan().all() and flat_v[others].isnan().all()
+
+
+# -- CUDA (run where a GPU is present) -------------------------------------------------------------
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 2, 64), (32, 8, 128), (12, 12, 64)])
+def test_cuda_decode_attention(dtype, heads, kv_heads, head_dim):
+    from scalellm.ops import cuda_backend
+
+    lens = torch.tensor(LENS + [4000], dtype=torch.int32)
+    starts = torch.zeros_like(lens)
+    k_cache, v_cache, tables = paged_setup(lens.tolist(), kv_heads, head_dim, dtype, device="cuda")
+    q = torch.randn(len(lens), heads, head_dim, device="cuda").to(dtype)
+    out = cuda_backend.paged_decode_attention(q, k_cache, v_cache, tables.cuda(), starts.cuda(), lens.cuda(),
+                                              head_dim ** -0.5)
+    ref = reference_attention(q, k_cache, v_cache, tables, starts, lens, head_dim ** -0.5)
+    t = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.cpu().double(), ref, atol=t, rtol=t)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_elementwise_ops(dtype):
+    from scalellm.ops import cuda_backend
+
+    x, r, w = (torch.randn(33, 1000, device="cuda").to(dtype), torch.randn(33, 1000, device="cuda").to(dtype),
+               torch.randn(1000, device="cuda").to(dtype))
+    t = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(cuda_backend.rms_norm(x, w, 1e-6).cpu(), R.rms_norm(x.cpu(), w.cpu(), 1e-6), **t)
+    out, res = cuda_backend.add_rms_norm(x, r, w, 1e-6)
+    ref_out, ref_res = R.add_rms_norm(x.cpu(), r.cpu(), w.cpu(), 1e-6)
+    torch.testing.assert_close(res.cpu(), ref_res, **t)
+    torch.testing.assert_close(out.cpu(), ref_out, **t)
+    g = torch.randn(17, 2 * 688, device="cuda").to(dtype)
+    torch.testing.assert_close(cuda_backend.silu_mul(g).cpu(), R.silu_mul(g.cpu()), **t)

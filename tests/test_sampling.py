@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scalellm import SamplingParams
-from scalellm.sampling.sampler import filter_logits
+from tests.sampling_reference import filter_logits
 
 PROMPTS = ["Once upon a time", "The weather today", "import numpy as np\n", "1, 2, 3,"]
 
@@ -134,3 +134,61 @@ def test_logprobs_are_normalised_and_sorted(llama_llm):
         assert lp.top[0][0] == token  # greedy picks the top token
         values = [v for _, v in lp.top]
         assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+
+
+# -- the fused sampling kernel itself, on known distributions -------------------------------------
+from scalellm import ops  # noqa: E402
+from scalellm.engine.sequence import Sequence  # noqa: E402
+from scalellm.sampling.batch import build_sampling_batch  # noqa: E402
+from tests.sampling_reference import apply_penalties  # noqa: E402
+
+
+def _draw(probs, n, **params):
+    """n draws from one distribution, each row with its own stream (seed = row index)."""
+    logits = torch.tensor([probs]).log().float().repeat(n, 1)
+    seqs = [Sequence(i, "r", 0, [1], 1, SamplingParams(seed=i, **params), 0.0) for i in range(n)]
+    tokens, chosen, top_ids, top_lp = ops.fused_sample(logits, build_sampling_batch(seqs, [], logits.shape[1]))
+    return tokens.tolist()
+
+
+def test_kernel_filters_on_a_known_distribution():
+    probs = [0.4, 0.3, 0.2, 0.1]
+    assert set(_draw(probs, 300, top_p=0.5)) == {0, 1}
+    assert set(_draw(probs, 300, top_p=0.75)) == {0, 1, 2}
+    assert set(_draw(probs, 300, min_p=0.6)) == {0, 1}  # p >= 0.24
+    assert set(_draw(probs, 300, top_k=3)) == {0, 1, 2}
+    assert set(_draw(probs, 300, top_k=1)) == {0}
+    assert set(_draw(probs, 300)) == {0, 1, 2, 3}
+
+
+def test_kernel_frequencies_and_determinism():
+    probs = [0.5, 0.25, 0.125, 0.0625, 0.0625]
+    n = 4000
+    draws = _draw(probs, n)
+    assert draws == _draw(probs, n)  # same streams, same tokens
+    for token, p in enumerate(probs):
+        count = draws.count(token)
+        assert abs(count - n * p) < 4 * math.sqrt(n * p * (1 - p)), (token, count)
+    hot = _draw(probs, n, temperature=0.5)  # sharper: p^2 renormalized
+    assert hot.count(0) / n == pytest.approx(0.25 / sum(q * q for q in probs), abs=0.03)
+
+
+def test_kernel_penalties_and_logprobs_match_reference():
+    torch.manual_seed(3)
+    vocab = 50
+    logits = torch.randn(4, vocab)
+    params = [SamplingParams(temperature=0, repetition_penalty=1.7),
+              SamplingParams(temperature=0, presence_penalty=1.5, frequency_penalty=0.5, logprobs=5),
+              SamplingParams(temperature=0, min_tokens=5, stop_token_ids=[7], logprobs=0),
+              SamplingParams(temperature=0)]
+    seqs = [Sequence(i, "r", 0, [3, 4, 5, 3, 9, 9, 12], 4, p, 0.0) for i, p in enumerate(params)]
+    logits[2, 7] = 10.0  # would win, but min_tokens bans the stop token
+    tokens, chosen, top_ids, top_lp = ops.fused_sample(logits, build_sampling_batch(seqs, [], vocab))
+    expected = apply_penalties(logits, seqs)
+    expected[2, 7] = float("-inf")
+    assert tokens.tolist() == expected.argmax(-1).tolist()
+    raw = torch.log_softmax(logits.double(), -1)
+    for i in range(4):
+        assert chosen[i].item() == pytest.approx(raw[i, tokens[i]].item(), abs=1e-5)
+    assert top_ids[1].tolist() == raw[1].topk(5).indices.tolist()
+    torch.testing.assert_close(top_lp[1].double(), raw[1].topk(5).values, atol=1e-5, rtol=0)

@@ -172,19 +172,22 @@ def test_graceful_shutdown_finishes_in_flight(llama_folder):
 
     async def main():
         async with aiohttp.ClientSession() as s:
-            async def in_flight():
-                async with s.post(server.url + "/v1/completions", json={**LONG, "max_tokens": 300}) as r:
-                    return r.status, await r.json()
-            task = asyncio.create_task(in_flight())
-            await asyncio.sleep(0.3)
-            server.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            async with s.post(server.url + "/v1/completions", json=LONG) as r:
+            body = {**LONG, "max_tokens": 500, "stream": True, "stream_options": {"include_usage": True}}
+            async with s.post(server.url + "/v1/completions", json=body) as stream:
+                await stream.content.readline()  # the request is running
+                server.proc.send_signal(signal.SIGTERM)
+                for _ in range(100):  # draining: health flips to 503, new work is refused
+                    async with s.get(server.url + "/health") as r:
+                        if r.status == 503:
+                            break
+                    await asyncio.sleep(0.01)
                 assert r.status == 503
-            async with s.get(server.url + "/health") as r:
-                assert r.status == 503
-            status, body = await task
-            assert status == 200 and body["usage"]["completion_tokens"] == 300
+                async with s.post(server.url + "/v1/completions", json=LONG) as r:
+                    assert r.status == 503
+                frames = [line async for line in stream.content if line.startswith(b"data: ")]
+            assert frames[-1] == b"data: [DONE]\n"
+            usage = json.loads(frames[-2][6:])["usage"]
+            assert usage["completion_tokens"] == 500
     try:
         asyncio.run(main())
         assert server.proc.wait(60) == 0

@@ -56,7 +56,6 @@ class LlamaModel:
                 meta: ops.AttentionMetadata) -> torch.Tensor:
         """Returns final hidden states [tokens, hidden]; kv_cache: [layers, 2, blocks, block, kvh, hd]."""
         cfg = self.config
-        cos, sin = self.cos[positions], self.sin[positions]
         hidden = F.embedding(input_ids, self.embed)
         residual = None
         for i, w in enumerate(self.layers):
@@ -73,8 +72,7 @@ class LlamaModel:
             if w.q_norm is not None:
                 q = ops.rms_norm(q, w.q_norm, cfg.rms_norm_eps)
                 k = ops.rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-            q = ops.rotary(q, cos, sin)
-            k = ops.rotary(k, cos, sin)
+            ops.rotary(q, k, positions, self.cos, self.sin)
             ops.write_kv(k, v, kv_cache[i, 0], kv_cache[i, 1], meta.slot_mapping)
             attn = ops.paged_attention(q, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
             hidden = F.linear(attn.reshape(-1, self.q_size), w.o_proj)

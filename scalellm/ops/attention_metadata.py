@@ -15,6 +15,7 @@ class PrefillChunk:
     context_len: int  # tokens in the cache after this step's write, including the chunk
     key_slots: torch.Tensor  # [context_len] cache slot of each context position
     mask: torch.Tensor | None  # [query_len, context_len] bool, None when plain causal
+    block_table: list[int]
 
 
 @dataclass
@@ -25,6 +26,7 @@ class AttentionMetadata:
     decode_context_starts: torch.Tensor | None = None  # [num_decodes] int32, >0 only in a sliding window
     decode_context_lens: torch.Tensor | None = None  # [num_decodes] int32, including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
+    sliding_window: int | None = None
 
 
 def build_attention_metadata(
@@ -39,6 +41,7 @@ def build_attention_metadata(
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
         num_decode_tokens=len(decode_tables),
+        sliding_window=sliding_window,
     )
     if decode_tables:
         max_blocks = max(len(t) for t in decode_tables)
@@ -62,5 +65,5 @@ def build_attention_metadata(
             mask = pos[None, :] <= q_pos[:, None]
             if sliding_window is not None:
                 mask &= pos[None, :] > (q_pos[:, None] - sliding_window)
-        meta.prefills.append(PrefillChunk(query_start, query_len, context_len, key_slots, mask))
+        meta.prefills.append(PrefillChunk(query_start, query_len, context_len, key_slots, mask, table))
     return meta

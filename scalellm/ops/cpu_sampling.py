@@ -1,0 +1,105 @@
+"""numba twin of cuda_kernels/sampling.cu: one parallel task per row, the same semantics and the same
+counter-based random numbers. Thresholds are exact here (partition and sort) where the CUDA kernel
+bisects."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from scalellm.sampling.batch import SamplingBatch
+
+
+@njit(inline="always")
+def _mix64(x):
+    x ^= x >> np.uint64(31)
+    x *= np.uint64(0x7FB5D329728EA185)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x81DADEF4BC2DD44D)
+    x ^= x >> np.uint64(33)
+    return x
+
+
+@njit(inline="always")
+def _uniform(stream, token):
+    h = _mix64(stream ^ _mix64(np.uint64(token) + np.uint64(0x9E3779B97F4A7C15)))
+    return (np.float32(h >> np.uint64(40)) + np.float32(1.0)) * np.float32(1.0 / 16777216.0)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _sample(logits, temperature, top_k, top_p, min_p, presence, frequency, repetition, pen_offsets, pen_tokens,
+            pen_counts, ban_offsets, ban_tokens, streams, num_top, out_tokens, out_logprob, top_ids, top_lp):
+    rows, vocab = logits.shape
+    for r in prange(rows):
+        x = logits[r]
+        raw_max = x.max()
+        raw_log_z = raw_max + np.log(np.exp(x - raw_max).sum())
+        w = x.copy()
+        for j in range(pen_offsets[r], pen_offsets[r + 1]):
+            t, c = pen_tokens[j], pen_counts[j]
+            v = w[t]
+            if repetition[r] != 1.0:
+                v = v / repetition[r] if v > 0 else v * repetition[r]
+            if c > 0:
+                v -= frequency[r] * c + presence[r]
+            w[t] = v
+        for j in range(ban_offsets[r], ban_offsets[r + 1]):
+            w[ban_tokens[j]] = -np.inf
+        if temperature[r] == 0.0:
+            chosen = np.argmax(w)
+        else:
+            w *= np.float32(1.0 / temperature[r])
+            mx = w.max()
+            cut = mx + np.log(min_p[r]) if min_p[r] > 0 else -np.inf
+            if 0 < top_k[r] < vocab:
+                cut = max(cut, np.partition(w, vocab - top_k[r])[vocab - top_k[r]])
+            if top_p[r] < 1.0:
+                kept = np.sort(w[w >= cut])[::-1]
+                probs = np.exp(kept - mx)
+                target = top_p[r] * probs.sum()
+                acc = 0.0
+                for j in range(kept.shape[0]):  # smallest prefix whose mass reaches top_p
+                    acc += probs[j]
+                    if acc >= target:
+                        cut = max(cut, kept[j])
+                        break
+            best, chosen = -np.inf, 0
+            stream = np.uint64(streams[r])
+            for i in range(vocab):
+                v = w[i]
+                if v >= cut and v > -np.inf:
+                    key = v - np.log(-np.log(_uniform(stream, i)))
+                    if key > best:
+                        best, chosen = key, i
+        out_tokens[r] = chosen
+        out_logprob[r] = x[chosen] - raw_log_z
+        n = min(num_top[r], top_ids.shape[1])
+        if n > 0:
+            # the n largest (argpartition), then ordered by value and, on ties, index (as on the GPU)
+            order = np.argpartition(-x, n - 1)[:n] if n < vocab else np.arange(vocab)
+            for a in range(1, n):  # insertion sort: value descending, index ascending on ties
+                j, item = a, order[a]
+                while j > 0 and (x[order[j - 1]] < x[item] or (x[order[j - 1]] == x[item] and order[j - 1] > item)):
+                    order[j] = order[j - 1]
+                    j -= 1
+                order[j] = item
+            for j in range(n):
+                top_ids[r, j] = order[j]
+                top_lp[r, j] = x[order[j]] - raw_log_z
+
+
+def fused_sample(logits: torch.Tensor, batch: SamplingBatch):
+    """logits: [rows, vocab] float32 -> (tokens int64, chosen logprobs, top ids [rows, N], top logprobs)."""
+    rows = logits.shape[0]
+    max_top = max(1, int(batch.num_top.max())) if rows else 1
+    tokens = torch.empty(rows, dtype=torch.int64)
+    chosen = torch.empty(rows, dtype=torch.float32)
+    top_ids = torch.zeros(rows, max_top, dtype=torch.int64)
+    top_lp = torch.zeros(rows, max_top, dtype=torch.float32)
+    b = batch
+    _sample(logits.contiguous().numpy(), b.temperature.numpy(), b.top_k.numpy(), b.top_p.numpy(), b.min_p.numpy(),
+            b.presence.numpy(), b.frequency.numpy(), b.repetition.numpy(), b.pen_offsets.numpy(),
+            b.pen_tokens.numpy(), b.pen_counts.numpy(), b.ban_offsets.numpy(), b.ban_tokens.numpy(),
+            b.streams.numpy().view(np.uint64), b.num_top.numpy(), tokens.numpy(), chosen.numpy(), top_ids.numpy(),
+            top_lp.numpy())
+    return tokens, chosen, top_ids, top_lp

@@ -1,0 +1,161 @@
+"""CUDA backend: the kernels in cuda_kernels/*.cu, compiled at run time by CuPy (NVRTC) and launched
+on torch's current stream. Imported only when a CUDA tensor reaches an op, so machines without CUDA
+never import CuPy.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+
+KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "cuda_kernels")
+CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+HEAD_DIMS = (64, 128)
+_TYPES = tuple(CTYPES.values())
+NAMES = {
+    "rms_norm": [f"scalellm::{k}<{t}>" for k in ("rms_norm", "add_rms_norm") for t in _TYPES],
+    "rotary": [f"scalellm::rotary<{t}>" for t in _TYPES],
+    "activation": [f"scalellm::silu_mul<{t}>" for t in _TYPES],
+    "kv_write": [f"scalellm::kv_write<{t}>" for t in _TYPES],
+    "paged_attention": [f"scalellm::{k}<{t}, {d}>" for k in ("paged_attention_decode", "paged_attention_reduce")
+                        for t in _TYPES for d in HEAD_DIMS],
+    "prefill_attention": [f"scalellm::prefill_attention<{t}, {d}>" for t in _TYPES for d in HEAD_DIMS],
+    "sampling": ["scalellm::fused_sample"],
+}
+PARTITION = 512  # matches kPartition in paged_attention.cu
+MAX_GROUP = 8
+
+
+@functools.cache
+def _module(name: str):
+    import cupy as cp
+
+    with open(os.path.join(KERNEL_DIR, f"{name}.cu")) as f:
+        source = f.read()
+    return cp.RawModule(code=source, options=("-std=c++17", f"-I{KERNEL_DIR}"), name_expressions=NAMES[name])
+
+
+def _kernel(module: str, name: str):
+    return _module(module).get_function(name)
+
+
+def _arg(t: torch.Tensor):
+    """A torch CUDA tensor as a CuPy array over the same memory (16-bit floats viewed as int16)."""
+    import cupy as cp
+
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.view(torch.int16)
+    return cp.asarray(t)
+
+
+def _launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
+    import cupy as cp
+
+    stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    converted = tuple(_arg(a) if isinstance(a, torch.Tensor) else a for a in args)
+    kernel(grid, (block,), converted, shared_mem=shared_mem, stream=stream)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    hidden = x.shape[-1]
+    rows = x.numel() // hidden
+    _launch(_kernel("rms_norm", f"scalellm::rms_norm<{CTYPES[x.dtype]}>"), (rows,), 256,
+            (out, x, weight, np.int32(hidden), np.float32(eps)))
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    residual = residual.contiguous().clone()
+    out = torch.empty_like(residual)
+    hidden = x.shape[-1]
+    _launch(_kernel("rms_norm", f"scalellm::add_rms_norm<{CTYPES[x.dtype]}>"), (residual.numel() // hidden,), 256,
+            (out, residual, x.contiguous(), weight, np.int32(hidden), np.float32(eps)))
+    return out, residual
+
+
+def rotary_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> None:
+    """q: [tokens, heads, D], k: [tokens, kv_heads, D] (contiguous), rotated in place."""
+    tokens, heads, dim = q.shape
+    _launch(_kernel("rotary", f"scalellm::rotary<{CTYPES[q.dtype]}>"), (tokens,), 128,
+            (q, k, positions.to(torch.int64), cos, sin, np.int32(heads), np.int32(k.shape[1]), np.int32(dim)))
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    n = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    tokens = x.numel() // (2 * n)
+    blocks = min(65535, (tokens * n + 255) // 256)
+    _launch(_kernel("activation", f"scalellm::silu_mul<{CTYPES[x.dtype]}>"), (max(blocks, 1),), 256,
+            (out, x, np.int64(tokens), np.int32(n)))
+    return out
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    row = k.shape[1] * k.shape[2]
+    _launch(_kernel("kv_write", f"scalellm::kv_write<{CTYPES[k.dtype]}>"), (k.shape[0],), 128,
+            (k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.to(torch.int64), np.int32(row)))
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale: float,
+                           max_context: int | None = None) -> torch.Tensor:
+    seqs, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    if dim not in HEAD_DIMS or group > MAX_GROUP:
+        raise ValueError(f"cuda decode attention supports head_dim {HEAD_DIMS} and GQA groups up to {MAX_GROUP}")
+    max_context = max_context or int((context_lens - context_starts).max())
+    parts = max(1, -(-max_context // PARTITION))
+    out = torch.empty_like(q)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    part_out = torch.empty(seqs, heads, parts, dim, **f32) if parts > 1 else out
+    part_max = torch.empty(seqs, heads, parts, **f32) if parts > 1 else out
+    part_sum = torch.empty(seqs, heads, parts, **f32) if parts > 1 else out
+    ctype = CTYPES[q.dtype]
+    _launch(_kernel("paged_attention", f"scalellm::paged_attention_decode<{ctype}, {dim}>"),
+            (seqs, kv_heads, parts), 128,
+            (out, part_out, part_max, part_sum, q.contiguous(), k_cache, v_cache, block_tables.to(torch.int32),
+             context_starts.to(torch.int32), context_lens.to(torch.int32), np.int32(block_tables.shape[1]),
+             np.int32(k_cache.shape[1]), np.int32(kv_heads), np.int32(group), np.float32(scale)))
+    if parts > 1:
+        _launch(_kernel("paged_attention", f"scalellm::paged_attention_reduce<{ctype}, {dim}>"), (seqs, heads), dim,
+                (out, part_out, part_max, part_sum, np.int32(parts)))
+    return out
+
+
+def prefill_attention(q, k_cache, v_cache, token_seq, token_pos, block_tables, scale: float,
+                      window: int = 0) -> torch.Tensor:
+    tokens, heads, dim = q.shape
+    out = torch.empty_like(q)
+    warps = tokens * heads
+    _launch(_kernel("prefill_attention", f"scalellm::prefill_attention<{CTYPES[q.dtype]}, {dim}>"),
+            ((warps * 32 + 127) // 128,), 128,
+            (out, q.contiguous(), k_cache, v_cache, token_seq.to(torch.int32), token_pos.to(torch.int32),
+             block_tables.to(torch.int32), np.int32(tokens), np.int32(block_tables.shape[1]),
+             np.int32(k_cache.shape[1]), np.int32(heads), np.int32(k_cache.shape[2]), np.int32(window),
+             np.float32(scale)))
+    return out
+
+
+def fused_sample(logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits: [rows, vocab] float32; batch: a SamplingBatch (see scalellm/sampling/batch.py) on the GPU."""
+    rows, vocab = logits.shape
+    max_top = max(1, int(batch.num_top.max()))
+    dev = logits.device
+    tokens = torch.empty(rows, dtype=torch.int64, device=dev)
+    chosen = torch.empty(rows, dtype=torch.float32, device=dev)
+    top_ids = torch.empty(rows, max_top, dtype=torch.int64, device=dev)
+    top_lp = torch.empty(rows, max_top, dtype=torch.float32, device=dev)
+    work = torch.empty_like(logits)
+    _launch(_kernel("sampling", "scalellm::fused_sample"), (rows,), 1024,
+            (tokens, chosen, top_ids, top_lp, work, logits.contiguous(), batch.temperature, batch.top_k, batch.top_p,
+             batch.min_p, batch.presence, batch.frequency, batch.repetition, batch.pen_offsets, batch.pen_tokens,
+             batch.pen_counts, batch.ban_offsets, batch.ban_tokens, batch.streams, batch.num_top, np.int32(vocab),
+             np.int32(max_top)))
+    return tokens, chosen, top_ids, top_lp
