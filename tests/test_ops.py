@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scalellm import ops
 from scalellm.ops import cpu_kernels
 from scalellm.ops.cpu_attention import paged_decode_attention
-from tests import ops_reference as R
+from scalellm.ops import torch_ops as R
 
 HAS_CUDA = torch.cuda.is_available()
 try:
@@ -20,6 +20,11 @@ except ImportError:
     HAS_CUPY = False
 cuda = pytest.mark.skipif(not (HAS_CUDA and HAS_CUPY), reason="needs a CUDA GPU and CuPy (pip install -e '.[cuda]')")
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+
+
+def poisoned(shape, dtype) -> torch.Tensor:
+    """An output buffer full of NaN: any element a kernel does not write fails the comparison."""
+    return torch.full(shape, float("nan")).to(dtype)
 
 
 def tol(dtype):
@@ -72,7 +77,8 @@ def test_cpu_decode_attention(dtype, _, heads, kv_heads, head_dim):
     starts = torch.tensor([0, 0, 0, 3, 0, 300, 1000], dtype=torch.int32)  # some under a sliding window
     k_cache, v_cache, tables = paged_setup(LENS, kv_heads, head_dim, dtype, seed=heads)
     q = torch.randn(len(LENS), heads, head_dim).to(dtype)
-    out = paged_decode_attention(q, k_cache, v_cache, tables, starts, lens, head_dim ** -0.5)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, starts, lens, head_dim ** -0.5,
+                                 out=poisoned(q.shape, dtype))
     ref = reference_attention(q, k_cache, v_cache, tables, starts, lens, head_dim ** -0.5)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), ref, **tol(dtype))
@@ -114,8 +120,10 @@ def test_prefill_chunk_attention(dtype, _, query_len, context_len, window):
 def test_rms_norm_and_residual(dtype, _, rows, hidden):
     x, r, w = (torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype),
                torch.randn(hidden).to(dtype))
-    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), R.rms_norm(x, w, 1e-6), **tol(dtype))
-    out, res = ops.add_rms_norm(x, r, w, 1e-6)
+    normed = cpu_kernels.rms_norm(x, w, 1e-6, out=poisoned(x.shape, dtype))
+    torch.testing.assert_close(normed, R.rms_norm(x, w, 1e-6), **tol(dtype))
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), normed, **tol(dtype))
+    out, res = cpu_kernels.add_rms_norm(x, r, w, 1e-6, out=poisoned(x.shape, dtype))
     ref_out, ref_res = R.add_rms_norm(x, r, w, 1e-6)
     torch.testing.assert_close(res, ref_res, **tol(dtype))
     torch.testing.assert_close(out, ref_out, **tol(dtype))
@@ -136,9 +144,13 @@ def test_rotary_in_place(dtype, _, tokens, heads, kv_heads, dim):
     q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
     q0 = q.double().clone()
     ref_q, ref_k = R.rotary(q, cos[positions], sin[positions]), R.rotary(k, cos[positions], sin[positions])
+    q2, k2 = q.clone(), k.clone()
+    cpu_kernels.rotary_inplace(q2, k2, positions, cos, sin)
     ops.rotary(q, k, positions, cos, sin)
     torch.testing.assert_close(q, ref_q, **tol(dtype))
     torch.testing.assert_close(k, ref_k, **tol(dtype))
+    torch.testing.assert_close(q2, ref_q, **tol(dtype))
+    torch.testing.assert_close(k2, ref_k, **tol(dtype))
     c, s = freqs[positions].double().cos()[:, None], freqs[positions].double().sin()[:, None]
     x1, x2 = q0[..., :dim // 2], q0[..., dim // 2:]
     torch.testing.assert_close(q.double(), torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1), **tol(dtype))
@@ -148,7 +160,8 @@ def test_rotary_in_place(dtype, _, tokens, heads, kv_heads, dim):
 @pytest.mark.parametrize("tokens, n", [(1, 8), (13, 1536), (64, 688)])
 def test_silu_mul(dtype, _, tokens, n):
     x = torch.randn(tokens, 2 * n).to(dtype)
-    out = ops.silu_mul(x)
+    out = cpu_kernels.silu_mul(x, out=poisoned((tokens, n), dtype))
+    torch.testing.assert_close(ops.silu_mul(x), out, **tol(dtype))
     torch.testing.assert_close(out, R.silu_mul(x), **tol(dtype))
     f64 = F.silu(x[:, :n].double()) * x[:, n:].double()
     torch.testing.assert_close(out.double(), f64, **tol(dtype))
@@ -161,7 +174,10 @@ def test_write_kv_touches_only_its_slots(dtype, _):
     v_cache = torch.full((10, bs, kvh, d), float("nan")).to(dtype)
     k, v = torch.randn(21, kvh, d).to(dtype), torch.randn(21, kvh, d).to(dtype)
     slots = torch.randperm(10 * bs)[:21]
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    cpu_kernels.write_kv(k, v, k2, v2, slots)
     ops.write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k2.isnan(), k_cache.isnan()) and torch.equal(k2.nan_to_num(), k_cache.nan_to_num())
     flat_k, flat_v = k_cache.view(-1, kvh, d), v_cache.view(-1, kvh, d)
     assert torch.equal(flat_k[slots], k) and torch.equal(flat_v[slots], v)
     others = torch.ones(10 * bs, dtype=torch.bool)

@@ -188,7 +188,7 @@ def test_kernel_penalties_and_logprobs_match_reference():
     expected[2, 7] = float("-inf")
     assert tokens.tolist() == expected.argmax(-1).tolist()
     raw = torch.log_softmax(logits.double(), -1)
-    for i in range(4):
+    for i in (1, 2):  # the rows that asked for logprobs
         assert chosen[i].item() == pytest.approx(raw[i, tokens[i]].item(), abs=1e-5)
     assert top_ids[1].tolist() == raw[1].topk(5).indices.tolist()
     torch.testing.assert_close(top_lp[1].double(), raw[1].topk(5).values, atol=1e-5, rtol=0)

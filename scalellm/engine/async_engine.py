@@ -10,7 +10,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator
 
-from scalellm.engine.engine import LLMEngine
+from scalellm.engine.engine import LLMEngine, set_compute_threads
 from scalellm.outputs import StreamDelta
 from scalellm.sampling_params import SamplingParams
 
@@ -76,6 +76,7 @@ class AsyncEngine:
     # -- engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
+        set_compute_threads(engine.num_threads)  # numba's thread count is per calling thread
         while not self._stopping:
             self._drain_inbox()
             if not engine.has_unfinished():

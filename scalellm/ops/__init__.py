@@ -1,17 +1,18 @@
 """The operations model code calls; one interface, and the backend follows the tensors' device.
 
-CPU tensors go to the numba kernels (scalellm/ops/cpu_*.py; prefill attention uses torch SDPA over
-the gathered context), CUDA tensors to the CuPy kernels (scalellm/ops/cuda_backend.py, imported only
-then). GEMMs go through torch on both.
+CPU tensors: numba kernels for decode attention and fused sampling (scalellm/ops/cpu_*.py); torch
+for the elementwise ops and prefill attention (scalellm/ops/torch_ops.py), which measured faster than
+their numba twins (scalellm/ops/cpu_kernels.py, kept and tested as the CPU twins of the CUDA kernels).
+CUDA tensors: the CuPy kernels (scalellm/ops/cuda_backend.py, imported only then). GEMMs go through
+torch on both.
 """
 from __future__ import annotations
 
 import torch
 
-from scalellm.ops import cpu_kernels, cpu_sampling
+from scalellm.ops import cpu_sampling, torch_ops
 from scalellm.ops.attention_metadata import AttentionMetadata, PrefillChunk, build_attention_metadata
 from scalellm.ops.cpu_attention import paged_decode_attention as _cpu_decode_attention
-from scalellm.ops.torch_ops import prefill_chunk_attention
 
 
 def _cuda():
@@ -21,26 +22,26 @@ def _cuda():
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return (_cuda() if x.is_cuda else cpu_kernels).rms_norm(x, weight, eps)
+    return (_cuda() if x.is_cuda else torch_ops).rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """residual + x -> (rms_norm(residual + x) * weight, residual + x)."""
-    return (_cuda() if x.is_cuda else cpu_kernels).add_rms_norm(x, residual, weight, eps)
+    return (_cuda() if x.is_cuda else torch_ops).add_rms_norm(x, residual, weight, eps)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate q [tokens, heads, dim] and k [tokens, kv_heads, dim] in place (rotate-half layout);
     cos/sin: [max_positions, dim] caches indexed by positions."""
-    (_cuda() if q.is_cuda else cpu_kernels).rotary_inplace(q, k, positions, cos, sin)
+    (_cuda() if q.is_cuda else torch_ops).rotary_inplace(q, k, positions, cos, sin)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    return (_cuda() if x.is_cuda else cpu_kernels).silu_mul(x)
+    return (_cuda() if x.is_cuda else torch_ops).silu_mul(x)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    (_cuda() if k.is_cuda else cpu_kernels).write_kv(k, v, k_cache, v_cache, slot_mapping)
+    (_cuda() if k.is_cuda else torch_ops).write_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -54,7 +55,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out[:nd] = _cpu_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
                                          meta.decode_context_starts, meta.decode_context_lens, scale)
     for chunk in meta.prefills:
-        prefill_chunk_attention(out, q, k_cache, v_cache, chunk, scale)
+        torch_ops.prefill_chunk_attention(out, q, k_cache, v_cache, chunk, scale)
     return out
 
 

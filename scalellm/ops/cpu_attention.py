@@ -92,15 +92,18 @@ def _as_numpy_cache(cache: torch.Tensor) -> np.ndarray:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_starts: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [seqs, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim];
     block_tables: [seqs, max_blocks] int32; each query attends to cached positions
     [context_starts, context_lens) (int32; the start is non-zero only under a sliding window)."""
     qf = q.float().contiguous()
-    out = torch.empty_like(qf)
+    result = torch.empty_like(qf)
     _decode_kernel(qf.numpy(), _as_numpy_cache(k_cache), _as_numpy_cache(v_cache), block_tables.numpy(),
-           context_starts.numpy(), context_lens.numpy(), np.float32(scale), out.numpy())
-    return out.to(q.dtype)
+           context_starts.numpy(), context_lens.numpy(), np.float32(scale), result.numpy())
+    if out is None:
+        return result.to(q.dtype)
+    out.copy_(result)
+    return out
 
 
 def set_threads(n: int) -> None:

@@ -11,6 +11,7 @@ from numba import njit, prange
 from scalellm.ops.numba_util import as_numba, load, round_as, store
 
 _JIT = dict(nogil=True, cache=True, fastmath=False)
+_FAST = dict(nogil=True, cache=True, fastmath=True)
 
 
 @njit(parallel=True, **_JIT)
@@ -59,13 +60,13 @@ def _rotary(q, k, positions, cos, sin):
                 store(row, d + half, c + e)
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **_FAST)
 def _silu_mul(out, x):
     tokens, n = out.shape
     for t in prange(tokens):
         for i in range(n):
             g = load(x[t, i])
-            s = round_as(x[t, i], g / (np.float32(1.0) + np.exp(-g)))
+            s = round_as(x[t, i], g / (np.float32(1.0) + np.exp(np.float32(-g))))
             store(out[t], i, s * load(x[t, n + i]))
 
 
@@ -120,16 +121,17 @@ def _prefill_attention(out, q, k_cache, v_cache, key_slots, query_start, query_l
 
 
 # -- torch-facing wrappers ---------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty_like(x2)
+    out = torch.empty_like(x2) if out is None else out.view(x2.shape)
     _rms_norm(as_numba(out), as_numba(x2), as_numba(weight), np.float32(eps))
     return out.view(x.shape)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor | None = None):
     residual = residual.clone()
-    out = torch.empty_like(residual)
+    out = torch.empty_like(residual) if out is None else out
     _add_rms_norm(as_numba(out), as_numba(residual), as_numba(x.contiguous()), as_numba(weight), np.float32(eps))
     return out, residual
 
@@ -139,9 +141,9 @@ def rotary_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, co
     _rotary(as_numba(q), as_numba(k), positions.numpy(), as_numba(cos), as_numba(sin))
 
 
-def silu_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     n = x.shape[-1] // 2
-    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype) if out is None else out
     _silu_mul(as_numba(out.view(-1, n)), as_numba(x.reshape(-1, 2 * n)))
     return out
 

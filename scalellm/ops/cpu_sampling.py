@@ -32,8 +32,13 @@ def _sample(logits, temperature, top_k, top_p, min_p, presence, frequency, repet
     rows, vocab = logits.shape
     for r in prange(rows):
         x = logits[r]
-        raw_max = x.max()
-        raw_log_z = raw_max + np.log(np.exp(x - raw_max).sum())
+        plain = pen_offsets[r] == pen_offsets[r + 1] and ban_offsets[r] == ban_offsets[r + 1]
+        if temperature[r] == 0.0 and plain:  # plain greedy: no copy, no scaling
+            chosen = np.argmax(x)
+            out_tokens[r] = chosen
+            if num_top[r] >= 0:
+                _logprobs(x, chosen, num_top[r], r, out_logprob, top_ids, top_lp)
+            continue
         w = x.copy()
         for j in range(pen_offsets[r], pen_offsets[r + 1]):
             t, c = pen_tokens[j], pen_counts[j]
@@ -72,20 +77,30 @@ def _sample(logits, temperature, top_k, top_p, min_p, presence, frequency, repet
                     if key > best:
                         best, chosen = key, i
         out_tokens[r] = chosen
-        out_logprob[r] = x[chosen] - raw_log_z
-        n = min(num_top[r], top_ids.shape[1])
-        if n > 0:
-            # the n largest (argpartition), then ordered by value and, on ties, index (as on the GPU)
-            order = np.argpartition(-x, n - 1)[:n] if n < vocab else np.arange(vocab)
-            for a in range(1, n):  # insertion sort: value descending, index ascending on ties
-                j, item = a, order[a]
-                while j > 0 and (x[order[j - 1]] < x[item] or (x[order[j - 1]] == x[item] and order[j - 1] > item)):
-                    order[j] = order[j - 1]
-                    j -= 1
-                order[j] = item
-            for j in range(n):
-                top_ids[r, j] = order[j]
-                top_lp[r, j] = x[order[j]] - raw_log_z
+        if num_top[r] >= 0:
+            _logprobs(x, chosen, num_top[r], r, out_logprob, top_ids, top_lp)
+
+
+@njit(nogil=True, cache=True)
+def _logprobs(x, chosen, num_top, r, out_logprob, top_ids, top_lp):
+    """Logprob of the chosen token and the num_top largest, from the raw logits."""
+    vocab = x.shape[0]
+    raw_max = x.max()
+    raw_log_z = raw_max + np.log(np.exp(x - raw_max).sum())
+    out_logprob[r] = x[chosen] - raw_log_z
+    n = min(num_top, top_ids.shape[1])
+    if n > 0:
+        # the n largest (argpartition), then ordered by value and, on ties, index (as on the GPU)
+        order = np.argpartition(-x, n - 1)[:n] if n < vocab else np.arange(vocab)
+        for a in range(1, n):  # insertion sort: value descending, index ascending on ties
+            j, item = a, order[a]
+            while j > 0 and (x[order[j - 1]] < x[item] or (x[order[j - 1]] == x[item] and order[j - 1] > item)):
+                order[j] = order[j - 1]
+                j -= 1
+            order[j] = item
+        for j in range(n):
+            top_ids[r, j] = order[j]
+            top_lp[r, j] = x[order[j]] - raw_log_z
 
 
 def fused_sample(logits: torch.Tensor, batch: SamplingBatch):
@@ -98,8 +113,8 @@ def fused_sample(logits: torch.Tensor, batch: SamplingBatch):
     top_lp = torch.zeros(rows, max_top, dtype=torch.float32)
     b = batch
     _sample(logits.contiguous().numpy(), b.temperature.numpy(), b.top_k.numpy(), b.top_p.numpy(), b.min_p.numpy(),
-            b.presence.numpy(), b.frequency.numpy(), b.repetition.numpy(), b.pen_offsets.numpy(),
-            b.pen_tokens.numpy(), b.pen_counts.numpy(), b.ban_offsets.numpy(), b.ban_tokens.numpy(),
-            b.streams.numpy().view(np.uint64), b.num_top.numpy(), tokens.numpy(), chosen.numpy(), top_ids.numpy(),
-            top_lp.numpy())
+        b.presence.numpy(), b.frequency.numpy(), b.repetition.numpy(), b.pen_offsets.numpy(),
+        b.pen_tokens.numpy(), b.pen_counts.numpy(), b.ban_offsets.numpy(), b.ban_tokens.numpy(),
+        b.streams.numpy().view(np.uint64), b.num_top.numpy(), tokens.numpy(), chosen.numpy(), top_ids.numpy(),
+        top_lp.numpy())
     return tokens, chosen, top_ids, top_lp

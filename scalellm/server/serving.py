@@ -205,7 +205,7 @@ class OpenAIServing:
             await resp.write(DONE)
             await resp.write_eof()
         except ConnectionResetError:
-            pass  # the client left; closing the stream above aborted its requests
+            return resp  # the client left; closing the stream above aborted its requests
         return resp
 
 
