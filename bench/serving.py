@@ -31,7 +31,7 @@ from models import MODELS  # noqa: E402
 from serving_report import write_report  # noqa: E402
 
 PY = os.path.join(ROOT, ".venv", "bin", "python")
-VLLM_VENV = os.path.join(BENCH, ".vllm-venv")
+VLLM_VENV = os.path.join(ROOT, ".vllm-venv")  # outside bench/, which tools walk for sources
 VLLM_PY = os.path.join(VLLM_VENV, "bin", "python")
 VLLM_VERSION = "0.32.0"
 LOGS = os.path.join(BENCH, ".cache", "logs")
