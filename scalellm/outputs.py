@@ -21,10 +21,6 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     logprobs: list[Logprob] | None = None
 
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
 
 @dataclass
 class RequestOutput:

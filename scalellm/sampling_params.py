@@ -72,10 +72,6 @@ class SamplingParams:
             bad("stop_token_ids", "must be non-negative integers")
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
-    @property
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.stop_list), default=0)
 

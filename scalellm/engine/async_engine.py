@@ -37,10 +37,6 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
-    @property
-    def num_active(self) -> int:
-        return len(self._streams)
-
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        prompt: str | None = None) -> AsyncIterator[StreamDelta]:
         """Stream the request's deltas; leaving the iteration early aborts the request."""

@@ -39,7 +39,7 @@ def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                max_positions: int, total: int | None = None) -> LlamaModel:
+                max_positions: int) -> LlamaModel:
     c = config
     hd, h = c.head_dim, c.hidden_size
     expected = {
@@ -69,13 +69,9 @@ def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
             expected[f"model.layers.{i}.{name}"] = shape
 
     found: dict[str, torch.Tensor] = {}
-    for name, tensor in tqdm(tensors, total=total, desc="loading weights", unit="tensor", leave=False):
+    for name, tensor in tqdm(tensors, desc="loading weights", unit="tensor", leave=False):
         if name not in expected:
-            if name == "lm_head.weight" and c.tie_word_embeddings:
-                continue
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            continue  # tensors this architecture does not use
+            continue  # tensors this architecture does not use (a tied lm_head, rotary buffers)
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"shape mismatch for {name}: checkpoint has {tuple(tensor.shape)}, "
                              f"config implies {expected[name]}")

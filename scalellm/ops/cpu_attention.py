@@ -1,38 +1,17 @@
 """numba kernel for decode attention straight from the paged KV cache (no gather, no padding).
 
 One parallel task per sequence: it scores every query head against each cached key of the
-sequence, softmaxes in float32, and accumulates the values. bfloat16 caches are
-read as raw 16-bit words and widened to float32 in registers (a shift and a bit cast). The kernel releases the
-GIL, so the event loop keeps serving while it runs.
+sequence, softmaxes in float32, and accumulates the values. bfloat16 caches are read as raw 16-bit
+words and widened to float32 in registers (numba_util.load). The kernel releases the GIL, so the
+event loop keeps serving while it runs.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba import njit, prange
 
-
-@intrinsic
-def _bits_to_f32(typingctx, bits):
-    """Reinterpret a uint32 as float32 (no conversion)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.uint32), codegen
-
-
-def _as_f32(x):
-    """A cached element as float32: bfloat16 bits (uint16) are widened, float32 passes through."""
-    raise TypeError("_as_f32 is only callable from numba-compiled code")
-
-
-@overload(_as_f32, inline="always")
-def _as_f32_impl(x):
-    if x == types.uint16:
-        return lambda x: _bits_to_f32(np.uint32(x) << 16)
-    return lambda x: np.float32(x)
+from scalellm.ops.numba_util import as_numba, load
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
@@ -53,7 +32,7 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_le
                 for h in range(kh * group, (kh + 1) * group):
                     s = np.float32(0.0)
                     for d in range(head_dim):
-                        s += qb[h, d] * _as_f32(k[d])
+                        s += qb[h, d] * load(k[d])
                     scores[h, t] = s * scale
         for h in range(num_heads):
             m = scores[h, 0]
@@ -76,18 +55,10 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_le
                 for h in range(kh * group, (kh + 1) * group):
                     p = scores[h, t]
                     for d in range(head_dim):
-                        acc[h, d] += p * _as_f32(v[d])
+                        acc[h, d] += p * load(v[d])
         out[b] = acc
 
 
-
-
-def _as_numpy_cache(cache: torch.Tensor) -> np.ndarray:
-    if cache.dtype == torch.bfloat16:
-        return cache.view(torch.int16).numpy().view(np.uint16)
-    if cache.dtype == torch.float32:
-        return cache.numpy()
-    raise TypeError(f"cpu decode attention supports float32 and bfloat16 caches, not {cache.dtype}")
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -98,13 +69,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     [context_starts, context_lens) (int32; the start is non-zero only under a sliding window)."""
     qf = q.float().contiguous()
     result = torch.empty_like(qf)
-    _decode_kernel(qf.numpy(), _as_numpy_cache(k_cache), _as_numpy_cache(v_cache), block_tables.numpy(),
-           context_starts.numpy(), context_lens.numpy(), np.float32(scale), result.numpy())
+    _decode_kernel(qf.numpy(), as_numba(k_cache), as_numba(v_cache), block_tables.numpy(),
+                   context_starts.numpy(), context_lens.numpy(), np.float32(scale), result.numpy())
     if out is None:
         return result.to(q.dtype)
     out.copy_(result)
     return out
 
-
-def set_threads(n: int) -> None:
-    numba.set_num_threads(n)

@@ -63,16 +63,12 @@ class OpenAIServing:
     # -- completions ---------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
         srv = self.server
-        srv.check_ready()
-        t0 = time.monotonic()
-        req = _decode(P.completion_decoder, await request.read())
-        t1 = time.monotonic()
-        srv.check_model(req.model)
+        req, t1, stages = await self._read(request, P.completion_decoder)
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
         params = sampling_params(req, req.max_tokens, req.logprobs)
         prompts = await self._completion_prompts(req.prompt)
-        stages = {"parse": t1 - t0, "tokenize": time.monotonic() - t1}
+        stages["tokenize"] = time.monotonic() - t1
         return await self._run(request, "completion", req, prompts, params, stages)
 
     async def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
@@ -96,11 +92,7 @@ class OpenAIServing:
     # -- chat ----------------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
         srv = self.server
-        srv.check_ready()
-        t0 = time.monotonic()
-        req = _decode(P.chat_decoder, await request.read())
-        t1 = time.monotonic()
-        srv.check_model(req.model)
+        req, t1, stages = await self._read(request, P.chat_decoder)
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
             raise APIError(400, f"top_logprobs must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
         if req.top_logprobs and not req.logprobs:
@@ -109,10 +101,19 @@ class OpenAIServing:
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         conversation = chat_conversation(req.messages)
         ids = await srv.run_blocking(srv.apply_chat_template, conversation, req.add_generation_prompt)
-        stages = {"parse": t1 - t0, "tokenize": time.monotonic() - t1}
+        stages["tokenize"] = time.monotonic() - t1
         return await self._run(request, "chat", req, [(None, ids)], params, stages)
 
     # -- shared --------------------------------------------------------------------------------
+    async def _read(self, request: web.Request, decoder):
+        """Decode the body into its Struct; returns (request, time parsed, stage times so far)."""
+        self.server.check_ready()
+        start = time.monotonic()
+        req = _decode(decoder, await request.read())
+        parsed = time.monotonic()
+        self.server.check_model(req.model)
+        return req, parsed, {"parse": parsed - start}
+
     async def _run(self, request, kind, req, prompts, params, stages) -> web.StreamResponse:
         srv = self.server
         for _, ids in prompts:
