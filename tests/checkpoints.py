@@ -22,7 +22,14 @@ def bundled_tokenizer():
     return _tokenizer
 
 
-def make_config(arch: str):
+def make_config(arch: str, **overrides):
+    config = _base_config(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _base_config(arch: str):
     import transformers as tf
 
     common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -43,13 +50,28 @@ def make_config(arch: str):
     raise ValueError(arch)
 
 
-def build_checkpoint(arch: str, folder: str, seed: int = 0, max_shard_size: str | None = None) -> str:
+def perturb_norms_and_biases(model, seed: int) -> None:
+    """transformers initializes RMSNorm weights to one and biases to zero, so a loader that skipped
+    them would go unnoticed; give each its own seeded values, mild enough to keep logits well spread."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.3 * noise)
+            elif name.endswith(".bias"):
+                param.copy_(0.5 * noise)
+
+
+def build_checkpoint(arch: str, folder: str, seed: int = 0, max_shard_size: str | None = None,
+                     **config_overrides) -> str:
     """Seeded random weights saved as safetensors plus the tokenizer, in float32."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = make_config(arch)
+    config = make_config(arch, **config_overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    perturb_norms_and_biases(model, seed + 1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     bundled_tokenizer().save_pretrained(folder)
@@ -74,3 +96,22 @@ def hf_greedy(folder: str, prompts: list[list[int]], max_new_tokens: int) -> tup
             tokens.append(new)
             logprobs.append(lps)
     return tokens, logprobs
+
+
+def prompt_logits(model, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """One prefill of the whole prompt through a loaded ScaleLLM model: logits at every position."""
+    from scalellm import ops
+
+    c = model.config
+    n = len(token_ids)
+    num_blocks = -(-n // block_size)
+    cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=model.dtype)
+    table = list(range(num_blocks))
+    meta = ops.build_attention_metadata(block_size, list(range(n)), [], [], [(0, n, n, table)], c.sliding_window)
+    hidden = model.forward(torch.tensor(token_ids), torch.arange(n), cache, meta)
+    return model.logits(hidden)
+
+
+def hf_prompt_logits(model, token_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].float()
