@@ -1,6 +1,7 @@
 """The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) over a paged KV cache.
 
-Weights are held fused (qkv, gate_up) so each layer runs four GEMMs.
+Weights are held fused (qkv, gate_up) so each layer runs four GEMMs; the residual adds ride in the
+GEMMs after attention and the MLP.
 """
 from __future__ import annotations
 
@@ -16,19 +17,18 @@ from scalellm.model.config import ModelConfig
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    qkv: ops.Linear  # q, k and v projections fused (with Qwen2's bias)
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o_proj: torch.Tensor
+    o_proj: ops.Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: ops.Linear  # gate and up projections fused
+    down: ops.Linear
 
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
-                 final_norm: torch.Tensor, lm_head: torch.Tensor, max_positions: int):
+                 final_norm: torch.Tensor, lm_head: ops.Linear, max_positions: int):
         self.config = config
         self.embed = embed
         self.layers = layers
@@ -44,43 +44,55 @@ class LlamaModel:
         scaling = config.rope_attention_scaling
         self.cos = (emb.cos() * scaling).to(self.dtype)
         self.sin = (emb.sin() * scaling).to(self.dtype)
+        for t in [self.cos, self.sin, final_norm] + [x for w in layers for x in
+                                                     (w.input_norm, w.post_norm, w.q_norm, w.k_norm) if x is not None]:
+            ops.keep_numba_view(t)
+        self._cache_views: tuple[int, list] = (0, [])
 
     @property
     def num_parameters(self) -> int:
-        tensors = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
-        tensors += [t for w in self.layers for t in vars(w).values() if t is not None]
-        return sum(t.numel() for t in tensors)
+        count = self.embed.numel() + self.final_norm.numel()
+        if not self.config.tie_word_embeddings:
+            count += self.lm_head.numel
+        for w in self.layers:
+            count += sum(t.numel() for t in (w.input_norm, w.post_norm, w.q_norm, w.k_norm) if t is not None)
+            count += sum(lin.numel for lin in (w.qkv, w.o_proj, w.gate_up, w.down))
+        return count
+
+    def _layer_caches(self, kv_cache: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (k, v) views of the cache [layers, 2, blocks, block, kv_heads, head_dim], made once."""
+        key, views = self._cache_views
+        if key != kv_cache.data_ptr() or len(views) != kv_cache.shape[0]:
+            views = [(ops.keep_numba_view(kv_cache[i, 0]), ops.keep_numba_view(kv_cache[i, 1]))
+                     for i in range(kv_cache.shape[0])]
+            self._cache_views = (kv_cache.data_ptr(), views)
+        return views
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: ops.AttentionMetadata) -> torch.Tensor:
-        """Returns final hidden states [tokens, hidden]; kv_cache: [layers, 2, blocks, block, kvh, hd]."""
+        """Returns the residual stream after the last layer [tokens, hidden] (logits() applies the final
+        norm to the rows it needs); kv_cache: [layers, 2, blocks, block, kv_heads, head_dim]."""
         cfg = self.config
-        hidden = F.embedding(input_ids, self.embed)
-        residual = None
+        eps = cfg.rms_norm_eps
+        caches = self._layer_caches(kv_cache)
+        tokens = input_ids.shape[0]
+        h = F.embedding(input_ids, self.embed)
+        x = ops.rms_norm(h, self.layers[0].input_norm, eps)
+        last = len(self.layers) - 1
         for i, w in enumerate(self.layers):
-            if residual is None:
-                residual = hidden
-                x = ops.rms_norm(hidden, w.input_norm, cfg.rms_norm_eps)
-            else:
-                x, residual = ops.add_rms_norm(hidden, residual, w.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, w.qkv, w.qkv_bias)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(-1, cfg.num_heads, cfg.head_dim)
-            k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
-            v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-            if w.q_norm is not None:
-                q = ops.rms_norm(q, w.q_norm, cfg.rms_norm_eps)
-                k = ops.rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-            ops.rotary(q, k, positions, self.cos, self.sin)
-            ops.write_kv(k, v, kv_cache[i, 0], kv_cache[i, 1], meta.slot_mapping)
-            attn = ops.paged_attention(q, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
-            hidden = F.linear(attn.reshape(-1, self.q_size), w.o_proj)
-            x, residual = ops.add_rms_norm(hidden, residual, w.post_norm, cfg.rms_norm_eps)
-            hidden = F.linear(ops.silu_mul(F.linear(x, w.gate_up)), w.down)
-        out, _ = ops.add_rms_norm(hidden, residual, self.final_norm, cfg.rms_norm_eps)
-        return out
+            k_cache, v_cache = caches[i]
+            q = ops.attention_inputs(w.qkv(x), positions, self.cos, self.sin, w.q_norm, w.k_norm, eps, cfg.num_heads,
+                                     cfg.num_kv_heads, k_cache, v_cache, meta.slot_mapping)
+            attn = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+            h = w.o_proj(attn.view(tokens, self.q_size), residual=h)
+            x = ops.rms_norm(h, w.post_norm, eps)
+            h = w.down(ops.silu_mul(w.gate_up(x)), residual=h)
+            if i < last:
+                x = ops.rms_norm(h, self.layers[i + 1].input_norm, eps)
+        return h
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        """Final norm and LM head over the given rows of forward()'s output -> float32 logits."""
+        return self.lm_head(ops.rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)).float()

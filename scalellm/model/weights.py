@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from scalellm.model.config import ModelConfig
+from scalellm.ops import Linear
 from scalellm.model.llama import LayerWeights, LlamaModel
 
 
@@ -91,15 +92,14 @@ def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
         bias = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if c.qkv_bias else None
         layers.append(LayerWeights(
             input_norm=get(p + "input_layernorm.weight"),
-            qkv=qkv,
-            qkv_bias=bias,
+            qkv=Linear(qkv, bias),
             q_norm=get(p + "self_attn.q_norm.weight") if c.qk_norm else None,
             k_norm=get(p + "self_attn.k_norm.weight") if c.qk_norm else None,
-            o_proj=get(p + "self_attn.o_proj.weight"),
+            o_proj=Linear(get(p + "self_attn.o_proj.weight")),
             post_norm=get(p + "post_attention_layernorm.weight"),
-            gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]).contiguous(),
-            down=get(p + "mlp.down_proj.weight"),
+            gate_up=Linear(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])),
+            down=Linear(get(p + "mlp.down_proj.weight")),
         ))
     embed = get("model.embed_tokens.weight")
-    lm_head = embed if c.tie_word_embeddings else get("lm_head.weight")
+    lm_head = Linear(embed if c.tie_word_embeddings else get("lm_head.weight"))
     return LlamaModel(c, embed, layers, get("model.norm.weight"), lm_head, max_positions)

@@ -1,18 +1,20 @@
 """The operations model code calls; one interface, and the backend follows the tensors' device.
 
-CPU tensors: numba kernels for decode attention and fused sampling (scalellm/ops/cpu_*.py); torch
-for the elementwise ops and prefill attention (scalellm/ops/torch_ops.py), which measured faster than
-their numba twins (scalellm/ops/cpu_kernels.py, kept and tested as the CPU twins of the CUDA kernels).
-CUDA tensors: the CuPy kernels (scalellm/ops/cuda_backend.py, imported only then). GEMMs go through
-torch on both.
+CPU tensors: numba kernels (scalellm/ops/cpu_kernels.py, cpu_attention.py, cpu_sampling.py) for
+everything but GEMMs and prefill attention, which go through torch (oneDNN with weights packed at
+load, scalellm/ops/linear.py; SDPA over the gathered context, scalellm/ops/torch_ops.py).
+CUDA tensors: the CuPy kernels (scalellm/ops/cuda_backend.py, imported only then), GEMMs through torch.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from scalellm.ops import cpu_sampling, torch_ops
-from scalellm.ops.attention_metadata import AttentionMetadata, PrefillChunk, build_attention_metadata
-from scalellm.ops.cpu_attention import paged_decode_attention as _cpu_decode_attention
+from scalellm.ops import cpu_kernels, cpu_sampling, torch_ops
+from scalellm.ops.attention_metadata import AttentionMetadata, PrefillChunk, build_attention_metadata, tensor
+from scalellm.ops.cpu_attention import decode_attention as _cpu_decode_attention
+from scalellm.ops.linear import Linear
+from scalellm.ops.numba_util import as_numba, keep_numba_view
 
 
 def _cuda():
@@ -22,26 +24,54 @@ def _cuda():
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return (_cuda() if x.is_cuda else torch_ops).rms_norm(x, weight, eps)
+    return (_cuda() if x.is_cuda else cpu_kernels).rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """residual + x -> (rms_norm(residual + x) * weight, residual + x)."""
-    return (_cuda() if x.is_cuda else torch_ops).add_rms_norm(x, residual, weight, eps)
+    return (_cuda() if x.is_cuda else cpu_kernels).add_rms_norm(x, residual, weight, eps)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate q [tokens, heads, dim] and k [tokens, kv_heads, dim] in place (rotate-half layout);
     cos/sin: [max_positions, dim] caches indexed by positions."""
-    (_cuda() if q.is_cuda else torch_ops).rotary_inplace(q, k, positions, cos, sin)
+    (_cuda() if q.is_cuda else cpu_kernels).rotary_inplace(q, k, positions, cos, sin)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    return (_cuda() if x.is_cuda else torch_ops).silu_mul(x)
+    return (_cuda() if x.is_cuda else cpu_kernels).silu_mul(x)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    (_cuda() if k.is_cuda else torch_ops).write_kv(k, v, k_cache, v_cache, slot_mapping)
+    if k.is_cuda:
+        _cuda().write_kv(k, v, k_cache, v_cache, tensor(slot_mapping, k.device))
+    else:
+        cpu_kernels.write_kv(k, v, k_cache, v_cache, tensor(slot_mapping))
+
+
+def attention_inputs(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float, num_heads: int,
+                     num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: np.ndarray) -> torch.Tensor:
+    """From the fused qkv projection [tokens, (heads + 2 kv_heads) * head_dim]: per-head q/k RMSNorm (when
+    the model has it), rotary on q and k, k and v written to the cache; returns q [tokens, heads, head_dim]."""
+    if qkv.is_cuda:
+        return _cuda_attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, num_kv_heads,
+                                      k_cache, v_cache, slot_mapping)
+    return cpu_kernels.attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, num_kv_heads,
+                                        k_cache, v_cache, tensor(slot_mapping))
+
+
+def _cuda_attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, num_kv_heads, k_cache,
+                           v_cache, slot_mapping):
+    cb, dim = _cuda(), k_cache.shape[-1]
+    q, k, v = qkv.split([num_heads * dim, num_kv_heads * dim, num_kv_heads * dim], dim=-1)
+    q, k, v = q.reshape(-1, num_heads, dim), k.reshape(-1, num_kv_heads, dim), v.reshape(-1, num_kv_heads, dim)
+    if q_norm is not None:
+        q, k = cb.rms_norm(q, q_norm, eps), cb.rms_norm(k, k_norm, eps)
+    cb.rotary_inplace(q, k, positions, cos, sin)
+    cb.write_kv(k, v, k_cache, v_cache, tensor(slot_mapping, qkv.device))
+    return q
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -52,8 +82,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        out[:nd] = _cpu_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                         meta.decode_context_starts, meta.decode_context_lens, scale)
+        out_np = as_numba(out)
+        _cpu_decode_attention(as_numba(q)[:nd], as_numba(k_cache), as_numba(v_cache), meta.decode_block_tables,
+                              meta.decode_context_starts, meta.decode_context_lens, scale, out_np[:nd])
     for chunk in meta.prefills:
         torch_ops.prefill_chunk_attention(out, q, k_cache, v_cache, chunk, scale)
     return out
@@ -64,9 +95,9 @@ def _cuda_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        out[:nd] = cb.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables.to(dev),
-                                             meta.decode_context_starts.to(dev), meta.decode_context_lens.to(dev),
-                                             scale)
+        out[:nd] = cb.paged_decode_attention(q[:nd], k_cache, v_cache, tensor(meta.decode_block_tables, dev),
+                                             tensor(meta.decode_context_starts, dev),
+                                             tensor(meta.decode_context_lens, dev), scale)
     for chunk in meta.prefills:
         s, n = chunk.query_start, chunk.query_len
         positions = torch.arange(chunk.context_len - n, chunk.context_len, device=dev)
@@ -80,5 +111,5 @@ def fused_sample(logits: torch.Tensor, batch):
     return (_cuda() if logits.is_cuda else cpu_sampling).fused_sample(logits, batch)
 
 
-__all__ = ["AttentionMetadata", "PrefillChunk", "build_attention_metadata", "add_rms_norm", "fused_sample",
-           "paged_attention", "rms_norm", "rotary", "silu_mul", "write_kv"]
+__all__ = ["AttentionMetadata", "Linear", "PrefillChunk", "add_rms_norm", "attention_inputs", "build_attention_metadata",
+           "fused_sample", "keep_numba_view", "paged_attention", "rms_norm", "rotary", "silu_mul", "tensor", "write_kv"]

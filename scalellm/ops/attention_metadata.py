@@ -1,4 +1,8 @@
-"""Per-step attention inputs, built once per step on the host and shared by every layer."""
+"""Per-step attention inputs, built once per step on the host and shared by every layer.
+
+Index arrays are numpy arrays: the CPU kernels read them as they are, and the CUDA path copies them
+to the device once per step (`tensor`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,39 +24,45 @@ class PrefillChunk:
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [num_tokens] cache slot each new token's K/V is written to
+    slot_mapping: np.ndarray  # int64 [num_tokens] cache slot each new token's K/V is written to
     num_decode_tokens: int  # decode tokens come first in the batch, one per sequence
-    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int32
-    decode_context_starts: torch.Tensor | None = None  # [num_decodes] int32, >0 only in a sliding window
-    decode_context_lens: torch.Tensor | None = None  # [num_decodes] int32, including the new token
+    decode_block_tables: np.ndarray | None = None  # int32 [num_decodes, max_blocks]
+    decode_context_starts: np.ndarray | None = None  # int32 [num_decodes], >0 only in a sliding window
+    decode_context_lens: np.ndarray | None = None  # int32 [num_decodes], including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
     sliding_window: int | None = None
 
 
+def tensor(x, device=None) -> torch.Tensor:
+    """A metadata array as a torch tensor (on `device` when given)."""
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    return t if device is None else t.to(device)
+
+
 def build_attention_metadata(
     block_size: int,
-    slot_mapping: list[int],
-    decode_tables: list[list[int]],
-    decode_context_lens: list[int],
+    slot_mapping,
+    decode_tables,
+    decode_context_lens,
     prefill_specs: list[tuple[int, int, int, list[int]]],
     sliding_window: int | None = None,
 ) -> AttentionMetadata:
-    """prefill_specs: (query_start, query_len, context_len, block_table) per chunk."""
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
-        num_decode_tokens=len(decode_tables),
-        sliding_window=sliding_window,
-    )
-    if decode_tables:
-        max_blocks = max(len(t) for t in decode_tables)
-        tables = np.zeros((len(decode_tables), max_blocks), dtype=np.int32)
-        for i, table in enumerate(decode_tables):
-            tables[i, :len(table)] = table
-        lens = torch.tensor(decode_context_lens, dtype=torch.int32)
-        starts = torch.zeros_like(lens)
+    """slot_mapping: one slot per token; decode_tables: a list of block lists or an int32 array
+    [num_decodes, max_blocks]; prefill_specs: (query_start, query_len, context_len, block_table) per chunk."""
+    meta = AttentionMetadata(slot_mapping=np.asarray(slot_mapping, dtype=np.int64),
+                             num_decode_tokens=len(decode_tables), sliding_window=sliding_window)
+    if len(decode_tables):
+        if isinstance(decode_tables, np.ndarray):
+            tables = decode_tables
+        else:
+            tables = np.zeros((len(decode_tables), max(len(t) for t in decode_tables)), dtype=np.int32)
+            for i, table in enumerate(decode_tables):
+                tables[i, :len(table)] = table
+        lens = np.asarray(decode_context_lens, dtype=np.int32)
+        starts = np.zeros_like(lens)
         if sliding_window is not None:
-            starts = (lens - sliding_window).clamp(min=0)
-        meta.decode_block_tables = torch.from_numpy(tables)
+            starts = np.maximum(lens - sliding_window, 0).astype(np.int32)
+        meta.decode_block_tables = tables
         meta.decode_context_starts = starts
         meta.decode_context_lens = lens
     for query_start, query_len, context_len, table in prefill_specs:

@@ -1,64 +1,80 @@
 """numba kernel for decode attention straight from the paged KV cache (no gather, no padding).
 
-One parallel task per sequence: it scores every query head against each cached key of the
-sequence, softmaxes in float32, and accumulates the values. bfloat16 caches are read as raw 16-bit
-words and widened to float32 in registers (numba_util.load). The kernel releases the GIL, so the
-event loop keeps serving while it runs.
+One task per (sequence, KV head): the task scores its group of query heads against each cached key of
+the sequence (each key row is read once for the whole group), softmaxes in float32 and accumulates
+the values. bfloat16 caches are read as raw 16-bit words and widened to float32 in registers
+(numba_util.load). Small batches run the serial build (a parallel launch costs more than their work);
+large ones spread the tasks over the compute threads. The kernel releases the GIL.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import prange
 
-from scalellm.ops.numba_util import as_numba, load
+from scalellm.ops.cpu_kernels import twin
+from scalellm.ops.numba_util import as_numba, load, store
+
+PARALLEL_TASKS = 16  # (sequence, KV head) tasks from which the parallel build runs
 
 
-@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+@twin
 def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale, out):
     num_seqs, num_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // kv_heads
-    for b in prange(num_seqs):  # one task per sequence: its cached rows are read contiguously
+    for task in prange(num_seqs * kv_heads):
+        b, kh = task // kv_heads, task % kv_heads
         start = context_starts[b]
         length = context_lens[b] - start
-        scores = np.empty((num_heads, length), np.float32)
-        qb = q[b]
-        for t in range(length):
-            pos = start + t
-            blk, off = block_tables[b, pos // block_size], pos % block_size
-            for kh in range(kv_heads):
-                k = k_cache[blk, off, kh]
-                for h in range(kh * group, (kh + 1) * group):
+        h0 = kh * group
+        qs = np.empty((group, head_dim), np.float32)
+        for g in range(group):
+            for d in range(head_dim):
+                qs[g, d] = load(q[b, h0 + g, d]) * scale
+        scores = np.empty((group, length), np.float32)
+        end = start + length
+        for j in range(start // block_size, (end + block_size - 1) // block_size):
+            blk = block_tables[b, j]
+            for pos in range(max(start, j * block_size), min(end, (j + 1) * block_size)):
+                off = pos - j * block_size
+                for g in range(group):
                     s = np.float32(0.0)
                     for d in range(head_dim):
-                        s += qb[h, d] * load(k[d])
-                    scores[h, t] = s * scale
-        for h in range(num_heads):
-            m = scores[h, 0]
+                        s += qs[g, d] * load(k_cache[blk, off, kh, d])
+                    scores[g, pos - start] = s
+        for g in range(group):
+            m = scores[g, 0]
             for t in range(1, length):
-                m = max(m, scores[h, t])
+                m = max(m, scores[g, t])
             total = np.float32(0.0)
             for t in range(length):
-                e = np.exp(scores[h, t] - m)
-                scores[h, t] = e
+                e = np.exp(scores[g, t] - m)
+                scores[g, t] = e
                 total += e
             inv = np.float32(1.0) / total
             for t in range(length):
-                scores[h, t] *= inv
-        acc = np.zeros((num_heads, head_dim), np.float32)
-        for t in range(length):
-            pos = start + t
-            blk, off = block_tables[b, pos // block_size], pos % block_size
-            for kh in range(kv_heads):
-                v = v_cache[blk, off, kh]
-                for h in range(kh * group, (kh + 1) * group):
-                    p = scores[h, t]
+                scores[g, t] *= inv
+        acc = np.zeros((group, head_dim), np.float32)
+        for j in range(start // block_size, (end + block_size - 1) // block_size):
+            blk = block_tables[b, j]
+            for pos in range(max(start, j * block_size), min(end, (j + 1) * block_size)):
+                off = pos - j * block_size
+                for g in range(group):
+                    p = scores[g, pos - start]
                     for d in range(head_dim):
-                        acc[h, d] += p * load(v[d])
-        out[b] = acc
+                        acc[g, d] += p * load(v_cache[blk, off, kh, d])
+        for g in range(group):
+            for d in range(head_dim):
+                store(out, (b, h0 + g, d), acc[g, d])
 
 
+def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
+                     context_starts: np.ndarray, context_lens: np.ndarray, scale: float, out: np.ndarray) -> None:
+    """The kernel on numba-ready arrays (see paged_decode_attention)."""
+    tasks = q.shape[0] * k_cache.shape[2]
+    kernel = _decode_kernel.parallel if tasks >= PARALLEL_TASKS else _decode_kernel.serial
+    kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, np.float32(scale), out)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -67,12 +83,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """q: [seqs, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim];
     block_tables: [seqs, max_blocks] int32; each query attends to cached positions
     [context_starts, context_lens) (int32; the start is non-zero only under a sliding window)."""
-    qf = q.float().contiguous()
-    result = torch.empty_like(qf)
-    _decode_kernel(qf.numpy(), as_numba(k_cache), as_numba(v_cache), block_tables.numpy(),
-                   context_starts.numpy(), context_lens.numpy(), np.float32(scale), result.numpy())
-    if out is None:
-        return result.to(q.dtype)
-    out.copy_(result)
+    out = torch.empty_like(q) if out is None else out
+    decode_attention(as_numba(q.contiguous()), as_numba(k_cache), as_numba(v_cache), block_tables.numpy(),
+                     context_starts.numpy(), context_lens.numpy(), scale, as_numba(out))
     return out
-

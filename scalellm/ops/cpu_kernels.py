@@ -1,6 +1,11 @@
-"""numba twins of the CUDA kernels for the CPU backend: RMSNorm (+ residual), rotary embedding,
-SiLU-and-multiply, KV-cache write and chunked-prefill attention. Each releases the GIL and
-parallelizes over rows where that pays; semantics match the torch reference and the CUDA kernels.
+"""numba twins of the CUDA kernels, used by the CPU engine: RMSNorm (+ residual), the attention inputs
+(q/k norm, rotary, KV-cache write in one pass), rotary alone, SiLU-and-multiply, KV-cache write and
+chunked-prefill attention.
+
+Each kernel is compiled twice from one source: a serial build for the small batches of decoding,
+where a parallel launch costs more than the work, and a parallel build (rows split over the compute
+threads) for prefill-sized batches. Both release the GIL. bfloat16 arithmetic rounds where torch
+rounds (numba_util.round_as), so outputs follow transformers' bfloat16 numerics; float32 is plain.
 """
 from __future__ import annotations
 
@@ -10,67 +15,141 @@ from numba import njit, prange
 
 from scalellm.ops.numba_util import as_numba, load, round_as, store
 
-_JIT = dict(nogil=True, cache=True, fastmath=False)
-_FAST = dict(nogil=True, cache=True, fastmath=True)
+# Reassociation lets LLVM vectorize the reductions; no-NaN/no-Inf assumptions stay off (masked scores
+# are -inf, and a NaN must propagate rather than vanish).
+FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
+PARALLEL_ROWS = 64  # rows (tokens) from which the parallel build runs
 
 
-@njit(parallel=True, **_JIT)
+def twin(fn):
+    """Serial and parallel builds of one kernel: call `pick(rows)` for the one that suits a batch."""
+    serial = njit(nogil=True, cache=True, fastmath=FAST)(fn)
+    parallel = njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(fn)
+
+    def pick(rows: int):
+        return parallel if rows >= PARALLEL_ROWS else serial
+    pick.serial, pick.parallel = serial, parallel
+    return pick
+
+
+@njit(inline="always", nogil=True)
+def _inv_rms(x, r, hidden, eps):
+    sq = np.float32(0.0)
+    for i in range(hidden):
+        v = load(x[r, i])
+        sq += v * v
+    return np.float32(1.0) / np.sqrt(sq / np.float32(hidden) + eps)
+
+
+@twin
 def _rms_norm(out, x, weight, eps):
     rows, hidden = x.shape
     for r in prange(rows):
-        sq = 0.0
+        inv = _inv_rms(x, r, hidden, eps)
         for i in range(hidden):
-            v = load(x[r, i])
-            sq += v * v
-        inv = np.float32(1.0 / np.sqrt(np.float32(sq / hidden) + eps))
-        for i in range(hidden):
-            store(out[r], i, load(weight[i]) * round_as(x[r, i], load(x[r, i]) * inv))
+            store(out, (r, i), load(weight[i]) * round_as(x[r, i], load(x[r, i]) * inv))
 
 
-@njit(parallel=True, **_JIT)
+@twin
 def _add_rms_norm(out, residual, x, weight, eps):
+    """residual += x (rounded to the residual's type), then out = rms_norm(residual) * weight."""
     rows, hidden = x.shape
     for r in prange(rows):
-        sq = 0.0
         for i in range(hidden):
-            store(residual[r], i, load(x[r, i]) + load(residual[r, i]))
-            v = load(residual[r, i])
-            sq += v * v
-        inv = np.float32(1.0 / np.sqrt(np.float32(sq / hidden) + eps))
+            store(residual, (r, i), load(x[r, i]) + load(residual[r, i]))
+        inv = _inv_rms(residual, r, hidden, eps)
         for i in range(hidden):
-            store(out[r], i, load(weight[i]) * round_as(residual[r, i], load(residual[r, i]) * inv))
+            store(out, (r, i), load(weight[i]) * round_as(residual[r, i], load(residual[r, i]) * inv))
 
 
-@njit(parallel=True, **_JIT)
+@njit(inline="always", nogil=True)
+def _rotate(buf, like, cos, sin, p, half):
+    """Rotate-half rotary on a float32 head buffer, rounding each product and sum as torch does."""
+    for d in range(half):
+        x1, x2 = buf[d], buf[d + half]
+        a = round_as(like, x1 * load(cos[p, d]))
+        b = round_as(like, x2 * load(sin[p, d]))
+        c = round_as(like, x2 * load(cos[p, d + half]))
+        e = round_as(like, x1 * load(sin[p, d + half]))
+        buf[d] = round_as(like, a - b)
+        buf[d + half] = round_as(like, c + e)
+
+
+@twin
+def _attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, num_kv_heads, k_cache, v_cache,
+                      slots, q_out):
+    """Per token: split the fused qkv row, RMS-normalize each q/k head (when q_norm has weights), rotate
+    q and k, write q to q_out and k, v to the cache at the token's slot (slot < 0: not written)."""
+    tokens = qkv.shape[0]
+    dim = q_out.shape[2]
+    half = dim // 2
+    block_size = k_cache.shape[1]
+    use_norm = q_norm.shape[0] > 0
+    like = qkv[0, 0]
+    for t in prange(tokens):
+        p = positions[t]
+        slot = slots[t]
+        blk, off = slot // block_size, slot % block_size
+        buf = np.empty(dim, np.float32)
+        for h in range(num_heads + num_kv_heads):
+            base = h * dim
+            if use_norm:
+                w = q_norm if h < num_heads else k_norm
+                sq = np.float32(0.0)
+                for d in range(dim):
+                    v = load(qkv[t, base + d])
+                    sq += v * v
+                inv = np.float32(1.0) / np.sqrt(sq / np.float32(dim) + eps)
+                for d in range(dim):
+                    buf[d] = round_as(like, load(w[d]) * round_as(like, load(qkv[t, base + d]) * inv))
+            else:
+                for d in range(dim):
+                    buf[d] = load(qkv[t, base + d])
+            _rotate(buf, like, cos, sin, p, half)
+            if h < num_heads:
+                for d in range(dim):
+                    store(q_out, (t, h, d), buf[d])
+            elif slot >= 0:
+                for d in range(dim):
+                    store(k_cache, (blk, off, h - num_heads, d), buf[d])
+        if slot >= 0:
+            vbase = (num_heads + num_kv_heads) * dim
+            for kh in range(num_kv_heads):
+                for d in range(dim):
+                    v_cache[blk, off, kh, d] = qkv[t, vbase + kh * dim + d]
+
+
+@twin
 def _rotary(q, k, positions, cos, sin):
     tokens, heads, dim = q.shape
     kv_heads = k.shape[1]
     half = dim // 2
+    like = q[0, 0, 0]
     for t in prange(tokens):
         p = positions[t]
+        buf = np.empty(dim, np.float32)
         for h in range(heads + kv_heads):
-            row = q[t, h] if h < heads else k[t, h - heads]
-            for d in range(half):
-                x1, x2 = load(row[d]), load(row[d + half])
-                a = round_as(row[d], x1 * load(cos[p, d]))
-                b = round_as(row[d], x2 * load(sin[p, d]))
-                c = round_as(row[d], x2 * load(cos[p, d + half]))
-                e = round_as(row[d], x1 * load(sin[p, d + half]))
-                store(row, d, a - b)
-                store(row, d + half, c + e)
+            for d in range(dim):
+                buf[d] = load(q[t, h, d]) if h < heads else load(k[t, h - heads, d])
+            _rotate(buf, like, cos, sin, p, half)
+            for d in range(dim):
+                if h < heads:
+                    store(q, (t, h, d), buf[d])
+                else:
+                    store(k, (t, h - heads, d), buf[d])
 
 
-@njit(parallel=True, **_FAST)
+@twin
 def _silu_mul(out, x):
     tokens, n = out.shape
     for t in prange(tokens):
         for i in range(n):
             g = load(x[t, i])
-            s = round_as(x[t, i], g / (np.float32(1.0) + np.exp(np.float32(-g))))
-            store(out[t], i, s * load(x[t, n + i]))
+            s = round_as(x[t, i], g / (np.float32(1.0) + np.exp(-g)))
+            store(out, (t, i), s * load(x[t, n + i]))
 
 
-@njit(parallel=True, **_JIT)
+@twin
 def _write_kv(k, v, k_cache, v_cache, slots):
     block_size = k_cache.shape[1]
     for t in prange(k.shape[0]):
@@ -82,7 +161,7 @@ def _write_kv(k, v, k_cache, v_cache, slots):
         v_cache[b, o] = v[t]
 
 
-@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+@njit(parallel=True, fastmath=FAST, nogil=True, cache=True)
 def _prefill_attention(out, q, k_cache, v_cache, key_slots, query_start, query_len, context_len, window, scale):
     """One chunk of one sequence: queries at positions context_len - query_len .. context_len - 1."""
     heads, dim = q.shape[1], q.shape[2]
@@ -98,10 +177,10 @@ def _prefill_attention(out, q, k_cache, v_cache, key_slots, query_start, query_l
         m = np.float32(-np.inf)
         for t in range(lo, pos + 1):
             slot = key_slots[t]
-            krow = k_cache[slot // block_size, slot % block_size, kh]
+            b, o = slot // block_size, slot % block_size
             s = np.float32(0.0)
             for d in range(dim):
-                s += load(q[query_start + i, h, d]) * load(krow[d])
+                s += load(q[query_start + i, h, d]) * load(k_cache[b, o, kh, d])
             s *= scale
             scores[t - lo] = s
             m = max(m, s)
@@ -112,44 +191,66 @@ def _prefill_attention(out, q, k_cache, v_cache, key_slots, query_start, query_l
         acc = np.zeros(dim, np.float32)
         for t in range(lo, pos + 1):
             slot = key_slots[t]
-            vrow = v_cache[slot // block_size, slot % block_size, kh]
+            b, o = slot // block_size, slot % block_size
             p = scores[t - lo] / total
             for d in range(dim):
-                acc[d] += p * load(vrow[d])
+                acc[d] += p * load(v_cache[b, o, kh, d])
         for d in range(dim):
-            store(out[query_start + i, h], d, acc[d])
+            store(out, (query_start + i, h, d), acc[d])
 
 
 # -- torch-facing wrappers ---------------------------------------------------------------------
+_NO_WEIGHT = np.zeros(0, np.float32)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.empty_like(x2) if out is None else out.view(x2.shape)
-    _rms_norm(as_numba(out), as_numba(x2), as_numba(weight), np.float32(eps))
+    _rms_norm(x2.shape[0])(as_numba(out), as_numba(x2), as_numba(weight), np.float32(eps))
     return out.view(x.shape)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                  out: torch.Tensor | None = None):
+    """Returns (rms_norm(residual + x) * weight, residual + x); the residual argument is not modified."""
     residual = residual.clone()
     out = torch.empty_like(residual) if out is None else out
-    _add_rms_norm(as_numba(out), as_numba(residual), as_numba(x.contiguous()), as_numba(weight), np.float32(eps))
+    _add_rms_norm(x.shape[0])(as_numba(out), as_numba(residual), as_numba(x.contiguous()), as_numba(weight),
+                              np.float32(eps))
     return out, residual
+
+
+def attention_inputs(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float, num_heads: int,
+                     num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                     q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv: [tokens, (heads + 2 kv_heads) * head_dim] -> q [tokens, heads, head_dim]; k and v go to the cache."""
+    dim = k_cache.shape[-1]
+    if q_out is None:
+        q_out = torch.empty(qkv.shape[0], num_heads, dim, dtype=qkv.dtype)
+    qn = _NO_WEIGHT if q_norm is None else as_numba(q_norm)
+    kn = _NO_WEIGHT if k_norm is None else as_numba(k_norm)
+    _attention_inputs(qkv.shape[0])(as_numba(qkv), positions.numpy(), as_numba(cos), as_numba(sin), qn, kn,
+                                    np.float32(eps), num_heads, num_kv_heads, as_numba(k_cache),
+                                    as_numba(v_cache), slot_mapping.numpy(), as_numba(q_out))
+    return q_out
 
 
 def rotary_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> None:
-    _rotary(as_numba(q), as_numba(k), positions.numpy(), as_numba(cos), as_numba(sin))
+    _rotary(q.shape[0])(as_numba(q), as_numba(k), positions.numpy(), as_numba(cos), as_numba(sin))
 
 
 def silu_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     n = x.shape[-1] // 2
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype) if out is None else out
-    _silu_mul(as_numba(out.view(-1, n)), as_numba(x.reshape(-1, 2 * n)))
+    x2 = x.reshape(-1, 2 * n)
+    _silu_mul(x2.shape[0])(as_numba(out.view(-1, n)), as_numba(x2))
     return out
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    _write_kv(as_numba(k), as_numba(v), as_numba(k_cache), as_numba(v_cache), slot_mapping.numpy())
+    _write_kv(k.shape[0])(as_numba(k), as_numba(v), as_numba(k_cache), as_numba(v_cache), slot_mapping.numpy())
 
 
 def prefill_attention(out, q, k_cache, v_cache, key_slots, query_start, query_len, context_len, window, scale):

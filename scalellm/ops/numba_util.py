@@ -1,5 +1,6 @@
 """Element access shared by the numba kernels: float32 arrays pass through; bfloat16 arrays arrive as
-uint16 bit patterns, widened on load and rounded to nearest-even on store (as torch rounds)."""
+16-bit integer bit patterns (int16 from as_numba, uint16 accepted too), widened on load and rounded to
+nearest-even on store (as torch rounds)."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,9 +39,12 @@ def round_as(like, value):
     raise TypeError("round_as is only callable from numba-compiled code")
 
 
+_BF16_BITS = (types.uint16, types.int16)
+
+
 @overload(round_as, inline="always")
 def _round_as_impl(like, value):
-    if like == types.uint16:
+    if like in _BF16_BITS:
         def via_bf16(like, value):
             v = np.float32(value)
             if v != v:
@@ -55,19 +59,23 @@ def _round_as_impl(like, value):
 def _load_impl(x):
     if x == types.uint16:
         return lambda x: bits_to_f32(np.uint32(x) << 16)
+    if x == types.int16:
+        return lambda x: bits_to_f32(np.uint32(np.uint16(x)) << 16)
     return lambda x: np.float32(x)
 
 
 @overload(store, inline="always")
 def _store_impl(array, index, value):
-    if array.dtype == types.uint16:
+    if array.dtype in _BF16_BITS:
+        bits_type = array.dtype
+
         def to_bf16(array, index, value):
             v = np.float32(value)
             if v != v:
-                array[index] = np.uint16(0x7FC0)
+                array[index] = bits_type(0x7FC0)
             else:
                 bits = f32_to_bits(v)
-                array[index] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16)
+                array[index] = bits_type((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16)
         return to_bf16
 
     def plain(array, index, value):
@@ -76,9 +84,20 @@ def _store_impl(array, index, value):
 
 
 def as_numba(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as a numpy array over the same memory (bfloat16 as uint16 bits, strides kept)."""
+    """A CPU tensor as a numpy array over the same memory (bfloat16 as int16 bits, strides kept)."""
+    kept = t.__dict__.get("_numba_view")
+    if kept is not None:
+        return kept
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
+        return t.view(torch.int16).numpy()
     if t.dtype in (torch.float32, torch.int32, torch.int64):
         return t.numpy()
     raise TypeError(f"numba kernels support float32 and bfloat16, not {t.dtype}")
+
+
+def keep_numba_view(t: torch.Tensor) -> torch.Tensor:
+    """Remember the tensor's numpy view on the tensor itself, for tensors that live as long as the
+    model (weights, cache layers): the conversion then costs nothing on each kernel call."""
+    if t.device.type == "cpu" and "_numba_view" not in t.__dict__:
+        t.__dict__["_numba_view"] = as_numba(t)
+    return t
