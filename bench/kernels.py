@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 from scalellm import SamplingParams, ops  # noqa: E402
 from scalellm.engine.sequence import Sequence  # noqa: E402
-from scalellm.sampling.batch import build_sampling_batch  # noqa: E402
+from scalellm.engine.sampler import build_sampling_batch  # noqa: E402
 
 
 def timeit(fn, device: str, repeat: int) -> float:

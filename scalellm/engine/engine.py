@@ -10,13 +10,14 @@ import torch
 
 from scalellm.config import EngineConfig
 from scalellm.engine.block_manager import BlockManager
+from scalellm.engine.detokenizer import Detokenizer
+from scalellm.engine.model_runner import ModelRunner, kv_bytes_per_token
 from scalellm.engine.output_processor import append_token, take_delta
+from scalellm.engine.sampler import Sampler
 from scalellm.engine.scheduler import Scheduler
 from scalellm.engine.sequence import Sequence, Status
 from scalellm.model.loader import LoadedModel, load_model
-from scalellm.model.runner import ModelRunner, kv_bytes_per_token
 from scalellm.outputs import StreamDelta
-from scalellm.sampling.sampler import Sampler
 from scalellm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,10 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory // per_block)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.max_model_len)
         self.runner.warm_up()
+        self.scheduler.on_release = self.runner.release
+        self.detokenizer = Detokenizer(self.tokenizer, loaded.config.vocab_size)
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
         self.sampler = Sampler(sorted(self.eos_token_ids))
         self.requests: dict[str, Request] = {}
@@ -149,32 +152,37 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.items:
             return []
-        logits = self.runner.run(batch.items)
-        ready: list[Sequence] = []
+        decodes = [s for s, n in batch.items if n == 1]
+        prefills = [(s, n) for s, n in batch.items if n > 1]
+        logits, ready = self.runner.run(decodes, prefills)
+        bs = self.block_manager.block_size
         for seq, n in batch.items:
             seq.num_computed += n
-            self.block_manager.register_full_blocks(seq)
-            if seq.num_computed == seq.num_tokens:
-                ready.append(seq)
-        rows = list(range(len(ready)))
-        for row, seq in enumerate(list(ready)):
-            if seq.pending_forks:
-                children = self._fork(seq)
+            if seq.num_computed // bs > len(seq.block_hashes):
+                self.block_manager.register_full_blocks(seq)
+        rows = None  # logits row of each ready sequence, once forks share their parent's row
+        num_ready = len(ready)
+        for row in range(num_ready):
+            if ready[row].pending_forks:
+                rows = rows or list(range(num_ready))
+                children = self._fork(ready[row])
                 ready.extend(children)
                 rows.extend([row] * len(children))
-        if len(rows) != logits.shape[0]:
+        if rows is not None:
             logits = logits[rows]
         sampled = self.sampler(logits, ready)
         deltas = []
+        detok, eos, max_len = self.detokenizer, self.eos_token_ids, self.max_model_len
         for seq, token, logprob in zip(ready, sampled.token_ids, sampled.logprobs):
-            append_token(self.tokenizer, seq, token, logprob, self.eos_token_ids, self.max_model_len)
+            append_token(detok, seq, token, logprob, eos, max_len)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
             deltas.append(take_delta(seq))
         for delta in deltas:
-            request = self.requests.get(delta.request_id)
-            if request is not None and request.finished:
-                del self.requests[delta.request_id]
+            if delta.finish_reason is not None:
+                request = self.requests.get(delta.request_id)
+                if request is not None and request.finished:
+                    del self.requests[delta.request_id]
         return deltas
 
     def _fork(self, parent: Sequence) -> list[Sequence]:

@@ -3,22 +3,9 @@ from __future__ import annotations
 
 import time
 
+from scalellm.engine.detokenizer import Detokenizer
 from scalellm.engine.sequence import Sequence
 from scalellm.outputs import Logprob, StageTimes, StreamDelta
-
-
-def detokenize_step(tokenizer, seq: Sequence) -> str:
-    """Text added by the newest tokens. Decodes a short window of recent tokens and waits while the
-    window ends inside a multi-byte character (shown by U+FFFD), so deltas are always valid UTF-8."""
-    skip = seq.params.skip_special_tokens
-    ids = seq.token_ids
-    prefix_text = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
-    new_text = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
-    if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-        return ""
-    seq.prefix_offset = seq.read_offset
-    seq.read_offset = len(ids)
-    return new_text[len(prefix_text):]
 
 
 def check_stop(seq: Sequence, token: int, delta_len: int, eos_token_ids: frozenset[int],
@@ -49,7 +36,7 @@ def _truncate_at_stop_string(seq: Sequence, delta_len: int) -> bool:
     return True
 
 
-def append_token(tokenizer, seq: Sequence, token: int, logprob: Logprob | None,
+def append_token(detokenizer: Detokenizer, seq: Sequence, token: int, logprob: Logprob | None,
                  eos_token_ids: frozenset[int], max_model_len: int) -> None:
     seq.token_ids.append(token)
     if logprob is not None:
@@ -57,10 +44,12 @@ def append_token(tokenizer, seq: Sequence, token: int, logprob: Logprob | None,
     start = time.monotonic()
     if seq.first_token_time is None:
         seq.first_token_time = start
-    delta = detokenize_step(tokenizer, seq) if tokenizer is not None else ""
-    seq.detokenize_seconds += time.monotonic() - start
+    delta = detokenizer.step(seq)
     seq.text += delta
     check_stop(seq, token, len(delta), eos_token_ids, max_model_len)
+    if seq.finish_reason is not None and not isinstance(seq.stop_reason, str):
+        seq.text += detokenizer.flush(seq)  # a character left incomplete at the end
+    seq.detokenize_seconds += time.monotonic() - start
 
 
 def take_delta(seq: Sequence) -> StreamDelta:

@@ -34,6 +34,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.on_release = lambda seq: None  # told when a sequence leaves the running batch for good or a while
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -87,6 +88,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_sequence(seq)
+        self.on_release(seq)
         seq.prefix_looked_up = False
         seq.status = Status.WAITING
         seq.num_preemptions += 1
@@ -104,3 +106,4 @@ class Scheduler:
                 pass
         seq.status = Status.FINISHED
         self.bm.free_sequence(seq)
+        self.on_release(seq)

@@ -1,7 +1,9 @@
 """A sequence: one sample of one request, with its tokens, cache blocks and output state."""
 from __future__ import annotations
 
+import codecs
 import enum
+import random
 from dataclasses import dataclass, field
 
 from scalellm.outputs import Logprob
@@ -30,11 +32,13 @@ class Sequence:
     pending_forks: int = 0  # samples still to fork off once the prompt is computed
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prefix_looked_up: bool = False
+    seed: int = 0  # the request's seed, or a random one: keys this sample's random streams
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     detokenize_seconds: float = 0.0
     num_preemptions: int = 0
     # detokenization and output state
+    utf8: codecs.IncrementalDecoder | None = None  # byte-level tokenizers: the text decoder so far
     prefix_offset: int = 0
     read_offset: int = 0
     text: str = ""
@@ -46,6 +50,9 @@ class Sequence:
     stop_reason: int | str | None = None
 
     def __post_init__(self) -> None:
+        if not self.seed:
+            seed = self.params.seed
+            self.seed = (random.getrandbits(64) if seed is None else seed) % (1 << 64)
         self.read_offset = self.prompt_len
         self.prefix_offset = max(self.prompt_len - 5, 0)
         if self.params.logprobs is not None:

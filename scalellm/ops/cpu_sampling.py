@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from scalellm.sampling.batch import SamplingBatch
+from scalellm.ops.sampling_batch import SamplingBatch
 
 
 @njit(inline="always")

@@ -144,7 +144,7 @@ def prefill_attention(q, k_cache, v_cache, token_seq, token_pos, block_tables, s
 
 
 def fused_sample(logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits: [rows, vocab] float32; batch: a SamplingBatch (see scalellm/sampling/batch.py) on the GPU."""
+    """logits: [rows, vocab] float32; batch: a SamplingBatch (scalellm/ops/sampling_batch.py) on the GPU."""
     rows, vocab = logits.shape
     max_top = max(1, int(batch.num_top.max()))
     dev = logits.device

@@ -1,0 +1,124 @@
+"""Owns the KV cache and turns a scheduled batch into one forward pass.
+
+The block tables of running sequences live in one persistent int32 matrix, a row per sequence, kept
+in step with each sequence's block list incrementally (a row is rewritten only when the sequence gets
+a new block or a new table): a decode batch's tables, positions and cache slots are then a few numpy
+operations per step, not a Python loop over tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from scalellm import ops
+from scalellm.engine.sequence import Sequence
+from scalellm.model.llama import LlamaModel
+
+
+def kv_bytes_per_token(model: LlamaModel) -> int:
+    c = model.config
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize
+
+
+class BlockTables:
+    """Rows of block ids for running sequences; a sequence keeps its row until released."""
+
+    def __init__(self, max_blocks_per_seq: int, rows: int = 64):
+        self.table = np.zeros((rows, max_blocks_per_seq), np.int32)
+        self.free_rows = list(range(rows - 1, -1, -1))
+        self.row_of: dict[int, int] = {}
+        self.synced: dict[int, tuple[list[int], int]] = {}  # seq_id -> (the list synced, entries synced)
+
+    def row(self, seq: Sequence) -> int:
+        """The sequence's row, brought up to date with its block list."""
+        row = self.row_of.get(seq.seq_id)
+        if row is None:
+            if not self.free_rows:
+                self._grow()
+            row = self.row_of[seq.seq_id] = self.free_rows.pop()
+        blocks = seq.block_table
+        synced_list, count = self.synced.get(seq.seq_id, (None, 0))
+        if synced_list is not blocks:
+            count = 0
+        if count != len(blocks):
+            self.table[row, count:len(blocks)] = blocks[count:]
+            self.synced[seq.seq_id] = (blocks, len(blocks))
+        return row
+
+    def release(self, seq: Sequence) -> None:
+        row = self.row_of.pop(seq.seq_id, None)
+        if row is not None:
+            self.free_rows.append(row)
+            self.synced.pop(seq.seq_id, None)
+
+    def _grow(self) -> None:
+        rows = self.table.shape[0]
+        self.table = np.concatenate([self.table, np.zeros_like(self.table)])
+        self.free_rows.extend(range(2 * rows - 1, rows - 1, -1))
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, max_model_len: int):
+        c = model.config
+        self.model = model
+        self.block_size = block_size
+        self.kv_cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+                                    dtype=model.dtype)
+        self.tables = BlockTables(-(-max_model_len // block_size) + 1)
+        self.sliding_window = c.sliding_window
+
+    def warm_up(self) -> None:
+        """A tiny prefill and decode, so kernels compile (or load from cache) before serving."""
+        bs = self.block_size
+        meta = ops.build_attention_metadata(bs, [0, 1], [], [], [(0, 2, 2, [0])])
+        self.model.forward(torch.tensor([0, 0]), torch.tensor([0, 1]), self.kv_cache, meta)
+        meta = ops.build_attention_metadata(bs, [2], [[0]], [3], [])
+        self.model.logits(self.model.forward(torch.tensor([0]), torch.tensor([2]), self.kv_cache, meta))
+
+    def release(self, seq: Sequence) -> None:
+        self.tables.release(seq)
+
+    def run(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """One forward pass: every decode sequence's next token, then each prefill chunk (sequence, tokens).
+        Returns the logits of the sequences whose tokens are now all computed, and those sequences."""
+        bs = self.block_size
+        nd = len(decodes)
+        ids_parts, pos_parts, slot_parts = [], [], []
+        tables = starts = lens = None
+        if nd:
+            rows = np.fromiter([self.tables.row(s) for s in decodes], np.int64, nd)
+            pos = np.fromiter([s.num_computed for s in decodes], np.int64, nd)
+            ids_parts.append(np.fromiter([s.token_ids[-1] for s in decodes], np.int64, nd))
+            pos_parts.append(pos)
+            width = int(pos.max()) // bs + 1
+            tables = self.tables.table[rows, :width]
+            slot_parts.append(tables[np.arange(nd), pos // bs].astype(np.int64) * bs + pos % bs)
+            lens = (pos + 1).astype(np.int32)
+        specs = []
+        ready = list(decodes)
+        rows_out = list(range(nd))
+        offset = nd
+        for seq, n in prefills:
+            start = seq.num_computed
+            pos = np.arange(start, start + n, dtype=np.int64)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            ids_parts.append(np.asarray(seq.token_ids[start:start + n], dtype=np.int64))
+            pos_parts.append(pos)
+            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            specs.append((offset, n, start + n, seq.block_table))
+            offset += n
+            if start + n == seq.num_tokens:
+                ready.append(seq)
+                rows_out.append(offset - 1)
+        meta = ops.build_attention_metadata(bs, _cat(slot_parts), tables if nd else [], lens if nd else [], specs,
+                                            self.sliding_window)
+        input_ids = torch.from_numpy(_cat(ids_parts))
+        positions = torch.from_numpy(_cat(pos_parts))
+        hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
+        if len(rows_out) != offset:
+            hidden = hidden[rows_out]
+        return self.model.logits(hidden), ready
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -1,0 +1,110 @@
+"""Sampling for one step: the rows' parameters as flat arrays, then the fused kernel.
+
+The arrays are built with a few numpy operations per step: each request's parameters are turned into
+a row once, and only rows that use penalties or min_tokens cost per-row Python. Each row draws from
+its own random stream keyed by (seed, sample index, output position): a seeded request's tokens do not
+depend on its batch mates and survive preemption. The kernel draws with the exponential race (argmax
+of p_i / E_i, E_i ~ Exp(1)), an exact draw from p.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from scalellm import ops
+from scalellm.engine.sequence import Sequence
+from scalellm.ops.sampling_batch import SamplingBatch, stream_keys
+from scalellm.outputs import Logprob
+from scalellm.sampling_params import SamplingParams
+
+# Columns of a request's parameter row.
+_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _PRESENCE, _FREQUENCY, _REPETITION, _NUM_TOP, _SPECIAL = range(9)
+
+
+def _param_row(p: SamplingParams) -> tuple:
+    row = p.__dict__.get("_sampling_row")
+    if row is None:
+        penalized = p.repetition_penalty != 1.0 or p.presence_penalty != 0 or p.frequency_penalty != 0
+        row = (p.temperature, p.top_k, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+               p.repetition_penalty, -1 if p.logprobs is None else p.logprobs,
+               1.0 if penalized or p.min_tokens > 0 else 0.0)
+        p.__dict__["_sampling_row"] = row
+    return row
+
+
+def build_sampling_batch(seqs: list[Sequence], eos_token_ids: list[int], vocab: int) -> SamplingBatch:
+    rows = len(seqs)
+    table = np.array([_param_row(s.params) for s in seqs], dtype=np.float64).reshape(rows, 9)
+    seeds = np.fromiter([s.seed for s in seqs], np.uint64, rows)
+    indices = np.fromiter([s.index for s in seqs], np.int64, rows)
+    positions = np.fromiter([len(s.token_ids) - s.prompt_len for s in seqs], np.int64, rows)
+    pen_offsets = np.zeros(rows + 1, np.int32)
+    ban_offsets = np.zeros(rows + 1, np.int32)
+    pen_tokens: list[int] = []
+    pen_counts: list[int] = []
+    ban_tokens: list[int] = []
+    for i in np.flatnonzero(table[:, _SPECIAL]).tolist():  # only rows with penalties or min_tokens
+        s, p = seqs[i], seqs[i].params
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            counts = Counter(s.token_ids[s.prompt_len:])
+            if p.repetition_penalty != 1.0:
+                for t in set(s.token_ids[:s.prompt_len]):
+                    counts.setdefault(t, 0)
+            for t, c in counts.items():
+                if t < vocab:
+                    pen_tokens.append(t)
+                    pen_counts.append(c)
+        pen_offsets[i + 1] = len(pen_tokens)
+        if s.num_output_tokens < p.min_tokens:
+            ban_tokens += [t for t in p.stop_token_ids if t < vocab]
+            if not p.ignore_eos:
+                ban_tokens += [t for t in eos_token_ids if t < vocab]
+        ban_offsets[i + 1] = len(ban_tokens)
+    # rows without entries repeat the previous offset
+    np.maximum.accumulate(pen_offsets, out=pen_offsets)
+    np.maximum.accumulate(ban_offsets, out=ban_offsets)
+
+    def f32(col):
+        return torch.from_numpy(np.ascontiguousarray(table[:, col], dtype=np.float32))
+
+    def i32(x):
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32))
+    return SamplingBatch(
+        f32(_TEMPERATURE), i32(table[:, _TOP_K]), f32(_TOP_P), f32(_MIN_P), f32(_PRESENCE), f32(_FREQUENCY),
+        f32(_REPETITION), i32(pen_offsets), i32(pen_tokens), i32(pen_counts), i32(ban_offsets), i32(ban_tokens),
+        torch.from_numpy(stream_keys(seeds, indices, positions).view(np.int64)), i32(table[:, _NUM_TOP]))
+
+
+def _is_plain_greedy(row: tuple) -> bool:
+    return row[_TEMPERATURE] == 0 and not row[_SPECIAL] and row[_NUM_TOP] < 0
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[Logprob | None]
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: list[int]):
+        self.eos_token_ids = eos_token_ids
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        if all(_is_plain_greedy(_param_row(s.params)) for s in seqs):
+            return SampleResult(logits.argmax(-1).tolist(), [None] * len(seqs))
+        batch = build_sampling_batch(seqs, self.eos_token_ids, logits.shape[-1])
+        if logits.is_cuda:
+            batch = batch.to(logits.device)
+        tokens, chosen, top_ids, top_lp = ops.fused_sample(logits, batch)
+        token_ids = tokens.tolist()
+        logprobs: list[Logprob | None] = [None] * len(seqs)
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if rows:
+            chosen_l, ids_l, lp_l = chosen.tolist(), top_ids.tolist(), top_lp.tolist()
+            for i in rows:
+                n = seqs[i].params.logprobs
+                logprobs[i] = Logprob(token_ids[i], chosen_l[i], list(zip(ids_l[i][:n], lp_l[i][:n])))
+        return SampleResult(token_ids, logprobs)
