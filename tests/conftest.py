@@ -31,3 +31,21 @@ def llama_server(llama_folder):
                            "--max-model-len", "512", "--kv-cache-memory", "64MB")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_hf(llama_folder):
+    """transformers' own model on the same checkpoint as llama_llm, in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def llama_long_folder(llama_folder, tmp_path_factory):
+    """The plain test llama with a 64k context: a request there can outlast any wait in a test."""
+    from tests.server_utils import copy_checkpoint
+
+    return copy_checkpoint(llama_folder, str(tmp_path_factory.mktemp("ckpt-llama-long") / "llama"),
+                           config={"max_position_embeddings": 65536})

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from scalellm.engine.sequence import Sequence
+from scalellm.sampling_params import SamplingParams
+
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
                   min_p: torch.Tensor | None) -> torch.Tensor:
@@ -50,3 +52,21 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             counts = torch.bincount(out, minlength=vocab).to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     return logits
+
+
+def run_sampler(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], int]] | None = None,
+                eos_token_ids: tuple[int, ...] = ()):
+    """The project's sampler on constructed logits, one row per params; histories give each row's
+    (token ids, prompt length), by default a one-token prompt and no output. The one place that builds
+    engine sequences for sampling tests, so an interface change is adapted here only."""
+    from scalellm.engine.sampler import Sampler
+
+    histories = histories or [([1], 1)] * len(params)
+    seqs = [Sequence(i, f"r{i}", 0, list(tokens), prompt_len, p, 0.0)
+            for i, (p, (tokens, prompt_len)) in enumerate(zip(params, histories))]
+    return Sampler(list(eos_token_ids))(logits.float().contiguous(), seqs)
+
+
+def seeded(n: int, **params) -> list[SamplingParams]:
+    """n rows with the same parameters and each its own seed, hence its own random stream."""
+    return [SamplingParams(seed=i, **params) for i in range(n)]

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from scalellm import SamplingParams
-from tests.sampling_reference import filter_logits
+from scalellm.engine.sequence import Sequence
+from tests.checkpoints import hf_prompt_logits
+from tests.sampling_reference import apply_penalties, run_sampler
 
 PROMPTS = ["Once upon a time", "The weather today", "import numpy as np\n", "1, 2, 3,"]
 
@@ -30,57 +32,62 @@ def test_top_k_1_equals_greedy(llama_llm):
     assert [o.outputs[0].token_ids for o in greedy] == [o.outputs[0].token_ids for o in topk1]
 
 
-def _logits(probs):
-    return torch.tensor([probs]).log()
+def test_sampled_frequencies_follow_the_distribution(llama_llm, llama_hf):
+    """Many seeded samples of the first token against transformers' own distribution at the same
+    temperature, in bins of about equal mass: each bin count within five standard deviations."""
+    prompt = llama_llm.tokenizer.encode(PROMPTS[1])
+    temperature, n = 0.3, 4000
+    probs = (hf_prompt_logits(llama_hf, prompt)[-1].double() / temperature).softmax(-1)
+    out = llama_llm.generate([prompt], SamplingParams(n=n, seed=11, temperature=temperature, max_tokens=1))[0]
+    drawn = torch.bincount(torch.tensor([o.token_ids[0] for o in out.outputs]), minlength=len(probs)).double()
+    order = probs.argsort(descending=True)
+    bins = torch.clamp((probs[order].cumsum(0) * 10).long(), max=9)  # ten bins by cumulative mass
+    assert probs[order[0]] > 0.05  # peaked enough that the top bins hold a few tokens each
+    for b in range(10):
+        members = order[bins == b]
+        p, count = probs[members].sum().item(), drawn[members].sum().item()
+        if p == 0:
+            continue
+        assert abs(count - n * p) <= 5 * math.sqrt(n * p * (1 - p)), (b, len(members), count, n * p)
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = [0.4, 0.3, 0.2, 0.1]
-    kept = lambda p: torch.isfinite(filter_logits(_logits(probs), None, torch.tensor([p]), None))[0].tolist()
-    assert kept(0.35) == [True, False, False, False]
-    assert kept(0.5) == [True, True, False, False]
-    assert kept(0.75) == [True, True, True, False]
-    assert kept(1.0) == [True, True, True, True]
+def hf_generate(model, prompt: list[int], max_new: int, **kwargs) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, min_new_tokens=max_new,
+                             do_sample=False, pad_token_id=0, **kwargs)
+    return out[0, len(prompt):].tolist()
 
 
-def test_min_p_drops_tokens_below_fraction_of_the_top():
-    probs = [0.5, 0.3, 0.15, 0.05]
-    out = filter_logits(_logits(probs), None, None, torch.tensor([0.4]))  # threshold 0.2
-    assert torch.isfinite(out)[0].tolist() == [True, True, False, False]
+class OpenAIPenalties:
+    """Presence and frequency penalties as the OpenAI API defines them: over generated tokens only."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_len:]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
-def test_top_k_and_rows_are_independent():
-    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [4.0, 3.0, 2.0, 1.0]])
-    out = filter_logits(logits, torch.tensor([2, 0]), None, None)
-    assert torch.isfinite(out).tolist() == [[False, True, True, False], [True, True, True, True]]
+def test_penalties_match_transformers_and_change_the_output(llama_llm, llama_hf):
+    from transformers import LogitsProcessorList
 
-
-def test_sampled_frequencies_follow_the_distribution(llama_llm):
-    """Draw the first token many times; compare frequencies with the model's own probabilities."""
-    prompt = [PROMPTS[1]]
-    top = llama_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, logprobs=20))[0].outputs[0]
-    probs = {t: math.exp(lp) for t, lp in top.logprobs[0].top}
-    n = 400
-    out = llama_llm.generate(prompt * n, SamplingParams(temperature=1.0, max_tokens=1, ignore_eos=True))
-    counts: dict[int, int] = {}
-    for o in out:
-        counts[o.outputs[0].token_ids[0]] = counts.get(o.outputs[0].token_ids[0], 0) + 1
-    for token, p in list(probs.items())[:3]:
-        expected = n * p
-        assert abs(counts.get(token, 0) - expected) < 4 * math.sqrt(expected * (1 - p)) + 2
-
-
-def test_penalties_discourage_repetition(llama_llm):
-    base = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    plain = llama_llm.generate(PROMPTS[2:3], base)[0].outputs[0].token_ids
-    penal = llama_llm.generate(PROMPTS[2:3], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
-                                                             frequency_penalty=2.0, presence_penalty=2.0))
-    rep = llama_llm.generate(PROMPTS[2:3], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
-                                                           repetition_penalty=5.0))
-    distinct = lambda ids: len(set(ids))
-    assert distinct(penal[0].outputs[0].token_ids) >= distinct(plain)
-    assert distinct(rep[0].outputs[0].token_ids) >= distinct(plain)
-    assert penal[0].outputs[0].token_ids != plain or distinct(plain) == len(plain)
+    prompt = llama_llm.tokenizer.encode(PROMPTS[2])
+    new = 40
+    plain = hf_generate(llama_hf, prompt, new)
+    ours = llama_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
+    assert ours[0].outputs[0].token_ids == plain
+    openai = lambda presence, frequency: dict(  # noqa: E731
+        logits_processor=LogitsProcessorList([OpenAIPenalties(len(prompt), presence, frequency)]))
+    cases = [(dict(repetition_penalty=1.3), dict(repetition_penalty=1.3)),
+             (dict(presence_penalty=1.5), openai(1.5, 0.0)),
+             (dict(frequency_penalty=0.8), openai(0.0, 0.8))]
+    for ours_kw, hf_kw in cases:
+        expected = hf_generate(llama_hf, prompt, new, **hf_kw)
+        assert expected != plain, f"{ours_kw} should change this output"
+        out = llama_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, **ours_kw))
+        assert out[0].outputs[0].token_ids == expected, ours_kw
 
 
 def test_stop_token_ids_min_tokens_and_eos(llama_llm):
@@ -126,6 +133,23 @@ def test_n_samples_share_the_prompt(llama_llm):
     assert len({tuple(o.token_ids) for o in greedy.outputs}) == 1
     assert engine.block_manager.num_used_blocks == 0
 
+    # step by hand to watch the cache while the samples run
+    bm = engine.block_manager
+    request = engine.add_request("n-share", prompt, p)
+    while len(request.seqs) < 4:
+        engine.step()
+    shared = request.seqs[0].block_table[:3]
+    assert all(s.block_table[:3] == shared for s in request.seqs)
+    assert [bm.ref_counts[b] for b in shared] == [4, 4, 4]
+    engine.step()  # each sample now holds its own copy of the partial last block
+    tails = [s.block_table[3] for s in request.seqs]
+    assert len(set(tails)) == 4 and not set(tails) & set(shared)
+    assert bm.num_used_blocks == 3 + 4  # without sharing the four samples would hold 16 blocks
+    while engine.has_unfinished():
+        engine.step()
+    assert sorted(s.output_token_ids for s in request.seqs) == sorted(o.token_ids for o in out.outputs)
+    assert bm.num_used_blocks == 0
+
 
 def test_logprobs_are_normalised_and_sorted(llama_llm):
     out = llama_llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4, logprobs=5))[0].outputs[0]
@@ -136,43 +160,7 @@ def test_logprobs_are_normalised_and_sorted(llama_llm):
         assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
 
 
-# -- the fused sampling kernel itself, on known distributions -------------------------------------
-from scalellm import ops  # noqa: E402
-from scalellm.engine.sequence import Sequence  # noqa: E402
-from scalellm.sampling.batch import build_sampling_batch  # noqa: E402
-from tests.sampling_reference import apply_penalties  # noqa: E402
-
-
-def _draw(probs, n, **params):
-    """n draws from one distribution, each row with its own stream (seed = row index)."""
-    logits = torch.tensor([probs]).log().float().repeat(n, 1)
-    seqs = [Sequence(i, "r", 0, [1], 1, SamplingParams(seed=i, **params), 0.0) for i in range(n)]
-    tokens, chosen, top_ids, top_lp = ops.fused_sample(logits, build_sampling_batch(seqs, [], logits.shape[1]))
-    return tokens.tolist()
-
-
-def test_kernel_filters_on_a_known_distribution():
-    probs = [0.4, 0.3, 0.2, 0.1]
-    assert set(_draw(probs, 300, top_p=0.5)) == {0, 1}
-    assert set(_draw(probs, 300, top_p=0.75)) == {0, 1, 2}
-    assert set(_draw(probs, 300, min_p=0.6)) == {0, 1}  # p >= 0.24
-    assert set(_draw(probs, 300, top_k=3)) == {0, 1, 2}
-    assert set(_draw(probs, 300, top_k=1)) == {0}
-    assert set(_draw(probs, 300)) == {0, 1, 2, 3}
-
-
-def test_kernel_frequencies_and_determinism():
-    probs = [0.5, 0.25, 0.125, 0.0625, 0.0625]
-    n = 4000
-    draws = _draw(probs, n)
-    assert draws == _draw(probs, n)  # same streams, same tokens
-    for token, p in enumerate(probs):
-        count = draws.count(token)
-        assert abs(count - n * p) < 4 * math.sqrt(n * p * (1 - p)), (token, count)
-    hot = _draw(probs, n, temperature=0.5)  # sharper: p^2 renormalized
-    assert hot.count(0) / n == pytest.approx(0.25 / sum(q * q for q in probs), abs=0.03)
-
-
+# -- penalties and min_tokens through the project's sampler, against the torch reference ------------
 def test_kernel_penalties_and_logprobs_match_reference():
     torch.manual_seed(3)
     vocab = 50
@@ -181,14 +169,20 @@ def test_kernel_penalties_and_logprobs_match_reference():
               SamplingParams(temperature=0, presence_penalty=1.5, frequency_penalty=0.5, logprobs=5),
               SamplingParams(temperature=0, min_tokens=5, stop_token_ids=[7], logprobs=0),
               SamplingParams(temperature=0)]
-    seqs = [Sequence(i, "r", 0, [3, 4, 5, 3, 9, 9, 12], 4, p, 0.0) for i, p in enumerate(params)]
-    logits[2, 7] = 10.0  # would win, but min_tokens bans the stop token
-    tokens, chosen, top_ids, top_lp = ops.fused_sample(logits, build_sampling_batch(seqs, [], vocab))
+    history = ([3, 4, 5, 3, 9, 9, 12], 4)  # prompt [3, 4, 5, 3], output [9, 9, 12]
+    top = logits.max().item()
+    logits[0, 4] = top + 0.5  # a prompt token: wins unless the repetition penalty applies
+    logits[1, 9] = top + 1.0  # an output token seen twice: wins unless presence and frequency apply
+    logits[2, 7] = top + 5.0  # the stop token: wins unless min_tokens bans it
+    out = run_sampler(logits, params, [history] * 4)
+    seqs = [Sequence(i, "r", 0, list(history[0]), history[1], p, 0.0) for i, p in enumerate(params)]
     expected = apply_penalties(logits, seqs)
     expected[2, 7] = float("-inf")
-    assert tokens.tolist() == expected.argmax(-1).tolist()
+    assert out.token_ids == expected.argmax(-1).tolist()
+    assert [out.token_ids[i] != raw for i, raw in enumerate([4, 9, 7])] == [True, True, True]
     raw = torch.log_softmax(logits.double(), -1)
     for i in (1, 2):  # the rows that asked for logprobs
-        assert chosen[i].item() == pytest.approx(raw[i, tokens[i]].item(), abs=1e-5)
-    assert top_ids[1].tolist() == raw[1].topk(5).indices.tolist()
-    torch.testing.assert_close(top_lp[1].double(), raw[1].topk(5).values, atol=1e-5, rtol=0)
+        assert out.logprobs[i].logprob == pytest.approx(raw[i, out.token_ids[i]].item(), abs=1e-5)
+    assert [t for t, _ in out.logprobs[1].top] == raw[1].topk(5).indices.tolist()
+    assert [v for _, v in out.logprobs[1].top] == pytest.approx(raw[1].topk(5).values.tolist(), abs=1e-5)
+    assert out.logprobs[2].top == [] and out.logprobs[0] is None
