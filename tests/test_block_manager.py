@@ -60,18 +60,55 @@ def test_freed_blocks_stay_cached_until_reused():
     bm.ensure(a, 9)
     a.num_computed = 9
     bm.register_full_blocks(a)
+    a_blocks = a.block_table
     bm.free_sequence(a)
     assert bm.num_used_blocks == 0
     b = seq(list(range(9)))
     bm.reuse_prefix(b)
     assert b.num_computed == 8 and bm.num_used_blocks == 2
-    # Allocation pressure evicts cached blocks (least recently freed first).
-    bm.free_sequence(b)
-    c = seq([7] * 16)
-    assert bm.ensure(c, 16)
-    d = seq(list(range(9)))
-    bm.reuse_prefix(d)
-    assert d.num_computed == 0
+    assert b.block_table == a_blocks[:2] and all(bm.ref_counts[x] == 1 for x in b.block_table)
+
+
+def computed_and_freed(bm, tokens):
+    s = seq(tokens)
+    bm.reuse_prefix(s)
+    assert bm.ensure(s, len(tokens))
+    s.num_computed = len(tokens)
+    bm.register_full_blocks(s)
+    bm.free_sequence(s)
+
+
+def cached_tokens(bm, tokens) -> int:
+    """How many leading tokens the cache would serve (the probe's blocks are handed back at once)."""
+    probe = seq(tokens)
+    bm.reuse_prefix(probe)
+    hit = probe.num_computed
+    bm.free_sequence(probe)
+    return hit
+
+
+A, B = list(range(9)), list(range(100, 109))  # two full blocks and a partial one each
+
+
+def test_eviction_takes_the_least_recently_freed_block_first():
+    survivors = []
+    for k in range(7):  # allocate k fresh blocks, then see which cached blocks survived
+        bm = BlockManager(6, 4)
+        computed_and_freed(bm, A)  # freed first; a sequence frees its tail before its head
+        computed_and_freed(bm, B)
+        assert bm.ensure(seq([7] * 4 * k), 4 * k) and bm.num_free_blocks == 6 - k
+        survivors.append((cached_tokens(bm, A), cached_tokens(bm, B)))
+    # A's partial block, then A's second full block, then its first; then the same for B
+    assert survivors == [(8, 8), (8, 8), (4, 8), (0, 8), (0, 8), (0, 4), (0, 0)]
+
+
+def test_reusing_a_cached_prefix_makes_it_recent_again():
+    bm = BlockManager(6, 4)
+    computed_and_freed(bm, A)
+    computed_and_freed(bm, B)
+    assert cached_tokens(bm, A) == 8  # reused and freed again: now only A's partial block is older than B's
+    bm.ensure(seq([7] * 16), 16)
+    assert (cached_tokens(bm, A), cached_tokens(bm, B)) == (8, 0)
 
 
 def test_fork_shares_blocks_with_reference_counts():

@@ -38,17 +38,24 @@ def test_staggered_arrivals_match_transformers(checkpoint):
     prompts = make_prompts(1)
     expected, expected_lp = hf_greedy(folder, prompts, MAX_NEW)
     engine = LLMEngine(EngineConfig(model=folder, dtype="float32", max_num_batched_tokens=64))
+    step_requests = record_steps(engine)
 
     async def main():
         aengine = AsyncEngine(engine)
         aengine.start()
+        # each request arrives once the one before it has 3 tokens out, so it joins mid-generation
+        under_way = [asyncio.Event() for _ in prompts]
 
         async def one(i, prompt):
-            await asyncio.sleep(0.05 * i)  # arrive while earlier requests are mid-generation
+            if i:
+                await under_way[i - 1].wait()
             tokens, logprobs = [], []
             async for delta in aengine.generate(f"r{i}", prompt, greedy(logprobs=2)):
                 tokens += delta.token_ids
                 logprobs += delta.logprobs
+                if len(tokens) >= 3:
+                    under_way[i].set()
+            under_way[i].set()
             return tokens, logprobs
 
         try:
@@ -57,11 +64,30 @@ def test_staggered_arrivals_match_transformers(checkpoint):
             await aengine.stop()
 
     results = asyncio.run(main())
-    for (tokens, logprobs), ref, ref_lp in zip(results, expected, expected_lp):
+    for (tokens, logprobs), ref, ref_lp in zip(results, expected, expected_lp, strict=True):
+        assert len(tokens) == len(logprobs) == len(ref) == len(ref_lp) == MAX_NEW
         assert tokens == ref
+        assert [lp.token_id for lp in logprobs] == tokens
         assert all(abs(lp.logprob - r) < 1e-4 for lp, r in zip(logprobs, ref_lp))
         assert all(len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1] for lp in logprobs)
+    # the arrivals really overlapped: each request shared a step with the one before it
+    for i in range(1, len(prompts)):
+        assert any({f"r{i - 1}", f"r{i}"} <= ids for ids in step_requests), f"r{i} never ran beside r{i - 1}"
     assert engine.block_manager.num_used_blocks == 0
+
+
+def record_steps(engine: LLMEngine) -> list[set[str]]:
+    """Wrap engine.step to record which requests each step produced tokens for."""
+    steps: list[set[str]] = []
+    step = engine.step
+
+    def recorded():
+        deltas = step()
+        steps.append({d.request_id for d in deltas if d.token_ids})
+        return deltas
+
+    engine.step = recorded
+    return steps
 
 
 def test_preemption_keeps_output_identical(checkpoint):
@@ -88,3 +114,17 @@ def test_prefix_reuse_keeps_output_identical(checkpoint):
     assert engine.block_manager.prefix_hits > 0
     assert all(s.num_cached_tokens >= 48 for s in rest)
     assert [s.output_token_ids for s in first + rest] == expected
+
+
+def test_prefix_caching_off_recomputes_and_keeps_output(llama_folder):
+    shared = make_prompts(3, [48])[0]
+    prompts = make_prompts(5, [5, 20, 1], prefix=shared)
+    expected, _ = hf_greedy(llama_folder, prompts, MAX_NEW)
+    engine = LLMEngine(EngineConfig(model=llama_folder, dtype="float32", block_size=16, enable_prefix_caching=False))
+    first = run_all(engine, prompts[:1], greedy())
+    rest = run_all(engine, prompts[1:], greedy())
+    assert [s.output_token_ids for s in first + rest] == expected
+    bm = engine.block_manager
+    assert bm.prefix_hits == 0 and not bm.block_of_hash
+    assert all(s.num_cached_tokens == 0 for s in first + rest)
+    assert engine.stats()["prefix_cache_hits"] == 0
