@@ -1,4 +1,4 @@
-"""The bundled SmolLM2 GGUF: our dequantization, our model's logits, and a sensible answer."""
+"""GGUF dequantization of every float and block format, and the bundled SmolLM2: our model's logits and a sensible answer."""
 import os
 
 import numpy as np
@@ -77,3 +77,34 @@ def test_default_dtype_answers_paris_too():
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=16))
     assert "Paris" in out[0].outputs[0].text
+
+
+def test_float_formats_dequantize_exactly(tmp_path):
+    """F32, F16 and BF16 tensors written with the gguf package's own writer: our values and
+    [rows, cols] shapes must equal the package's dequantization, special values included."""
+    import gguf
+
+    rng = np.random.default_rng(1)
+    values = (rng.standard_normal((6, 40)) * np.logspace(-6, 4, 40)).astype(np.float32)
+    values[0, :6] = [0.0, -0.0, np.inf, -np.inf, 1e-7, 65504.0]
+    path = str(tmp_path / "floats.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tensor("f32", values)
+    writer.add_tensor("f16", values.astype(np.float16))
+    writer.add_tensor("bf16", gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16),
+                      raw_dtype=gguf.GGMLQuantizationType.BF16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert {t.tensor_type.name for t in tensors.values()} == {"F32", "F16", "BF16"}
+    for name, tensor in tensors.items():
+        ours = dequantize(tensor)
+        ref = np.asarray(gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type), dtype=np.float32)
+        assert tuple(ours.shape) == values.shape, name
+        np.testing.assert_array_equal(ours.numpy(), ref.reshape(values.shape), err_msg=name)
+    np.testing.assert_array_equal(dequantize(tensors["f32"]).numpy(), values)
+    rounded, finite = dequantize(tensors["bf16"]).numpy(), np.isfinite(values)
+    assert np.array_equal(rounded[~finite], values[~finite])
+    assert np.all(np.abs(rounded[finite] - values[finite]) <= np.abs(values[finite]) * 2 ** -8)  # 8 mantissa bits
