@@ -10,11 +10,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from scalellm.ops import cpu_kernels, cpu_sampling, torch_ops
-from scalellm.ops.attention_metadata import AttentionMetadata, PrefillChunk, build_attention_metadata, tensor
-from scalellm.ops.cpu_attention import decode_attention as _cpu_decode_attention
-from scalellm.ops.linear import Linear
-from scalellm.ops.numba_util import as_numba, keep_numba_view
+from scalellm.ops.openmp import share_torch_openmp
+
+share_torch_openmp()  # before any numba kernel starts a thread pool
+
+from scalellm.ops import cpu_kernels, cpu_sampling, torch_ops  # noqa: E402
+from scalellm.ops.attention_metadata import AttentionMetadata, PrefillChunk, build_attention_metadata, tensor  # noqa: E402
+from scalellm.ops.cpu_attention import decode_attention as _cpu_decode_attention  # noqa: E402
+from scalellm.ops.linear import Linear  # noqa: E402
+from scalellm.ops.numba_util import as_numba, keep_numba_view  # noqa: E402
 
 
 def _cuda():

@@ -1,8 +1,8 @@
 """numba kernel for decode attention straight from the paged KV cache (no gather, no padding).
 
 One task per (sequence, KV head): the task scores its group of query heads against each cached key of
-the sequence (each key row is read once for the whole group), softmaxes in float32 and accumulates
-the values. bfloat16 caches are read as raw 16-bit words and widened to float32 in registers
+the sequence (each key row is read once for the whole group), softmaxes in float32 (with a
+vectorizable exp) and accumulates the values. bfloat16 caches are read as raw 16-bit words and widened to float32 in registers
 (numba_util.load). Small batches run the serial build (a parallel launch costs more than their work);
 large ones spread the tasks over the compute threads. The kernel releases the GIL.
 """
@@ -13,7 +13,7 @@ import torch
 from numba import prange
 
 from scalellm.ops.cpu_kernels import twin
-from scalellm.ops.numba_util import as_numba, load, store
+from scalellm.ops.numba_util import as_numba, exp_neg, load, store
 
 PARALLEL_TASKS = 16  # (sequence, KV head) tasks from which the parallel build runs
 
@@ -49,7 +49,7 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_le
                 m = max(m, scores[g, t])
             total = np.float32(0.0)
             for t in range(length):
-                e = np.exp(scores[g, t] - m)
+                e = exp_neg(scores[g, t] - m)
                 scores[g, t] = e
                 total += e
             inv = np.float32(1.0) / total
