@@ -1,11 +1,14 @@
 """The asyncio face of the engine: the model steps on its own thread, the event loop never blocks.
 
 Requests and aborts reach the engine thread through an inbox; each step's deltas come back to the
-loop in one callback and are routed to per-request queues.
+loop in one callback, which appends each to its request's buffer and wakes the request's consumer only
+if it is waiting. A consumer takes everything buffered at once, so a slow consumer catches up in one
+wake-up instead of one per token.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -15,12 +18,37 @@ from scalellm.outputs import StreamDelta
 from scalellm.sampling_params import SamplingParams
 
 
+class DeltaBuffer:
+    """Deltas (or an exception) for one request, filled on the loop by the step callback."""
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
+
+    def push(self, item) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._inbox: deque[tuple] = deque()
         self._wake = threading.Event()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, DeltaBuffer] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -40,23 +68,31 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        prompt: str | None = None) -> AsyncIterator[StreamDelta]:
         """Stream the request's deltas; leaving the iteration early aborts the request."""
+        async with contextlib.aclosing(self.generate_batches(request_id, prompt_token_ids, params, prompt)) as batches:
+            async for batch in batches:
+                for delta in batch:
+                    yield delta
+
+    async def generate_batches(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                               prompt: str | None = None) -> AsyncIterator[list[StreamDelta]]:
+        """Like generate, but yields every delta that arrived since the last resumption as one list."""
         if self._loop is None:
             self.start()
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.engine.validate_prompt(prompt_token_ids, params)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        buffer = self._streams[request_id] = DeltaBuffer()
         self._post(("add", request_id, prompt, prompt_token_ids, params))
         remaining = params.n
         try:
             while remaining:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason is not None:
-                    remaining -= 1
-                yield item
+                batch = await buffer.take()
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finish_reason is not None:
+                        remaining -= 1
+                yield batch
         finally:
             self._streams.pop(request_id, None)
             if remaining:
@@ -106,13 +142,13 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._deliver, request_id, RuntimeError(f"engine step failed: {error}"))
 
     def _deliver(self, request_id: str, item) -> None:
-        queue = self._streams.get(request_id)
-        if queue is not None:
-            queue.put_nowait(item)
+        buffer = self._streams.get(request_id)
+        if buffer is not None:
+            buffer.push(item)
 
     def _dispatch(self, deltas: list[StreamDelta]) -> None:
         streams = self._streams
         for delta in deltas:
-            queue = streams.get(delta.request_id)
-            if queue is not None:
-                queue.put_nowait(delta)
+            buffer = streams.get(delta.request_id)
+            if buffer is not None:
+                buffer.push(delta)

@@ -1,6 +1,8 @@
 """Prometheus metrics: engine state read at scrape time, latencies observed as requests run."""
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -61,6 +63,42 @@ class Metrics:
         for name, seconds in stages.items():
             self._stage_children[name].inc(seconds)
         self.stage_requests.inc()
+
+    async def track(self, batches, num_choices: int, stages: dict[str, float]):
+        """Pass batches of (prompt index, delta) through, recording latencies, token counts, outcomes
+        and the engine's stage times."""
+        start = time.monotonic()
+        last: dict[tuple[int, int], float] = {}
+        finished = 0
+        try:
+            async for batch in batches:
+                now = time.monotonic()
+                for i, d in batch:
+                    key = (i, d.index)
+                    previous = last.get(key)
+                    if previous is not None:
+                        self.itl.observe(now - previous)
+                    else:
+                        self.ttft.observe(now - start)
+                        if d.index == 0:
+                            self.prompt_tokens.inc(d.num_prompt_tokens)
+                        if d.queue_time is not None:
+                            self.queue.observe(d.queue_time)
+                    last[key] = now
+                    self.generation_tokens.inc(len(d.token_ids))
+                    if d.finish_reason is not None:
+                        finished += 1
+                        self.requests.labels(d.finish_reason).inc()
+                        if d.timings is not None:
+                            t = d.timings
+                            for name, value in (("queue", t.queue), ("prefill", t.prefill), ("decode", t.decode),
+                                                ("detokenize", t.detokenize)):
+                                stages[name] = stages.get(name, 0.0) + value
+                yield batch
+        finally:
+            self.e2e.observe(time.monotonic() - start)
+            if finished < num_choices:
+                self.requests.labels("abort").inc(num_choices - finished)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

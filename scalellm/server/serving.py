@@ -126,7 +126,7 @@ class OpenAIServing:
         rid = f"{prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
         stages.update(write=0.0)
-        deltas = srv.timed(merged_deltas(srv.engine, rid, prompts, params), len(prompts) * params.n, stages)
+        deltas = srv.metrics.track(merged_deltas(srv.engine, rid, prompts, params), len(prompts) * params.n, stages)
         try:
             if req.stream:
                 return await self._stream(request, kind, req, rid, created, prompts, params, deltas, stages)
@@ -139,13 +139,14 @@ class OpenAIServing:
         n = params.n
         choices = [Choice() for _ in range(len(prompts) * n)]
         async with contextlib.aclosing(deltas) as stream:
-            async for i, d in stream:
-                c = choices[i * n + d.index]
-                c.text.append(d.text)
-                c.token_ids += d.token_ids
-                if d.logprobs:
-                    c.logprobs += d.logprobs
-                c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+            async for batch in stream:
+                for i, d in batch:
+                    c = choices[i * n + d.index]
+                    c.text.append(d.text)
+                    c.token_ids += d.token_ids
+                    if d.logprobs:
+                        c.logprobs += d.logprobs
+                    c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
         usage = _usage(prompts, choices)
         fmt = self.server.formatter
         if kind == "completion":
@@ -183,20 +184,23 @@ class OpenAIServing:
                     choice = P.CompletionChoice(idx, echo)
                     await resp.write(sse(P.CompletionResponse(rid, created, model, [choice], usage=usage_field)))
             async with contextlib.aclosing(deltas) as stream:
-                async for i, d in stream:
-                    idx = i * n + d.index
-                    completion_tokens += len(d.token_ids)
-                    if kind == "chat":
-                        lp = fmt.chat_logprobs(d.logprobs) if d.logprobs is not None else None
-                        choice = P.ChatChunkChoice(idx, P.ChatDelta(content=d.text), lp, d.finish_reason)
-                        chunk = P.ChatCompletionChunk(rid, created, model, [choice], usage=usage_field)
-                    else:
-                        lp = fmt.completion_logprobs(d.logprobs, offsets[idx]) if d.logprobs is not None else None
-                        offsets[idx] += len(d.text)
-                        choice = P.CompletionChoice(idx, d.text, lp, d.finish_reason, d.stop_reason)
-                        chunk = P.CompletionResponse(rid, created, model, [choice], usage=usage_field)
+                async for batch in stream:
+                    frames = []
+                    for i, d in batch:
+                        idx = i * n + d.index
+                        completion_tokens += len(d.token_ids)
+                        if kind == "chat":
+                            lp = fmt.chat_logprobs(d.logprobs) if d.logprobs is not None else None
+                            choice = P.ChatChunkChoice(idx, P.ChatDelta(content=d.text), lp, d.finish_reason)
+                            chunk = P.ChatCompletionChunk(rid, created, model, [choice], usage=usage_field)
+                        else:
+                            lp = fmt.completion_logprobs(d.logprobs, offsets[idx]) if d.logprobs is not None else None
+                            offsets[idx] += len(d.text)
+                            choice = P.CompletionChoice(idx, d.text, lp, d.finish_reason, d.stop_reason)
+                            chunk = P.CompletionResponse(rid, created, model, [choice], usage=usage_field)
+                        frames.append(sse(chunk))
                     t = time.monotonic()
-                    await resp.write(sse(chunk))
+                    await resp.write(frames[0] if len(frames) == 1 else b"".join(frames))
                     stages["write"] += time.monotonic() - t
             if include_usage:
                 prompt_tokens = sum(len(ids) for _, ids in prompts)
