@@ -81,14 +81,14 @@ def tree_cpu_seconds(pid: int) -> float:
 
 class Proc:
     def __init__(self, name: str, cmd: list[str], env: dict | None = None, ready_path: str = "/health",
-                 timeout: float = 300.0):
+                 timeout: float = 300.0, cwd: str = ROOT):
         os.makedirs(LOGS, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(LOGS, f"{name}.log")
         self.log = open(self.log_path, "w")
         cmd = [c.replace("{port}", str(self.port)) for c in cmd]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log,
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -68,12 +68,19 @@ class ModelRunner:
         self.sliding_window = c.sliding_window
 
     def warm_up(self) -> None:
-        """A tiny prefill and decode, so kernels compile (or load from cache) before serving."""
+        """A prefill and decodes at both kernel sizes (serial and parallel builds), so every kernel is
+        compiled (or loaded from numba's cache) before serving; the cache is zeroed afterwards."""
         bs = self.block_size
-        meta = ops.build_attention_metadata(bs, [0, 1], [], [], [(0, 2, 2, [0])])
-        self.model.forward(torch.tensor([0, 0]), torch.tensor([0, 1]), self.kv_cache, meta)
-        meta = ops.build_attention_metadata(bs, [2], [[0]], [3], [])
-        self.model.logits(self.model.forward(torch.tensor([0]), torch.tensor([2]), self.kv_cache, meta))
+        n = max(1, min(96, bs * self.kv_cache.shape[2] - 1))  # prefill rows past the parallel threshold
+        blocks = list(range(-(-(n + 1) // bs)))
+        meta = ops.build_attention_metadata(bs, list(range(n)), [], [], [(0, n, n, blocks)])
+        self.model.forward(torch.zeros(n, dtype=torch.long), torch.arange(n), self.kv_cache, meta)
+        for rows in (1, 32):
+            meta = ops.build_attention_metadata(bs, [n] * rows, [blocks] * rows, [n + 1] * rows, [])
+            hidden = self.model.forward(torch.zeros(rows, dtype=torch.long), torch.full((rows,), n), self.kv_cache,
+                                        meta)
+            self.model.logits(hidden)
+        self.kv_cache.zero_()
 
     def release(self, seq: Sequence) -> None:
         self.tables.release(seq)

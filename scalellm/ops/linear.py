@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 PACK_BATCH_HINT = 128  # the batch size oneDNN tunes the packed layout for; measured flat from 1 to 512
+PACK_WEIGHTS = True  # the default for new Linears (benchmarks turn it off to measure the plain path)
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -19,13 +20,13 @@ def _can_pack(weight: torch.Tensor) -> bool:
 
 
 class Linear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool | None = None):
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.bias = bias
         self.weight: torch.Tensor | None = weight  # kept only where the plain path serves
         self.packed: torch.Tensor | None = None
-        if pack and _can_pack(weight):
+        if (PACK_WEIGHTS if pack is None else pack) and _can_pack(weight):
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
                 self.weight = None

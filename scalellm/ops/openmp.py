@@ -8,7 +8,7 @@ several times slower than with one runtime (bench/results/ablation.md). Loading 
 its dependency renamed to torch's libgomp makes the dynamic linker reuse the runtime torch already
 loaded. The renamed copy of numba's (unchanged) pool lives in a cache folder; where anything does not
 fit (no bundled libgomp, numba's pool already loaded, another threading layer asked for), nothing is
-changed and numba behaves as it would anyway.
+changed and numba behaves as it would anyway. SCALELLM_SHARE_OPENMP=0 turns it off.
 """
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ def _share() -> str:
 
     if not sys.platform.startswith("linux"):
         return "not Linux; left alone"
+    if os.environ.get("SCALELLM_SHARE_OPENMP", "1") == "0":
+        return "turned off by SCALELLM_SHARE_OPENMP=0"
     if _POOL in sys.modules:
         return "numba's OpenMP pool was already loaded"
     if str(config.THREADING_LAYER).lower() not in ("default", "omp"):

@@ -1,0 +1,256 @@
+"""Each speed lever, before and after, measured in the same run: bench/results/ablation.md.
+
+    .venv/bin/python bench/ablation.py [--models tiny-llama,smollm2-135m] [--repeats 3] [--skip-serving]
+
+Part 1, the forward pass (bare decode steps at batch 1, 16 and 64, bfloat16), in one process with the
+variants interleaved: torch's plain linear and torch elementwise ops (the earlier design) -> weights
+packed once for oneDNN -> the fused numba kernels (the current forward). One OpenMP runtime versus
+two is measured by running the current forward in two child processes, with and without the
+runtime sharing (SCALELLM_SHARE_OPENMP), and 1 versus 2 compute threads likewise. For each variant the
+top of a cProfile of its batch-64 step shows where the time goes: the profile behind the next lever.
+
+Part 2, the whole server: milestone commits of this repository, each checked out into a worktree
+and served in turn on the same machine, driven by tools/loadgen (streamed, 128 tokens in and out).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from compute_floor import floor  # noqa: E402
+from models import MODELS  # noqa: E402
+
+PY = os.path.join(ROOT, ".venv", "bin", "python")
+RESULTS = os.path.join(BENCH, "results")
+BATCHES = (1, 16, 64)
+# (label, commit, what it adds); the first is the state before this round of speed work
+MILESTONES = [
+    ("baseline", "5cc09f6", "torch elementwise ops, plain GEMMs, per-token Python in the step, asyncio.Queue per request"),
+    ("forward + step", "b94f9c2", "packed GEMMs, fused numba kernels, array-based step bookkeeping, byte-table detokenizer"),
+    ("one OpenMP runtime", "3cb4443", "numba shares torch's libgomp; vectorized exp in attention"),
+    ("batched streaming", "47066ac", "per-request delta buffers, one socket write per request per step"),
+    ("current", "HEAD", "everything on main"),
+]
+
+
+# -- part 1: the forward pass -----------------------------------------------------------------
+def torch_elementwise_ops():
+    """The earlier design's torch ops for norms, q/k/v split + rotary + cache write, and SiLU-mul."""
+    from scalellm import ops
+    from scalellm.ops import torch_ops as R
+
+    def attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, heads, kv_heads, k_cache, v_cache, slots):
+        dim = k_cache.shape[-1]
+        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
+        if q_norm is not None:
+            q, k = R.rms_norm(q, q_norm, eps), R.rms_norm(k, k_norm, eps)
+        R.rotary_inplace(q, k, positions, cos, sin)
+        R.write_kv(k, v, k_cache, v_cache, torch.from_numpy(slots))
+        return q.contiguous()
+    return {"rms_norm": R.rms_norm, "silu_mul": R.silu_mul, "attention_inputs": attention_inputs}
+
+
+def forward_variants(name: str):
+    from scalellm import LLM, ops
+    from scalellm.ops import linear
+
+    folder = MODELS[name]()
+    fused = {k: getattr(ops, k) for k in ("rms_norm", "silu_mul", "attention_inputs")}
+    plain_ops = torch_elementwise_ops()
+    linear.PACK_WEIGHTS = False
+    plain = LLM(folder, dtype="bfloat16", kv_cache_memory="256MiB")
+    linear.PACK_WEIGHTS = True
+    packed = LLM(folder, dtype="bfloat16", kv_cache_memory="256MiB")
+    return [("torch ops + plain GEMMs", plain, plain_ops), ("+ packed GEMMs", packed, plain_ops),
+            ("+ fused numba kernels", packed, fused)]
+
+
+def use_ops(table: dict) -> None:
+    from scalellm import ops
+
+    for k, fn in table.items():
+        setattr(ops, k, fn)
+
+
+def step_profile(llm, batch: int) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    floor(llm, batch, 128, 6)
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out).sort_stats("tottime")
+    total = stats.total_tt
+    rows = []
+    for (path, line, fn), (_, _, tottime, _, _) in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:5]:
+        where = fn if path == "~" else f"{os.path.basename(path)}:{fn}"
+        rows.append(f"{where} {100 * tottime / total:.0f}%")
+    return ", ".join(rows)
+
+
+def part_forward(name: str, repeats: int) -> dict:
+    variants = forward_variants(name)
+    times = {label: {b: [] for b in BATCHES} for label, _, _ in variants}
+    for llm in {id(v[1]): v[1] for v in variants}.values():
+        floor(llm, 2, 128, 4)  # compile and warm
+    for _ in range(repeats):
+        for label, llm, table in variants:
+            use_ops(table)
+            for b in BATCHES:
+                times[label][b].append(floor(llm, b, 128, 24)["tpot_ms"]["median"])
+    profiles = {}
+    for label, llm, table in variants:
+        use_ops(table)
+        profiles[label] = step_profile(llm, 64)
+    use_ops(dict(variants[-1][2]))
+    return {"times": times, "profiles": profiles}
+
+
+def child_forward(name: str, env: dict) -> dict[int, float]:
+    """Decode step ms of the current forward in a fresh process (so OpenMP and threads start anew)."""
+    code = ("import sys, json; sys.path[:0] = [%r, %r]\n"
+            "from compute_floor import floor\nfrom models import MODELS\nfrom scalellm import LLM\n"
+            "llm = LLM(MODELS[%r](), dtype='bfloat16', kv_cache_memory='256MiB', num_threads=int(sys.argv[1]))\n"
+            "floor(llm, 2, 128, 4)\n"
+            "print(json.dumps({b: floor(llm, b, 128, 24)['tpot_ms']['median'] for b in %r}))"
+            % (BENCH, ROOT, name, BATCHES))
+    threads = env.pop("THREADS")
+    out = subprocess.run([PY, "-c", code, threads], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=1800)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+def part_runtime(name: str, repeats: int) -> dict:
+    settings = {"two OpenMP runtimes, 2 threads": {"SCALELLM_SHARE_OPENMP": "0", "THREADS": "2"},
+                "one OpenMP runtime, 2 threads": {"SCALELLM_SHARE_OPENMP": "1", "THREADS": "2"},
+                "one OpenMP runtime, 1 thread": {"SCALELLM_SHARE_OPENMP": "1", "THREADS": "1"}}
+    times = {label: {b: [] for b in BATCHES} for label in settings}
+    for _ in range(repeats):
+        for label, env in settings.items():
+            for b, ms in child_forward(name, dict(env)).items():
+                times[label][b].append(ms)
+    return {"times": times}
+
+
+# -- part 2: the whole server at milestone commits ------------------------------------------------
+def worktree(commit: str) -> str:
+    if commit == "HEAD":
+        return ROOT
+    path = os.path.join(BENCH, ".cache", "worktrees", commit)
+    if not os.path.exists(path):
+        subprocess.check_call(["git", "worktree", "add", "--detach", "-f", path, commit], cwd=ROOT,
+                              stdout=subprocess.DEVNULL)
+    return path
+
+
+def serve_and_drive(tree: str, folder: str, args) -> dict[int, dict]:
+    from serving import Proc, loadgen, MAX_MODEL_LEN, NAME
+
+    p = Proc("ablation", [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}", "--dtype", "bfloat16",
+                          "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN)],
+             env={"PYTHONPATH": tree}, cwd=tree)
+    try:
+        return {c: loadgen(p.url, folder, c, max(8, 2 * c), args) for c in BATCHES}
+    finally:
+        p.stop()
+
+
+def part_serving(name: str, repeats: int, args) -> dict:
+    folder = MODELS[name]()
+    trees = {label: worktree(commit) for label, commit, _ in MILESTONES}
+    runs = {label: [] for label in trees}
+    for r in range(repeats):
+        for label, tree in trees.items():
+            print(f"  {name} serving {label} (repeat {r + 1})", flush=True)
+            runs[label].append(serve_and_drive(tree, folder, args))
+    return runs
+
+
+# -- report ---------------------------------------------------------------------------------------
+def _ms(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def write(results: dict, args) -> str:
+    L = ["# Ablation: each speed lever, before and after, in the same run", "",
+         f"{os.cpu_count()} cores, torch {torch.__version__}, bfloat16; {time.strftime('%Y-%m-%d')}. "
+         f"Command: `.venv/bin/python bench/ablation.py --repeats {args.repeats}`. Each cell: median over "
+         f"repeats (range in brackets); variants were interleaved so drift hits all alike.", ""]
+    for name, res in results.items():
+        L += [f"## {name}", ""]
+        if "forward" in res:
+            fw = res["forward"]
+            L += ["### Forward pass: decode step ms (bare, no server)", "",
+                  "| variant | " + " | ".join(f"batch {b}" for b in BATCHES) + " | where the batch-64 step's time goes (cProfile, self time) |",
+                  "|---|" + "---:|" * len(BATCHES) + "---|"]
+            for label, per_batch in fw["times"].items():
+                L.append(f"| {label} | " + " | ".join(_ms(per_batch[b]) for b in BATCHES) +
+                         f" | {fw['profiles'][label]} |")
+        if "runtime" in res:
+            L += ["", "### OpenMP runtimes and compute threads: decode step ms (current forward, fresh process each)", "",
+                  "| setting | " + " | ".join(f"batch {b}" for b in BATCHES) + " |", "|---|" + "---:|" * len(BATCHES)]
+            for label, per_batch in res["runtime"]["times"].items():
+                L.append(f"| {label} | " + " | ".join(_ms(per_batch[b]) for b in BATCHES) + " |")
+        if "serving" in res:
+            L += ["", "### Whole server at milestone commits: output tok/s (TPOT p50 ms)", "",
+                  "| milestone | commit | adds | " + " | ".join(f"c={c}" for c in BATCHES) + " |",
+                  "|---|---|---|" + "---:|" * len(BATCHES)]
+            for label, commit, adds in MILESTONES:
+                runs = res["serving"].get(label) or []
+                cells = []
+                for c in BATCHES:
+                    tps = [run[c]["output_throughput"] for run in runs]
+                    tpot = [run[c]["tpot_ms"]["median"] for run in runs]
+                    cells.append(f"{statistics.median(tps):.1f} ({statistics.median(tpot):.2f})" if tps else "–")
+                L.append(f"| {label} | {commit} | {adds} | " + " | ".join(cells) + " |")
+        L.append("")
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, "ablation.md")
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+    with open(os.path.join(RESULTS, "ablation.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny-llama,smollm2-135m")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-forward", action="store_true")
+    ap.add_argument("--skip-serving", action="store_true")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    args = ap.parse_args()
+    results = {}
+    for name in args.models.split(","):
+        res = results[name] = {}
+        if not args.skip_forward:
+            print(f"== {name}: forward pass", flush=True)
+            res["forward"] = part_forward(name, args.repeats)
+            print(f"== {name}: OpenMP runtimes and threads", flush=True)
+            res["runtime"] = part_runtime(name, args.repeats)
+        if not args.skip_serving:
+            res["serving"] = part_serving(name, max(1, args.repeats - 1), args)
+        print(f"wrote {write(results, args)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
