@@ -78,11 +78,12 @@ def build_checkpoint(arch: str, folder: str, seed: int = 0, max_shard_size: str 
     return folder
 
 
-def hf_greedy(folder: str, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
+def hf_greedy(folder: str, prompts: list[list[int]], max_new_tokens: int, **config_overrides
+              ) -> tuple[list[list[int]], list[list[float]]]:
     """transformers' own greedy generate (float32, one prompt at a time) and chosen-token logprobs."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **config_overrides)
     model.generation_config.eos_token_id = None
     tokens, logprobs = [], []
     with torch.no_grad():
@@ -115,3 +116,25 @@ def prompt_logits(model, token_ids: list[int], block_size: int = 16) -> torch.Te
 def hf_prompt_logits(model, token_ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([token_ids])).logits[0].float()
+
+
+def model_greedy(model, prompt: list[int], max_new_tokens: int, chunk: int = 24, block_size: int = 16) -> list[int]:
+    """Greedy decoding straight through a loaded ScaleLLM model and the attention ops, without the
+    engine: the prompt in prefill chunks of `chunk` tokens, then one decode step per token."""
+    from scalellm import ops
+
+    c = model.config
+    num_blocks = -(-(len(prompt) + max_new_tokens) // block_size)
+    cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=model.dtype)
+    table = list(range(num_blocks))  # block i holds positions [i * block_size, (i + 1) * block_size)
+    for start in range(0, len(prompt), chunk):
+        n = min(chunk, len(prompt) - start)
+        meta = ops.build_attention_metadata(block_size, list(range(start, start + n)), [], [],
+                                            [(0, n, start + n, table)], c.sliding_window)
+        hidden = model.forward(torch.tensor(prompt[start:start + n]), torch.arange(start, start + n), cache, meta)
+    out = [int(model.logits(hidden[-1:]).argmax())]
+    for p in range(len(prompt), len(prompt) + max_new_tokens - 1):
+        meta = ops.build_attention_metadata(block_size, [p], [table], [p + 1], [], c.sliding_window)
+        hidden = model.forward(torch.tensor(out[-1:]), torch.tensor([p]), cache, meta)
+        out.append(int(model.logits(hidden).argmax()))
+    return out
