@@ -32,9 +32,6 @@ def test_model_and_attention_ops_follow_the_window(windowed):
     assert [model_greedy(loaded.model, p, MAX_NEW, chunk=24) for p in prompts] == expected
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "LLMEngine caps max_model_len at sliding_window (scalellm/engine/engine.py), so a Mistral model "
-    "cannot take prompts longer than its window although the attention ops implement the window"))
 def test_engine_serves_contexts_longer_than_the_window(windowed):
     folder, prompts, expected = windowed
     llm = LLM(folder, dtype="float32", max_num_batched_tokens=24)

@@ -66,9 +66,7 @@ class LLMEngine:
         set_compute_threads(self.num_threads)
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
-        context = loaded.config.max_position_embeddings
-        if loaded.config.sliding_window:
-            context = min(context, loaded.config.sliding_window)
+        context = loaded.config.max_position_embeddings  # a sliding window limits attention, not the context
         self.max_model_len = min(config.max_model_len or context, context)
         per_block = kv_bytes_per_token(loaded.model) * config.block_size
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory // per_block)
