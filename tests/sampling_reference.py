@@ -54,8 +54,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def run_sampler(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], int]] | None = None,
-                eos_token_ids: tuple[int, ...] = ()):
+def run_sampler(logits: torch.Tensor, params: list[SamplingParams],
+                histories: list[tuple[list[int], int]] | None = None, eos_token_ids: tuple[int, ...] = ()):
     """The project's sampler on constructed logits, one row per params; histories give each row's
     (token ids, prompt length), by default a one-token prompt and no output. The one place that builds
     engine sequences for sampling tests, so an interface change is adapted here only."""

@@ -3,8 +3,6 @@ with staggered arrivals, under preemption, and with prefix reuse."""
 import asyncio
 import random
 
-import pytest
-
 from scalellm import SamplingParams
 from scalellm.config import EngineConfig
 from scalellm.engine.async_engine import AsyncEngine

@@ -1,4 +1,5 @@
-"""GGUF dequantization of every float and block format, and the bundled SmolLM2: our model's logits and a sensible answer."""
+"""GGUF dequantization of every float and block format, and the bundled SmolLM2: our model's logits
+and a sensible answer."""
 import os
 
 import numpy as np
