@@ -1,7 +1,9 @@
 """Start the real server (python -m scalellm.server) on a free loopback port for end-to-end tests."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,7 +51,7 @@ class ServerProcess:
         raise TimeoutError(f"server not healthy after {timeout} s: {self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        """The end of the server's log (it writes straight to the file; readable after stop too)."""
         with open(self.log_path) as f:
             return f.read()[-4000:]
 
@@ -69,3 +71,75 @@ class ServerProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def post_json(url: str, path: str, body: dict, timeout: float = 60.0) -> dict:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"POST {path} answered {e.code}: {e.read()[:400]!r}") from None
+
+
+def single_token_id(url: str, text: str) -> int:
+    """The id of a token given by its text (as logprobs show it); fails if the text is not one token."""
+    ids = post_json(url, "/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
+    assert len(ids) == 1 and post_json(url, "/detokenize", {"tokens": ids})["prompt"] == text, text
+    return ids[0]
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample in /metrics, keyed as in the text format: name or name{label="value",...}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            values[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return values
+
+
+def is_idle(m: dict[str, float]) -> bool:
+    return (m["scalellm:kv_cache_usage_perc"] == 0 and m["scalellm:num_requests_running"] == 0
+            and m["scalellm:num_requests_waiting"] == 0)
+
+
+def wait_idle(url: str, timeout: float = 20.0) -> dict[str, float]:
+    """Scrape until the engine holds no request and no KV block, or the timeout passes; the last scrape."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(url)
+        if is_idle(m) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+def wait_running(url: str, count: int, timeout: float = 20.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(url)
+        if m["scalellm:num_requests_running"] >= count:
+            return m
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} request(s) running after {timeout} s")
+        time.sleep(0.02)
+
+
+def copy_checkpoint(folder: str, dest: str, config: dict | None = None,
+                    generation_config: dict | None = None) -> str:
+    """A copy of a checkpoint folder with some config.json / generation_config.json fields changed."""
+    shutil.copytree(folder, dest)
+    for name, changes in (("config.json", config), ("generation_config.json", generation_config)):
+        if changes:
+            path = os.path.join(dest, name)
+            with open(path) as f:
+                data = json.load(f)
+            data.update(changes)
+            with open(path, "w") as f:
+                json.dump(data, f)
+    return dest
