@@ -6,6 +6,8 @@ import contextlib
 import hmac
 import logging
 import os
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -197,27 +199,76 @@ class Server:
         return web.json_response({"prompt": text})
 
 
+def exit_process(code: int) -> None:
+    """Flush the logs and leave at once: the interpreter's own teardown (torch, numba) takes seconds."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _in_daemon_thread(fn) -> asyncio.Future:
+    """fn() on a daemon thread; unlike asyncio.to_thread, leaving the event loop never waits for it."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as e:
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="scalellm-load", daemon=True).start()
+    return future
+
+
 async def serve(server: Server, engine_factory, host: str, port: int, shutdown_grace: float,
                 ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> int:
     """Listen at once (health says 503 while loading), load the engine on a thread, serve until
-    stopped, then drain: refuse new work, let in-flight requests finish within the grace period."""
+    SIGTERM or SIGINT, then drain: refuse new work and give in-flight requests the grace period to
+    finish; past it, abort them and exit. A second signal exits at once."""
     import signal
 
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("%s while shutting down: exiting now", name)
+            exit_process(1)
+        log.info("%s: shutting down", name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(server.make_app(), handler_cancellation=True, access_log=None)
+            loop.add_signal_handler(sig, on_signal, sig)
+    # On cleanup a handler still running gets this long before it is cancelled, which aborts its
+    # requests; the grace period itself is waited for below.
+    runner = web.AppRunner(server.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     url = f"http://{host}:{port}"
     log.info("listening on %s (loading the model)", url)
+    loading = _in_daemon_thread(engine_factory)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        log.info("stopped while loading the model")
+        await runner.cleanup()
+        return 0
     try:
-        engine = await asyncio.to_thread(engine_factory)
+        engine = loading.result()
     except Exception as e:
         log.error("could not load the model: %s", e)
+        stopping.cancel()
         await runner.cleanup()
         return 1
     server.attach(AsyncEngine(engine))
@@ -228,14 +279,21 @@ async def serve(server: Server, engine_factory, host: str, port: int, shutdown_g
              e.kv_capacity_tokens)
     if ready is not None:
         ready.set()
-    await stop.wait()
+    await stopping
     server.state = "draining"
     log.info("draining: %d request(s) in flight, up to %.0f s", server.in_flight, shutdown_grace)
-    deadline = time.monotonic() + shutdown_grace
-    while server.in_flight and time.monotonic() < deadline:
+    deadline = loop.time() + shutdown_grace
+    while server.in_flight and loop.time() < deadline:
         await asyncio.sleep(0.05)
+    if server.in_flight:
+        log.warning("grace period over: aborting %d request(s) still in flight", server.in_flight)
     await runner.cleanup()
+    idle_by = loop.time() + 2.0  # the engine thread frees the aborted requests' blocks on its next turn
+    while engine.has_unfinished() and loop.time() < idle_by:
+        await asyncio.sleep(0.02)
+    stats = engine.stats()
     await server.engine.stop()
     server.pool.shutdown(wait=False)
-    log.info("stopped")
+    log.info("stopped: %d request(s) left in the engine, %d KV blocks in use",
+             stats["num_running"] + stats["num_waiting"], stats["kv_blocks_used"])
     return 0
