@@ -39,8 +39,9 @@ def default_compute_threads(model) -> int:
 def set_compute_threads(n: int) -> None:
     import numba
 
-    torch.set_num_threads(n)
+    # numba first: starting its OpenMP pool resets the calling thread's OpenMP thread count
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(n)
 
 
 @dataclass
