@@ -21,13 +21,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, wait: bool = True, timeout: float = 120.0):
+    def __init__(self, *args: str, wait: bool = True, timeout: float = 120.0, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"scalellm-test-{self.port}.log")
         self.log = open(self.log_path, "w")
         cmd = [sys.executable, "-m", "scalellm.server", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env} if env else None)
         if wait:
             self.wait_healthy(timeout)
 

@@ -161,22 +161,9 @@ def _sse_texts(server, body) -> list[str]:
     return [c["choices"][0]["text"] for c in chunks]
 
 
-@pytest.fixture(scope="module")
-def utf8_server(llama_folder):
-    """A server of its own: after the 49k-id stop list below, glibc's malloc raises its mmap threshold
-    in the server process, whose RSS then grows under later load (which the load test measures)."""
-    from tests.server_utils import ServerProcess
-
-    server = ServerProcess("--model", llama_folder, "--dtype", "float32", "--served-model-name", MODEL,
-                           "--max-model-len", "256", "--kv-cache-memory", "16MB")
-    yield server
-    server.stop()
-
-
-def test_streamed_utf8_split_across_tokens(utf8_server, llama_llm):
+def test_streamed_utf8_split_across_tokens(llama_server, llama_llm):
     """Characters that byte-level BPE splits over two tokens arrive whole in the stream, and the text
     equals the non-streamed one and the tokenizer's decode of the same tokens."""
-    llama_server = utf8_server
     tok = llama_llm.tokenizer
     smile, cjk = tok.encode("\U0001F642", add_special_tokens=False), tok.encode("\u4642", add_special_tokens=False)
     assert len(smile) == len(cjk) == 2 and smile[1] == cjk[1]  # lead bytes, then shared continuation bytes
