@@ -22,7 +22,8 @@ def complete(server, prompt, **fields) -> dict:
 def steps(choice) -> list[tuple[float, list[float]]]:
     """Per generated token: (its raw logprob, the returned top raw logprobs in descending order)."""
     lp = choice["logprobs"]
-    return [(chosen, sorted(top.values(), reverse=True)) for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"])]
+    return [(chosen, sorted(top.values(), reverse=True))
+            for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"])]
 
 
 def is_top1(chosen: float, top: list[float]) -> bool:
@@ -89,7 +90,8 @@ def test_n_gives_independent_samples(llama_server):
 
 def test_top_k(llama_server):
     greedy = complete(llama_server, "Once", max_tokens=16, temperature=0)["choices"][0]["text"]
-    assert complete(llama_server, "Once", max_tokens=16, temperature=5.0, top_k=1, seed=3)["choices"][0]["text"] == greedy
+    one = complete(llama_server, "Once", max_tokens=16, temperature=5.0, top_k=1, seed=3)
+    assert one["choices"][0]["text"] == greedy
     kw = dict(max_tokens=12, temperature=1.0, n=4, seed=5, logprobs=4)
     kept = draws(complete(llama_server, "Once", top_k=4, **kw))
     assert all(c >= t[3] - 1e-5 for c, t in kept)  # only the 4 most likely tokens are drawn
