@@ -1,0 +1,168 @@
+"""Plant known bugs, one at a time, in a temporary copy of the repository and check the tests catch each.
+
+    .venv/bin/python tools/plant_bugs.py            # each bug against its related test files
+    .venv/bin/python tools/plant_bugs.py --full     # each bug against the whole suite (slow)
+    .venv/bin/python tools/plant_bugs.py --only b,c # some of the bugs
+
+A bug is a textual patch: the first string must occur exactly once in the file, or the bug is reported
+as "patch did not apply" (update its anchor in BUGS when the code around it changes). The copy holds
+the working tree as git sees it (tracked and untracked files, not ignored ones) and runs with this
+checkout's virtual environment; its own `scalellm` is the one imported, which the script checks first.
+Exit status 0 only when every bug is caught.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+
+
+@dataclass
+class Bug:
+    key: str
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: list[str]
+
+
+SAMPLING_TESTS = ["tests/test_sampling.py", "tests/test_sampler_distributions.py", "tests/test_server_sampling.py"]
+MODEL_TESTS = ["tests/test_weights_matter.py", "tests/test_correctness.py"]
+
+BUGS = [
+    Bug("a", "repetition_penalty forced to 1.0 in the sampling batch", "scalellm/engine/sampler.py",
+        "f32(_REPETITION)", "torch.ones(rows, dtype=torch.float32)", SAMPLING_TESTS),
+    Bug("b", "the server forces greedy decoding", "scalellm/server/serving.py",
+        "temperature=1.0 if req.temperature is None else req.temperature", "temperature=0.0",
+        ["tests/test_server_sampling.py", "tests/test_server_api.py"]),
+    Bug("c", "non-streamed requests are not aborted when their client leaves", "scalellm/server/app.py",
+        "handler_cancellation=True", "handler_cancellation=False", ["tests/test_cancellation.py"]),
+    Bug("d", "q/k/v bias ignored at load", "scalellm/model/weights.py",
+        "Linear(qkv, bias)", "Linear(qkv, None)", MODEL_TESTS),
+    Bug("e", "post-attention norm weight replaced by ones at load", "scalellm/model/weights.py",
+        'post_norm=get(p + "post_attention_layernorm.weight")',
+        'post_norm=torch.ones_like(get(p + "post_attention_layernorm.weight"))', MODEL_TESTS),
+]
+
+# Not a bug to find: proves the copy's code is what the tests run (a syntax error must break them).
+CANARY = Bug("canary", "syntax error in the copy's scalellm/__init__.py", "scalellm/__init__.py",
+             "from scalellm.llm import LLM", "from scalellm.llm import LLM)", ["tests/test_validation.py"])
+
+
+def copy_tree(dest: str) -> None:
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = os.path.join(ROOT, rel)
+        if not os.path.isfile(src):  # deleted in the working tree
+            continue
+        os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+        shutil.copy2(src, os.path.join(dest, rel))
+    # numba's compiled-function cache: valid in the copy too (keyed by the source's mtime and size,
+    # which copy2 keeps), and it spares each server started there a minute of compiling
+    for folder, _, files in os.walk(os.path.join(ROOT, "scalellm")):
+        for name in files:
+            if name.endswith((".nbi", ".nbc")):
+                rel = os.path.relpath(os.path.join(folder, name), ROOT)
+                os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+                shutil.copy2(os.path.join(ROOT, rel), os.path.join(dest, rel))
+
+
+def env_for(copy: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=copy, PYTHONDONTWRITEBYTECODE="1")
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+def check_imports_copy(copy: str) -> None:
+    out = subprocess.run([PYTHON, "-c", "import scalellm, tests; print(scalellm.__file__); print(tests.__file__)"],
+                         cwd=copy, env=env_for(copy), check=True, capture_output=True, text=True).stdout.split()
+    for path in out:
+        if not os.path.realpath(path).startswith(os.path.realpath(copy) + os.sep):
+            sys.exit(f"the copy imports {path}, not its own code: results would be meaningless")
+
+
+def apply(copy: str, bug: Bug) -> str | None:
+    """Patch the copy; the original text (to restore), or None when the anchor is not found exactly once."""
+    path = os.path.join(copy, bug.path)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = f.read()
+    if text.count(bug.old) != 1:
+        return None
+    with open(path, "w") as f:
+        f.write(text.replace(bug.old, bug.new))
+    return text
+
+
+def run_tests(copy: str, files: list[str]) -> tuple[int, list[str], float]:
+    cmd = [PYTHON, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *files]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=copy, env=env_for(copy), capture_output=True, text=True)
+    failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return proc.returncode, failed, time.monotonic() - start
+
+
+def verdict(rc: int) -> str:
+    if rc == 1:
+        return "caught"
+    if rc in (2, 3, 4):  # collection error, internal error, conftest import error: the suite fails too
+        return f"caught (the tests could not run, pytest exit {rc})"
+    return {0: "MISSED", 5: "no tests ran"}.get(rc, f"pytest exit {rc}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="run the whole suite for each bug, not its related files")
+    ap.add_argument("--only", default=None, help="comma-separated bug keys (default: all)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    args = ap.parse_args()
+    bugs = [b for b in BUGS if args.only is None or b.key in args.only.split(",")]
+    copy = tempfile.mkdtemp(prefix="scalellm-planted-")
+    results = []
+    try:
+        copy_tree(copy)
+        check_imports_copy(copy)
+        print(f"copy of {ROOT} in {copy}; tests: {'the whole suite' if args.full else 'each bug’s related files'}")
+        for bug in [CANARY, *bugs]:
+            original = apply(copy, bug)
+            if original is None:
+                status, failed, seconds = "PATCH DID NOT APPLY", [], 0.0
+                print(f"!!! {bug.key}: '{bug.old}' is not found exactly once in {bug.path}: update BUGS")
+            else:
+                files = [] if args.full else [f for f in bug.tests if os.path.exists(os.path.join(copy, f))]
+                try:
+                    rc, failed, seconds = run_tests(copy, files)
+                finally:
+                    with open(os.path.join(copy, bug.path), "w") as f:
+                        f.write(original)
+                status = verdict(rc)
+            results.append((bug, status))
+            print(f"[{bug.key}] {bug.name}: {status} ({seconds:.0f} s)" + (f" by {failed[0]}" if failed else ""),
+                  flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {copy}")
+        else:
+            shutil.rmtree(copy, ignore_errors=True)
+    canary_ok = results[0][1].startswith("caught")
+    if not canary_ok:
+        print("the canary was not caught: the tests do not run the copy's code")
+    missed = [b.key for b, status in results[1:] if not status.startswith("caught")]
+    caught = len(results) - 1 - len(missed)
+    print(f"{caught}/{len(results) - 1} bugs caught" + (f"; not caught: {missed}" if missed else ""))
+    return 0 if canary_ok and not missed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
