@@ -125,39 +125,6 @@ class Server:
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    async def timed(self, deltas, num_choices: int, stages: dict[str, float]):
-        """Pass deltas through, recording latency metrics, outcomes, and the engine's stage times."""
-        m = self.metrics
-        start = time.monotonic()
-        last: dict[tuple[int, int], float] = {}
-        finished = 0
-        try:
-            async for i, d in deltas:
-                now = time.monotonic()
-                key = (i, d.index)
-                if key in last:
-                    m.itl.observe(now - last[key])
-                else:
-                    m.ttft.observe(now - start)
-                    m.prompt_tokens.inc(d.num_prompt_tokens if d.index == 0 else 0)
-                    if d.queue_time is not None:
-                        m.queue.observe(d.queue_time)
-                last[key] = now
-                m.generation_tokens.inc(len(d.token_ids))
-                if d.finish_reason is not None:
-                    finished += 1
-                    m.requests.labels(d.finish_reason).inc()
-                    if d.timings is not None:
-                        t = d.timings
-                        for name, value in (("queue", t.queue), ("prefill", t.prefill), ("decode", t.decode),
-                                            ("detokenize", t.detokenize)):
-                            stages[name] = stages.get(name, 0.0) + value
-                yield i, d
-        finally:
-            m.e2e.observe(time.monotonic() - start)
-            if finished < num_choices:
-                m.requests.labels("abort").inc(num_choices - finished)
-
     # -- small endpoints -----------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
         if self.state != "serving":
