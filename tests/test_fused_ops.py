@@ -69,20 +69,22 @@ def test_serial_and_parallel_builds_agree(dtype, tol, rows):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, dict(atol=1e-4, rtol=1e-4)),
                                         (torch.bfloat16, dict(atol=6e-2, rtol=2e-2))])
-@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("rows", [1, 2, 3, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_matches_plain_linear(dtype, tol, rows, bias):
+@pytest.mark.parametrize("out_features", [192, 700])  # below and above the parallel small-batch size
+def test_linear_paths_agree(dtype, tol, rows, bias, out_features):
+    """numba small-batch kernel, oneDNN packed weights and torch's plain linear give the same result."""
     torch.manual_seed(rows)
-    weight = (torch.randn(192, 80) / 9).to(dtype)
-    b = torch.randn(192).to(dtype) if bias else None
-    x, residual = torch.randn(rows, 80).to(dtype), torch.randn(rows, 192).to(dtype)
-    packed, plain = Linear(weight.clone(), b), Linear(weight.clone(), b, pack=False)
-    assert plain.packed is None
-    if packed.packed is None:
+    weight = (torch.randn(out_features, 160) / 12).to(dtype)
+    b = torch.randn(out_features).to(dtype) if bias else None
+    x, residual = torch.randn(rows, 160).to(dtype), torch.randn(rows, out_features).to(dtype)
+    paths = {"small": Linear(weight.clone(), b), "packed": Linear(weight.clone(), b, small_batch=False),
+             "plain": Linear(weight.clone(), b, pack=False, small_batch=False)}
+    assert paths["plain"].packed is None and paths["packed"]._plain is None
+    if paths["packed"].packed is None:
         pytest.skip("this torch build has no oneDNN packed linear; the plain path serves")
     ref = F.linear(x.double(), weight.double(), None if b is None else b.double())
-    torch.testing.assert_close(packed(x).double(), ref, **tol)
-    torch.testing.assert_close(plain(x).double(), ref, **tol)
-    torch.testing.assert_close(packed(x, residual).double(), ref + residual.double(), **tol)
-    torch.testing.assert_close(plain(x, residual).double(), ref + residual.double(), **tol)
-    torch.testing.assert_close(packed(x), plain(x), **tol)
+    for name, lin in paths.items():
+        torch.testing.assert_close(lin(x).double(), ref, **tol, msg=name)
+        torch.testing.assert_close(lin(x, residual).double(), ref + residual.double(), **tol, msg=name)
+    torch.testing.assert_close(paths["small"](x), paths["plain"](x), **tol)

@@ -11,6 +11,8 @@ from tqdm import tqdm
 
 from scalellm.model.config import ModelConfig
 from scalellm.ops import Linear
+
+SMALL_BATCH_COPY_BYTES = 4 << 30  # above this much projection weight, no plain copies for small batches
 from scalellm.model.llama import LayerWeights, LlamaModel
 
 
@@ -85,6 +87,13 @@ def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
     def get(name: str) -> torch.Tensor:
         return found.pop(name)
 
+    # Small batches use a second, plain copy of each projection (ops.Linear); skipped for big models.
+    projection_bytes = sum(t.numel() * t.element_size() for n, t in found.items() if n.endswith("proj.weight"))
+    small_batch = projection_bytes <= SMALL_BATCH_COPY_BYTES
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        return Linear(weight, bias, small_batch=small_batch)
+
     layers = []
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
@@ -92,14 +101,15 @@ def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
         bias = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"]) if c.qkv_bias else None
         layers.append(LayerWeights(
             input_norm=get(p + "input_layernorm.weight"),
-            qkv=Linear(qkv, bias),
+            qkv=linear(qkv, bias),
             q_norm=get(p + "self_attn.q_norm.weight") if c.qk_norm else None,
             k_norm=get(p + "self_attn.k_norm.weight") if c.qk_norm else None,
-            o_proj=Linear(get(p + "self_attn.o_proj.weight")),
+            o_proj=linear(get(p + "self_attn.o_proj.weight")),
             post_norm=get(p + "post_attention_layernorm.weight"),
-            gate_up=Linear(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])),
-            down=Linear(get(p + "mlp.down_proj.weight")),
+            gate_up=linear(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])),
+            down=linear(get(p + "mlp.down_proj.weight")),
         ))
     embed = get("model.embed_tokens.weight")
-    lm_head = Linear(embed if c.tie_word_embeddings else get("lm_head.weight"))
+    lm_head = Linear(embed if c.tie_word_embeddings else get("lm_head.weight"),
+                     small_batch=small_batch or c.tie_word_embeddings)
     return LlamaModel(c, embed, layers, get("model.norm.weight"), lm_head, max_positions)

@@ -161,6 +161,46 @@ def _write_kv(k, v, k_cache, v_cache, slots):
         v_cache[b, o] = v[t]
 
 
+@njit(inline="always", nogil=True, fastmath=FAST)
+def _gemv_rows(xs, w, bias, residual, out, lo, hi):
+    m, k = xs.shape
+    for i in range(lo, hi):
+        for r in range(m):
+            s = np.float32(0.0)
+            for j in range(k):
+                s += load(w[i, j]) * xs[r, j]
+            if bias.shape[0]:
+                s += load(bias[i])
+            if residual.shape[0]:
+                s += load(residual[r, i])
+            store(out, (r, i), s)
+
+
+def _small_gemm(x, w, bias, residual, out):
+    """out = x @ w^T (+ bias) (+ residual) for a few rows of x: each weight row is streamed once from
+    memory and dotted with every row of x (float32 accumulation, one rounding at the store)."""
+    m, k = x.shape
+    n = w.shape[0]
+    xs = np.empty((m, k), np.float32)
+    for r in range(m):
+        for j in range(k):
+            xs[r, j] = load(x[r, j])
+    chunks = min(n, 64)
+    for c in prange(chunks):
+        _gemv_rows(xs, w, bias, residual, out, c * n // chunks, (c + 1) * n // chunks)
+
+
+_small_gemm_serial = njit(nogil=True, cache=True, fastmath=FAST)(_small_gemm)
+_small_gemm_parallel = njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(_small_gemm)
+PARALLEL_GEMM_ELEMENTS = 100_000  # weights from which a small-batch GEMM splits its rows over threads
+
+
+def small_gemm(x: np.ndarray, w: np.ndarray, bias: np.ndarray, residual: np.ndarray, out: np.ndarray) -> None:
+    """numba-ready arrays; bias and residual may be empty (shape[0] == 0) to skip them."""
+    kernel = _small_gemm_parallel if w.shape[0] * w.shape[1] >= PARALLEL_GEMM_ELEMENTS else _small_gemm_serial
+    kernel(x, w, bias, residual, out)
+
+
 @njit(parallel=True, fastmath=FAST, nogil=True, cache=True)
 def _prefill_attention(out, q, k_cache, v_cache, key_slots, query_start, query_len, context_len, window, scale):
     """One chunk of one sequence: queries at positions context_len - query_len .. context_len - 1."""

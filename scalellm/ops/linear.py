@@ -2,16 +2,24 @@
 
 On the CPU the weight is packed once, at load, into oneDNN's blocked layout (a plain torch linear
 re-lays it out on every call, which costs up to half the time of a small-batch GEMM), and the
-residual add rides in the GEMM's epilogue. torch.ops.mkldnn is a private API: when it is missing or
-refuses the weight, the plain torch path serves instead (tests check that both agree).
+residual add rides in the GEMM's epilogue. Batches of one or two rows go to a numba kernel over the
+plain weight instead: it streams the weight once per call at close to memory bandwidth, where
+oneDNN's fixed per-call cost dominates (1.3-2x faster at these sizes, bench/results/ablation.md).
+torch.ops.mkldnn is a private API: when it is missing or refuses the weight, the plain torch path
+serves instead (tests check that all paths agree).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scalellm.ops.cpu_kernels import small_gemm
+from scalellm.ops.numba_util import as_numba
+
 PACK_BATCH_HINT = 128  # the batch size oneDNN tunes the packed layout for; measured flat from 1 to 512
 PACK_WEIGHTS = True  # the default for new Linears (benchmarks turn it off to measure the plain path)
+SMALL_BATCH_ROWS = 2  # batches up to this many rows take the numba kernel when the plain weight is kept
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -20,18 +28,27 @@ def _can_pack(weight: torch.Tensor) -> bool:
 
 
 class Linear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool | None = None,
+                 small_batch: bool = True):
+        """small_batch: keep the plain weight beside the packed one for the numba small-batch path
+        (the weight is then held twice, unless it is shared, like a tied embedding)."""
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.bias = bias
-        self.weight: torch.Tensor | None = weight  # kept only where the plain path serves
+        self.weight: torch.Tensor | None = weight.contiguous()  # the plain weight, where a path needs it
         self.packed: torch.Tensor | None = None
+        self._plain = self._bias = None  # numba views for the small-batch path
         if (PACK_WEIGHTS if pack is None else pack) and _can_pack(weight):
             try:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
-                self.weight = None
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
             except RuntimeError:
                 self.packed = None
+        if small_batch and self.weight.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
+            self._plain = as_numba(self.weight)
+            self._bias = np.zeros(0, self._plain.dtype) if bias is None else as_numba(bias)
+            self._no_residual = np.zeros((0, 0), self._plain.dtype)
+        elif self.packed is not None:
+            self.weight = None
 
     @property
     def numel(self) -> int:
@@ -39,6 +56,11 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T + bias, plus `residual` when given (a new tensor; the inputs are not modified)."""
+        if self._plain is not None and x.shape[0] <= SMALL_BATCH_ROWS and x.dim() == 2:
+            out = torch.empty(x.shape[0], self.out_features, dtype=self.dtype)
+            small_gemm(as_numba(x), self._plain, self._bias,
+                       self._no_residual if residual is None else as_numba(residual), as_numba(out))
+            return out
         if self.packed is not None:
             if residual is None:
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], None)
