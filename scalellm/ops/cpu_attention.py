@@ -13,7 +13,7 @@ import torch
 from numba import prange
 
 from scalellm.ops.cpu_kernels import twin
-from scalellm.ops.numba_util import as_numba, exp_neg, load, store
+from scalellm.ops.numba_util import as_numba, exp_f32, load, store
 
 PARALLEL_TASKS = 16  # (sequence, KV head) tasks from which the parallel build runs
 
@@ -49,7 +49,7 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_le
                 m = max(m, scores[g, t])
             total = np.float32(0.0)
             for t in range(length):
-                e = exp_neg(scores[g, t] - m)
+                e = exp_f32(scores[g, t] - m)
                 scores[g, t] = e
                 total += e
             inv = np.float32(1.0) / total

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from scalellm.ops.numba_util import as_numba, load, round_as, store
+from scalellm.ops.numba_util import as_numba, exp_f32, load, round_as, store
 
 # Reassociation lets LLVM vectorize the reductions; no-NaN/no-Inf assumptions stay off (masked scores
 # are -inf, and a NaN must propagate rather than vanish).
@@ -145,7 +145,7 @@ def _silu_mul(out, x):
     for t in prange(tokens):
         for i in range(n):
             g = load(x[t, i])
-            s = round_as(x[t, i], g / (np.float32(1.0) + np.exp(-g)))
+            s = round_as(x[t, i], g / (np.float32(1.0) + exp_f32(-g)))
             store(out, (t, i), s * load(x[t, n + i]))
 
 
@@ -226,7 +226,7 @@ def _prefill_attention(out, q, k_cache, v_cache, key_slots, query_start, query_l
             m = max(m, s)
         total = np.float32(0.0)
         for j in range(scores.shape[0]):
-            scores[j] = np.exp(scores[j] - m)
+            scores[j] = exp_f32(scores[j] - m)
             total += scores[j]
         acc = np.zeros(dim, np.float32)
         for t in range(lo, pos + 1):

@@ -1,6 +1,6 @@
-"""The CPU engine's torch path: elementwise ops (faster than their numba twins at serving sizes,
-measured in bench/kernels.py) and prefill-chunk attention through SDPA over the gathered context.
-Numerics follow transformers, so float32 runs match it."""
+"""torch compositions of the ops: the reference the kernels are tested against, and the CPU engine's
+path for SiLU-mul (faster than its numba twin) and prefill-chunk attention (SDPA over the gathered
+context). Numerics follow transformers, so float32 runs match it."""
 from __future__ import annotations
 
 import torch
