@@ -9,6 +9,8 @@ rounds (numba_util.round_as), so outputs follow transformers' bfloat16 numerics;
 """
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import torch
 from numba import njit, prange
@@ -21,10 +23,18 @@ FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
 PARALLEL_ROWS = 64  # rows (tokens) from which the parallel build runs
 
 
+def renamed(fn, suffix: str):
+    """The same function under another qualified name: numba's on-disk cache is keyed by the name and
+    not by compile options, so two builds of one function would otherwise load each other's code."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = f"{fn.__qualname__}_{suffix}"
+    return copy
+
+
 def twin(fn):
     """Serial and parallel builds of one kernel: call `pick(rows)` for the one that suits a batch."""
     serial = njit(nogil=True, cache=True, fastmath=FAST)(fn)
-    parallel = njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(fn)
+    parallel = njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(renamed(fn, "parallel"))
 
     def pick(rows: int):
         return parallel if rows >= PARALLEL_ROWS else serial
@@ -191,7 +201,7 @@ def _small_gemm(x, w, bias, residual, out):
 
 
 _small_gemm_serial = njit(nogil=True, cache=True, fastmath=FAST)(_small_gemm)
-_small_gemm_parallel = njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(_small_gemm)
+_small_gemm_parallel = njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(renamed(_small_gemm, "parallel"))
 PARALLEL_GEMM_ELEMENTS = 100_000  # weights from which a small-batch GEMM splits its rows over threads
 
 
