@@ -27,17 +27,21 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 512  # per-step token budget shared by decodes and prefill chunks
-    block_size: int = 16
+    block_size: int | None = None  # tokens per KV-cache block; default: 128 on the CPU, 16 on CUDA
     kv_cache_memory: int | str = 2 * GiB
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use it to force preemption)
     enable_prefix_caching: bool = True
-    num_threads: int | None = None  # compute threads for torch and numba; None: their defaults
+    num_threads: int | None = None  # compute threads for torch and numba; None: one per core
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda":
             raise ValueError("device cuda is not available in this build yet; use --device cpu")
+        if self.block_size is None:
+            # On the CPU, decode attention streams each block: 128-token blocks measured 1.3-1.8x faster
+            # than 16-token ones on a cache larger than the processor's (bench/results/ablation.md).
+            self.block_size = 128 if self.device == "cpu" else 16
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

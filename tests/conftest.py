@@ -20,7 +20,7 @@ def llama_folder(tmp_path_factory):
 def llama_llm(llama_folder):
     from scalellm import LLM
 
-    return LLM(llama_folder, dtype="float32")
+    return LLM(llama_folder, dtype="float32", block_size=16)  # small blocks: tests reason about block sharing
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def llama_server(llama_folder):
     from tests.server_utils import ServerProcess
 
     server = ServerProcess("--model", llama_folder, "--dtype", "float32", "--served-model-name", "tiny-llama",
-                           "--max-model-len", "512", "--kv-cache-memory", "64MB")
+                           "--max-model-len", "512", "--kv-cache-memory", "64MB", "--block-size", "16")
     yield server
     server.stop()
 

@@ -58,12 +58,14 @@ def test_attention_inputs_match_norm_rotary_and_cache_write(dtype, tol, tokens, 
 @pytest.mark.parametrize("dtype, tol", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 64, 200])
 def test_serial_and_parallel_builds_agree(dtype, tol, rows):
-    """Each kernel is built serial and parallel; both must give the same result."""
+    """Each kernel is built serial and parallel; both must give the same result (up to the order of a
+    vectorized sum: a float32 ulp, or one bfloat16 rounding step)."""
     x, w = torch.randn(rows, 96).to(dtype), (1 + 0.3 * torch.randn(96)).to(dtype)
     a, b = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
     for build, out in ((cpu_kernels._rms_norm.serial, a), (cpu_kernels._rms_norm.parallel, b)):
         build(as_numba(out), as_numba(x), as_numba(w), np.float32(1e-6))
-    assert torch.equal(a, b)
+    close = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(a, b, **close)
     torch.testing.assert_close(a, R.rms_norm(x, w, 1e-6), **tol)
 
 

@@ -15,7 +15,7 @@ from numba import prange
 from scalellm.ops.cpu_kernels import twin
 from scalellm.ops.numba_util import as_numba, exp_f32, load, store
 
-PARALLEL_TASKS = 16  # (sequence, KV head) tasks from which the parallel build runs
+PARALLEL_SEQS = 4  # sequences from which the parallel build runs
 
 
 @twin
@@ -23,57 +23,56 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_le
     num_seqs, num_heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // kv_heads
-    for task in prange(num_seqs * kv_heads):
-        b, kh = task // kv_heads, task % kv_heads
+    for b in prange(num_seqs):  # one task per sequence: each cache block is read front to back once
         start = context_starts[b]
-        length = context_lens[b] - start
-        h0 = kh * group
-        qs = np.empty((group, head_dim), np.float32)
-        for g in range(group):
+        end = context_lens[b]
+        length = end - start
+        qs = np.empty((num_heads, head_dim), np.float32)
+        for h in range(num_heads):
             for d in range(head_dim):
-                qs[g, d] = load(q[b, h0 + g, d]) * scale
-        scores = np.empty((group, length), np.float32)
-        end = start + length
+                qs[h, d] = load(q[b, h, d]) * scale
+        scores = np.empty((num_heads, length), np.float32)
         for j in range(start // block_size, (end + block_size - 1) // block_size):
             blk = block_tables[b, j]
             for pos in range(max(start, j * block_size), min(end, (j + 1) * block_size)):
                 off = pos - j * block_size
-                for g in range(group):
-                    s = np.float32(0.0)
-                    for d in range(head_dim):
-                        s += qs[g, d] * load(k_cache[blk, off, kh, d])
-                    scores[g, pos - start] = s
-        for g in range(group):
-            m = scores[g, 0]
+                for kh in range(kv_heads):
+                    for h in range(kh * group, (kh + 1) * group):
+                        s = np.float32(0.0)
+                        for d in range(head_dim):
+                            s += qs[h, d] * load(k_cache[blk, off, kh, d])
+                        scores[h, pos - start] = s
+        for h in range(num_heads):
+            m = scores[h, 0]
             for t in range(1, length):
-                m = max(m, scores[g, t])
+                m = max(m, scores[h, t])
             total = np.float32(0.0)
             for t in range(length):
-                e = exp_f32(scores[g, t] - m)
-                scores[g, t] = e
+                e = exp_f32(scores[h, t] - m)
+                scores[h, t] = e
                 total += e
             inv = np.float32(1.0) / total
             for t in range(length):
-                scores[g, t] *= inv
-        acc = np.zeros((group, head_dim), np.float32)
+                scores[h, t] *= inv
+        acc = np.zeros((num_heads, head_dim), np.float32)
         for j in range(start // block_size, (end + block_size - 1) // block_size):
             blk = block_tables[b, j]
             for pos in range(max(start, j * block_size), min(end, (j + 1) * block_size)):
                 off = pos - j * block_size
-                for g in range(group):
-                    p = scores[g, pos - start]
-                    for d in range(head_dim):
-                        acc[g, d] += p * load(v_cache[blk, off, kh, d])
-        for g in range(group):
+                for kh in range(kv_heads):
+                    for h in range(kh * group, (kh + 1) * group):
+                        p = scores[h, pos - start]
+                        for d in range(head_dim):
+                            acc[h, d] += p * load(v_cache[blk, off, kh, d])
+        for h in range(num_heads):
             for d in range(head_dim):
-                store(out, (b, h0 + g, d), acc[g, d])
+                store(out, (b, h, d), acc[h, d])
 
 
 def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
                      context_starts: np.ndarray, context_lens: np.ndarray, scale: float, out: np.ndarray) -> None:
     """The kernel on numba-ready arrays (see paged_decode_attention)."""
-    tasks = q.shape[0] * k_cache.shape[2]
-    kernel = _decode_kernel.parallel if tasks >= PARALLEL_TASKS else _decode_kernel.serial
+    kernel = _decode_kernel.parallel if q.shape[0] >= PARALLEL_SEQS else _decode_kernel.serial
     kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, np.float32(scale), out)
 
 

@@ -29,10 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="memory for the paged KV cache, in bytes or with a unit (e.g. 4GB, 512MiB)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512,
                     help="token budget per step, shared by decodes and prefill chunks")
-    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="tokens per KV-cache block (default: 128 on the CPU, 16 on CUDA)")
     ap.add_argument("--num-threads", type=int, default=None,
-                    help="compute threads for the model step (default: one per core; for models under "
-                         "50M parameters one core is left to the event loop)")
+                    help="compute threads for the model step (default: one per core)")
     ap.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt prefixes")
     ap.add_argument("--max-queue-len", type=int, default=256,
                     help="requests that may wait beyond --max-num-seqs before new ones get 503")
