@@ -119,7 +119,8 @@ def loadgen(url: str, folder: str, concurrency: int, num: int, args) -> dict:
     out = os.path.join(LOGS, "loadgen.json")
     cmd = [PY, "-m", "tools.loadgen", "--url", url, "--model", NAME, "--tokenizer", folder,
            "--concurrency", str(concurrency), "--num-requests", str(num), "--warmup", str(min(concurrency, 4)),
-           "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--json", out, "--quiet"]
+           "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--json", out, "--quiet",
+           "--seed", str(concurrency)]  # fresh prompts per run: no prefix-cache hits carried across runs
     subprocess.check_call(cmd, cwd=ROOT)
     with open(out) as f:
         return json.load(f)
