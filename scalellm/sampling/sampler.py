@@ -1,2 +1,0 @@
-"""Moved: the sampler lives in scalellm/engine/sampler.py."""
-from scalellm.engine.sampler import SampleResult, Sampler  # noqa: F401
