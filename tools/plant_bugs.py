@@ -47,7 +47,7 @@ BUGS = [
     Bug("c", "non-streamed requests are not aborted when their client leaves", "scalellm/server/app.py",
         "handler_cancellation=True", "handler_cancellation=False", ["tests/test_cancellation.py"]),
     Bug("d", "q/k/v bias ignored at load", "scalellm/model/weights.py",
-        "Linear(qkv, bias)", "Linear(qkv, None)", MODEL_TESTS),
+        "linear(qkv, bias)", "linear(qkv, None)", MODEL_TESTS),
     Bug("e", "post-attention norm weight replaced by ones at load", "scalellm/model/weights.py",
         'post_norm=get(p + "post_attention_layernorm.weight")',
         'post_norm=torch.ones_like(get(p + "post_attention_layernorm.weight"))', MODEL_TESTS),
