@@ -4,6 +4,11 @@ Requests and aborts reach the engine thread through an inbox; each step's deltas
 loop in one callback, which appends each to its request's buffer and wakes the request's consumer only
 if it is waiting. A consumer takes everything buffered at once, so a slow consumer catches up in one
 wake-up instead of one per token.
+
+On the CPU the engine thread waits (briefly, bounded) until the loop has run the consumers a step woke
+before it starts the next step: the compute threads use every core, and the loop's burst of writes,
+landing mid-step, would preempt one of them and stall the whole parallel region at its next barrier.
+Measured on 2 cores, SmolLM2 c=64: 478 against 459 tok/s (5 paired runs, 4 faster).
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from collections.abc import AsyncIterator
 from scalellm.engine.engine import LLMEngine, set_compute_threads
 from scalellm.outputs import StreamDelta
 from scalellm.sampling_params import SamplingParams
+
+LOOP_WAIT_S = 0.05  # the most a step waits for the loop to hand out the previous step's deltas
 
 
 class DeltaBuffer:
@@ -53,6 +60,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
+        self._handed_over = threading.Event()
+        self._wait_for_loop = engine.config.device == "cpu"
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -122,7 +131,10 @@ class AsyncEngine:
                 self._fail_all(e)
                 continue
             if deltas:
+                self._handed_over.clear()
                 self._loop.call_soon_threadsafe(self._dispatch, deltas)
+                if self._wait_for_loop:
+                    self._handed_over.wait(LOOP_WAIT_S)
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -152,3 +164,5 @@ class AsyncEngine:
             buffer = streams.get(delta.request_id)
             if buffer is not None:
                 buffer.push(delta)
+        # the consumers woken above run before this callback (call_soon keeps order)
+        self._loop.call_soon(self._handed_over.set)
