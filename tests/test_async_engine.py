@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+from scalellm.engine import async_engine as async_engine_module
 from scalellm.engine.async_engine import AsyncEngine
 from scalellm.outputs import StreamDelta
 from scalellm.sampling_params import SamplingParams
@@ -54,7 +55,8 @@ async def consume(device: str) -> CountingEngine:
     return engine
 
 
-def test_each_cpu_step_starts_after_the_loop_handed_out_the_previous_one():
+def test_each_long_cpu_step_starts_after_the_loop_handed_out_the_previous_one(monkeypatch):
+    monkeypatch.setattr(async_engine_module, "LONG_STEP_S", 0.0)  # every step counts as long
     engine = asyncio.run(consume("cpu"))
     assert engine.received == list(range(1, STEPS + 1))
     assert engine.seen_at_step == list(range(STEPS))

@@ -5,16 +5,19 @@ loop in one callback, which appends each to its request's buffer and wakes the r
 if it is waiting. A consumer takes everything buffered at once, so a slow consumer catches up in one
 wake-up instead of one per token.
 
-On the CPU the engine thread waits (briefly, bounded) until the loop has run the consumers a step woke
-before it starts the next step: the compute threads use every core, and the loop's burst of writes,
-landing mid-step, would preempt one of them and stall the whole parallel region at its next barrier.
-Measured on 2 cores, SmolLM2 c=64: 478 against 459 tok/s (5 paired runs, 4 faster).
+After a long CPU step the engine thread waits (briefly, bounded) until the loop has run the consumers
+the step woke before it starts the next one: the compute threads use every core, and the loop's burst
+of writes, landing mid-step, would preempt one of them and stall the whole parallel region at its next
+barrier. Measured on 2 cores at c=64: SmolLM2 (~100 ms steps) 478 against 459 tok/s with the wait (5
+paired runs, 4 faster); the tiny Llama (~10 ms steps) 5273 against 5599 (4 paired runs, 3 slower),
+hence the wait only after steps longer than LONG_STEP_S.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -23,6 +26,7 @@ from scalellm.outputs import StreamDelta
 from scalellm.sampling_params import SamplingParams
 
 LOOP_WAIT_S = 0.05  # the most a step waits for the loop to hand out the previous step's deltas
+LONG_STEP_S = 0.02  # steps from which that wait pays
 
 
 class DeltaBuffer:
@@ -124,6 +128,7 @@ class AsyncEngine:
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            started = time.perf_counter()
             try:
                 deltas = engine.step()
             except BaseException as e:  # a failed step fails its requests, not the process
@@ -133,7 +138,7 @@ class AsyncEngine:
             if deltas:
                 self._handed_over.clear()
                 self._loop.call_soon_threadsafe(self._dispatch, deltas)
-                if self._wait_for_loop:
+                if self._wait_for_loop and time.perf_counter() - started >= LONG_STEP_S:
                     self._handed_over.wait(LOOP_WAIT_S)
 
     def _drain_inbox(self) -> None:
