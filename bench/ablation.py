@@ -48,7 +48,7 @@ MILESTONES = [
     ("small-batch GEMM", "ffd9a36", "batches of 1-2 rows: numba GEMM over the plain weight instead of oneDNN"),
     ("SiLU via torch", "e85be02", "torch's vectorized SiLU-mul instead of a scalar numba loop"),
     ("attention layout", "ff70553", "attention walks each sequence's blocks in order; 128-token blocks; every core computes"),
-    ("current", "HEAD", "everything on main"),
+    ("current", "HEAD", "everything on main (adds: the engine waits for the loop to hand out a long step's deltas)"),
 ]
 
 
@@ -79,9 +79,9 @@ def forward_variants(name: str):
     fused = {k: getattr(ops, k) for k in ("rms_norm", "silu_mul", "attention_inputs")}
     plain_ops = torch_elementwise_ops()
     linear.PACK_WEIGHTS = False
-    plain = LLM(folder, dtype="bfloat16", kv_cache_memory="256MiB")
+    plain = LLM(folder, dtype="bfloat16", kv_cache_memory="1GiB")
     linear.PACK_WEIGHTS = True
-    packed = LLM(folder, dtype="bfloat16", kv_cache_memory="256MiB")
+    packed = LLM(folder, dtype="bfloat16", kv_cache_memory="1GiB")
     return [("torch ops + plain GEMMs", plain, plain_ops, 0), ("+ packed GEMMs", packed, plain_ops, 0),
             ("+ numba norms and attention inputs", packed, fused, 0),
             ("+ small-batch numba GEMM (current)", packed, fused, linear.SMALL_BATCH_ROWS)]
@@ -133,7 +133,7 @@ def child_forward(name: str, env: dict) -> dict[int, float]:
     """Decode step ms of the current forward in a fresh process (so OpenMP and threads start anew)."""
     code = ("import sys, json; sys.path[:0] = [%r, %r]\n"
             "from compute_floor import floor\nfrom models import MODELS\nfrom scalellm import LLM\n"
-            "llm = LLM(MODELS[%r](), dtype='bfloat16', kv_cache_memory='256MiB', num_threads=int(sys.argv[1]))\n"
+            "llm = LLM(MODELS[%r](), dtype='bfloat16', kv_cache_memory='1GiB', num_threads=int(sys.argv[1]))\n"
             "floor(llm, 2, 128, 4)\n"
             "print(json.dumps({b: floor(llm, b, 128, 24)['tpot_ms']['median'] for b in %r}))"
             % (BENCH, ROOT, name, BATCHES))
@@ -199,8 +199,11 @@ def _ms(values: list[float]) -> str:
 def write(results: dict, args) -> str:
     L = ["# Ablation: each speed lever, before and after, in the same run", "",
          f"{os.cpu_count()} cores, torch {torch.__version__}, bfloat16; {time.strftime('%Y-%m-%d')}. "
-         f"Command: `.venv/bin/python bench/ablation.py --repeats {args.repeats}`. Each cell: median over "
-         f"repeats (range in brackets); variants were interleaved so drift hits all alike.", ""]
+         f"Command: `.venv/bin/python bench/ablation.py --models {args.models} --repeats {args.repeats}`. "
+         f"Forward and runtime cells: median over {args.repeats} repeats (range in brackets); whole-server cells: "
+         f"median over {max(1, args.repeats - 1)} run(s) per milestone, {' and '.join(map(str, BATCHES))} "
+         f"concurrent, max(8, 2 x concurrency) requests each, so a single run there carries this machine's "
+         f"+-10-20% drift. Variants were interleaved so drift hits all alike.", ""]
     for name, res in results.items():
         L += [f"## {name}", ""]
         if "forward" in res:
