@@ -136,9 +136,11 @@ class AsyncEngine:
                 self._fail_all(e)
                 continue
             if deltas:
-                self._handed_over.clear()
-                self._loop.call_soon_threadsafe(self._dispatch, deltas)
-                if self._wait_for_loop and time.perf_counter() - started >= LONG_STEP_S:
+                wait = self._wait_for_loop and time.perf_counter() - started >= LONG_STEP_S
+                if wait:
+                    self._handed_over.clear()
+                self._loop.call_soon_threadsafe(self._dispatch, deltas, wait)
+                if wait:
                     self._handed_over.wait(LOOP_WAIT_S)
 
     def _drain_inbox(self) -> None:
@@ -163,11 +165,11 @@ class AsyncEngine:
         if buffer is not None:
             buffer.push(item)
 
-    def _dispatch(self, deltas: list[StreamDelta]) -> None:
+    def _dispatch(self, deltas: list[StreamDelta], signal_handed_over: bool = False) -> None:
         streams = self._streams
         for delta in deltas:
             buffer = streams.get(delta.request_id)
             if buffer is not None:
                 buffer.push(delta)
-        # the consumers woken above run before this callback (call_soon keeps order)
-        self._loop.call_soon(self._handed_over.set)
+        if signal_handed_over:  # the consumers woken above run before this callback (call_soon keeps order)
+            self._loop.call_soon(self._handed_over.set)

@@ -10,10 +10,10 @@ import torch
 from tqdm import tqdm
 
 from scalellm.model.config import ModelConfig
+from scalellm.model.llama import LayerWeights, LlamaModel
 from scalellm.ops import Linear
 
 SMALL_BATCH_COPY_BYTES = 4 << 30  # above this much projection weight, no plain copies for small batches
-from scalellm.model.llama import LayerWeights, LlamaModel
 
 
 def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,6 +1,8 @@
-"""numba twins of the CUDA kernels, used by the CPU engine: RMSNorm (+ residual), the attention inputs
-(q/k norm, rotary, KV-cache write in one pass), rotary alone, SiLU-and-multiply, KV-cache write and
-chunked-prefill attention.
+"""numba twins of the CUDA kernels. The Llama forward on the CPU runs RMSNorm, the attention inputs
+(q/k norm, rotary, KV-cache write in one pass) and the small-batch GEMM from here; RMSNorm with a
+residual, rotary alone and the KV-cache write serve the ops of those names, which the forward does
+not call; SiLU-and-multiply and chunked-prefill attention are tested twins only, because torch
+measured faster for them on the CPU (scalellm/ops/__init__.py routes each op).
 
 Each kernel is compiled twice from one source: a serial build for the small batches of decoding,
 where a parallel launch costs more than the work, and a parallel build (rows split over the compute
