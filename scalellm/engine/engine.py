@@ -1,6 +1,7 @@
 """The synchronous engine core: admit requests, step the model, and report what each step produced."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -17,6 +18,7 @@ from scalellm.engine.sampler import Sampler
 from scalellm.engine.scheduler import Scheduler
 from scalellm.engine.sequence import Sequence, Status
 from scalellm.model.loader import LoadedModel, load_model
+from scalellm.ops import jit
 from scalellm.outputs import StreamDelta
 from scalellm.sampling_params import SamplingParams
 
@@ -67,18 +69,43 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or context, context)
         per_block = kv_bytes_per_token(loaded.model) * config.block_size
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory // per_block)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.max_model_len)
-        self.runner.warm_up()
-        self.scheduler.on_release = self.runner.release
+        self._fresh_scheduler()
         self.detokenizer = Detokenizer(self.tokenizer, loaded.config.vocab_size)
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
         self.sampler = Sampler(sorted(self.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+        self._warm_up()
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size,
                  num_blocks * config.block_size)
+
+    def _fresh_scheduler(self) -> None:
+        c = self.config
+        self.block_manager = BlockManager(self.runner.kv_cache.shape[2], c.block_size, c.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens)
+        self.scheduler.on_release = self.runner.release
+
+    def _warm_up(self) -> None:
+        """Compile (or load from the cache) every kernel a request can reach, before serving: the
+        model's at both kernel sizes, then a few requests through whole steps (sampling with every
+        option, logprobs, n > 1). The KV cache, block manager and scheduler start afresh afterwards."""
+        start, first = time.perf_counter(), len(jit.compiles())
+        with jit.warming_up():
+            self.runner.warm_up()
+            prompt = [t % self.model_config.vocab_size for t in range(1, min(10, self.max_model_len - 3))]
+            everything = SamplingParams(n=2, max_tokens=3, min_tokens=1, temperature=0.8, top_k=5, top_p=0.9,
+                                        min_p=0.05, presence_penalty=0.5, frequency_penalty=0.5,
+                                        repetition_penalty=1.1, seed=0, logprobs=2, stop_token_ids=[0])
+            for i, params in enumerate((SamplingParams(temperature=0, max_tokens=2), everything,
+                                        SamplingParams(temperature=1.0, max_tokens=2))):
+                with contextlib.suppress(ValueError):  # a context or KV cache too small for it
+                    self.add_request(f"warm-up-{i}", prompt, params)
+            while self.has_unfinished():
+                self.step()
+        self.runner.kv_cache.zero_()
+        self._fresh_scheduler()
+        log.info("warm-up took %.1f s: %s", time.perf_counter() - start, jit.summary(first))
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -72,13 +72,15 @@ def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
             expected[f"model.layers.{i}.{name}"] = shape
 
     found: dict[str, torch.Tensor] = {}
-    for name, tensor in tqdm(tensors, desc="loading weights", unit="tensor", leave=False):
-        if name not in expected:
-            continue  # tensors this architecture does not use (a tied lm_head, rotary buffers)
-        if tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"shape mismatch for {name}: checkpoint has {tuple(tensor.shape)}, "
-                             f"config implies {expected[name]}")
-        found[name] = tensor.to(dtype)
+    with tqdm(total=len(expected), desc="loading weights", unit="tensor") as bar:  # ends its line when done
+        for name, tensor in tensors:
+            if name not in expected:
+                continue  # tensors this architecture does not use (a tied lm_head, rotary buffers)
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(f"shape mismatch for {name}: checkpoint has {tuple(tensor.shape)}, "
+                                 f"config implies {expected[name]}")
+            found[name] = tensor.to(dtype)
+            bar.update()
     missing = [n for n in expected if n not in found]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

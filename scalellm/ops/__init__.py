@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from scalellm.ops import jit
 from scalellm.ops.openmp import share_torch_openmp
 
+jit.install()  # before any kernel is defined: the compile cache's folder, and the compile record
 share_torch_openmp()  # before any numba kernel starts a thread pool
 
 from scalellm.ops import cpu_kernels, cpu_sampling, torch_ops  # noqa: E402

@@ -18,7 +18,6 @@ import importlib.util
 import logging
 import os
 import sys
-import tempfile
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +99,9 @@ def _share() -> str:
     if data.count(_SYSTEM_NAME) != 1:
         return "numba's pool does not name libgomp.so.1.0.0; left alone"
     patched = data.replace(_SYSTEM_NAME, soname + b"\x00" * (len(_SYSTEM_NAME) - len(soname)))
-    folder = os.path.join(tempfile.gettempdir(), f"scalellm-{os.getuid()}")
-    os.makedirs(folder, exist_ok=True)
+    from scalellm.ops.jit import cache_root
+
+    folder = cache_root()
     path = os.path.join(folder, f"omppool-{hashlib.sha256(patched).hexdigest()[:16]}.so")
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}"
