@@ -1,6 +1,8 @@
 """ScaleLLM: an LLM serving engine whose whole request path is built for latency under concurrency."""
-from scalellm.llm import LLM
-from scalellm.outputs import CompletionOutput, Logprob, RequestOutput
-from scalellm.sampling_params import SamplingParams
+__version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+from scalellm.llm import LLM  # noqa: E402
+from scalellm.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
+from scalellm.sampling_params import SamplingParams  # noqa: E402
+
+__all__ = ["__version__", "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]

@@ -1,6 +1,7 @@
 """Engine settings shared by the offline API and the server."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 GiB = 1 << 30
@@ -17,6 +18,17 @@ def parse_bytes(value: str | int | float) -> int:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * scale)
     return int(float(text))
+
+
+def missing_model_message(path: str) -> str:
+    """Why a --model that is not on disk cannot be served, with a hint when it looks like a hub id."""
+    message = (f"model not found: {path}. Only local model folders (config.json + safetensors + tokenizer) "
+               f"and .gguf files are served; nothing is downloaded")
+    parts = path.split("/")
+    if len(parts) == 2 and all(parts) and not path.startswith((".", "~")):
+        message += (f". {path!r} looks like a Hugging Face id: download it on a machine with access "
+                    f"(e.g. `huggingface-cli download {path} --local-dir DIR`) and pass --model DIR")
+    return message
 
 
 @dataclass
@@ -36,6 +48,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.model is not None and not os.path.exists(self.model):
+            raise ValueError(missing_model_message(self.model))
         if self.device == "cuda":
             raise ValueError("device cuda is not available in this build yet; use --device cpu")
         if self.block_size is None:

@@ -51,10 +51,11 @@ class ServerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"server not healthy after {timeout} s: {self.output()}")
 
-    def output(self) -> str:
-        """The end of the server's log (it writes straight to the file; readable after stop too)."""
+    def output(self, whole: bool = False) -> str:
+        """The end of the server's log, or all of it (it writes straight to the file; readable after stop too)."""
         with open(self.log_path) as f:
-            return f.read()[-4000:]
+            text = f.read()
+        return text if whole else text[-4000:]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
@@ -91,17 +92,23 @@ def single_token_id(url: str, text: str) -> int:
     return ids[0]
 
 
-def scrape(url: str) -> dict[str, float]:
-    """Every sample in /metrics, keyed as in the text format: name or name{label="value",...}."""
+def scrape(url: str, model_name: str | None = None) -> dict[str, float]:
+    """Every sample in /metrics, keyed as in the text format, name or name{label="value",...}, without
+    the model_name label, which every sample must carry (with the same value, or `model_name`)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     values = {}
+    names = set()
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            assert "model_name" in s.labels, f"{s.name} has no model_name label"
+            names.add(s.labels["model_name"])
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k != "model_name")
             values[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    assert len(names) <= 1 and (model_name is None or names <= {model_name}), names
+    assert not any(key.endswith("_created") for key in values)
     return values
 
 

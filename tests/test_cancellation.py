@@ -14,7 +14,7 @@ from tests.server_utils import ServerProcess, is_idle, scrape, wait_idle, wait_r
 MODEL = "tiny-llama"
 LONG = {"model": MODEL, "prompt": "Tell me everything", "max_tokens": 60000, "ignore_eos": True}
 WAIT = 10.0  # seconds the engine gets to become idle after the clients leave
-ABORTS = 'scalellm:requests_total{outcome="abort"}'
+ABORTS = 'scalellm:request_success_total{finished_reason="abort"}'
 
 
 @pytest.fixture(scope="module")

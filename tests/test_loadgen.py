@@ -29,3 +29,16 @@ def test_open_loop_chat_non_streaming(llama_server, llama_folder, tmp_path):
     assert rc == 0
     s = json.loads(out.read_text())
     assert s["completed"] == 6 and s["total_output_tokens"] == 24
+
+
+def test_exact_prompts_through_the_servers_own_tokenizer(llama_server, tmp_path):
+    out = tmp_path / "summary.json"
+    rc = loadgen_main(["--url", llama_server.url, "--concurrency", "3", "--num-requests", "6", "--input-len", "37",
+                       "--output-len", "5", "--json", str(out), "--warmup", "0", "--quiet"])  # no --tokenizer
+    assert rc == 0
+    s = json.loads(out.read_text())
+    assert s["completed"] == 6 and s["total_prompt_tokens"] == 6 * 37 and s["total_output_tokens"] == 6 * 5
+    chat = tmp_path / "chat.json"
+    rc = loadgen_main(["--url", llama_server.url, "--endpoint", "chat", "--num-requests", "2", "--input-len", "12",
+                       "--output-len", "3", "--json", str(chat), "--warmup", "0", "--quiet"])
+    assert rc == 0 and json.loads(chat.read_text())["completed"] == 2

@@ -36,10 +36,13 @@ def test_metric_families_and_types(llama_server):
     expected = {"num_requests_running": "gauge", "num_requests_waiting": "gauge", "kv_cache_usage_perc": "gauge",
                 "prefix_cache_queries": "counter", "prefix_cache_hits": "counter", "num_preemptions": "counter",
                 "prompt_tokens": "counter", "generation_tokens": "counter", "requests": "counter",
+                "request_success": "counter",
                 "request_stage_seconds": "counter", "stage_requests": "counter",
                 **{name: "histogram" for name in HISTOGRAMS}}
     for name, kind in expected.items():
         assert types.get("scalellm:" + name) == kind, name
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):  # vLLM's names too
+        assert types.get("vllm:" + name) == "gauge", name
 
 
 def test_counters_and_histograms_move_by_known_amounts(llama_server):
@@ -72,9 +75,10 @@ def test_counters_and_histograms_move_by_known_amounts(llama_server):
     requests = len(plan) + 1
     assert change(before, after, "scalellm:prompt_tokens_total") == prompt_tokens
     assert change(before, after, "scalellm:generation_tokens_total") == generated
-    assert change(before, after, 'scalellm:requests_total{outcome="length"}') == choices - 1
-    assert change(before, after, 'scalellm:requests_total{outcome="stop"}') == 1
-    aborts = 'scalellm:requests_total{outcome="abort"}'
+    assert change(before, after, 'scalellm:request_success_total{finished_reason="length"}') == choices - 1
+    assert change(before, after, 'scalellm:request_success_total{finished_reason="stop"}') == 1
+    assert change(before, after, 'scalellm:requests_total{outcome="finished",status="200"}') == requests
+    aborts = 'scalellm:request_success_total{finished_reason="abort"}'
     assert after.get(aborts, 0) == before.get(aborts, 0)
     # one first token per choice, one gap per later token, one end-to-end time per HTTP request
     assert change(before, after, "scalellm:time_to_first_token_seconds_count") == choices

@@ -109,8 +109,9 @@ def test_admission_control_rejects_with_retry_after(llama_folder):
                     assert r.status == 200
         asyncio.run(main())
         m = scrape(server.url)
-        assert m['scalellm:requests_total{outcome="rejected"}'] == 1
-        assert m['scalellm:requests_total{outcome="length"}'] == 5
+        assert m['scalellm:requests_total{outcome="rejected",status="503"}'] == 1
+        assert m['scalellm:requests_total{outcome="finished",status="200"}'] == 5
+        assert m['scalellm:request_success_total{finished_reason="length"}'] == 5
 
 
 def test_api_key(llama_folder):
@@ -189,21 +190,58 @@ def test_grace_deadline_aborts_what_is_left(llama_long_folder):
                     async with asyncio.timeout(grace + 20):
                         async for line in stream.content:
                             frames.append((time.monotonic(), line))
-            with pytest.raises(aiohttp.ClientError):
-                await asyncio.wait_for(plain, 10)
+            answer = await asyncio.wait_for(plain, 10)
+            plain_status, plain_body = answer.status, await answer.json()
             code = await asyncio.to_thread(server.proc.wait, grace + 30)
-            return signalled, frames, code, time.monotonic()
+            return signalled, frames, plain_status, plain_body, code, time.monotonic()
     try:
-        signalled, frames, code, exited = asyncio.run(main())
+        signalled, frames, plain_status, plain_body, code, exited = asyncio.run(main())
     finally:
         server.stop()
     assert code == 0
     assert exited - signalled < grace + 10  # the deadline holds, not the minutes the requests would take
     assert frames[-1][0] - signalled > grace - 0.5  # the stream ran on through the grace period
+    # The non-streamed request is answered 503; the stream's last event is the error, with no [DONE].
+    assert plain_status == 503 and plain_body["error"]["code"] == "server_shutdown"
+    events = [line for _, line in frames if line.startswith(b"data: ")]
+    assert json.loads(events[-1][6:])["error"]["code"] == "server_shutdown"
+    assert "choices" in json.loads(events[-2][6:])
     assert not any(line.startswith(b"data: [DONE]") for _, line in frames)
     log = server.output()
     assert "aborting 2 request(s)" in log
     assert "stopped: 0 request(s) left in the engine, 0 KV blocks in use" in log
+
+
+def test_the_openai_client_sees_the_shutdown_error(llama_long_folder):
+    openai = pytest.importorskip("openai")
+    server = long_context_server(llama_long_folder, "--shutdown-grace", "1")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    try:
+        stream = client.completions.create(model="tiny-llama", prompt="Tell me everything", max_tokens=60000,
+                                           stream=True)
+        next(iter(stream))
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIError, match="shut down"):
+            for _ in stream:
+                pass
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_an_idle_server_exits_promptly(llama_folder, sig):
+    server = ServerProcess("--model", llama_folder, "--dtype", "float32", "--max-model-len", "512",
+                           "--kv-cache-memory", "16MB")
+    start = time.monotonic()
+    try:
+        server.proc.send_signal(sig)
+        code = server.proc.wait(30)
+        took = time.monotonic() - start
+    finally:
+        server.stop()
+    assert code == 0
+    assert took < 2.0, f"took {took:.2f} s to exit with nothing in flight"  # measured ~0.3 s; the bug was 3.5 s
+    assert "stopped: 0 request(s) left in the engine" in server.output()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

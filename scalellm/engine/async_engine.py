@@ -114,6 +114,12 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))
 
+    def fail_all(self, error: BaseException) -> None:
+        """(On the loop.) End every request in flight with `error`: each consumer raises it, and leaving
+        the iteration aborts its request in the engine."""
+        for buffer in list(self._streams.values()):
+            buffer.push(error)
+
     def _post(self, message: tuple) -> None:
         self._inbox.append(message)
         self._wake.set()

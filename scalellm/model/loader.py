@@ -66,9 +66,11 @@ def load_model(model: str | None, dtype: str | torch.dtype = "auto", device: str
                max_model_len: int | None = None) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
+    from scalellm.config import missing_model_message
+
     path = model or default_model_path()
     if not os.path.exists(path):
-        raise ValueError(f"model path does not exist: {path}")
+        raise ValueError(missing_model_message(path))
     gguf = os.path.isfile(path)
     if gguf and not path.endswith(".gguf"):
         raise ValueError(f"model must be a folder with config.json or a .gguf file, got {path}")

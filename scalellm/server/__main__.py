@@ -1,4 +1,4 @@
-"""python -m scalellm.server: an OpenAI-compatible HTTP server."""
+"""python -m scalellm.server (or `scalellm serve`): an OpenAI-compatible HTTP server."""
 from __future__ import annotations
 
 import argparse
@@ -9,19 +9,33 @@ import sys
 from scalellm.config import EngineConfig
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m scalellm.server",
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help: argparse's own, unless the help already says it in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser(prog: str = "python -m scalellm.server", model_positional: bool = False) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, formatter_class=_HelpFormatter,
                                  description="OpenAI-compatible LLM server (completions, chat, streaming).")
+    if model_positional:
+        ap.add_argument("model_arg", nargs="?", metavar="MODEL", default=None,
+                        help="model folder or .gguf file (same as --model); default: the bundled SmolLM2")
     ap.add_argument("--model", default=None,
-                    help="model folder (config.json + safetensors + tokenizer) or .gguf file; "
-                         "default: the bundled SmolLM2-135M-Instruct GGUF")
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+                    help="model folder (config.json + safetensors + tokenizer) or .gguf file; nothing is "
+                         "downloaded; default: the bundled SmolLM2-135M-Instruct GGUF")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind")
+    ap.add_argument("--port", type=int, default=8000, help="port")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="weight and activation dtype; auto: the checkpoint's (bfloat16 for GGUF on cpu)")
-    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    ap.add_argument("--served-model-name", default=None, help="model name reported and accepted by the API")
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*; default: none")
+    ap.add_argument("--served-model-name", default=None,
+                    help="model name reported and accepted by the API; default: the file or folder name")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch")
     ap.add_argument("--max-model-len", type=int, default=None,
                     help="context length (prompt + output); default: the model's own")
@@ -30,21 +44,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512,
                     help="token budget per step, shared by decodes and prefill chunks")
     ap.add_argument("--block-size", type=int, default=None,
-                    help="tokens per KV-cache block (default: 128 on the CPU, 16 on CUDA)")
+                    help="tokens per KV-cache block; default: 128 on the CPU, 16 on CUDA")
     ap.add_argument("--num-threads", type=int, default=None,
-                    help="compute threads for the model step (default: one per core)")
+                    help="compute threads for the model step; default: one per core")
     ap.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt prefixes")
     ap.add_argument("--max-queue-len", type=int, default=256,
                     help="requests that may wait beyond --max-num-seqs before new ones get 503")
     ap.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest accepted request body")
     ap.add_argument("--shutdown-grace", type=float, default=30.0,
-                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT")
-    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return ap.parse_args(argv)
+                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT; then they are aborted")
+    ap.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
+    ap.add_argument("--log-stats-interval", type=float, default=10.0,
+                    help="seconds between stats lines while busy (0: none)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
+    return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def parse_args(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
+               model_positional: bool = False) -> argparse.Namespace:
+    ap = build_parser(prog, model_positional)
+    args = ap.parse_args(argv)
+    positional = getattr(args, "model_arg", None)
+    if positional is not None:
+        if args.model is not None and args.model != positional:
+            ap.error(f"two models given: {positional} and --model {args.model}")
+        args.model = positional
+    return args
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
+         model_positional: bool = False) -> int:
+    args = parse_args(argv, prog, model_positional)
+    from scalellm.model.loader import default_model_path
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
@@ -52,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                               kv_cache_memory=args.kv_cache_memory,
                               enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads)
+        model_path = args.model or default_model_path()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -65,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     server = Server(api_key=args.api_key, served_model_name=args.served_model_name,
-                    max_queue_len=args.max_queue_len, max_body_bytes=args.max_body_bytes)
-    return asyncio.run(serve(server, lambda: LLMEngine(config), args.host, args.port, args.shutdown_grace))
+                    max_queue_len=args.max_queue_len, max_body_bytes=args.max_body_bytes,
+                    log_requests=not args.disable_log_requests, model_path=model_path)
+    return asyncio.run(serve(server, lambda: LLMEngine(config), args.host, args.port, args.shutdown_grace,
+                             stats_interval=args.log_stats_interval))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import logging
 import os
@@ -13,32 +14,38 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
+from scalellm import __version__
 from scalellm.engine.async_engine import AsyncEngine
 from scalellm.server import protocol as P
 from scalellm.server.errors import APIError, error_response, from_api_error
 from scalellm.server.formatting import LogprobFormatter
 from scalellm.server.metrics import Metrics
-from scalellm.server.serving import OpenAIServing, _decode, chat_conversation
+from scalellm.server.request_log import log_stats, request_line, request_log
+from scalellm.server.serving import RECORD, OpenAIServing, _decode, chat_conversation
 
 log = logging.getLogger("scalellm.server")
+_UNCOUNTED = frozenset({"/health", "/metrics"})  # probes and scrapes: neither counted nor logged
 
 
 class Server:
     def __init__(self, api_key: str | None = None, served_model_name: str | None = None,
-                 max_queue_len: int = 256, max_body_bytes: int = 8 << 20):
+                 max_queue_len: int = 256, max_body_bytes: int = 8 << 20, log_requests: bool = True,
+                 model_path: str | None = None):
         self.api_key = api_key
         self.served_model_name = served_model_name
         self.max_queue_len = max_queue_len
         self.max_body_bytes = max_body_bytes
+        self.log_requests = log_requests
         self.state = "loading"  # loading -> serving -> draining
         self.engine: AsyncEngine | None = None
         self.tokenizer = None
         self.formatter: LogprobFormatter | None = None
-        self.model_name = served_model_name or ""
+        # The name metrics carry while loading (requests are refused then): the same as once loaded.
+        self.model_name = served_model_name or (model_base_name(model_path) if model_path else "")
         self.model_aliases: set[str] = set()
         self.in_flight = 0  # prompts admitted and not yet answered
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scalellm-tokenize")
-        self.metrics = Metrics(lambda: self.engine.engine.stats() if self.engine else None)
+        self.metrics = Metrics(lambda: self.engine.engine.stats() if self.engine else None, self.model_name)
         self.serving = OpenAIServing(self)
         self.created = int(time.time())
 
@@ -48,10 +55,12 @@ class Server:
         self.tokenizer = engine.engine.tokenizer
         self.formatter = LogprobFormatter(self.tokenizer)
         path = engine.engine.loaded.path
-        base = os.path.basename(path.rstrip("/"))
-        base = base.split(".")[0] if base.endswith(".gguf") else base
+        base = model_base_name(path)
         self.model_name = self.served_model_name or base
         self.model_aliases = {self.model_name, path, base}
+        self.metrics.bind(self.model_name)
+        with contextlib.suppress(Exception):  # compile the chat template now, not on the first chat request
+            self.apply_chat_template([{"role": "user", "content": "hi"}])
         engine.start()
         self.state = "serving"
 
@@ -61,6 +70,8 @@ class Server:
         app.router.add_post("/v1/completions", s.completions)
         app.router.add_post("/v1/chat/completions", s.chat)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
+        app.router.add_get("/version", self.version)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_post("/tokenize", self.tokenize)
@@ -69,25 +80,52 @@ class Server:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
+        start = time.monotonic()
+        status, message = 499, None  # 499: the client left before an answer (as nginx logs it)
+        try:
+            response, message = await self._respond(request, handler)
+            status = response.status
+            return response
+        finally:
+            if request.path not in _UNCOUNTED:
+                self._account(request, status, message, time.monotonic() - start)
+
+    async def _respond(self, request: web.Request, handler) -> tuple[web.StreamResponse, str | None]:
+        """The handler's response, or the OpenAI-shaped error it raised, and that error's message."""
         if self.api_key and request.path.startswith("/v1/"):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                return error_response(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                                      code="invalid_api_key")
+                message = "invalid or missing API key (send Authorization: Bearer KEY)"
+                return error_response(401, message, code="invalid_api_key"), message
         try:
-            return await handler(request)
+            return await handler(request), None
         except APIError as e:
-            return from_api_error(e)
+            return from_api_error(e), e.message
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            return error_response(e.status, e.text if e.status != 413 else
-                                  f"request body exceeds the limit of {self.max_body_bytes} bytes")
+            message = e.text if e.status != 413 else f"request body exceeds the limit of {self.max_body_bytes} bytes"
+            return error_response(e.status, message), message
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
             log.exception("internal error on %s", request.path)
-            return error_response(500, "internal server error")
+            return error_response(500, "internal server error"), "internal server error"
+
+    def _account(self, request: web.Request, status: int, message: str | None, seconds: float) -> None:
+        """Count the request by outcome and status, and log its line."""
+        record = request.get(RECORD)  # set once a generation request is admitted
+        if status == 499:
+            outcome = "aborted"
+        elif record is not None:
+            outcome = record.outcome if status < 400 else "error"
+        elif status >= 400:
+            outcome = "rejected" if status < 500 or status == 503 else "error"
+        else:
+            outcome = "ok"
+        self.metrics.count_request(outcome, status)
+        if self.log_requests and (record is not None or status >= 400):  # generation requests and errors
+            request_log.info(request_line(request.method, request.path, status, outcome, seconds, record, message))
 
     # -- helpers used by the handlers ----------------------------------------------------------
     def check_ready(self) -> None:
@@ -103,7 +141,6 @@ class Server:
     def admit(self, count: int) -> None:
         limit = self.engine.engine.config.max_num_seqs + self.max_queue_len
         if self.in_flight + count > limit:
-            self.metrics.requests.labels("rejected").inc()
             raise APIError(503, "the server is at capacity; retry shortly", code="server_overloaded",
                            headers={"Retry-After": "1"})
         self.in_flight += count
@@ -140,6 +177,15 @@ class Server:
         card = P.ModelCard(self.model_name, self.created, self.engine.engine.max_model_len)
         return web.Response(body=P.encoder.encode(P.ModelList([card])), content_type="application/json")
 
+    async def model(self, request: web.Request) -> web.Response:
+        self.check_ready()
+        self.check_model(request.match_info["model"])
+        card = P.ModelCard(self.model_name, self.created, self.engine.engine.max_model_len)
+        return web.Response(body=P.encoder.encode(card), content_type="application/json")
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": __version__})
+
     async def tokenize(self, request: web.Request) -> web.Response:
         self.check_ready()
         req = _decode(P.tokenize_decoder, await request.read())
@@ -164,6 +210,12 @@ class Server:
             raise APIError(400, f"tokens must be in [0, {vocab})", param="tokens")
         text = await self.run_blocking(self.tokenizer.decode, req.tokens)
         return web.json_response({"prompt": text})
+
+
+def model_base_name(path: str) -> str:
+    """What a model is called by default: its folder's name, or its GGUF file's up to the first dot."""
+    base = os.path.basename(path.rstrip("/"))
+    return base.split(".")[0] if base.endswith(".gguf") else base
 
 
 def exit_process(code: int) -> None:
@@ -196,7 +248,8 @@ def _in_daemon_thread(fn) -> asyncio.Future:
 
 
 async def serve(server: Server, engine_factory, host: str, port: int, shutdown_grace: float,
-                ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> int:
+                ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
+                stats_interval: float = 10.0) -> int:
     """Listen at once (health says 503 while loading), load the engine on a thread, serve until
     SIGTERM or SIGINT, then drain: refuse new work and give in-flight requests the grace period to
     finish; past it, abort them and exit. A second signal exits at once."""
@@ -221,7 +274,13 @@ async def serve(server: Server, engine_factory, host: str, port: int, shutdown_g
     runner = web.AppRunner(server.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror or e}"
+        log.error("%s:%d %s; choose another with --port or --host", host, port, reason)
+        await runner.cleanup()
+        return 1
     url = f"http://{host}:{port}"
     log.info("listening on %s (loading the model)", url)
     loading = _in_daemon_thread(engine_factory)
@@ -244,9 +303,12 @@ async def serve(server: Server, engine_factory, host: str, port: int, shutdown_g
              "(%d tokens)", e.loaded.path, server.model_name, url, e.config.device,
              str(e.loaded.dtype).replace("torch.", ""), e.num_threads, e.max_model_len, e.block_manager.num_blocks,
              e.kv_capacity_tokens)
+    stats_task = asyncio.create_task(log_stats(server, stats_interval)) if stats_interval > 0 else None
     if ready is not None:
         ready.set()
     await stopping
+    if stats_task is not None:
+        stats_task.cancel()
     server.state = "draining"
     log.info("draining: %d request(s) in flight, up to %.0f s", server.in_flight, shutdown_grace)
     deadline = loop.time() + shutdown_grace
@@ -254,6 +316,11 @@ async def serve(server: Server, engine_factory, host: str, port: int, shutdown_g
         await asyncio.sleep(0.05)
     if server.in_flight:
         log.warning("grace period over: aborting %d request(s) still in flight", server.in_flight)
+        server.engine.fail_all(APIError(503, "the server shut down before this request finished",
+                                        code="server_shutdown"))
+        answered_by = loop.time() + 1.0  # each handler sends its error (a 503, or a stream's error event)
+        while server.in_flight and loop.time() < answered_by:
+            await asyncio.sleep(0.02)
     await runner.cleanup()
     idle_by = loop.time() + 2.0  # the engine thread frees the aborted requests' blocks on its next turn
     while engine.has_unfinished() and loop.time() < idle_by:

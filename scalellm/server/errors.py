@@ -23,9 +23,13 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
+    return ErrorResponse(ErrorBody(message, _TYPES.get(status, "invalid_request_error"), param, code))
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> web.Response:
-    body = ErrorResponse(ErrorBody(message, _TYPES.get(status, "invalid_request_error"), param, code))
+    body = error_body(status, message, param, code)
     return web.Response(status=status, body=encoder.encode(body), content_type="application/json",
                         headers=headers)
 

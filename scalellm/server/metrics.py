@@ -1,10 +1,17 @@
-"""Prometheus metrics: engine state read at scrape time, latencies observed as requests run."""
+"""Prometheus metrics: engine state read at scrape time, latencies observed as requests run.
+
+Every series carries a model_name label, as vLLM's do (dashboards key on it). The engine gauges are
+also exported under vLLM's names, so routers built for vLLM can read our load.
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+disable_created_metrics()  # no `_created` series beside every counter and histogram
 
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
             20.0, 40.0, 80.0)
@@ -14,62 +21,101 @@ _ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
 STAGES = ("parse", "tokenize", "queue", "prefill", "decode", "detokenize", "write")
 
 
+@dataclass
+class RequestRecord:
+    """What one generation request did, for its log line and its outcome."""
+    request_id: str
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    outcome: str = "finished"  # finished | aborted (the client left) | error (ended by a server error)
+
+
 class _EngineCollector:
-    def __init__(self, stats):
+    def __init__(self, stats, model_name):
         self.stats = stats
+        self.model_name = model_name
 
     def collect(self):
         s = self.stats()
         if s is None:
             return
-        yield GaugeMetricFamily("scalellm:num_requests_running", "Sequences in the running batch",
-                                value=s["num_running"])
-        yield GaugeMetricFamily("scalellm:num_requests_waiting", "Sequences waiting to be scheduled",
-                                value=s["num_waiting"])
-        yield GaugeMetricFamily("scalellm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use",
-                                value=s["kv_cache_usage"])
-        yield CounterMetricFamily("scalellm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                                  value=s["prefix_cache_queries"])
-        yield CounterMetricFamily("scalellm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                                  value=s["prefix_cache_hits"])
-        yield CounterMetricFamily("scalellm:num_preemptions", "Sequences preempted for lack of KV blocks",
-                                  value=s["num_preemptions"])
+        label = [self.model_name()]
+        gauges = (("num_requests_running", "Sequences in the running batch", s["num_running"]),
+                  ("num_requests_waiting", "Sequences waiting to be scheduled", s["num_waiting"]),
+                  ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use", s["kv_cache_usage"]))
+        for prefix in ("scalellm", "vllm"):
+            for name, doc, value in gauges:
+                family = GaugeMetricFamily(f"{prefix}:{name}", doc, labels=["model_name"])
+                family.add_metric(label, value)
+                yield family
+        counters = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s["prefix_cache_queries"]),
+                    ("prefix_cache_hits", "Prompt tokens found in the prefix cache", s["prefix_cache_hits"]),
+                    ("num_preemptions", "Sequences preempted for lack of KV blocks", s["num_preemptions"]))
+        for name, doc, value in counters:
+            family = CounterMetricFamily(f"scalellm:{name}", doc, labels=["model_name"])
+            family.add_metric(label, value)
+            yield family
 
 
 class Metrics:
-    def __init__(self, stats):
+    def __init__(self, stats, model_name: str = ""):
+        self.model_name = model_name
         self.registry = CollectorRegistry()
         r = self.registry
-        r.register(_EngineCollector(stats))
-        self.ttft = Histogram("scalellm:time_to_first_token_seconds", "Time to first token", buckets=_LATENCY,
-                              registry=r)
-        self.itl = Histogram("scalellm:inter_token_latency_seconds", "Time between streamed tokens",
-                             buckets=_ITL, registry=r)
-        self.e2e = Histogram("scalellm:e2e_request_latency_seconds", "End-to-end request latency",
-                             buckets=_LATENCY, registry=r)
-        self.queue = Histogram("scalellm:request_queue_time_seconds", "Time from arrival to first schedule",
-                               buckets=_LATENCY, registry=r)
-        self.prompt_tokens = Counter("scalellm:prompt_tokens", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter("scalellm:generation_tokens", "Tokens generated", registry=r)
-        self.requests = Counter("scalellm:requests", "Finished requests by outcome", ["outcome"], registry=r)
-        self.stage_seconds = Counter("scalellm:request_stage_seconds", "Request time spent in each stage "
-                                     "(parse, tokenize, queue, prefill, decode, detokenize, write)", ["stage"],
-                                     registry=r)
-        self.stage_requests = Counter("scalellm:stage_requests", "Requests whose stages are in "
-                                      "request_stage_seconds", registry=r)
-        self._stage_children = {name: self.stage_seconds.labels(name) for name in STAGES}
+        m = ["model_name"]
+        r.register(_EngineCollector(stats, lambda: self.model_name))
+        self._ttft = Histogram("scalellm:time_to_first_token_seconds", "Time to first token", m, buckets=_LATENCY,
+                               registry=r)
+        self._itl = Histogram("scalellm:inter_token_latency_seconds", "Time between streamed tokens", m,
+                              buckets=_ITL, registry=r)
+        self._e2e = Histogram("scalellm:e2e_request_latency_seconds", "End-to-end request latency", m,
+                              buckets=_LATENCY, registry=r)
+        self._queue = Histogram("scalellm:request_queue_time_seconds", "Time from arrival to first schedule", m,
+                                buckets=_LATENCY, registry=r)
+        self._prompt_tokens = Counter("scalellm:prompt_tokens", "Prompt tokens processed", m, registry=r)
+        self._generation_tokens = Counter("scalellm:generation_tokens", "Tokens generated", m, registry=r)
+        self._finished = Counter("scalellm:request_success", "Finished choices (sequences) by finish reason "
+                                 "(stop, length, abort)", m + ["finished_reason"], registry=r)
+        self._requests = Counter("scalellm:requests", "HTTP requests by outcome (finished, aborted, error, "
+                                 "rejected, ok) and status", m + ["outcome", "status"], registry=r)
+        self._stage_seconds = Counter("scalellm:request_stage_seconds", "Request time spent in each stage "
+                                      "(parse, tokenize, queue, prefill, decode, detokenize, write)",
+                                      m + ["stage"], registry=r)
+        self._stage_requests = Counter("scalellm:stage_requests", "Requests whose stages are in "
+                                       "request_stage_seconds", m, registry=r)
+        self.bind(model_name)
+
+    def bind(self, model_name: str) -> None:
+        """Label every series with this model name from now on (the name is known once loaded)."""
+        self.model_name = model_name
+        self.ttft, self.itl, self.e2e, self.queue = (h.labels(model_name) for h in
+                                                     (self._ttft, self._itl, self._e2e, self._queue))
+        self.prompt_tokens = self._prompt_tokens.labels(model_name)
+        self.generation_tokens = self._generation_tokens.labels(model_name)
+        self.stage_requests = self._stage_requests.labels(model_name)
+        self._stage_children = {name: self._stage_seconds.labels(model_name, name) for name in STAGES}
+
+    def count_request(self, outcome: str, status: int) -> None:
+        self._requests.labels(self.model_name, outcome, str(status)).inc()
+
+    def totals(self) -> tuple[float, float]:
+        """(prompt tokens, generated tokens) so far."""
+        label = {"model_name": self.model_name}
+        get = self.registry.get_sample_value
+        return get("scalellm:prompt_tokens_total", label) or 0.0, get("scalellm:generation_tokens_total", label) or 0.0
 
     def add_stages(self, stages: dict[str, float]) -> None:
         for name, seconds in stages.items():
             self._stage_children[name].inc(seconds)
         self.stage_requests.inc()
 
-    async def track(self, batches, num_choices: int, stages: dict[str, float]):
-        """Pass batches of (prompt index, delta) through, recording latencies, token counts, outcomes
-        and the engine's stage times."""
+    async def track(self, batches, num_choices: int, stages: dict[str, float], record: RequestRecord):
+        """Pass batches of (prompt index, delta) through, recording latencies, token counts, finish
+        reasons and the engine's stage times, in the metrics and in the request's record."""
         start = time.monotonic()
         last: dict[tuple[int, int], float] = {}
-        finished = 0
         try:
             async for batch in batches:
                 now = time.monotonic()
@@ -80,15 +126,19 @@ class Metrics:
                         self.itl.observe(now - previous)
                     else:
                         self.ttft.observe(now - start)
+                        if record.ttft is None:
+                            record.ttft = now - start
                         if d.index == 0:
                             self.prompt_tokens.inc(d.num_prompt_tokens)
+                            record.prompt_tokens += d.num_prompt_tokens
                         if d.queue_time is not None:
                             self.queue.observe(d.queue_time)
                     last[key] = now
                     self.generation_tokens.inc(len(d.token_ids))
+                    record.output_tokens += len(d.token_ids)
                     if d.finish_reason is not None:
-                        finished += 1
-                        self.requests.labels(d.finish_reason).inc()
+                        record.finish_reasons.append(d.finish_reason)
+                        self._finished.labels(self.model_name, d.finish_reason).inc()
                         if d.timings is not None:
                             t = d.timings
                             for name, value in (("queue", t.queue), ("prefill", t.prefill), ("decode", t.decode),
@@ -97,8 +147,9 @@ class Metrics:
                 yield batch
         finally:
             self.e2e.observe(time.monotonic() - start)
-            if finished < num_choices:
-                self.requests.labels("abort").inc(num_choices - finished)
+            unfinished = num_choices - len(record.finish_reasons)
+            if unfinished > 0:
+                self._finished.labels(self.model_name, "abort").inc(unfinished)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

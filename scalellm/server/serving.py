@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -12,9 +13,12 @@ from aiohttp import web
 from scalellm.outputs import Logprob
 from scalellm.sampling_params import SamplingParams
 from scalellm.server import protocol as P
-from scalellm.server.errors import APIError, bad_body, bad_value
+from scalellm.server.errors import APIError, bad_body, bad_value, error_body
+from scalellm.server.metrics import RequestRecord
 from scalellm.server.streams import merged_deltas
 
+log = logging.getLogger("scalellm.server")
+RECORD = "scalellm.record"  # a generation request's RequestRecord, kept in its aiohttp request
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 DONE = b"data: [DONE]\n\n"
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -126,10 +130,12 @@ class OpenAIServing:
         rid = f"{prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
         stages.update(write=0.0)
-        deltas = srv.metrics.track(merged_deltas(srv.engine, rid, prompts, params), len(prompts) * params.n, stages)
+        record = request[RECORD] = RequestRecord(rid)
+        deltas = srv.metrics.track(merged_deltas(srv.engine, rid, prompts, params), len(prompts) * params.n, stages,
+                                   record)
         try:
             if req.stream:
-                return await self._stream(request, kind, req, rid, created, prompts, params, deltas, stages)
+                return await self._stream(request, kind, req, rid, created, prompts, params, deltas, stages, record)
             return await self._collect(kind, req, rid, created, prompts, params, deltas)
         finally:
             srv.release(len(prompts))
@@ -164,7 +170,8 @@ class OpenAIServing:
             body = P.ChatCompletionResponse(rid, created, self.server.model_name, out, usage=usage)
         return web.Response(body=P.encoder.encode(body), content_type="application/json")
 
-    async def _stream(self, request, kind, req, rid, created, prompts, params, deltas, stages) -> web.StreamResponse:
+    async def _stream(self, request, kind, req, rid, created, prompts, params, deltas, stages,
+                      record) -> web.StreamResponse:
         model, fmt, n = self.server.model_name, self.server.formatter, params.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         usage_field = None if include_usage else msgspec.UNSET
@@ -210,8 +217,23 @@ class OpenAIServing:
             await resp.write(DONE)
             await resp.write_eof()
         except ConnectionResetError:
+            record.outcome = "aborted"
             return resp  # the client left; closing the stream above aborted its requests
+        except Exception as e:  # the headers are sent: the error becomes the stream's last event
+            record.outcome = "error"
+            await self._end_stream_with_error(resp, e)
         return resp
+
+    @staticmethod
+    async def _end_stream_with_error(resp: web.StreamResponse, e: Exception) -> None:
+        if isinstance(e, APIError):
+            body = error_body(e.status, e.message, e.param, e.code)
+        else:
+            log.error("request failed mid-stream: %s", e)
+            body = error_body(500, "internal server error")
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write(sse(body))
+            await resp.write_eof()
 
 
 def chat_conversation(messages: list[P.ChatMessage]) -> list[dict]:
