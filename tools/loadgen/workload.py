@@ -23,10 +23,40 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+class ServerTokenizer:
+    """The served model's tokenizer through the server's own /tokenize and /detokenize (ScaleLLM's
+    and vLLM's): exact-length prompts with no tokenizer files on the client's side."""
+
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None):
+        self.base = base_url.rstrip("/")
+        self.model = model
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.all_special_ids: list[int] = []
+        self.plain_ids = range(100, 4000)  # ids every tokenizer of a few thousand tokens or more has as plain text
+
+    def _post(self, path: str, body: dict) -> dict:
+        import urllib.request
+
+        if self.model:
+            body = {**body, "model": self.model}
+        req = urllib.request.Request(self.base + path, data=json.dumps(body).encode(), headers=self.headers)
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    def decode(self, ids: list[int]) -> str:
+        return self._post("/detokenize", {"tokens": ids})["prompt"]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._post("/tokenize", {"prompt": text, "add_special_tokens": add_special_tokens})["tokens"]
+
+
 def exact_length_text(tokenizer, length: int, rng: random.Random) -> str:
     """Text that the tokenizer encodes to exactly `length` tokens (random ids, decoded, re-checked)."""
     special = set(tokenizer.all_special_ids)
-    vocab = [i for i in range(min(len(tokenizer), 1 << 20)) if i not in special]
+    vocab = getattr(tokenizer, "plain_ids", None) or range(min(len(tokenizer), 1 << 20))
+    vocab = [i for i in vocab if i not in special]
     ids = [rng.choice(vocab) for _ in range(length)]
     for _ in range(50):
         text = tokenizer.decode(ids)
