@@ -1,9 +1,10 @@
 """The HTTP floor: a bare aiohttp server that streams canned completion chunks as fast as it can.
 
-    python bench/bare_sse_server.py --port 8100
+    python bench/bare_sse_server.py --port 8100 [--itl-ms 10]
 
 It does what every server must at the least (read and parse the body, write max_tokens SSE frames,
 a usage frame and [DONE]) and nothing else, so loadgen against it measures the HTTP layer alone.
+With --itl-ms it paces the frames like a decoding model (the fake replica of bench/gateway.py).
 """
 from __future__ import annotations
 
@@ -33,8 +34,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
                                                "finish_reason": "length"}], "usage": usage})
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
+    pause = request.app["itl"]
     for _ in range(body.max_tokens):
         await resp.write(CHUNK)
+        if pause:
+            await asyncio.sleep(pause)
     final = {"id": "cmpl-bare", "object": "text_completion", "model": "bare", "choices": [], "usage": usage}
     await resp.write(b"data: " + msgspec.json.encode(final) + b"\n\ndata: [DONE]\n\n")
     return resp
@@ -44,10 +48,15 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [{"id": "bare", "object": "model", "owned_by": "bench"}]})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument("--itl-ms", type=float, default=0.0, help="pause between streamed frames")
     args = ap.parse_args()
     try:
         import uvloop
@@ -56,8 +65,10 @@ def main() -> None:
     except ImportError:
         pass
     app = web.Application()
+    app["itl"] = args.itl_ms / 1000.0
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
 
 

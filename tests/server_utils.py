@@ -21,8 +21,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, wait: bool = True, timeout: float = 120.0, env: dict[str, str] | None = None):
-        self.port = free_port()
+    def __init__(self, *args: str, wait: bool = True, timeout: float = 120.0, env: dict[str, str] | None = None,
+                 port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"scalellm-test-{self.port}.log")
         self.log = open(self.log_path, "w")
@@ -73,6 +74,34 @@ class ServerProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class GatewayProcess(ServerProcess):
+    """python -m scalellm.gateway on a free loopback port, healthy once a replica is routable."""
+
+    def __init__(self, *args: str, wait: bool = True, timeout: float = 60.0, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"scalellm-gateway-{self.port}.log")
+        self.log = open(self.log_path, "w")
+        cmd = [sys.executable, "-m", "scalellm.gateway", "--host", "127.0.0.1", "--port", str(self.port),
+               "--health-interval", "0.3", *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env} if env else None)
+        if wait:
+            self.wait_healthy(timeout)
+
+    def replicas(self) -> list[dict]:
+        with urllib.request.urlopen(self.url + "/replicas", timeout=5) as r:
+            return json.loads(r.read())["replicas"]
+
+
+def llama_replica(folder: str, *args: str, wait: bool = True, port: int | None = None) -> ServerProcess:
+    """A replica of the tiny test llama as the shared llama_server runs it, on one compute thread
+    (later flags override these)."""
+    return ServerProcess("--model", folder, "--dtype", "float32", "--served-model-name", "tiny-llama",
+                         "--max-model-len", "512", "--kv-cache-memory", "32MB", "--block-size", "16",
+                         "--num-threads", "1", "--disable-log-requests", *args, wait=wait, port=port)
 
 
 def post_json(url: str, path: str, body: dict, timeout: float = 60.0) -> dict:

@@ -151,6 +151,16 @@ def test_version_and_one_model(llama_server):
     assert status == 404 and body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
 
 
+def test_load_endpoint_and_cache_config_for_other_routers(llama_server):
+    status, load = get(llama_server.url + "/load")
+    assert status == 200 and set(load) == {"num_requests_running", "num_requests_waiting", "kv_cache_usage",
+                                           "in_flight"}
+    m = scrape(llama_server.url)
+    configs = [k for k in m if k.startswith("vllm:cache_config_info{")]
+    assert len(configs) == 1 and 'block_size="16"' in configs[0] and m[configs[0]] == 1.0
+    assert "vllm:num_requests_waiting" in m and "vllm:kv_cache_usage_perc" in m
+
+
 def run_command(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([SCALELLM, *args], capture_output=True, text=True, timeout=timeout)
 

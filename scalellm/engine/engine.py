@@ -236,4 +236,6 @@ class LLMEngine:
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "block_size": bm.block_size,
+            "num_blocks": bm.num_blocks,
         }

@@ -57,6 +57,11 @@ class _EngineCollector:
             family = CounterMetricFamily(f"scalellm:{name}", doc, labels=["model_name"])
             family.add_metric(label, value)
             yield family
+        for prefix in ("scalellm", "vllm"):  # the KV cache's shape, as vLLM's cache_config_info reports it
+            family = GaugeMetricFamily(f"{prefix}:cache_config_info", "KV-cache configuration (in the labels)",
+                                       labels=["model_name", "block_size", "num_gpu_blocks"])
+            family.add_metric([*label, str(s["block_size"]), str(s["num_blocks"])], 1.0)
+            yield family
 
 
 class Metrics:

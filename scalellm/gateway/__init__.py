@@ -1,0 +1,1 @@
+"""One OpenAI endpoint over many ScaleLLM (or vLLM-compatible) server replicas."""

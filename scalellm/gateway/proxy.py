@@ -1,0 +1,287 @@
+"""The gateway's HTTP side: one OpenAI endpoint in front of the replicas.
+
+A generation request's body is read once (size-limited) and validated with the server's own msgspec
+structs, so malformed input gets the server's OpenAI error from the gateway and never reaches a
+replica. It is then admitted (a cap on requests in flight and a bounded queue; 503 with Retry-After
+beyond), routed, and forwarded as the same bytes. Before the first byte reaches the client, a refused
+connection or a 502/503/504/429 answer is retried on another replica with backoff (429 and 503 honour
+Retry-After); after it, never: a stream cut by its replica ends with an OpenAI-style error event.
+Answers pass through unparsed, SSE bytes as they arrive. A client that leaves closes its upstream
+connection, so the replica aborts the request and frees its KV blocks. `x-request-id` is propagated
+(or made) and logged.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections import deque
+
+import aiohttp
+from aiohttp import web
+
+from scalellm.gateway.metrics import GatewayMetrics
+from scalellm.gateway.replicas import Replica, ReplicaSet
+from scalellm.gateway.routing import Router
+from scalellm.server import protocol as P
+from scalellm.server.errors import APIError, error_body, error_response, from_api_error
+from scalellm.server.serving import _decode
+
+log = logging.getLogger("scalellm.gateway")
+RETRYABLE = frozenset({429, 502, 503, 504})
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+def prompt_text(kind: str, req) -> str:
+    """The text cache-aware routing hashes: the prompt, or the conversation as role/content lines."""
+    if kind == "chat":
+        parts = []
+        for m in req.messages:
+            content = m.content if isinstance(m.content, str) or m.content is None else \
+                "".join(p.text or "" for p in m.content)
+            parts.append(f"{m.role}\n{content or ''}\n")
+        return "".join(parts)
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(p if isinstance(p, str) else ",".join(map(str, p)) if isinstance(p, list) else str(p)
+                     for p in prompt)
+
+
+class Gateway:
+    def __init__(self, replicas: ReplicaSet, router: Router, api_key: str | None = None, max_in_flight: int = 1024,
+                 max_queue: int = 1024, max_body_bytes: int = 8 << 20, retries: int = 2,
+                 session_header: str = "x-session-id", request_timeout: float = 600.0, log_requests: bool = True):
+        self.replicas = replicas
+        self.router = router
+        self.api_key = api_key
+        self.max_in_flight = max_in_flight
+        self.max_queue = max_queue
+        self.max_body_bytes = max_body_bytes
+        self.retries = retries
+        self.session_header = session_header
+        self.request_timeout = request_timeout
+        self.log_requests = log_requests
+        self.in_flight = 0
+        self._queue: deque[asyncio.Future] = deque()
+        self.metrics = GatewayMetrics(self)
+        self.session: aiohttp.ClientSession | None = None
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._middleware])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/tokenize", self.forward_small)
+        app.router.add_post("/detokenize", self.forward_small)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_handler)
+        app.router.add_get("/replicas", self.replicas_handler)
+        app.on_startup.append(self._open)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _open(self, app) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=self.request_timeout)
+        self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
+                                             auto_decompress=False)
+
+    async def _close(self, app) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        if self.api_key and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                return error_response(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                                      code="invalid_api_key")
+        try:
+            return await handler(request)
+        except APIError as e:
+            return from_api_error(e)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return error_response(e.status, e.text if e.status != 413 else
+                                  f"request body exceeds the limit of {self.max_body_bytes} bytes")
+
+    # -- small endpoints ---------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        if self.replicas.routable():
+            return web.json_response({"status": "ok", "replicas": len(self.replicas.routable())})
+        return web.json_response({"status": "no routable replica"}, status=503)
+
+    async def replicas_handler(self, request: web.Request) -> web.Response:
+        return web.json_response({"policy": self.router.policy, "in_flight": self.in_flight,
+                                  "queued": len(self._queue),
+                                  "replicas": [r.describe() for r in self.replicas.replicas.values()]})
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain")
+
+    async def models(self, request: web.Request) -> web.Response:
+        cards = {}
+        for r in self.replicas.replicas.values():
+            if r.state != "removed":
+                cards.update({m: card for m, card in r.cards.items() if m not in cards})
+        return web.json_response({"object": "list", "data": [cards[m] for m in sorted(cards)]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        for r in self.replicas.replicas.values():
+            if name in r.cards:
+                return web.json_response(r.cards[name])
+        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+    # -- generation ------------------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completion", P.completion_decoder)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat", P.chat_decoder)
+
+    async def forward_small(self, request: web.Request) -> web.StreamResponse:
+        decoder = P.tokenize_decoder if request.path == "/tokenize" else P.detokenize_decoder
+        body = await request.read()
+        req = _decode(decoder, body)
+        return await self._dispatch(request, body, req.model, None, None)
+
+    async def _generate(self, request: web.Request, kind: str, decoder) -> web.StreamResponse:
+        body = await request.read()
+        req = _decode(decoder, body)
+        text = prompt_text(kind, req) if self.router.policy == "cache_aware" else None
+        session = request.headers.get(self.session_header)
+        return await self._dispatch(request, body, req.model, text, session)
+
+    async def _dispatch(self, request, body: bytes, model: str | None, text: str | None,
+                        session: str | None) -> web.StreamResponse:
+        if model is not None and model not in self.replicas.known_models():
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        start = time.monotonic()
+        status, replica_url, admitted = 499, "-", False  # 499: the client left first
+        try:
+            await self._admit()
+            admitted = True
+            response, replica_url = await self._forward(request, body, model, text, session, rid)
+            status = response.status
+            return response
+        except APIError as e:
+            status = e.status
+            raise
+        finally:
+            if admitted:
+                self._release()
+            self.metrics.count(replica_url, status)
+            if self.log_requests:
+                log.info("%s %s %s -> %s %s in %.3f s", rid, request.method, request.path, replica_url, status,
+                         time.monotonic() - start)
+
+    async def _admit(self) -> None:
+        if self.in_flight < self.max_in_flight and not self._queue:
+            self.in_flight += 1
+            return
+        if len(self._queue) >= self.max_queue:
+            raise APIError(503, "the gateway is at capacity; retry shortly", code="server_overloaded",
+                           headers={"Retry-After": "1"})
+        waiter = asyncio.get_running_loop().create_future()
+        self._queue.append(waiter)
+        try:
+            await waiter  # the releasing request hands its slot over
+        except asyncio.CancelledError:
+            if waiter in self._queue:
+                self._queue.remove(waiter)
+            elif waiter.done() and not waiter.cancelled():
+                self._release()  # the slot was handed over just as the client left
+            raise
+
+    def _release(self) -> None:
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on; in_flight is unchanged
+                return
+        self.in_flight -= 1
+
+    def _pick(self, model: str | None, tried: set[str], text: str | None, session: str | None) -> Replica:
+        candidates = [r for r in self.replicas.routable(model) if r.url not in tried]
+        if not candidates:
+            raise APIError(503, "no replica is available to serve this request", code="no_replica",
+                           headers={"Retry-After": "1"})
+        return self.router.choose(candidates, self.in_flight, text, session)
+
+    async def _forward(self, request, body, model, text, session, rid) -> tuple[web.StreamResponse, str]:
+        headers = {"Content-Type": "application/json", "x-request-id": rid}
+        if "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+        tried: set[str] = set()
+        for attempt in range(self.retries + 1):
+            replica = self._pick(model, tried, text, session)
+            tried.add(replica.url)
+            replica.in_flight += 1
+            replica.requests += 1
+            try:
+                try:
+                    upstream = await self.session.post(replica.url + request.path, data=body, headers=headers)
+                except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                    self.replicas.report(replica, ok=False, connection_error=True)
+                    if attempt == self.retries:
+                        raise APIError(502, f"the replica could not be reached: {e}", code="replica_unreachable")
+                    self.metrics.retries.inc()
+                    await asyncio.sleep(0.02 * 2 ** attempt)
+                    continue
+                if upstream.status in RETRYABLE and attempt < self.retries:
+                    backoff = 0.02 * 2 ** attempt  # another replica: its own Retry-After only on 429
+                    wait = _retry_after(upstream, backoff) if upstream.status == 429 else backoff
+                    upstream.release()
+                    self.replicas.report(replica, ok=upstream.status == 429)
+                    self.metrics.retries.inc()
+                    await asyncio.sleep(wait)
+                    continue
+                return await self._relay(request, upstream, replica, rid), replica.url
+            finally:
+                replica.in_flight -= 1
+        raise AssertionError("unreachable")
+
+    async def _relay(self, request, upstream: aiohttp.ClientResponse, replica: Replica, rid: str) -> web.StreamResponse:
+        try:
+            if not upstream.content_type == "text/event-stream":
+                data = await upstream.read()
+                self.replicas.report(replica, ok=upstream.status < 500)
+                return web.Response(status=upstream.status, body=data, headers={
+                    "Content-Type": upstream.headers.get("Content-Type", "application/json"), "x-request-id": rid,
+                    **({"Retry-After": upstream.headers["Retry-After"]} if "Retry-After" in upstream.headers else {})})
+            resp = web.StreamResponse(status=upstream.status, headers={**SSE_HEADERS, "x-request-id": rid})
+            await resp.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError,
+                    asyncio.TimeoutError) as e:
+                self.replicas.report(replica, ok=False, connection_error=True)
+                log.warning("%s: replica %s failed mid-stream: %s", rid, replica.url, e)
+                err = error_body(502, "the replica serving this request failed mid-stream; retry the request",
+                                 code="replica_failed")
+                await resp.write(b"data: " + P.encoder.encode(err) + b"\n\n")
+                await resp.write_eof()
+                return resp
+            self.replicas.report(replica, ok=True)
+            await resp.write_eof()
+            return resp
+        except asyncio.CancelledError:
+            upstream.close()  # the client left: closing the connection makes the replica abort the request
+            raise
+        finally:
+            upstream.release()
+
+
+def _retry_after(upstream: aiohttp.ClientResponse, default: float) -> float:
+    try:
+        return min(2.0, max(default, float(upstream.headers.get("Retry-After", default))))
+    except ValueError:
+        return default
