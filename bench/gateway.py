@@ -22,7 +22,7 @@ import sys
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 
-from serving import LOGS, PY, ROOT, Proc, tree_cpu_seconds  # noqa: E402
+from serving import LOGS, PY, ROOT, Proc, free_port, tree_cpu_seconds  # noqa: E402
 
 ROUTER_VENV = os.path.join(ROOT, ".router-venv")
 ROUTER_PY = os.path.join(ROUTER_VENV, "bin", "python")
@@ -39,11 +39,16 @@ def ensure_router() -> str:
 
 
 def loadgen(url: str, concurrency: int, num: int, output_len: int) -> dict:
+    """Short text prompts (sglang-router accepts no token-id prompts), max_tokens frames each."""
     out = os.path.join(LOGS, "gateway-loadgen.json")
-    subprocess.check_call([PY, "-m", "tools.loadgen", "--url", url, "--model", "bare", "--token-id-prompts",
+    prompts = os.path.join(LOGS, "gateway-prompts.jsonl")
+    with open(prompts, "w") as f:
+        for i in range(256):
+            f.write(json.dumps({"prompt": f"Question {i}: what is the capital of France?", "max_tokens": output_len})
+                    + "\n")
+    subprocess.check_call([PY, "-m", "tools.loadgen", "--url", url, "--model", "bare", "--prompts-file", prompts,
                            "--concurrency", str(concurrency), "--num-requests", str(num), "--warmup",
-                           str(min(concurrency, 16)), "--input-len", "16", "--output-len", str(output_len),
-                           "--json", out, "--quiet"], cwd=ROOT)
+                           str(min(concurrency, 16)), "--json", out, "--quiet"], cwd=ROOT)
     with open(out) as f:
         return json.load(f)
 
@@ -59,6 +64,7 @@ def run_setup(name: str, itl_ms: float, output_len: int, concurrencies: list[int
         elif name == "sglang-router":
             front = Proc("sglang-router", [ROUTER_PY, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
                                            "--port", "{port}", "--policy", "round_robin", "--log-level", "warn",
+                                           "--prometheus-port", str(free_port()),
                                            "--worker-urls", *[r.url for r in replicas]], ready_path="/health",
                          timeout=120)
         url = front.url if front else replicas[0].url
