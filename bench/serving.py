@@ -140,12 +140,17 @@ def drive(p: Proc, folder: str, args) -> dict[int, dict]:
     return results
 
 
-def run_scalellm(folder: str, args, flags: tuple[str, ...] = ()) -> dict[int, dict]:
+def run_scalellm(folder: str, args, flags: tuple[str, ...] = (), viewer: bool = False) -> dict[int, dict]:
+    """Our server under the workload; `viewer`: with a dashboard page's stream open throughout."""
     p = Proc("scalellm", [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}", "--dtype", "bfloat16",
                           "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN), *flags])
+    watcher = subprocess.Popen(["curl", "-sN", p.url + "/dashboard/stream"], stdout=subprocess.DEVNULL) if viewer else None
     try:
         return drive(p, folder, args)
     finally:
+        if watcher is not None:
+            watcher.terminate()
+            watcher.wait()
         p.stop()
 
 

@@ -17,6 +17,16 @@ cuda_major=""
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
   cuda_major="$(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' | head -n 1 || true)"
 fi
+# The dashboard's browser test drives Debian's Chromium through chromedriver: installed when missing,
+# where this runs as root with apt (elsewhere those tests are skipped).
+if [[ "$extras" == *test* ]] && ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null 2>&1; then
+  say "installing chromium and chromium-driver from Debian (the dashboard's browser test)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+    || say "could not install chromium; the dashboard's browser tests will be skipped"
+fi
 stamp=.venv/.scalellm-installed-$extras
 want="$(cat setup.cfg tools/bootstrap.sh | sha256sum | cut -c1-16)${cuda_major:+-cuda$cuda_major}"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -22,6 +22,7 @@ from collections import deque
 import aiohttp
 from aiohttp import web
 
+from scalellm.gateway.dashboard import GatewayDashboard
 from scalellm.gateway.metrics import GatewayMetrics
 from scalellm.gateway.replicas import Replica, ReplicaSet
 from scalellm.gateway.routing import Router
@@ -67,6 +68,7 @@ class Gateway:
         self.in_flight = 0
         self._queue: deque[asyncio.Future] = deque()
         self.metrics = GatewayMetrics(self)
+        self.dashboard = GatewayDashboard(self)
         self.session: aiohttp.ClientSession | None = None
 
     def make_app(self) -> web.Application:
@@ -80,6 +82,9 @@ class Gateway:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/replicas", self.replicas_handler)
+        app.router.add_get("/dashboard", self.dashboard.page)
+        app.router.add_get("/dashboard/stream", self.dashboard.stream)
+        app.router.add_get("/dashboard/snapshot", self.dashboard.snapshot)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
@@ -95,7 +100,7 @@ class Gateway:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        if self.api_key and request.path.startswith("/v1/"):
+        if self.api_key and request.path.startswith(("/v1/", "/dashboard/")):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 return error_response(401, "invalid or missing API key (send Authorization: Bearer KEY)",

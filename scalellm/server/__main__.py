@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
     server = Server(api_key=args.api_key, served_model_name=args.served_model_name,
                     max_queue_len=args.max_queue_len, max_body_bytes=args.max_body_bytes,
                     log_requests=not args.disable_log_requests, model_path=model_path)
+    server.flags = {k: v for k, v in vars(args).items() if k not in ("api_key", "model_arg")}
     return asyncio.run(serve(server, lambda: LLMEngine(config), args.host, args.port, args.shutdown_grace,
                              stats_interval=args.log_stats_interval))
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from scalellm import __version__
 from scalellm.engine.async_engine import AsyncEngine
 from scalellm.server import protocol as P
+from scalellm.server.dashboard import Dashboard
 from scalellm.server.errors import APIError, error_response, from_api_error
 from scalellm.server.formatting import LogprobFormatter
 from scalellm.server.metrics import Metrics
@@ -24,7 +25,9 @@ from scalellm.server.request_log import log_stats, request_line, request_log
 from scalellm.server.serving import RECORD, OpenAIServing, _decode, chat_conversation
 
 log = logging.getLogger("scalellm.server")
-_UNCOUNTED = frozenset({"/health", "/metrics", "/load"})  # probes and scrapes: neither counted nor logged
+# probes, scrapes and the dashboard: neither counted nor logged
+_UNCOUNTED = frozenset({"/health", "/metrics", "/load", "/dashboard", "/dashboard/stream", "/dashboard/snapshot"})
+_PROTECTED = ("/v1/", "/dashboard/")  # need the API key when one is set (the page itself does not)
 
 
 class Server:
@@ -47,6 +50,8 @@ class Server:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scalellm-tokenize")
         self.metrics = Metrics(lambda: self.engine.engine.stats() if self.engine else None, self.model_name)
         self.serving = OpenAIServing(self)
+        self.dashboard = Dashboard(self)
+        self.flags: dict = {}  # the command line's settings, shown on the dashboard
         self.created = int(time.time())
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -75,6 +80,9 @@ class Server:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/load", self.load)
+        app.router.add_get("/dashboard", self.dashboard.page)
+        app.router.add_get("/dashboard/stream", self.dashboard.stream)
+        app.router.add_get("/dashboard/snapshot", self.dashboard.snapshot)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         return app
@@ -93,7 +101,7 @@ class Server:
 
     async def _respond(self, request: web.Request, handler) -> tuple[web.StreamResponse, str | None]:
         """The handler's response, or the OpenAI-shaped error it raised, and that error's message."""
-        if self.api_key and request.path.startswith("/v1/"):
+        if self.api_key and request.path.startswith(_PROTECTED):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 message = "invalid or missing API key (send Authorization: Bearer KEY)"
