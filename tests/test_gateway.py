@@ -15,7 +15,7 @@ import pytest
 
 from scalellm.gateway.replicas import Replica, ReplicaSet
 from scalellm.gateway.routing import Router, prefix_hashes
-from tests.server_utils import GatewayProcess, is_idle, llama_replica, scrape, wait_idle
+from tests.server_utils import GatewayProcess, is_idle, llama_replica, scrape, wait_idle, wait_running
 
 MODEL = "tiny-llama"
 
@@ -243,6 +243,32 @@ def test_bad_input_stops_at_the_gateway_and_request_ids_pass_through(llama_long_
         assert (state["in_flight"], state["queued"]) == (1, 1)
         assert third == (503, "1", "server_overloaded")
         assert is_idle(wait_idle(replica.url))  # the abandoned endless request was aborted
+
+
+def test_a_busy_replica_is_relayed_not_ejected(llama_long_folder):
+    """A replica at capacity answers 503 with Retry-After: with nowhere else to go the client gets that
+    answer, and the replica stays in rotation (busy is not broken)."""
+    with fleet(llama_long_folder, 1, "--eject-after", "2", replica_args=(
+            "--max-model-len", "65536", "--max-num-seqs", "1", "--max-queue-len", "0")) as (gateway, (replica,)):
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                async def endless():
+                    async with s.post(gateway.url + "/v1/completions",
+                                      json={**LONG, "max_tokens": 60000, "stream": True}) as r:
+                        await r.content.readline()
+                        await asyncio.sleep(60)
+                hog = asyncio.create_task(endless())
+                await asyncio.to_thread(wait_running, replica.url, 1)
+                answers = []
+                for _ in range(4):
+                    async with s.post(gateway.url + "/v1/completions", json={**LONG, "max_tokens": 2}) as r:
+                        answers.append((r.status, (await r.json())["error"]["code"]))
+                hog.cancel()
+                await asyncio.gather(hog, return_exceptions=True)
+                return answers
+        answers = asyncio.run(main())
+        assert answers == [(503, "server_overloaded")] * 4
+        assert [r["state"] for r in gateway.replicas()] == ["healthy"]
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,7 @@ async def run(args, server_args: list[str]) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
+    gateway.draining = True
     deadline = loop.time() + args.shutdown_grace
     while gateway.in_flight and loop.time() < deadline:
         await asyncio.sleep(0.05)

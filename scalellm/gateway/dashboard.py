@@ -30,8 +30,10 @@ class GatewayDashboard(LiveStream):
         try:
             async with self.gateway.session.get(url + "/dashboard/snapshot", headers=self.gateway.replicas.headers,
                                                 timeout=aiohttp.ClientTimeout(total=0.8)) as r:
-                return (await r.json())["point"] if r.status == 200 else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
+                body = await r.json() if r.status == 200 else None
+            point = body.get("point") if isinstance(body, dict) else None
+            return point if isinstance(point, dict) else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return None
 
     async def next_point(self) -> dict:

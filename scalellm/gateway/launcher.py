@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -43,6 +44,7 @@ class Launched:
         self.log_path = os.path.join(log_dir, f"replica-{index}.log")
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        self.next_start = 0.0
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "scalellm.server", "--host", "127.0.0.1", "--port", str(self.port),
@@ -57,7 +59,8 @@ class Launched:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
 
 
 class Launcher:
@@ -77,7 +80,10 @@ class Launcher:
             await asyncio.sleep(1.0)
             for child in self.children:
                 if child.proc is not None and child.proc.poll() is not None:
+                    if asyncio.get_running_loop().time() < child.next_start:
+                        continue  # a replica that keeps dying is started again less and less often
                     child.restarts += 1
+                    child.next_start = asyncio.get_running_loop().time() + min(60.0, 2.0 ** child.restarts)
                     log.warning("replica %d exited with %s; starting it again (restart %d)", child.index,
                                 child.proc.returncode, child.restarts)
                     child.start()  # same port: the replica keeps its address, and is re-admitted when healthy
@@ -93,6 +99,7 @@ class Launcher:
             if asyncio.get_running_loop().time() > deadline:
                 for c in self.children:
                     if c.proc and c.proc.poll() is None:
-                        os.killpg(c.proc.pid, signal.SIGKILL)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(c.proc.pid, signal.SIGKILL)
                 break
             await asyncio.sleep(0.1)

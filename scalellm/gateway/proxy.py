@@ -13,6 +13,7 @@ connection, so the replica aborts the request and frees its KV blocks. `x-reques
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -66,6 +67,7 @@ class Gateway:
         self.request_timeout = request_timeout
         self.log_requests = log_requests
         self.in_flight = 0
+        self.draining = False  # after SIGTERM: /health 503 and no new requests
         self._queue: deque[asyncio.Future] = deque()
         self.metrics = GatewayMetrics(self)
         self.dashboard = GatewayDashboard(self)
@@ -114,9 +116,16 @@ class Gateway:
                 raise
             return error_response(e.status, e.text if e.status != 413 else
                                   f"request body exceeds the limit of {self.max_body_bytes} bytes")
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("internal error on %s", request.path)
+            return error_response(500, "internal server error")
 
     # -- small endpoints ---------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
         if self.replicas.routable():
             return web.json_response({"status": "ok", "replicas": len(self.replicas.routable())})
         return web.json_response({"status": "no routable replica"}, status=503)
@@ -165,6 +174,8 @@ class Gateway:
 
     async def _dispatch(self, request, body: bytes, model: str | None, text: str | None,
                         session: str | None) -> web.StreamResponse:
+        if self.draining:
+            raise APIError(503, "the gateway is shutting down", headers={"Retry-After": "1"})
         if model is not None and model not in self.replicas.known_models():
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -231,20 +242,23 @@ class Gateway:
             replica.in_flight += 1
             replica.requests += 1
             try:
+                last = attempt == self.retries or not self._has_other(model, tried)
                 try:
                     upstream = await self.session.post(replica.url + request.path, data=body, headers=headers)
-                except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                     self.replicas.report(replica, ok=False, connection_error=True)
-                    if attempt == self.retries:
+                    if last:
                         raise APIError(502, f"the replica could not be reached: {e}", code="replica_unreachable")
                     self.metrics.retries.inc()
                     await asyncio.sleep(0.02 * 2 ** attempt)
                     continue
-                if upstream.status in RETRYABLE and attempt < self.retries:
+                if upstream.status in RETRYABLE and not last:
                     backoff = 0.02 * 2 ** attempt  # another replica: its own Retry-After only on 429
                     wait = _retry_after(upstream, backoff) if upstream.status == 429 else backoff
                     upstream.release()
-                    self.replicas.report(replica, ok=upstream.status == 429)
+                    # a replica at capacity (429, or 503 with Retry-After) is busy, not broken
+                    busy = upstream.status == 429 or "Retry-After" in upstream.headers
+                    self.replicas.report(replica, ok=busy)
                     self.metrics.retries.inc()
                     await asyncio.sleep(wait)
                     continue
@@ -253,30 +267,49 @@ class Gateway:
                 replica.in_flight -= 1
         raise AssertionError("unreachable")
 
+    def _has_other(self, model: str | None, tried: set[str]) -> bool:
+        return any(r.url not in tried for r in self.replicas.routable(model))
+
     async def _relay(self, request, upstream: aiohttp.ClientResponse, replica: Replica, rid: str) -> web.StreamResponse:
         try:
             if not upstream.content_type == "text/event-stream":
-                data = await upstream.read()
-                self.replicas.report(replica, ok=upstream.status < 500)
+                try:
+                    data = await upstream.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    self.replicas.report(replica, ok=False, connection_error=True)
+                    raise APIError(502, f"the replica failed while answering: {e}", code="replica_failed") from None
+                busy = upstream.status == 429 or "Retry-After" in upstream.headers
+                self.replicas.report(replica, ok=upstream.status < 500 or busy)
                 return web.Response(status=upstream.status, body=data, headers={
                     "Content-Type": upstream.headers.get("Content-Type", "application/json"), "x-request-id": rid,
                     **({"Retry-After": upstream.headers["Retry-After"]} if "Retry-After" in upstream.headers else {})})
             resp = web.StreamResponse(status=upstream.status, headers={**SSE_HEADERS, "x-request-id": rid})
             await resp.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
+            chunks = upstream.content.iter_any().__aiter__()
+            ended_frame = True  # whether what the client got so far ends on an event boundary
+            while True:
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # the replica failed mid-stream
+                    self.replicas.report(replica, ok=False, connection_error=True)
+                    log.warning("%s: replica %s failed mid-stream: %s", rid, replica.url, e)
+                    err = error_body(502, "the replica serving this request failed mid-stream; retry the request",
+                                     code="replica_failed")
+                    with contextlib.suppress(ConnectionResetError):
+                        await resp.write((b"" if ended_frame else b"\n\n") + b"data: " + P.encoder.encode(err) + b"\n\n")
+                        await resp.write_eof()
+                    return resp
+                try:
                     await resp.write(chunk)
-            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError,
-                    asyncio.TimeoutError) as e:
-                self.replicas.report(replica, ok=False, connection_error=True)
-                log.warning("%s: replica %s failed mid-stream: %s", rid, replica.url, e)
-                err = error_body(502, "the replica serving this request failed mid-stream; retry the request",
-                                 code="replica_failed")
-                await resp.write(b"data: " + P.encoder.encode(err) + b"\n\n")
-                await resp.write_eof()
-                return resp
+                except ConnectionResetError:  # the client left (not the replica's fault)
+                    upstream.close()
+                    return resp
+                ended_frame = chunk.endswith(b"\n\n")
             self.replicas.report(replica, ok=True)
-            await resp.write_eof()
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write_eof()
             return resp
         except asyncio.CancelledError:
             upstream.close()  # the client left: closing the connection makes the replica abort the request

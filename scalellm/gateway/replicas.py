@@ -98,7 +98,7 @@ class ReplicaSet:
         self.check_timeout = check_timeout
         self.dns_interval = dns_interval
         self.resolver = resolver or _resolve
-        self._file_mtime: float | None = None
+        self._file_mtime: tuple | None = None  # (mtime, size, content hash) of the file last read
         self._tasks: list[asyncio.Task] = []
         self._session: aiohttp.ClientSession | None = None
         self.headers: dict[str, str] = {}  # sent with health checks (the replicas' API key)
@@ -106,9 +106,14 @@ class ReplicaSet:
     # -- membership ------------------------------------------------------------------------------
     def add(self, url: str, pool: str | None, source: str) -> Replica:
         replica = self.replicas.get(url)
-        if replica is None or replica.state == "removed":
+        if replica is None:
             replica = self.replicas[url] = Replica(url, pool, source)
             log.info("replica added: %s%s (%s)", url, f" pool={pool}" if pool else "", source)
+        elif replica.state == "removed" or replica.pool != pool or replica.source != source:
+            if replica.state == "removed":  # back before it was forgotten: keep its in-flight count
+                replica.state = "unknown"
+                log.info("replica added again: %s (%s)", url, source)
+            replica.pool, replica.source = pool, source
         return replica
 
     def remove(self, url: str) -> None:
@@ -159,24 +164,28 @@ class ReplicaSet:
         if not self.replicas_file:
             return
         try:
-            mtime = os.stat(self.replicas_file).st_mtime_ns
-        except OSError:
-            mtime = None
-        if mtime == self._file_mtime:
+            st = os.stat(self.replicas_file)
+            with open(self.replicas_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            if self._file_mtime is not None:
+                log.warning("cannot read replicas file %s (%s); keeping its replicas", self.replicas_file, e)
+                self._file_mtime = None
             return
-        self._file_mtime = mtime
+        version = (st.st_mtime_ns, st.st_size, hash(text))
+        if version == self._file_mtime:
+            return
+        self._file_mtime = version
         wanted: dict[str, str | None] = {}
-        if mtime is not None:
-            with open(self.replicas_file) as f:
-                for line in f:
-                    line = line.split("#", 1)[0].strip()
-                    if line:
-                        try:
-                            url, pool = parse_spec(line)
-                        except ValueError as e:
-                            log.warning("%s: %s", self.replicas_file, e)
-                            continue
-                        wanted[url] = pool
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                try:
+                    url, pool = parse_spec(line)
+                except ValueError as e:
+                    log.warning("%s: %s", self.replicas_file, e)
+                    continue
+                wanted[url] = pool
         log.info("replicas file %s: %d replica(s)", self.replicas_file, len(wanted))
         self._sync("file", wanted)
 
@@ -186,6 +195,9 @@ class ReplicaSet:
         if replica.state == "ejected" and now < replica.ejected_until:
             return
         replica.last_check = now
+        await self._check(replica, now)
+
+    async def _check(self, replica: Replica, now: float) -> None:
         try:
             async with self._session.get(replica.url + "/health") as r:
                 status = r.status
@@ -204,6 +216,10 @@ class ReplicaSet:
                 replica.state = "down"
             return
         replica.failed_checks = 0
+        if replica.state == "removed" or self.replicas.get(replica.url) is not replica:
+            return  # dropped from its source while the check ran
+        if replica.state == "ejected" and replica.ejected_until > now:
+            return  # a request failed on it while the check ran: the ejection stands
         if status == 200:
             if replica.state != "healthy":
                 log.info("replica %s is healthy (models: %s)", replica.url, ", ".join(sorted(replica.models)))
@@ -236,10 +252,13 @@ class ReplicaSet:
     async def _source_loop(self) -> None:
         last_dns = 0.0
         while True:
-            if time.monotonic() - last_dns >= self.dns_interval:
-                await self.refresh_dns()
-                last_dns = time.monotonic()
-            await self.refresh_file()
+            try:
+                if time.monotonic() - last_dns >= self.dns_interval:
+                    last_dns = time.monotonic()
+                    await self.refresh_dns()
+                await self.refresh_file()
+            except Exception:  # one bad refresh must not end discovery for good
+                log.exception("refreshing the replicas failed")
             await asyncio.sleep(min(1.0, self.dns_interval))
 
     async def start(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import time
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from scalellm.server.metrics import STAGES
 
+log = logging.getLogger("scalellm.server")
 HISTORY = 300  # one point a second: the last five minutes
 WINDOW = 60  # seconds the percentiles and histograms cover
 RATE_WINDOW = 10  # seconds the headline rates average over
@@ -74,6 +76,21 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
     return lower_bound
 
 
+def _finite(x):
+    """JSON that JavaScript can parse: infinities and NaN (a flag like --shutdown-grace inf) as strings."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _json(obj) -> bytes:
+    return json.dumps(_finite(obj), allow_nan=False).encode()
+
+
 def _delta_buckets(now: list, then: list) -> list[tuple[float, float]]:
     before = dict(then)
     return [(le, v - before.get(le, 0.0)) for le, v in now]
@@ -95,15 +112,22 @@ class LiveStream:
         raise NotImplementedError
 
     async def _run(self) -> None:
-        while self.viewers:
-            point = await self.next_point()
-            self.points.append(point)
-            data = json.dumps({"point": point, "info": self.info()}, allow_nan=False).encode()
-            for q in list(self.viewers):
-                if q.qsize() < 5:  # a viewer that stopped reading gets no backlog
-                    q.put_nowait(data)
-            await asyncio.sleep(1.0)
-        self._task = None
+        try:
+            while self.viewers:
+                try:
+                    point = await self.next_point()
+                    data = _json({"point": point, "info": self.info()})
+                except Exception:  # one bad point must not stop the page for good
+                    log.exception("dashboard sample failed")
+                    await asyncio.sleep(1.0)
+                    continue
+                self.points.append(point)
+                for q in list(self.viewers):
+                    if q.qsize() < 5:  # a viewer that stopped reading gets no backlog
+                        q.put_nowait(data)
+                await asyncio.sleep(1.0)
+        finally:
+            self._task = None
 
     def _watch(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
@@ -118,19 +142,19 @@ class LiveStream:
 
     async def snapshot(self, request: web.Request) -> web.Response:
         point = self.points[-1] if self.points and self._task is not None else await self.next_point()
-        return web.json_response({"point": point, "info": self.info()})
+        return web.Response(body=_json({"point": point, "info": self.info()}), content_type="application/json")
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         q = self._watch()
         try:
-            history = json.dumps({"history": list(self.points), "info": self.info()}).encode()
+            history = _json({"history": list(self.points), "info": self.info()})
             await resp.write(b"event: history\ndata: " + history + b"\n\n")
             while True:
                 data = await q.get()
                 await resp.write(b"data: " + data + b"\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             pass
         finally:
             self.viewers.discard(q)
