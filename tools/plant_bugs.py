@@ -51,6 +51,17 @@ BUGS = [
     Bug("e", "post-attention norm weight replaced by ones at load", "scalellm/model/weights.py",
         'post_norm=get(p + "post_attention_layernorm.weight")',
         'post_norm=torch.ones_like(get(p + "post_attention_layernorm.weight"))', MODEL_TESTS),
+    Bug("f", "the warm-up skips whole steps (sampling compiles on the first request)", "scalellm/engine/engine.py",
+        "            while self.has_unfinished():\n                self.step()", "            while False:\n                pass",
+        ["tests/test_operator.py::test_no_kernel_compiles_after_healthy"]),
+    Bug("g", "the gateway ejects a replica for answering 'at capacity'", "scalellm/gateway/proxy.py",
+        "self.replicas.report(replica, ok=upstream.status < 500 or busy)",
+        "self.replicas.report(replica, ok=upstream.status < 500)",
+        ["tests/test_gateway.py::test_a_busy_replica_is_relayed_not_ejected"]),
+    Bug("h", "the dashboard shows prompt tokens/s as output tokens/s", "scalellm/server/dashboard.py",
+        'point["tokens_per_s"], point["prompt_tokens_per_s"] = rate("generation_tokens"), rate("prompt_tokens")',
+        'point["tokens_per_s"], point["prompt_tokens_per_s"] = rate("prompt_tokens"), rate("prompt_tokens")',
+        ["tests/test_dashboard.py::test_the_page_under_load"]),
 ]
 
 # Not a bug to find: proves the copy's code is what the tests run (a syntax error must break them).
