@@ -197,3 +197,52 @@ def test_a_model_that_is_not_here_is_one_line(model):
     assert out.returncode == 2 and len(lines) == 1, lines
     assert "nothing is downloaded" in lines[0]
     assert ("looks like a Hugging Face id" in lines[0]) == (not model.startswith("/"))
+
+
+def test_the_dashboard_reports_loading_serving_and_draining(llama_long_folder):
+    """What the page's state badge shows comes from /dashboard/snapshot: loading, then serving, then
+    draining after SIGTERM while a request is still running."""
+    import json
+    import signal
+
+    server = ServerProcess("--model", llama_long_folder, "--dtype", "float32", "--served-model-name", MODEL,
+                           "--max-model-len", "65536", "--kv-cache-memory", "64MB", "--shutdown-grace", "30",
+                           wait=False)
+
+    def state() -> str | None:
+        try:
+            with urllib.request.urlopen(server.url + "/dashboard/snapshot", timeout=5) as r:
+                return json.loads(r.read())["point"]["state"]
+        except OSError:
+            return None
+    try:
+        seen = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "serving" not in seen:
+            s = state()
+            if s and (not seen or seen[-1] != s):
+                seen.append(s)
+            time.sleep(0.05)
+        assert seen == ["loading", "serving"], seen
+
+        async def drain():
+            async with aiohttp.ClientSession() as s:
+                body = {"model": MODEL, "prompt": "Tell me everything", "max_tokens": 60000, "ignore_eos": True,
+                        "stream": True}
+                async with s.post(server.url + "/v1/completions", json=body) as r:
+                    assert r.status == 200
+                    await r.content.readline()
+                    server.proc.send_signal(signal.SIGTERM)
+                    return await asyncio.to_thread(wait_for_state, state, "draining")
+        assert asyncio.run(drain())
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def wait_for_state(state, wanted: str, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if state() == wanted:
+            return True
+        time.sleep(0.05)
+    return False
