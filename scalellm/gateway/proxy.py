@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 import uuid
@@ -28,7 +27,7 @@ from scalellm.gateway.metrics import GatewayMetrics
 from scalellm.gateway.replicas import Replica, ReplicaSet
 from scalellm.gateway.routing import Router
 from scalellm.server import protocol as P
-from scalellm.server.errors import APIError, error_body, error_response, from_api_error
+from scalellm.server.errors import APIError, error_body, respond
 from scalellm.server.serving import _decode
 
 log = logging.getLogger("scalellm.gateway")
@@ -102,25 +101,8 @@ class Gateway:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        if self.api_key and request.path.startswith(("/v1/", "/dashboard/")):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                return error_response(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                                      code="invalid_api_key")
-        try:
-            return await handler(request)
-        except APIError as e:
-            return from_api_error(e)
-        except web.HTTPException as e:
-            if e.status < 400:
-                raise
-            return error_response(e.status, e.text if e.status != 413 else
-                                  f"request body exceeds the limit of {self.max_body_bytes} bytes")
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception:
-            log.exception("internal error on %s", request.path)
-            return error_response(500, "internal server error")
+        response, _ = await respond(request, handler, self.api_key, ("/v1/", "/dashboard/"), self.max_body_bytes)
+        return response
 
     # -- small endpoints ---------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hmac
 import logging
 import os
 import sys
@@ -18,7 +17,7 @@ from scalellm import __version__
 from scalellm.engine.async_engine import AsyncEngine
 from scalellm.server import protocol as P
 from scalellm.server.dashboard import Dashboard
-from scalellm.server.errors import APIError, error_response, from_api_error
+from scalellm.server.errors import APIError, respond
 from scalellm.server.formatting import LogprobFormatter
 from scalellm.server.metrics import Metrics
 from scalellm.server.request_log import log_stats, request_line, request_log
@@ -92,34 +91,12 @@ class Server:
         start = time.monotonic()
         status, message = 499, None  # 499: the client left before an answer (as nginx logs it)
         try:
-            response, message = await self._respond(request, handler)
+            response, message = await respond(request, handler, self.api_key, _PROTECTED, self.max_body_bytes)
             status = response.status
             return response
         finally:
             if request.path not in _UNCOUNTED:
                 self._account(request, status, message, time.monotonic() - start)
-
-    async def _respond(self, request: web.Request, handler) -> tuple[web.StreamResponse, str | None]:
-        """The handler's response, or the OpenAI-shaped error it raised, and that error's message."""
-        if self.api_key and request.path.startswith(_PROTECTED):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                message = "invalid or missing API key (send Authorization: Bearer KEY)"
-                return error_response(401, message, code="invalid_api_key"), message
-        try:
-            return await handler(request), None
-        except APIError as e:
-            return from_api_error(e), e.message
-        except web.HTTPException as e:
-            if e.status < 400:
-                raise
-            message = e.text if e.status != 413 else f"request body exceeds the limit of {self.max_body_bytes} bytes"
-            return error_response(e.status, message), message
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception:
-            log.exception("internal error on %s", request.path)
-            return error_response(500, "internal server error"), "internal server error"
 
     def _account(self, request: web.Request, status: int, message: str | None, seconds: float) -> None:
         """Count the request by outcome and status, and log its line."""

@@ -9,6 +9,7 @@ JSON (the gateway's page reads its replicas through it).
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import logging
@@ -96,7 +97,7 @@ def _delta_buckets(now: list, then: list) -> list[tuple[float, float]]:
     return [(le, v - before.get(le, 0.0)) for le, v in now]
 
 
-class LiveStream:
+class LiveStream(abc.ABC):
     """One point a second to every open page, and nothing while none is open. Subclasses say what a
     point and the page's header info are."""
 
@@ -105,11 +106,13 @@ class LiveStream:
         self.viewers: set[asyncio.Queue] = set()
         self._task: asyncio.Task | None = None
 
+    @abc.abstractmethod
     def info(self) -> dict:
-        raise NotImplementedError
+        """The page's header: model, state, flags."""
 
+    @abc.abstractmethod
     async def next_point(self) -> dict:
-        raise NotImplementedError
+        """The point to send now."""
 
     async def _run(self) -> None:
         try:

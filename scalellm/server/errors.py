@@ -1,6 +1,9 @@
 """OpenAI-shaped errors: every failure a client can cause becomes one of these, never a traceback."""
 from __future__ import annotations
 
+import asyncio
+import hmac
+import logging
 import re
 
 import msgspec
@@ -56,3 +59,28 @@ def bad_value(e: ValueError, default_param: str | None = None) -> APIError:
     message = str(e)
     m = _FIELD.match(message)
     return APIError(400, message, param=m.group(1) if m else default_param)
+
+
+async def respond(request: web.Request, handler, api_key: str | None, protected: tuple[str, ...],
+                  max_body_bytes: int) -> tuple[web.StreamResponse, str | None]:
+    """The handler's response, or the OpenAI-shaped error it raised, and that error's message; paths
+    under `protected` need `Authorization: Bearer api_key` when a key is set. (Server and gateway share it.)"""
+    if api_key and request.path.startswith(protected):
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
+            message = "invalid or missing API key (send Authorization: Bearer KEY)"
+            return error_response(401, message, code="invalid_api_key"), message
+    try:
+        return await handler(request), None
+    except APIError as e:
+        return from_api_error(e), e.message
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = e.text if e.status != 413 else f"request body exceeds the limit of {max_body_bytes} bytes"
+        return error_response(e.status, message), message
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        logging.getLogger("scalellm.server").exception("internal error on %s", request.path)
+        return error_response(500, "internal server error"), "internal server error"

@@ -66,7 +66,6 @@ class OpenAIServing:
 
     # -- completions ---------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        srv = self.server
         req, t1, stages = await self._read(request, P.completion_decoder)
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
