@@ -145,7 +145,8 @@ __global__ void __launch_bounds__(kThreads) paged_attention_decode(
   }
 }
 
-// Combine partitions: out = sum_p w_p o_p / sum_p w_p with w_p = sum_p * exp(max_p - max).
+// Combine partitions: out = sum_p w_p o_p / sum_p w_p with w_p = sum_p * exp(max_p - max), over the
+// partitions that held tokens.
 template <typename T, int HEAD_DIM>
 __global__ void paged_attention_reduce(T* __restrict__ out, const float* __restrict__ part_out,
                                        const float* __restrict__ part_max, const float* __restrict__ part_sum,
@@ -159,7 +160,8 @@ __global__ void paged_attention_reduce(T* __restrict__ out, const float* __restr
   for (int p = 0; p < parts; ++p) total += ps[p] * __expf(pm[p] - m);
   for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
     float o = 0.f;
-    for (int p = 0; p < parts; ++p) o += part_out[(sh * parts + p) * HEAD_DIM + d] * ps[p] * __expf(pm[p] - m);
+    for (int p = 0; p < parts; ++p)  // an empty partition wrote no output: never read it (0 * NaN is NaN)
+      if (ps[p] > 0.f) o += part_out[(sh * parts + p) * HEAD_DIM + d] * ps[p] * __expf(pm[p] - m);
     out[sh * HEAD_DIM + d] = from_float<T>(o / total);
   }
 }

@@ -1,5 +1,7 @@
 import pytest
 
+pytest.register_assert_rewrite("tests.cuda_kernel_checks")  # its checks' failures say what differed
+
 from tests.checkpoints import ARCHS, build_checkpoint
 
 

@@ -5,8 +5,12 @@ norms, attention inputs, decode attention, small-batch GEMMs and sampling; torch
 (oneDNN with weights packed at load, scalellm/ops/linear.py), SiLU-mul and prefill attention (SDPA
 over the gathered context, scalellm/ops/torch_ops.py).
 CUDA tensors: the CuPy kernels (scalellm/ops/cuda_backend.py, imported only then), GEMMs through torch.
+Inside `cuda_kernels_on_cpu()`, CPU tensors take the CUDA kernels too, run through their host build
+(scalellm/ops/cuda_host): how the engine is tested end to end on the CUDA kernels without a GPU.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -24,6 +28,24 @@ from scalellm.ops.linear import Linear  # noqa: E402
 from scalellm.ops.numba_util import as_numba, keep_numba_view  # noqa: E402
 
 
+_kernels_on_cpu = False
+
+
+@contextlib.contextmanager
+def cuda_kernels_on_cpu(enabled: bool = True):
+    """Run the CUDA kernels' host build for CPU tensors inside the block (a test-only backend)."""
+    global _kernels_on_cpu
+    previous, _kernels_on_cpu = _kernels_on_cpu, enabled
+    try:
+        yield
+    finally:
+        _kernels_on_cpu = previous
+
+
+def _gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda or _kernels_on_cpu
+
+
 def _cuda():
     from scalellm.ops import cuda_backend
 
@@ -31,28 +53,28 @@ def _cuda():
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return (_cuda() if x.is_cuda else cpu_kernels).rms_norm(x, weight, eps)
+    return (_cuda() if _gpu(x) else cpu_kernels).rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """residual + x -> (rms_norm(residual + x) * weight, residual + x)."""
-    return (_cuda() if x.is_cuda else cpu_kernels).add_rms_norm(x, residual, weight, eps)
+    return (_cuda() if _gpu(x) else cpu_kernels).add_rms_norm(x, residual, weight, eps)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate q [tokens, heads, dim] and k [tokens, kv_heads, dim] in place (rotate-half layout);
     cos/sin: [max_positions, dim] caches indexed by positions."""
-    (_cuda() if q.is_cuda else cpu_kernels).rotary_inplace(q, k, positions, cos, sin)
+    (_cuda() if _gpu(q) else cpu_kernels).rotary_inplace(q, k, positions, cos, sin)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """[tokens, 2n] (gate | up) -> silu(gate) * up. On the CPU torch's two vectorized ops beat the numba
     twin, whose loop numba does not vectorize (64x1536 bf16: ~20 us against ~400 us)."""
-    return (_cuda() if x.is_cuda else torch_ops).silu_mul(x)
+    return (_cuda() if _gpu(x) else torch_ops).silu_mul(x)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    if k.is_cuda:
+    if _gpu(k):
         _cuda().write_kv(k, v, k_cache, v_cache, tensor(slot_mapping, k.device))
     else:
         cpu_kernels.write_kv(k, v, k_cache, v_cache, tensor(slot_mapping))
@@ -64,7 +86,7 @@ def attention_inputs(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tens
                      slot_mapping: np.ndarray) -> torch.Tensor:
     """From the fused qkv projection [tokens, (heads + 2 kv_heads) * head_dim]: per-head q/k RMSNorm (when
     the model has it), rotary on q and k, k and v written to the cache; returns q [tokens, heads, head_dim]."""
-    if qkv.is_cuda:
+    if _gpu(qkv):
         return _cuda_attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, num_kv_heads,
                                       k_cache, v_cache, slot_mapping)
     return cpu_kernels.attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, num_kv_heads,
@@ -86,7 +108,7 @@ def _cuda_attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_he
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float) -> torch.Tensor:
     """q: [tokens, heads, dim], decode tokens first -> attention output of the same shape."""
-    if q.is_cuda:
+    if _gpu(q):
         return _cuda_paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
@@ -117,8 +139,8 @@ def _cuda_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
 
 
 def fused_sample(logits: torch.Tensor, batch):
-    return (_cuda() if logits.is_cuda else cpu_sampling).fused_sample(logits, batch)
+    return (_cuda() if _gpu(logits) else cpu_sampling).fused_sample(logits, batch)
 
 
 __all__ = ["AttentionMetadata", "Linear", "PrefillChunk", "add_rms_norm", "attention_inputs", "build_attention_metadata",
-           "fused_sample", "keep_numba_view", "paged_attention", "rms_norm", "rotary", "silu_mul", "tensor", "write_kv"]
+           "cuda_kernels_on_cpu", "fused_sample", "keep_numba_view", "paged_attention", "rms_norm", "rotary", "silu_mul", "tensor", "write_kv"]

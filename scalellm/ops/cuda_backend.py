@@ -1,9 +1,10 @@
 """CUDA backend: the kernels in cuda_kernels/*.cu, compiled at run time by CuPy (NVRTC) and launched
-on torch's current stream. Imported only when a CUDA tensor reaches an op, so machines without CUDA
-never import CuPy.
+on torch's current stream. Imported only when a CUDA tensor reaches an op (or the kernels run on the
+CPU through their host build, for tests), so machines without CUDA never import CuPy.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -29,17 +30,40 @@ PARTITION = 512  # matches kPartition in paged_attention.cu
 MAX_GROUP = 8
 
 
+_source_overrides: dict[str, str] = {}
+
+
+def kernel_source(name: str) -> str:
+    if name in _source_overrides:
+        return _source_overrides[name]
+    with open(os.path.join(KERNEL_DIR, f"{name}.cu")) as f:
+        return f.read()
+
+
+@contextlib.contextmanager
+def patched_source(name: str, source: str):
+    """Build `name`'s kernels from `source` inside the block (tests plant bugs with it)."""
+    _source_overrides[name] = source
+    _module.cache_clear()
+    try:
+        yield
+    finally:
+        del _source_overrides[name]
+        _module.cache_clear()
+
+
 @functools.cache
-def _module(name: str):
+def _module(name: str, on_host: bool):
+    """The compiled kernels of cuda_kernels/{name}.cu: by CuPy (NVRTC) for the GPU, or by g++ through the
+    host build (scalellm/ops/cuda_host) for CPU tensors."""
+    options = ("-std=c++17", f"-I{KERNEL_DIR}")
+    if on_host:
+        from scalellm.ops.cuda_host import HostModule
+
+        return HostModule(code=kernel_source(name), options=options, name_expressions=NAMES[name])
     import cupy as cp
 
-    with open(os.path.join(KERNEL_DIR, f"{name}.cu")) as f:
-        source = f.read()
-    return cp.RawModule(code=source, options=("-std=c++17", f"-I{KERNEL_DIR}"), name_expressions=NAMES[name])
-
-
-def _kernel(module: str, name: str):
-    return _module(module).get_function(name)
+    return cp.RawModule(code=kernel_source(name), options=options, name_expressions=NAMES[name])
 
 
 def _arg(t: torch.Tensor):
@@ -51,7 +75,14 @@ def _arg(t: torch.Tensor):
     return cp.asarray(t)
 
 
-def _launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
+def _launch(module: str, name: str, grid, block, args, shared_mem: int = 0) -> None:
+    """Run kernel `name` of `module` over `args`: on the GPU on torch's current stream, or through the host
+    build when the tensors are on the CPU."""
+    on_host = not next(a for a in args if isinstance(a, torch.Tensor)).is_cuda
+    kernel = _module(module, on_host).get_function(name)
+    if on_host:
+        kernel(grid, (block,), args, shared_mem=shared_mem)
+        return
     import cupy as cp
 
     stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
@@ -64,7 +95,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     hidden = x.shape[-1]
     rows = x.numel() // hidden
-    _launch(_kernel("rms_norm", f"scalellm::rms_norm<{CTYPES[x.dtype]}>"), (rows,), 256,
+    _launch("rms_norm", f"scalellm::rms_norm<{CTYPES[x.dtype]}>", (rows,), 256,
             (out, x, weight, np.int32(hidden), np.float32(eps)))
     return out
 
@@ -73,17 +104,22 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     residual = residual.contiguous().clone()
     out = torch.empty_like(residual)
     hidden = x.shape[-1]
-    _launch(_kernel("rms_norm", f"scalellm::add_rms_norm<{CTYPES[x.dtype]}>"), (residual.numel() // hidden,), 256,
+    _launch("rms_norm", f"scalellm::add_rms_norm<{CTYPES[x.dtype]}>", (residual.numel() // hidden,), 256,
             (out, residual, x.contiguous(), weight, np.int32(hidden), np.float32(eps)))
     return out, residual
 
 
 def rotary_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> None:
-    """q: [tokens, heads, D], k: [tokens, kv_heads, D] (contiguous), rotated in place."""
+    """q: [tokens, heads, D], k: [tokens, kv_heads, D], rotated in place; each token's heads contiguous
+    (views into the fused qkv projection are fine)."""
     tokens, heads, dim = q.shape
-    _launch(_kernel("rotary", f"scalellm::rotary<{CTYPES[q.dtype]}>"), (tokens,), 128,
-            (q, k, positions.to(torch.int64), cos, sin, np.int32(heads), np.int32(k.shape[1]), np.int32(dim)))
+    for t in (q, k):
+        if t.stride(2) != 1 or t.stride(1) != dim:
+            raise ValueError("rotary needs each token's heads contiguous")
+    _launch("rotary", f"scalellm::rotary<{CTYPES[q.dtype]}>", (tokens,), 128,
+            (q, k, positions.to(torch.int64), cos, sin, np.int32(heads), np.int32(k.shape[1]), np.int32(dim),
+             np.int64(q.stride(0)), np.int64(k.stride(0))))
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
@@ -92,14 +128,14 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     tokens = x.numel() // (2 * n)
     blocks = min(65535, (tokens * n + 255) // 256)
-    _launch(_kernel("activation", f"scalellm::silu_mul<{CTYPES[x.dtype]}>"), (max(blocks, 1),), 256,
+    _launch("activation", f"scalellm::silu_mul<{CTYPES[x.dtype]}>", (max(blocks, 1),), 256,
             (out, x, np.int64(tokens), np.int32(n)))
     return out
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     row = k.shape[1] * k.shape[2]
-    _launch(_kernel("kv_write", f"scalellm::kv_write<{CTYPES[k.dtype]}>"), (k.shape[0],), 128,
+    _launch("kv_write", f"scalellm::kv_write<{CTYPES[k.dtype]}>", (k.shape[0],), 128,
             (k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.to(torch.int64), np.int32(row)))
 
 
@@ -118,13 +154,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_starts, co
     part_max = torch.empty(seqs, heads, parts, **f32) if parts > 1 else out
     part_sum = torch.empty(seqs, heads, parts, **f32) if parts > 1 else out
     ctype = CTYPES[q.dtype]
-    _launch(_kernel("paged_attention", f"scalellm::paged_attention_decode<{ctype}, {dim}>"),
+    _launch("paged_attention", f"scalellm::paged_attention_decode<{ctype}, {dim}>",
             (seqs, kv_heads, parts), 128,
             (out, part_out, part_max, part_sum, q.contiguous(), k_cache, v_cache, block_tables.to(torch.int32),
              context_starts.to(torch.int32), context_lens.to(torch.int32), np.int32(block_tables.shape[1]),
              np.int32(k_cache.shape[1]), np.int32(kv_heads), np.int32(group), np.float32(scale)))
     if parts > 1:
-        _launch(_kernel("paged_attention", f"scalellm::paged_attention_reduce<{ctype}, {dim}>"), (seqs, heads), dim,
+        _launch("paged_attention", f"scalellm::paged_attention_reduce<{ctype}, {dim}>", (seqs, heads), dim,
                 (out, part_out, part_max, part_sum, np.int32(parts)))
     return out
 
@@ -134,7 +170,7 @@ def prefill_attention(q, k_cache, v_cache, token_seq, token_pos, block_tables, s
     tokens, heads, dim = q.shape
     out = torch.empty_like(q)
     warps = tokens * heads
-    _launch(_kernel("prefill_attention", f"scalellm::prefill_attention<{CTYPES[q.dtype]}, {dim}>"),
+    _launch("prefill_attention", f"scalellm::prefill_attention<{CTYPES[q.dtype]}, {dim}>",
             ((warps * 32 + 127) // 128,), 128,
             (out, q.contiguous(), k_cache, v_cache, token_seq.to(torch.int32), token_pos.to(torch.int32),
              block_tables.to(torch.int32), np.int32(tokens), np.int32(block_tables.shape[1]),
@@ -153,7 +189,7 @@ def fused_sample(logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tenso
     top_ids = torch.empty(rows, max_top, dtype=torch.int64, device=dev)
     top_lp = torch.empty(rows, max_top, dtype=torch.float32, device=dev)
     work = torch.empty_like(logits)
-    _launch(_kernel("sampling", "scalellm::fused_sample"), (rows,), 1024,
+    _launch("sampling", "scalellm::fused_sample", (rows,), 1024,
             (tokens, chosen, top_ids, top_lp, work, logits.contiguous(), batch.temperature, batch.top_k, batch.top_p,
              batch.min_p, batch.presence, batch.frequency, batch.repetition, batch.pen_offsets, batch.pen_tokens,
              batch.pen_counts, batch.ban_offsets, batch.ban_tokens, batch.streams, batch.num_top, np.int32(vocab),

@@ -1,0 +1,239 @@
+"""Checks of every CUDA kernel, through the wrappers the engine calls (scalellm.ops with CUDA kernels
+on), against float64 torch references. Each check raises AssertionError on a wrong result; the kernel
+tests run them in three thread orders, and the planted-bug test runs them on broken kernel sources.
+
+On the CPU the kernels run through their host build; the same checks run on a GPU when given
+device="cuda". Outputs and unwritten cache slots start as NaN, so an element a kernel fails to write,
+or a slot it reads that nothing wrote, fails the comparison.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from scalellm import ops
+from scalellm.ops import cuda_backend
+from scalellm.ops import torch_ops as R
+from scalellm.sampling_params import SamplingParams
+from tests.sampling_reference import run_sampler
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NAN = float("nan")
+
+
+def tol(dtype) -> dict:
+    return {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=1e-2),
+            torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}[dtype]
+
+
+def randn(*shape, dtype, seed, device="cpu", scale=1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype) -> None:
+    torch.testing.assert_close(actual.cpu().double(), expected.cpu().double(), **tol(dtype))
+
+
+# -- elementwise -----------------------------------------------------------------------------------
+def check_rms_norm(dtype, device="cpu"):
+    for rows, hidden in [(1, 64), (5, 576), (3, 1000)]:
+        x, r = randn(rows, hidden, dtype=dtype, seed=hidden, device=device), randn(rows, hidden, dtype=dtype, seed=1)
+        r, w = r.to(device), randn(hidden, dtype=dtype, seed=2, device=device)
+        f64 = lambda s: w.double().cpu() * s / (s.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()  # noqa: E731
+        close(ops.rms_norm(x, w, 1e-6), f64(x.double().cpu()), dtype)
+        out, res = ops.add_rms_norm(x, r, w, 1e-6)
+        total = x.double().cpu() + r.double().cpu()
+        close(res, total, dtype)
+        close(out, f64(total), dtype)
+
+
+def rotary_tables(dim, dtype, positions=512):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    freqs = torch.arange(positions).float()[:, None] * inv_freq[None]
+    return torch.cat([freqs.cos()] * 2, -1).to(dtype), torch.cat([freqs.sin()] * 2, -1).to(dtype), freqs
+
+
+def check_rotary(dtype, device="cpu"):
+    for tokens, heads, kv_heads, dim in [(1, 4, 4, 64), (9, 6, 3, 64), (5, 8, 2, 128)]:
+        cos, sin, freqs = rotary_tables(dim, dtype)
+        positions = torch.randint(0, 500, (tokens,), generator=torch.Generator().manual_seed(tokens))
+        qkv = randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype, seed=dim + tokens, device=device)
+        q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)  # strided views, as in the model
+        q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+        q0, k0 = q.double().cpu(), k.double().cpu()
+        ops.rotary(q, k, positions.to(device), cos.to(device), sin.to(device))
+        c, s = freqs[positions].double().cos()[:, None], freqs[positions].double().sin()[:, None]
+        for got, x in ((q, q0), (k, k0)):
+            x1, x2 = x[..., :dim // 2], x[..., dim // 2:]
+            close(got, torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1), dtype)
+
+
+def check_silu_mul(dtype, device="cpu"):
+    for tokens, n in [(1, 8), (13, 688), (3, 1536)]:
+        x = randn(tokens, 2 * n, dtype=dtype, seed=n, device=device)
+        xd = x.double().cpu()
+        close(ops.silu_mul(x), F.silu(xd[:, :n]) * xd[:, n:], dtype)
+
+
+def check_write_kv(dtype, device="cpu"):
+    bs, kvh, d, blocks = 16, 3, 64, 10
+    k_cache = torch.full((blocks, bs, kvh, d), NAN).to(dtype).to(device)
+    v_cache = k_cache.clone()
+    k, v = randn(21, kvh, d, dtype=dtype, seed=1, device=device), randn(21, kvh, d, dtype=dtype, seed=2, device=device)
+    slots = torch.randperm(blocks * bs, generator=torch.Generator().manual_seed(0))[:21]
+    slots[4] = -1  # not cached: written nowhere
+    ops.write_kv(k, v, k_cache, v_cache, slots.numpy())
+    flat_k, flat_v = k_cache.view(-1, kvh, d).cpu(), v_cache.view(-1, kvh, d).cpu()
+    keep = slots >= 0
+    assert torch.equal(flat_k[slots[keep]], k.cpu()[keep]) and torch.equal(flat_v[slots[keep]], v.cpu()[keep])
+    others = torch.ones(blocks * bs, dtype=torch.bool)
+    others[slots[keep]] = False
+    assert flat_k[others].isnan().all() and flat_v[others].isnan().all()
+
+
+# -- attention --------------------------------------------------------------------------------------
+def scattered_tables(lens, bs, seed, spare=5):
+    """Each sequence's blocks at shuffled places in the cache; returns (tables [seqs, width], num_blocks)."""
+    need = [-(-n // bs) for n in lens]
+    num_blocks = sum(need) + spare
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
+    tables = torch.zeros(len(lens), max(need), dtype=torch.int32)
+    used = 0
+    for i, nb in enumerate(need):
+        tables[i, :nb] = perm[used:used + nb].to(torch.int32)
+        used += nb
+    return tables, num_blocks
+
+
+def reference_attention(q, k_cache, v_cache, table, first, last, positions, scale):
+    """Per query i: softmax over cached positions [first[i], positions[i]] of the sequence, float64, GQA."""
+    bs = k_cache.shape[1]
+    k_all = k_cache.cpu().reshape(-1, *k_cache.shape[2:]).double()
+    v_all = v_cache.cpu().reshape(-1, *v_cache.shape[2:]).double()
+    out = []
+    for i in range(q.shape[0]):
+        pos = torch.arange(int(first[i]), int(positions[i]) + 1)
+        slots = table[i].long()[pos // bs] * bs + pos % bs
+        group = q.shape[1] // k_all.shape[1]
+        k, v = k_all[slots].repeat_interleave(group, 1), v_all[slots].repeat_interleave(group, 1)
+        w = torch.einsum("hd,lhd->hl", q[i].cpu().double(), k) * scale
+        out.append(torch.einsum("hl,lhd->hd", w.softmax(-1), v))
+    return torch.stack(out)
+
+
+DECODE_CASES = [  # (heads, kv_heads, head_dim, block_size)
+    (4, 4, 64, 16), (8, 2, 64, 32), (8, 1, 128, 16), (16, 2, 128, 8)]
+
+
+def check_decode_attention(dtype, device="cpu"):
+    """Contexts from 1 token to several 512-token partitions, some under a sliding window."""
+    lens = [1, 17, 200, 1100, 16]
+    starts = [0, 0, 40, 300, 3]
+    for heads, kv_heads, dim, bs in DECODE_CASES:
+        tables, num_blocks = scattered_tables(lens, bs, seed=heads)
+        k_cache = randn(num_blocks, bs, kv_heads, dim, dtype=dtype, seed=1, device=device)
+        v_cache = randn(num_blocks, bs, kv_heads, dim, dtype=dtype, seed=2, device=device)
+        q = randn(len(lens), heads, dim, dtype=dtype, seed=3, device=device)
+        meta = ops.AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.int64).numpy(),
+                                     num_decode_tokens=len(lens), decode_block_tables=tables.numpy(),
+                                     decode_context_starts=torch.tensor(starts, dtype=torch.int32).numpy(),
+                                     decode_context_lens=torch.tensor(lens, dtype=torch.int32).numpy())
+        out = ops.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5)
+        ref = reference_attention(q, k_cache, v_cache, tables, starts, None, [n - 1 for n in lens], dim ** -0.5)
+        close(out, ref, dtype)
+
+
+def check_prefill_attention(dtype, device="cpu"):
+    """Chunks of several sequences in one batch (after decodes), each attending to its cached prefix and
+    itself; chunks crossing block boundaries; with and without a sliding window."""
+    heads, kv_heads, bs = 8, 2, 16
+    for dim, window in [(64, None), (128, None), (64, 20)]:
+        # (cached before, chunk length) per sequence; the first two are decodes
+        seqs = [(30, 1), (5, 1), (0, 21), (40, 9), (15, 34)]
+        totals = [c + n for c, n in seqs]
+        tables, num_blocks = scattered_tables(totals, bs, seed=dim)
+        k_cache = torch.full((num_blocks, bs, kv_heads, dim), NAN).to(dtype).to(device)
+        v_cache = k_cache.clone()
+        n_tok = sum(n for _, n in seqs)
+        qkv = randn(n_tok, (heads + 2 * kv_heads) * dim, dtype=dtype, seed=dim, device=device)
+        # the cached prefixes, written by the kv_write kernel
+        for i, (cached, _) in enumerate(seqs):
+            if cached:
+                pos = torch.arange(cached)
+                slots = (tables[i].long()[pos // bs] * bs + pos % bs).numpy()
+                kv = randn(cached, 2, kv_heads, dim, dtype=dtype, seed=100 + i, device=device)
+                ops.write_kv(kv[:, 0].contiguous(), kv[:, 1].contiguous(), k_cache, v_cache, slots)
+        positions, slots, decode_tables, decode_lens, specs = [], [], [], [], []
+        for i, (cached, n) in enumerate(seqs):
+            pos = torch.arange(cached, cached + n)
+            positions.append(pos)
+            slots.append(tables[i].long()[pos // bs] * bs + pos % bs)
+            if i < 2:
+                decode_tables.append(tables[i].tolist())
+                decode_lens.append(cached + n)
+            else:
+                blocks = tables[i, :-(-(cached + n) // bs)].tolist()
+                specs.append((int(sum(s[1] for s in seqs[:i])), n, cached + n, blocks))
+        positions, slots = torch.cat(positions), torch.cat(slots)
+        meta = ops.build_attention_metadata(bs, slots.numpy(), decode_tables, decode_lens, specs, window)
+        q = ops.attention_inputs(qkv, positions.to(device), *rotary_tables(dim, dtype)[:2], None, None, 1e-6,
+                                 heads, kv_heads, k_cache, v_cache, meta.slot_mapping)
+        out = ops.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5)
+        row_seq = torch.cat([torch.full((n,), i) for i, (_, n) in enumerate(seqs)])
+        first = (positions - window + 1).clamp(min=0) if window else torch.zeros_like(positions)
+        ref = reference_attention(q, k_cache, v_cache, tables[row_seq], first, None, positions, dim ** -0.5)
+        close(out, ref, dtype)
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+SAMPLING_ROWS = [
+    dict(temperature=0.0, logprobs=3),
+    dict(temperature=0.8, top_k=5, logprobs=2),
+    dict(temperature=1.0, top_p=0.7),
+    dict(temperature=1.3, min_p=0.05, logprobs=0),
+    dict(temperature=0.7, top_k=40, top_p=0.9, min_p=0.02),
+    dict(temperature=1.0, repetition_penalty=1.5, presence_penalty=0.4, frequency_penalty=0.3, logprobs=4),
+    dict(temperature=0.0, repetition_penalty=1.8, presence_penalty=1.0),
+    dict(temperature=1.0, min_tokens=5, stop_token_ids=[7]),
+    dict(temperature=1.0),
+]
+
+
+def check_sampling(device="cpu", vocab=600, repeats=3):
+    """Every filter and penalty, seeded: the CUDA kernel's tokens equal the CPU path's token for token,
+    and the logprobs agree."""
+    rows = [SamplingParams(seed=100 * r + i, **kw) for r in range(repeats) for i, kw in enumerate(SAMPLING_ROWS)]
+    logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+    history = ([3, 4, 5, 3, 7, 9, 9, 12], 4)
+    logits[:, 7] += 12.0  # the stop token (and an output token) would win unless min_tokens or a penalty stops it
+    logits[:, 9] += 10.0  # an output token seen twice: penalties push it down
+    with ops.cuda_kernels_on_cpu(False):  # the CPU path: the numba twin
+        expected = run_sampler(logits, rows, [history] * len(rows), eos_token_ids=(2,))
+    with ops.cuda_kernels_on_cpu(device == "cpu"):
+        got = run_sampler(logits.to(device), rows, [history] * len(rows), eos_token_ids=(2,))
+    assert got.token_ids == expected.token_ids
+    for a, b in zip(got.logprobs, expected.logprobs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a.top, b.top))
+    assert 7 not in [got.token_ids[i] for i, p in enumerate(rows) if p.min_tokens]
+
+
+KERNEL_CHECKS = {"rms_norm": check_rms_norm, "rotary": check_rotary, "silu_mul": check_silu_mul,
+                 "write_kv": check_write_kv, "decode_attention": check_decode_attention,
+                 "prefill_attention": check_prefill_attention}
+SOURCES = {"rms_norm": "rms_norm", "rotary": "rotary", "silu_mul": "activation", "write_kv": "kv_write",
+           "decode_attention": "paged_attention", "prefill_attention": "prefill_attention", "sampling": "sampling"}
+
+
+def run_check(name: str, dtype=torch.float32) -> None:
+    """One check on the host build (CUDA kernels for CPU tensors)."""
+    assert cuda_backend  # imported: the wrappers under test
+    if name == "sampling":
+        check_sampling()
+        return
+    with ops.cuda_kernels_on_cpu():
+        KERNEL_CHECKS[name](dtype)
