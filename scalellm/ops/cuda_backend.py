@@ -168,6 +168,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_starts, co
 def prefill_attention(q, k_cache, v_cache, token_seq, token_pos, block_tables, scale: float,
                       window: int = 0) -> torch.Tensor:
     tokens, heads, dim = q.shape
+    if dim not in HEAD_DIMS:
+        raise ValueError(f"cuda prefill attention supports head_dim {HEAD_DIMS}")
     out = torch.empty_like(q)
     warps = tokens * heads
     _launch("prefill_attention", f"scalellm::prefill_attention<{CTYPES[q.dtype]}, {dim}>",

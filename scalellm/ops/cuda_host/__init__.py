@@ -14,6 +14,7 @@ memory than a block gets) raises `KernelError`.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
@@ -45,6 +46,7 @@ class HostBuildUnavailable(RuntimeError):
 
 _order = ("forward", 0)  # process-wide: the engine launches kernels from its own thread
 _launches = 0
+launch_counts: collections.Counter = collections.Counter()  # kernel name -> launches in this process
 
 
 @contextlib.contextmanager
@@ -219,6 +221,7 @@ class HostKernel:
         err = ctypes.create_string_buffer(1024)
         with self.module.lock:
             _launches += 1
+            launch_counts[self.name] += 1
             rc = self.module.lib.simt_launch(self.index, (ctypes.c_uint * 3)(*_dims(grid)),
                                              (ctypes.c_uint * 3)(*_dims(block)), int(shared_mem), ptrs, n, sizes,
                                              ORDERS[order], seed + _launches, err, len(err))
