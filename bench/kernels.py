@@ -84,6 +84,7 @@ def main() -> None:
     tables = torch.randperm(nblocks, device=dev).view(B, ctx // bs).to(torch.int32)
     lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
     meta = ops.AttentionMetadata(slot_mapping=torch.zeros(B, dtype=torch.long, device=dev), num_decode_tokens=B,
+                                 max_decode_context=ctx,
                                  decode_block_tables=tables, decode_context_starts=torch.zeros_like(lens),
                                  decode_context_lens=lens)
     q = torch.randn(B, heads, hd, device=dev).to(dt)

@@ -31,6 +31,20 @@ def missing_model_message(path: str) -> str:
     return message
 
 
+def check_cuda() -> None:
+    """--device cuda needs a GPU that torch sees and CuPy for the kernels; say which is missing."""
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device cuda: {build} (torch.cuda.is_available() is False); use --device cpu")
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:
+        raise ValueError("device cuda needs CuPy for the CUDA kernels: pip install -e '.[cuda]' "
+                         f"(cupy-cuda12x or cupy-cuda13x to match the driver); {e}") from e
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # None: the bundled SmolLM2 GGUF
@@ -44,6 +58,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use it to force preemption)
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # compute threads for torch and numba; None: one per core
+    cuda_graph_max_batch: int = 64  # decode batches up to this size replay CUDA graphs (cuda); 0: never
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -51,7 +66,9 @@ class EngineConfig:
         if self.model is not None and not os.path.exists(self.model):
             raise ValueError(missing_model_message(self.model))
         if self.device == "cuda":
-            raise ValueError("device cuda is not available in this build yet; use --device cpu")
+            check_cuda()
+        if self.cuda_graph_max_batch < 0:
+            raise ValueError("cuda_graph_max_batch must be 0 (off) or more")
         if self.block_size is None:
             # On the CPU, decode attention streams each block: 128-token blocks measured 1.3-1.8x faster
             # than 16-token ones on a cache larger than the processor's (bench/results/ablation.md).

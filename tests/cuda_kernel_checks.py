@@ -8,16 +8,25 @@ or a slot it reads that nothing wrote, fails the comparison.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from scalellm import ops
-from scalellm.ops import cuda_backend
-from scalellm.ops import torch_ops as R
+from scalellm.ops import cuda_backend, cuda_host
 from scalellm.sampling_params import SamplingParams
 from tests.sampling_reference import run_sampler
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+_HOST_MISSING = cuda_host.available()
+host = pytest.mark.skipif(_HOST_MISSING is not None, reason=_HOST_MISSING or "")  # g++ and CUDA's headers
+try:
+    import cupy  # noqa: F401
+    HAS_CUPY = True
+except ImportError:
+    HAS_CUPY = False
+HAS_GPU = torch.cuda.is_available() and HAS_CUPY
+gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and CuPy")
 NAN = float("nan")
 
 

@@ -1,19 +1,26 @@
 """The engine end to end on the CUDA kernels, run through their host build: greedy output token-identical
 with transformers (float32) on three architectures, with staggered arrivals, preemption and prefix
 reuse: the same scenarios the CPU path passes (tests/test_correctness.py), threads resumed in random
-order. The checkpoints use head_dim 64, a size the CUDA attention kernels are built for."""
+order. The checkpoints use head_dim 64, a size the CUDA attention kernels are built for. Decode steps
+take the CUDA-graph path's static buffers and padding (run eagerly without a GPU).
+
+With a GPU and CuPy, the same scenarios run with --device cuda (weights, KV cache and kernels on the
+GPU, decode steps replayed from captured CUDA graphs)."""
 import pytest
 
 from scalellm import ops
+from scalellm.config import EngineConfig
+from scalellm.engine.cuda_graphs import DecodeGraphs, batch_sizes
 from scalellm.ops import cuda_host
 from tests import test_correctness as scenarios
 from tests.checkpoints import build_checkpoint
-
-HOST = cuda_host.available()
-pytestmark = pytest.mark.skipif(HOST is not None, reason=HOST or "")
+from tests.cuda_kernel_checks import HAS_GPU, gpu, host
 WIDE = {arch: dict(hidden_size=256, head_dim=64) for arch in ("llama", "qwen2", "qwen3")}
-KERNELS = ["rms_norm", "rotary", "kv_write", "silu_mul", "prefill_attention",
-           "paged_attention_decode", "fused_sample"]
+KERNELS = ["rms_norm", "rotary", "kv_write", "silu_mul", "prefill_attention", "paged_attention_decode",
+           "fused_sample"]
+SCENARIOS = {"staggered_arrivals": scenarios.test_staggered_arrivals_match_transformers,
+             "preemption": scenarios.test_preemption_keeps_output_identical,
+             "prefix_reuse": scenarios.test_prefix_reuse_keeps_output_identical}
 
 
 @pytest.fixture(scope="module", params=list(WIDE))
@@ -22,14 +29,36 @@ def wide_checkpoint(request, tmp_path_factory):
     return request.param, build_checkpoint(request.param, str(folder), seed=5, **WIDE[request.param])
 
 
-@pytest.mark.parametrize("scenario", ["staggered_arrivals", "preemption", "prefix_reuse"])
-def test_engine_on_host_built_cuda_kernels_matches_transformers(wide_checkpoint, scenario):
-    test = {"staggered_arrivals": scenarios.test_staggered_arrivals_match_transformers,
-            "preemption": scenarios.test_preemption_keeps_output_identical,
-            "prefix_reuse": scenarios.test_prefix_reuse_keeps_output_identical}[scenario]
+@host
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_engine_on_host_built_cuda_kernels_matches_transformers(wide_checkpoint, scenario, monkeypatch):
+    decode_batches = []
+    replay = DecodeGraphs.run
+    monkeypatch.setattr(DecodeGraphs, "run", lambda self, ids, *a: (decode_batches.append(ids.shape[0]),
+                                                                    replay(self, ids, *a))[1])
     before = cuda_host.launch_counts.copy()
     with ops.cuda_kernels_on_cpu(), cuda_host.thread_order("random", seed=len(scenario)):
-        test(wide_checkpoint)
+        SCENARIOS[scenario](wide_checkpoint)
     launched = {name.split("::")[1].split("<")[0] for name in cuda_host.launch_counts - before}
     expected = set(KERNELS) - ({"fused_sample"} if scenario != "staggered_arrivals" else set())  # logprobs there
     assert expected <= launched, f"the engine did not run these kernels: {expected - launched}"
+    assert any(n not in batch_sizes(64) for n in decode_batches), "no decode step took the padded graph path"
+
+
+@gpu
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_engine_on_gpu_matches_transformers(wide_checkpoint, scenario, monkeypatch):
+    init = EngineConfig.__post_init__
+
+    def on_cuda(self):
+        self.device = "cuda"
+        init(self)
+    monkeypatch.setattr(EngineConfig, "__post_init__", on_cuda)
+    SCENARIOS[scenario](wide_checkpoint)
+
+
+def test_device_cuda_without_a_gpu_says_what_is_missing():
+    if HAS_GPU:
+        pytest.skip("a GPU and CuPy are here")
+    with pytest.raises(ValueError, match="torch.cuda.is_available|CuPy"):
+        EngineConfig(device="cuda")

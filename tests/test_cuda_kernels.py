@@ -9,16 +9,8 @@ import pytest
 import torch
 
 from scalellm.ops import cuda_host
-from tests.cuda_kernel_checks import DTYPES, KERNEL_CHECKS, check_sampling, run_check
+from tests.cuda_kernel_checks import DTYPES, KERNEL_CHECKS, check_sampling, gpu, host, run_check
 
-HOST = cuda_host.available()
-host = pytest.mark.skipif(HOST is not None, reason=HOST or "")
-try:
-    import cupy  # noqa: F401
-    HAS_CUPY = True
-except ImportError:
-    HAS_CUPY = False
-gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_CUPY), reason="needs a CUDA GPU and CuPy")
 ORDERS = list(cuda_host.ORDERS)
 DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from scalellm.ops import cuda_backend, cuda_host
-from tests.cuda_kernel_checks import run_check
+from tests.cuda_kernel_checks import host, run_check
 
-HOST = cuda_host.available()
-pytestmark = pytest.mark.skipif(HOST is not None, reason=HOST or "")
+pytestmark = host
 
 with open(f"{cuda_backend.KERNEL_DIR}/common.cuh") as f:
     INLINED_COMMON = f.read()  # a bug planted in the shared helpers goes in with them, inlined

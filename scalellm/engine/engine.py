@@ -16,7 +16,7 @@ from scalellm.engine.model_runner import ModelRunner, kv_bytes_per_token
 from scalellm.engine.output_processor import append_token, take_delta
 from scalellm.engine.sampler import Sampler
 from scalellm.engine.scheduler import Scheduler
-from scalellm.engine.sequence import Sequence, Status
+from scalellm.engine.sequence import Sequence
 from scalellm.model.loader import LoadedModel, load_model
 from scalellm.ops import jit
 from scalellm.outputs import StreamDelta
@@ -69,11 +69,12 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or context, context)
         per_block = kv_bytes_per_token(loaded.model) * config.block_size
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory // per_block)
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.max_model_len)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.max_model_len,
+                                  config.cuda_graph_max_batch)
         self._fresh_scheduler()
         self.detokenizer = Detokenizer(self.tokenizer, loaded.config.vocab_size)
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
-        self.sampler = Sampler(sorted(self.eos_token_ids))
+        self.sampler = Sampler(sorted(self.eos_token_ids), self.runner.device if self.runner.cuda_kernels else None)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._warm_up()

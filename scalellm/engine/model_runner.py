@@ -4,6 +4,9 @@ The block tables of running sequences live in one persistent int32 matrix, a row
 in step with each sequence's block list incrementally (a row is rewritten only when the sequence gets
 a new block or a new table): a decode batch's tables, positions and cache slots are then a few numpy
 operations per step, not a Python loop over tokens.
+
+On the CUDA kernels the step's host arrays (token ids, positions and every attention index) reach the
+device in one copy (ops/transfer.py), and decode-only steps replay CUDA graphs (cuda_graphs.py).
 """
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ import numpy as np
 import torch
 
 from scalellm import ops
+from scalellm.engine.cuda_graphs import DecodeGraphs
 from scalellm.engine.sequence import Sequence
 from scalellm.model.llama import LlamaModel
+from scalellm.ops.transfer import Transfer
 
 
 def kv_bytes_per_token(model: LlamaModel) -> int:
@@ -58,14 +63,22 @@ class BlockTables:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, max_model_len: int):
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, max_model_len: int,
+                 graph_max_batch: int = 0):
         c = model.config
         self.model = model
         self.block_size = block_size
+        self.device = model.embed.device
         self.kv_cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim,
-                                    dtype=model.dtype)
+                                    dtype=model.dtype, device=self.device)
         self.tables = BlockTables(-(-max_model_len // block_size) + 1)
         self.sliding_window = c.sliding_window
+        self.cuda_kernels = ops.uses_cuda_kernels(self.kv_cache)
+        self.transfer = Transfer(self.device) if self.cuda_kernels else None
+        self.graphs = None
+        if self.cuda_kernels and graph_max_batch > 0:
+            self.graphs = DecodeGraphs(model, self.kv_cache, graph_max_batch, self.tables.table.shape[1],
+                                       max_model_len, c.sliding_window)
 
     def warm_up(self) -> None:
         """A prefill and decodes at both kernel sizes (serial and parallel builds), so every kernel is
@@ -73,13 +86,17 @@ class ModelRunner:
         bs = self.block_size
         n = max(1, min(96, bs * self.kv_cache.shape[2] - 1))  # prefill rows past the parallel threshold
         blocks = list(range(-(-(n + 1) // bs)))
+        dev = self.device
         meta = ops.build_attention_metadata(bs, list(range(n)), [], [], [(0, n, n, blocks)])
-        self.model.forward(torch.zeros(n, dtype=torch.long), torch.arange(n), self.kv_cache, meta)
+        self.model.forward(torch.zeros(n, dtype=torch.long, device=dev), torch.arange(n, device=dev), self.kv_cache,
+                           meta)
         for rows in (1, 32):
             meta = ops.build_attention_metadata(bs, [n] * rows, [blocks] * rows, [n + 1] * rows, [])
-            hidden = self.model.forward(torch.zeros(rows, dtype=torch.long), torch.full((rows,), n), self.kv_cache,
-                                        meta)
+            hidden = self.model.forward(torch.zeros(rows, dtype=torch.long, device=dev),
+                                        torch.full((rows,), n, device=dev), self.kv_cache, meta)
             self.model.logits(hidden)
+        if self.graphs is not None:
+            self.graphs.capture_all()
         self.kv_cache.zero_()
 
     def release(self, seq: Sequence) -> None:
@@ -91,7 +108,7 @@ class ModelRunner:
         bs = self.block_size
         nd = len(decodes)
         ids_parts, pos_parts, slot_parts = [], [], []
-        tables = starts = lens = None
+        tables = lens = None
         if nd:
             rows = np.fromiter([self.tables.row(s) for s in decodes], np.int64, nd)
             pos = np.fromiter([s.num_computed for s in decodes], np.int64, nd)
@@ -119,12 +136,24 @@ class ModelRunner:
                 rows_out.append(offset - 1)
         meta = ops.build_attention_metadata(bs, _cat(slot_parts), tables if nd else [], lens if nd else [], specs,
                                             self.sliding_window)
-        input_ids = torch.from_numpy(_cat(ids_parts))
-        positions = torch.from_numpy(_cat(pos_parts))
-        hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
+        if self.cuda_kernels:
+            hidden = self._forward_on_cuda_kernels(_cat(ids_parts), _cat(pos_parts), meta)
+        else:
+            hidden = self.model.forward(torch.from_numpy(_cat(ids_parts)), torch.from_numpy(_cat(pos_parts)),
+                                        self.kv_cache, meta)
         if len(rows_out) != offset:
             hidden = hidden[rows_out]
         return self.model.logits(hidden), ready
+
+    def _forward_on_cuda_kernels(self, input_ids: np.ndarray, positions: np.ndarray,
+                                 meta: ops.AttentionMetadata) -> torch.Tensor:
+        arrays = self.transfer({"input_ids": input_ids, "positions": positions, **ops.kernel_arrays(meta)})
+        ids, pos = arrays.pop("input_ids"), arrays.pop("positions")
+        if self.graphs is not None and not meta.prefills and self.graphs.covers(meta.num_decode_tokens):
+            return self.graphs.run(ids, pos, arrays)
+        meta.device = arrays
+        meta.slot_mapping = arrays["slot_mapping"]
+        return self.model.forward(ids, pos, self.kv_cache, meta)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

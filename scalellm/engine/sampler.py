@@ -9,7 +9,7 @@ of p_i / E_i, E_i ~ Exp(1)), an exact draw from p.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ import torch
 from scalellm import ops
 from scalellm.engine.sequence import Sequence
 from scalellm.ops.sampling_batch import SamplingBatch, stream_keys
+from scalellm.ops.transfer import Transfer
 from scalellm.outputs import Logprob
 from scalellm.sampling_params import SamplingParams
 
@@ -89,15 +90,18 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int]):
+    def __init__(self, eos_token_ids: list[int], kernel_device: torch.device | None = None):
+        """kernel_device: where the CUDA sampling kernel runs (the batch's arrays go there in one copy);
+        None on the CPU path."""
         self.eos_token_ids = eos_token_ids
+        self.transfer = Transfer(kernel_device) if kernel_device is not None else None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         if all(_is_plain_greedy(_param_row(s.params)) for s in seqs):
             return SampleResult(logits.argmax(-1).tolist(), [None] * len(seqs))
         batch = build_sampling_batch(seqs, self.eos_token_ids, logits.shape[-1])
-        if logits.is_cuda:
-            batch = batch.to(logits.device)
+        if self.transfer is not None:
+            batch = SamplingBatch(**self.transfer({f.name: getattr(batch, f.name).numpy() for f in fields(batch)}))
         tokens, chosen, top_ids, top_lp = ops.fused_sample(logits, batch)
         token_ids = tokens.tolist()
         logprobs: list[Logprob | None] = [None] * len(seqs)

@@ -42,8 +42,8 @@ class LlamaModel:
         freqs = positions[:, None] * config.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         scaling = config.rope_attention_scaling
-        self.cos = (emb.cos() * scaling).to(self.dtype)
-        self.sin = (emb.sin() * scaling).to(self.dtype)
+        self.cos = (emb.cos() * scaling).to(device=embed.device, dtype=self.dtype)
+        self.sin = (emb.sin() * scaling).to(device=embed.device, dtype=self.dtype)
         for t in [self.cos, self.sin, final_norm] + [x for w in layers for x in
                                                      (w.input_norm, w.post_norm, w.q_norm, w.k_norm) if x is not None]:
             ops.keep_numba_view(t)

@@ -98,7 +98,7 @@ def load_model(model: str | None, dtype: str | torch.dtype = "auto", device: str
         tensors = iter_gguf_weights(path, config.num_heads, config.num_kv_heads, config.architecture)
     else:
         tensors = iter_safetensors(folder)
-    built = build_model(config, tensors, torch_dtype, max_positions)
+    built = build_model(config, tensors, torch_dtype, max_positions, device)
     log.info("loaded %s (%s, %d layers) as %s", path, config.architecture, config.num_layers, torch_dtype)
     return LoadedModel(built, tokenizer, config, path, torch_dtype)
 

@@ -42,7 +42,7 @@ def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                max_positions: int) -> LlamaModel:
+                max_positions: int, device: str = "cpu") -> LlamaModel:
     c = config
     hd, h = c.head_dim, c.hidden_size
     expected = {
@@ -79,7 +79,7 @@ def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
             if tuple(tensor.shape) != expected[name]:
                 raise ValueError(f"shape mismatch for {name}: checkpoint has {tuple(tensor.shape)}, "
                                  f"config implies {expected[name]}")
-            found[name] = tensor.to(dtype)
+            found[name] = tensor.to(device=device, dtype=dtype)
             bar.update()
     missing = [n for n in expected if n not in found]
     if missing:

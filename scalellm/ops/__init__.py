@@ -22,7 +22,8 @@ jit.install()  # before any kernel is defined: the compile cache's folder, and t
 share_torch_openmp()  # before any numba kernel starts a thread pool
 
 from scalellm.ops import cpu_kernels, cpu_sampling, torch_ops  # noqa: E402
-from scalellm.ops.attention_metadata import AttentionMetadata, PrefillChunk, build_attention_metadata, tensor  # noqa: E402
+from scalellm.ops.attention_metadata import (AttentionMetadata, PrefillChunk, build_attention_metadata,  # noqa: E402
+                                             kernel_arrays, tensor)
 from scalellm.ops.cpu_attention import decode_attention as _cpu_decode_attention  # noqa: E402
 from scalellm.ops.linear import Linear  # noqa: E402
 from scalellm.ops.numba_util import as_numba, keep_numba_view  # noqa: E402
@@ -44,6 +45,11 @@ def cuda_kernels_on_cpu(enabled: bool = True):
 
 def _gpu(x: torch.Tensor) -> bool:
     return x.is_cuda or _kernels_on_cpu
+
+
+def uses_cuda_kernels(x: torch.Tensor) -> bool:
+    """Whether ops on tensors like x run the CUDA kernels (on the GPU, or through their host build)."""
+    return _gpu(x)
 
 
 def _cuda():
@@ -97,10 +103,10 @@ def _cuda_attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_he
                            v_cache, slot_mapping):
     cb, dim = _cuda(), k_cache.shape[-1]
     q, k, v = qkv.split([num_heads * dim, num_kv_heads * dim, num_kv_heads * dim], dim=-1)
-    q, k, v = q.reshape(-1, num_heads, dim), k.reshape(-1, num_kv_heads, dim), v.reshape(-1, num_kv_heads, dim)
+    q, k, v = q.view(-1, num_heads, dim), k.view(-1, num_kv_heads, dim), v.view(-1, num_kv_heads, dim)
     if q_norm is not None:
         q, k = cb.rms_norm(q, q_norm, eps), cb.rms_norm(k, k_norm, eps)
-    cb.rotary_inplace(q, k, positions, cos, sin)
+    cb.rotary_inplace(q, k, positions, cos, sin)  # in place, on the views into qkv when there is no norm
     cb.write_kv(k, v, k_cache, v_cache, tensor(slot_mapping, qkv.device))
     return q
 
@@ -122,19 +128,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def _cuda_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Decodes in one launch, then every prefill chunk in one more; the index arrays come from the step's
+    single copy (meta.device) when the runner made one."""
     cb, dev = _cuda(), q.device
+    arrays = meta.device or {k: tensor(a, dev) for k, a in kernel_arrays(meta).items()}
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        out[:nd] = cb.paged_decode_attention(q[:nd], k_cache, v_cache, tensor(meta.decode_block_tables, dev),
-                                             tensor(meta.decode_context_starts, dev),
-                                             tensor(meta.decode_context_lens, dev), scale)
-    for chunk in meta.prefills:
-        s, n = chunk.query_start, chunk.query_len
-        positions = torch.arange(chunk.context_len - n, chunk.context_len, device=dev)
-        table = torch.tensor([chunk.block_table], dtype=torch.int32, device=dev)
-        out[s:s + n] = cb.prefill_attention(q[s:s + n], k_cache, v_cache, torch.zeros(n, dtype=torch.int32, device=dev),
-                                            positions, table, scale, meta.sliding_window or 0)
+        out[:nd] = cb.paged_decode_attention(q[:nd], k_cache, v_cache, arrays["decode_block_tables"],
+                                             arrays["decode_context_starts"], arrays["decode_context_lens"], scale,
+                                             meta.max_decode_context)
+    if meta.prefills:
+        out[nd:] = cb.prefill_attention(q[nd:], k_cache, v_cache, arrays["prefill_token_seq"],
+                                        arrays["prefill_token_pos"], arrays["prefill_block_tables"], scale,
+                                        meta.sliding_window or 0)
     return out
 
 
@@ -143,4 +150,4 @@ def fused_sample(logits: torch.Tensor, batch):
 
 
 __all__ = ["AttentionMetadata", "Linear", "PrefillChunk", "add_rms_norm", "attention_inputs", "build_attention_metadata",
-           "cuda_kernels_on_cpu", "fused_sample", "keep_numba_view", "paged_attention", "rms_norm", "rotary", "silu_mul", "tensor", "write_kv"]
+           "cuda_kernels_on_cpu", "fused_sample", "kernel_arrays", "uses_cuda_kernels", "keep_numba_view", "paged_attention", "rms_norm", "rotary", "silu_mul", "tensor", "write_kv"]

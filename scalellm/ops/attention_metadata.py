@@ -1,7 +1,8 @@
 """Per-step attention inputs, built once per step on the host and shared by every layer.
 
-Index arrays are numpy arrays: the CPU kernels read them as they are, and the CUDA path copies them
-to the device once per step (`tensor`).
+Index arrays are numpy arrays: the CPU kernels read them as they are. The CUDA kernels take them as
+device tensors, shipped once per step in one copy (`kernel_arrays` lists them; the model runner packs
+them with its other inputs and sets `device`); without that, each op copies what it needs (`tensor`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,27 @@ class AttentionMetadata:
     decode_context_lens: np.ndarray | None = None  # int32 [num_decodes], including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
     sliding_window: int | None = None
+    max_decode_context: int = 0  # longest decode context (after the window), known on the host
+    device: dict[str, torch.Tensor] | None = None  # kernel_arrays() as device tensors, when shipped
+
+
+def kernel_arrays(meta: AttentionMetadata) -> dict[str, np.ndarray]:
+    """What the CUDA kernels read, as host arrays: cache slots; decode tables, starts and lengths; and for
+    all prefill chunks at once (one attention launch), each token's chunk and position and the chunks'
+    block tables."""
+    out = {"slot_mapping": meta.slot_mapping}
+    if meta.num_decode_tokens:
+        out.update(decode_block_tables=meta.decode_block_tables, decode_context_starts=meta.decode_context_starts,
+                   decode_context_lens=meta.decode_context_lens)
+    if meta.prefills:
+        seq = np.concatenate([np.full(c.query_len, i, np.int32) for i, c in enumerate(meta.prefills)])
+        pos = np.concatenate([np.arange(c.context_len - c.query_len, c.context_len, dtype=np.int32)
+                              for c in meta.prefills])
+        tables = np.zeros((len(meta.prefills), max(len(c.block_table) for c in meta.prefills)), np.int32)
+        for i, c in enumerate(meta.prefills):
+            tables[i, :len(c.block_table)] = c.block_table
+        out.update(prefill_token_seq=seq, prefill_token_pos=pos, prefill_block_tables=tables)
+    return out
 
 
 def tensor(x, device=None) -> torch.Tensor:
@@ -65,6 +87,7 @@ def build_attention_metadata(
         meta.decode_block_tables = tables
         meta.decode_context_starts = starts
         meta.decode_context_lens = lens
+        meta.max_decode_context = int((lens - starts).max())
     for query_start, query_len, context_len, table in prefill_specs:
         pos = torch.arange(context_len)
         table_t = torch.tensor(table, dtype=torch.long)

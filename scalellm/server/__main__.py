@@ -30,7 +30,8 @@ def build_parser(prog: str = "python -m scalellm.server", model_positional: bool
                          "downloaded; default: the bundled SmolLM2-135M-Instruct GGUF")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind")
     ap.add_argument("--port", type=int, default=8000, help="port")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the model runs; cuda needs a GPU and CuPy (pip install -e '.[cuda]')")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="weight and activation dtype; auto: the checkpoint's (bfloat16 for GGUF on cpu)")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*; default: none")
@@ -47,6 +48,8 @@ def build_parser(prog: str = "python -m scalellm.server", model_positional: bool
                     help="tokens per KV-cache block; default: 128 on the CPU, 16 on CUDA")
     ap.add_argument("--num-threads", type=int, default=None,
                     help="compute threads for the model step; default: one per core")
+    ap.add_argument("--cuda-graph-max-batch", type=int, default=64,
+                    help="on cuda, decode batches up to this size replay CUDA graphs; 0: run every step eagerly")
     ap.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt prefixes")
     ap.add_argument("--max-queue-len", type=int, default=256,
                     help="requests that may wait beyond --max-num-seqs before new ones get 503")
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
                               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                               kv_cache_memory=args.kv_cache_memory,
-                              enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads)
+                              enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
+                              cuda_graph_max_batch=args.cuda_graph_max_batch)
         model_path = args.model or default_model_path()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

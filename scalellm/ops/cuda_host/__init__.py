@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HEADER = os.path.join(HERE, "simt.h")
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
 FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE",
          "-D_FORTIFY_SOURCE=0", "-w")
@@ -125,7 +124,7 @@ def _include_dirs(options) -> list[str]:
 
 def _fingerprint(unit: str, includes: list[str]) -> str:
     h = hashlib.sha256(unit.encode())
-    for path in [HEADER] + sorted(os.path.join(d, f) for d in includes if os.path.isdir(d) for f in os.listdir(d)
+    for path in sorted(os.path.join(HERE, f) for f in os.listdir(HERE) if f.endswith(".h")) + sorted(os.path.join(d, f) for d in includes if os.path.isdir(d) for f in os.listdir(d)
                                   if f.endswith((".cuh", ".h"))):
         with open(path, "rb") as f:
             h.update(path.encode() + f.read())

@@ -1,0 +1,143 @@
+"""One command for a GPU machine: the CUDA tests, the kernels against the device's bandwidth, and an
+end-to-end serving run.
+
+    .venv/bin/python bench/gpu.py [--concurrency 1,16,64] [--skip-tests]
+
+1. The CUDA tests (kernels on the device, the engine with --device cuda, sampling distributions).
+2. bench/kernels.py --device cuda: decode paged attention's bandwidth as a share of a large device
+   copy's, the elementwise kernels, fused sampling against the same torch operations.
+3. Serving, SmolLM2-135M (bfloat16) at each concurrency, 128 tokens in and 128 out (tools/loadgen):
+   our server with --device cuda, against vLLM's GPU server where `vllm` imports in this environment,
+   else against transformers' generate at the same batch sizes (an offline floor, not a server).
+Writes bench/results/gpu.md and gpu.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)
+sys.path.insert(0, ROOT)
+
+import serving  # noqa: E402
+from models import MODELS  # noqa: E402
+
+PY = sys.executable
+CUDA_TESTS = ["tests/test_cuda_kernels.py", "tests/test_cuda_host_engine.py", "tests/test_ops.py",
+              "tests/test_sampler_distributions.py"]
+
+
+def run_tests() -> dict:
+    start = time.perf_counter()
+    done = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu or cuda", *CUDA_TESTS],
+                          cwd=ROOT, capture_output=True, text=True)
+    summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
+    print(f"  {summary}", flush=True)
+    return {"returncode": done.returncode, "summary": summary, "seconds": time.perf_counter() - start,
+            "tail": done.stdout[-4000:]}
+
+
+def run_kernels() -> str:
+    subprocess.check_call([PY, "bench/kernels.py", "--device", "cuda"], cwd=ROOT)
+    with open(os.path.join(BENCH, "results", "kernels_cuda.md")) as f:
+        return f.read()
+
+
+def run_vllm_gpu(folder: str, args) -> dict[int, dict]:
+    p = serving.Proc("vllm-gpu", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port",
+                                  "{port}", "--dtype", "bfloat16", "--served-model-name", serving.NAME,
+                                  "--max-model-len", str(serving.MAX_MODEL_LEN)], timeout=900)
+    try:
+        return serving.drive(p, folder, args)
+    finally:
+        p.stop()
+
+
+def run_transformers(folder: str, args) -> dict[int, dict]:
+    """generate() over a batch of random prompts at each concurrency: output tokens per second."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+    vocab = model.config.vocab_size
+    results = {}
+    for c in args.concurrency:
+        ids = torch.randint(100, vocab - 100, (c, args.input_len), device="cuda")
+        kw = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
+        model.generate(ids[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        results[c] = {"output_throughput": c * args.output_len / seconds,
+                      "tpot_ms": {"median": 1000 * seconds / args.output_len}}
+        print(f"    c={c:<3} {results[c]['output_throughput']:8.1f} tok/s", flush=True)
+    return results
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def write(data: dict) -> str:
+    lines = ["# GPU run", "", f"Device: {data['device']}. Command: `.venv/bin/python bench/gpu.py`.", ""]
+    if "tests" in data:
+        lines += ["## CUDA tests", "", f"`{data['tests']['summary']}`", ""]
+    lines += ["## Kernels", "", data["kernels"], "", "## Serving (SmolLM2-135M, bfloat16, 128 in / 128 out)", "",
+              f"| concurrency | ScaleLLM tok/s | {data['peer']} tok/s | ratio | ScaleLLM TPOT p50 ms |",
+              "|---|---|---|---|---|"]
+    for c in data["concurrency"]:
+        ours, peer = data["scalellm"][str(c)], data["peer_results"][str(c)]
+        lines.append(f"| {c} | {ours['output_throughput']:.1f} | {peer['output_throughput']:.1f} | "
+                     f"{ours['output_throughput'] / peer['output_throughput']:.2f}x | {ours['tpot_ms']['median']:.2f} |")
+    path = os.path.join(BENCH, "results", "gpu.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(BENCH, "results", "gpu.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--waves", type=int, default=2)
+    ap.add_argument("--min-requests", type=int, default=8)
+    ap.add_argument("--skip-tests", action="store_true")
+    args = ap.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    data: dict = {"device": device_name(), "concurrency": args.concurrency}
+    if not args.skip_tests:
+        print("== CUDA tests", flush=True)
+        data["tests"] = run_tests()
+    print("== kernels", flush=True)
+    data["kernels"] = run_kernels()
+    folder = MODELS["smollm2-135m"]()
+    print("== ScaleLLM --device cuda", flush=True)
+    data["scalellm"] = {str(c): r for c, r in serving.run_scalellm(folder, args, ("--device", "cuda")).items()}
+    if importlib.util.find_spec("vllm") is not None:
+        data["peer"] = "vLLM (GPU)"
+        print("== vLLM", flush=True)
+        data["peer_results"] = {str(c): r for c, r in run_vllm_gpu(folder, args).items()}
+    else:
+        data["peer"] = "transformers generate"
+        print("== transformers generate (vLLM does not import here)", flush=True)
+        data["peer_results"] = {str(c): r for c, r in run_transformers(folder, args).items()}
+    print(f"wrote {write(data)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
