@@ -59,6 +59,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # compute threads for torch and numba; None: one per core
     cuda_graph_max_batch: int = 64  # decode batches up to this size replay CUDA graphs (cuda); 0: never
+    overlap_steps: bool | None = None  # detokenize a step's tokens during the next; None: on the CUDA kernels
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):

@@ -13,7 +13,7 @@ from scalellm.config import EngineConfig
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.detokenizer import Detokenizer
 from scalellm.engine.model_runner import ModelRunner, kv_bytes_per_token
-from scalellm.engine.output_processor import append_token, take_delta
+from scalellm.engine.output_processor import append_token_id, detokenize_newest, take_delta
 from scalellm.engine.sampler import Sampler
 from scalellm.engine.scheduler import Scheduler
 from scalellm.engine.sequence import Sequence
@@ -77,6 +77,9 @@ class LLMEngine:
         self.sampler = Sampler(sorted(self.eos_token_ids), self.runner.device if self.runner.cuda_kernels else None)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+        # detokenize a step's tokens while the device computes the next (on the CUDA kernels by default)
+        self.overlap = self.runner.cuda_kernels if config.overlap_steps is None else config.overlap_steps
+        self._pending: list[Sequence] = []  # sequences whose newest token awaits its text
         self._warm_up()
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size,
                  num_blocks * config.block_size)
@@ -167,14 +170,27 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self._pending)
 
     # -- stepping ------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StreamDelta]:
+        """Schedule and run one step. Each sampled token is appended (with the stops that need no text)
+        before the next step is scheduled; its text comes after. With overlap on, a step's tokens are
+        detokenized during the next step, while the device computes it: their deltas come one step
+        later, and a stop string ends its sequence one step later (the extra token is dropped)."""
         batch = self.scheduler.schedule()
-        if not batch.items:
-            return []
+        launched = self._launch(batch) if batch.items else None
+        if self.overlap:
+            deltas = self._detokenize_pending()  # the previous step's tokens, while the device works
+            if launched is not None:
+                self._collect(launched)
+            return deltas
+        if launched is not None:
+            self._collect(launched)
+        return self._detokenize_pending()
+
+    def _launch(self, batch) -> tuple:
         decodes = [s for s, n in batch.items if n == 1]
         prefills = [(s, n) for s, n in batch.items if n > 1]
         logits, ready = self.runner.run(decodes, prefills)
@@ -193,14 +209,30 @@ class LLMEngine:
                 rows.extend([row] * len(children))
         if rows is not None:
             logits = logits[rows]
-        sampled = self.sampler(logits, ready)
-        deltas = []
-        detok, eos, max_len = self.detokenizer, self.eos_token_ids, self.max_model_len
-        for seq, token, logprob in zip(ready, sampled.token_ids, sampled.logprobs):
-            append_token(detok, seq, token, logprob, eos, max_len)
+        return self.sampler.launch(logits, ready)
+
+    def _collect(self, launched: tuple) -> None:
+        sampled = self.sampler.collect(launched)
+        eos, max_len = self.eos_token_ids, self.max_model_len
+        for seq, token, logprob in zip(launched[0], sampled.token_ids, sampled.logprobs):
+            if seq.finished:  # ended by a stop string while this step ran (overlap), or aborted
+                continue
+            append_token_id(seq, token, logprob, eos, max_len)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
+            self._pending.append(seq)
+
+    def _detokenize_pending(self) -> list[StreamDelta]:
+        deltas = []
+        for seq in self._pending:
+            if seq.finish_reason == "abort":
+                continue
+            running = seq.finish_reason is None
+            detokenize_newest(self.detokenizer, seq)
+            if running and seq.finish_reason is not None:  # a stop string
+                self.scheduler.finish(seq)
             deltas.append(take_delta(seq))
+        self._pending.clear()
         for delta in deltas:
             if delta.finish_reason is not None:
                 request = self.requests.get(delta.request_id)

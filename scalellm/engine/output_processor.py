@@ -1,4 +1,6 @@
-"""After each step: append sampled tokens, detokenize incrementally, check stop conditions, emit deltas."""
+"""After each step: append sampled tokens and check the stops that need no text, then detokenize
+incrementally, check stop strings and emit deltas (the second half can run while the device computes
+the next step)."""
 from __future__ import annotations
 
 import time
@@ -8,8 +10,8 @@ from scalellm.engine.sequence import Sequence
 from scalellm.outputs import Logprob, StageTimes, StreamDelta
 
 
-def check_stop(seq: Sequence, token: int, delta_len: int, eos_token_ids: frozenset[int],
-               max_model_len: int) -> None:
+def check_stop_token(seq: Sequence, token: int, eos_token_ids: frozenset[int], max_model_len: int) -> None:
+    """The stops that need no text: EOS and stop token ids (once min_tokens are out), then length."""
     p = seq.params
     if seq.num_output_tokens >= p.min_tokens:
         if not p.ignore_eos and token in eos_token_ids:
@@ -17,8 +19,6 @@ def check_stop(seq: Sequence, token: int, delta_len: int, eos_token_ids: frozens
             return
         if token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-            return
-        if p.stop_list and _truncate_at_stop_string(seq, delta_len):
             return
     if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= max_model_len:
         seq.finish_reason = "length"
@@ -36,20 +36,36 @@ def _truncate_at_stop_string(seq: Sequence, delta_len: int) -> bool:
     return True
 
 
-def append_token(detokenizer: Detokenizer, seq: Sequence, token: int, logprob: Logprob | None,
-                 eos_token_ids: frozenset[int], max_model_len: int) -> None:
+def append_token_id(seq: Sequence, token: int, logprob: Logprob | None, eos_token_ids: frozenset[int],
+                    max_model_len: int) -> None:
+    """A sampled token, and the stops that need no text: all the scheduler needs before the next step."""
     seq.token_ids.append(token)
     if logprob is not None:
         seq.logprobs.append(logprob)
-    start = time.monotonic()
     if seq.first_token_time is None:
-        seq.first_token_time = start
+        seq.first_token_time = time.monotonic()
+    check_stop_token(seq, token, eos_token_ids, max_model_len)
+
+
+def detokenize_newest(detokenizer: Detokenizer, seq: Sequence) -> None:
+    """Text for the newest token and the stop strings, which outrank a length stop at the same token
+    (EOS and stop ids outrank them); at the end, what an incomplete character decodes to."""
+    start = time.monotonic()
     delta = detokenizer.step(seq)
     seq.text += delta
-    check_stop(seq, token, len(delta), eos_token_ids, max_model_len)
+    p = seq.params
+    if seq.finish_reason in (None, "length") and p.stop_list and seq.num_output_tokens >= p.min_tokens:
+        _truncate_at_stop_string(seq, len(delta))
     if seq.finish_reason is not None and not isinstance(seq.stop_reason, str):
         seq.text += detokenizer.flush(seq)  # a character left incomplete at the end
     seq.detokenize_seconds += time.monotonic() - start
+
+
+def append_token(detokenizer: Detokenizer, seq: Sequence, token: int, logprob: Logprob | None,
+                 eos_token_ids: frozenset[int], max_model_len: int) -> None:
+    """Both halves at once."""
+    append_token_id(seq, token, logprob, eos_token_ids, max_model_len)
+    detokenize_newest(detokenizer, seq)
 
 
 def take_delta(seq: Sequence) -> StreamDelta:

@@ -97,16 +97,25 @@ class Sampler:
         self.transfer = Transfer(kernel_device) if kernel_device is not None else None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        return self.collect(self.launch(logits, seqs))
+
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple:
+        """Start sampling (asynchronous on a GPU): the device tensors collect() reads."""
         if all(_is_plain_greedy(_param_row(s.params)) for s in seqs):
-            return SampleResult(logits.argmax(-1).tolist(), [None] * len(seqs))
+            return seqs, logits.argmax(-1), None
         batch = build_sampling_batch(seqs, self.eos_token_ids, logits.shape[-1])
         if self.transfer is not None:
             batch = SamplingBatch(**self.transfer({f.name: getattr(batch, f.name).numpy() for f in fields(batch)}))
-        tokens, chosen, top_ids, top_lp = ops.fused_sample(logits, batch)
+        return seqs, *ops.fused_sample(logits, batch)
+
+    def collect(self, launched: tuple) -> SampleResult:
+        """The sampled tokens on the host (one copy; the logprobs, when asked for, in three more)."""
+        seqs, tokens, *logprob_parts = launched
         token_ids = tokens.tolist()
         logprobs: list[Logprob | None] = [None] * len(seqs)
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if rows:
+            chosen, top_ids, top_lp = logprob_parts
             chosen_l, ids_l, lp_l = chosen.tolist(), top_ids.tolist(), top_lp.tolist()
             for i in rows:
                 n = seqs[i].params.logprobs
