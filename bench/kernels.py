@@ -117,7 +117,7 @@ def main() -> None:
             for i in range(B)]
     batch = build_sampling_batch(seqs, [], vocab)
     batch = batch.to(dev) if dev == "cuda" else batch
-    fused = timeit(lambda: ops.fused_sample(logits, batch), dev, reps)
+    fused = timeit(lambda: ops.fused_sample(logits, batch, 5), dev, reps)
     temperature = torch.full((B,), 0.8, device=dev)
     top_k, top_p = torch.full((B,), 50, device=dev), torch.full((B,), 0.9, device=dev)
     unfused = timeit(lambda: torch_sampling(logits, temperature, top_k, top_p), dev, reps)

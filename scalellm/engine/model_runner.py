@@ -136,24 +136,30 @@ class ModelRunner:
                 rows_out.append(offset - 1)
         meta = ops.build_attention_metadata(bs, _cat(slot_parts), tables if nd else [], lens if nd else [], specs,
                                             self.sliding_window)
+        gather = np.asarray(rows_out, np.int64) if len(rows_out) != offset else None  # rows whose logits we need
         if self.cuda_kernels:
-            hidden = self._forward_on_cuda_kernels(_cat(ids_parts), _cat(pos_parts), meta)
+            hidden = self._forward_on_cuda_kernels(_cat(ids_parts), _cat(pos_parts), meta, gather)
         else:
             hidden = self.model.forward(torch.from_numpy(_cat(ids_parts)), torch.from_numpy(_cat(pos_parts)),
                                         self.kv_cache, meta)
-        if len(rows_out) != offset:
-            hidden = hidden[rows_out]
+            if gather is not None:
+                hidden = hidden[torch.from_numpy(gather)]
         return self.model.logits(hidden), ready
 
-    def _forward_on_cuda_kernels(self, input_ids: np.ndarray, positions: np.ndarray,
-                                 meta: ops.AttentionMetadata) -> torch.Tensor:
-        arrays = self.transfer({"input_ids": input_ids, "positions": positions, **ops.kernel_arrays(meta)})
-        ids, pos = arrays.pop("input_ids"), arrays.pop("positions")
+    def _forward_on_cuda_kernels(self, input_ids: np.ndarray, positions: np.ndarray, meta: ops.AttentionMetadata,
+                                 gather: np.ndarray | None) -> torch.Tensor:
+        """Everything the step reads goes to the device in one copy; nothing here waits for the device."""
+        host = {"input_ids": input_ids, "positions": positions, **ops.kernel_arrays(meta)}
+        if gather is not None:
+            host["gather"] = gather
+        arrays = self.transfer(host)
+        ids, pos, rows = arrays.pop("input_ids"), arrays.pop("positions"), arrays.pop("gather", None)
         if self.graphs is not None and not meta.prefills and self.graphs.covers(meta.num_decode_tokens):
             return self.graphs.run(ids, pos, arrays)
         meta.device = arrays
         meta.slot_mapping = arrays["slot_mapping"]
-        return self.model.forward(ids, pos, self.kv_cache, meta)
+        hidden = self.model.forward(ids, pos, self.kv_cache, meta)
+        return hidden if rows is None else hidden[rows]
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

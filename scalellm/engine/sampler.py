@@ -104,9 +104,10 @@ class Sampler:
         if all(_is_plain_greedy(_param_row(s.params)) for s in seqs):
             return seqs, logits.argmax(-1), None
         batch = build_sampling_batch(seqs, self.eos_token_ids, logits.shape[-1])
+        max_top = max(1, int(batch.num_top.max()))  # on the host, before the batch moves
         if self.transfer is not None:
             batch = SamplingBatch(**self.transfer({f.name: getattr(batch, f.name).numpy() for f in fields(batch)}))
-        return seqs, *ops.fused_sample(logits, batch)
+        return seqs, *ops.fused_sample(logits, batch, max_top)
 
     def collect(self, launched: tuple) -> SampleResult:
         """The sampled tokens on the host (one copy; the logprobs, when asked for, in three more)."""

@@ -145,8 +145,12 @@ def _cuda_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     return out
 
 
-def fused_sample(logits: torch.Tensor, batch):
-    return (_cuda() if _gpu(logits) else cpu_sampling).fused_sample(logits, batch)
+def fused_sample(logits: torch.Tensor, batch, max_top: int = 1):
+    """max_top: the most top-N logprobs any row wants (known on the host: the CUDA path must not ask the
+    device)."""
+    if _gpu(logits):
+        return _cuda().fused_sample(logits, batch, max_top)
+    return cpu_sampling.fused_sample(logits, batch)
 
 
 __all__ = ["AttentionMetadata", "Linear", "PrefillChunk", "add_rms_norm", "attention_inputs", "build_attention_metadata",

@@ -181,10 +181,12 @@ def prefill_attention(q, k_cache, v_cache, token_seq, token_pos, block_tables, s
     return out
 
 
-def fused_sample(logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits: [rows, vocab] float32; batch: a SamplingBatch (scalellm/ops/sampling_batch.py) on the GPU."""
+def fused_sample(logits: torch.Tensor, batch, max_top: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits: [rows, vocab] float32; batch: a SamplingBatch (scalellm/ops/sampling_batch.py) on the GPU;
+    max_top: the most top-N logprobs a row wants."""
     rows, vocab = logits.shape
-    max_top = max(1, int(batch.num_top.max()))
+    max_top = max(1, max_top)
     dev = logits.device
     tokens = torch.empty(rows, dtype=torch.int64, device=dev)
     chosen = torch.empty(rows, dtype=torch.float32, device=dev)
