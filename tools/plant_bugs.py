@@ -62,6 +62,16 @@ BUGS = [
         'point["tokens_per_s"], point["prompt_tokens_per_s"] = rate("generation_tokens"), rate("prompt_tokens")',
         'point["tokens_per_s"], point["prompt_tokens_per_s"] = rate("prompt_tokens"), rate("prompt_tokens")',
         ["tests/test_dashboard.py::test_the_page_under_load"]),
+    Bug("i", "CUDA-graph padding rows keep stale cache slots (they write into another sequence's KV)",
+        "scalellm/engine/cuda_graphs.py", "            self.slots[n:bs].fill_(-1)\n", "",
+        ["tests/test_cuda_host_engine.py"]),
+    Bug("j", "overlapped steps append a token to a sequence a stop string already ended", "scalellm/engine/engine.py",
+        "            if seq.finished:  # ended by a stop string", "            if False:  # ended by a stop string",
+        ["tests/test_overlap.py"]),
+    Bug("k", "the step's one copy misses the prefill positions (every chunk attends as if it started at 0)",
+        "scalellm/ops/attention_metadata.py",
+        "pos = np.concatenate([np.arange(c.context_len - c.query_len, c.context_len, dtype=np.int32)",
+        "pos = np.concatenate([np.arange(0, c.query_len, dtype=np.int32)", ["tests/test_cuda_host_engine.py"]),
 ]
 
 # Not a bug to find: proves the copy's code is what the tests run (a syntax error must break them).
