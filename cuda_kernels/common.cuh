@@ -2,7 +2,18 @@
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#if defined(__CUDACC_RTC__)  // NVRTC (how CuPy compiles) has no C library headers
+typedef signed char int8_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#else
 #include <stdint.h>
+#endif
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
 
 namespace scalellm {
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from scalellm.ops import cuda_host
+from scalellm.ops import cuda_backend, cuda_host
 from tests.cuda_kernel_checks import DTYPES, KERNEL_CHECKS, check_sampling, gpu, host, run_check
 
 ORDERS = list(cuda_host.ORDERS)
@@ -41,6 +41,20 @@ def test_kernel_on_gpu(kernel, dtype):
 @gpu
 def test_sampling_kernel_on_gpu_draws_what_the_cpu_path_draws():
     check_sampling(device="cuda")
+
+
+def test_every_kernel_compiles_under_nvrtc_as_the_gpu_backend_compiles_it():
+    """CuPy compiles through NVRTC, which has no C library headers: nvcc alone would not catch that."""
+    from tools import nvrtc_check
+
+    path = nvrtc_check.find_nvrtc()
+    if path is None:
+        pytest.skip("no libnvrtc here (.ci/run installs nvidia-cuda-nvrtc-cu12 and checks this after the tests)")
+    import ctypes
+
+    lib = ctypes.CDLL(path)
+    failures = {name: log for name in cuda_backend.NAMES if (log := nvrtc_check.compile_module(lib, name, "sm_80"))}
+    assert not failures, failures
 
 
 # -- the host build's thread model -------------------------------------------------------------------

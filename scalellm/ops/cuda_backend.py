@@ -52,11 +52,22 @@ def patched_source(name: str, source: str):
         _module.cache_clear()
 
 
+def compile_options() -> tuple[str, ...]:
+    """C++17, the kernels' folder, and CUDA's headers where they can be found (NVRTC needs cuda_fp16.h and
+    cuda_bf16.h on its include path; CuPy adds a toolkit's but not the pip wheels')."""
+    from scalellm.ops.cuda_host import HostBuildUnavailable, cuda_include_dir
+
+    try:
+        return ("-std=c++17", f"-I{KERNEL_DIR}", f"-I{cuda_include_dir()}")
+    except HostBuildUnavailable:
+        return ("-std=c++17", f"-I{KERNEL_DIR}")
+
+
 @functools.cache
 def _module(name: str, on_host: bool):
     """The compiled kernels of cuda_kernels/{name}.cu: by CuPy (NVRTC) for the GPU, or by g++ through the
     host build (scalellm/ops/cuda_host) for CPU tensors."""
-    options = ("-std=c++17", f"-I{KERNEL_DIR}")
+    options = compile_options()
     if on_host:
         from scalellm.ops.cuda_host import HostModule
 

@@ -146,7 +146,7 @@ def build(code: str, names: list[str], options=()) -> str:
     if why:
         raise HostBuildUnavailable(why)
     unit = _translation_unit(code, names)
-    includes = _include_dirs(options)
+    includes = [d for d in _include_dirs(options) if d != cuda_include_dir()]  # CUDA's own: added below
     lib = os.path.join(_cache_dir(), f"kernels-{_fingerprint(unit, includes)}.so")
     if os.path.exists(lib):
         return lib
