@@ -8,6 +8,7 @@ import torch
 from scalellm.model.loader import default_model_path
 
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
 _tokenizer = None
 
 
@@ -47,6 +48,17 @@ def _base_config(arch: str):
         return tf.Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "qwen3":
         return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    # mixture of experts: several experts per token; Qwen2-MoE with its shared expert; Qwen3-MoE with a
+    # dense middle layer (mlp_only_layers) and renormalized routing
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48,
+                                 shared_expert_intermediate_size=96, norm_topk_prob=False, tie_word_embeddings=False)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**{**common, "num_hidden_layers": 3}, head_dim=32, num_experts=8,
+                                 num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=True,
+                                 mlp_only_layers=[1], tie_word_embeddings=False)
     raise ValueError(arch)
 
 

@@ -72,6 +72,10 @@ BUGS = [
         "scalellm/ops/attention_metadata.py",
         "pos = np.concatenate([np.arange(c.context_len - c.query_len, c.context_len, dtype=np.int32)",
         "pos = np.concatenate([np.arange(0, c.query_len, dtype=np.int32)", ["tests/test_cuda_host_engine.py"]),
+    Bug("l", "MoE routing renormalized whatever norm_topk_prob says", "scalellm/model/moe_weights.py",
+        "renormalize=c.norm_topk_prob", "renormalize=True", ["tests/test_moe.py"]),
+    Bug("m", "Qwen2-MoE's shared expert loses its sigmoid gate", "scalellm/ops/moe.py",
+        "out += torch.sigmoid(w.shared_gate(x)) * w.shared_down", "out += w.shared_down", ["tests/test_moe.py"]),
 ]
 
 # Not a bug to find: proves the copy's code is what the tests run (a syntax error must break them).

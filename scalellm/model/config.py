@@ -10,6 +10,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 MODEL_TYPE_TO_ARCH = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 
@@ -34,6 +37,17 @@ class ModelConfig:
     sliding_window: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     hf_config: object = field(default=None, repr=False)
+    # mixture of experts (num_experts 0: dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalize the top-k routing weights over the chosen experts
+    moe_weights_float32: bool = False  # Mixtral keeps routing weights in float32 (Qwen casts them back)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
+    sparse_layers: tuple[bool, ...] = ()  # per layer: an MoE block (else a dense MLP)
+
+    def is_sparse(self, layer: int) -> bool:
+        return bool(self.sparse_layers) and self.sparse_layers[layer]
 
 
 def architecture_of(hf_config) -> str:
@@ -59,9 +73,9 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     sliding = getattr(hf_config, "sliding_window", None)
     if kind == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
         sliding = None
-    if kind in ("llama", "qwen3") and not getattr(hf_config, "use_sliding_window", False):
+    if kind in ("llama", "qwen3", "qwen2_moe", "qwen3_moe") and not getattr(hf_config, "use_sliding_window", False):
         sliding = None
-    return ModelConfig(
+    config = ModelConfig(
         architecture=arch,
         hidden_size=hf_config.hidden_size,
         intermediate_size=hf_config.intermediate_size,
@@ -73,14 +87,38 @@ def model_config_from_hf(hf_config) -> ModelConfig:
         rms_norm_eps=hf_config.rms_norm_eps,
         max_position_embeddings=hf_config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        qkv_bias=kind == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
-        qk_norm=kind == "qwen3",
+        qkv_bias=(kind == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+                  or (kind == "qwen2_moe" and bool(getattr(hf_config, "qkv_bias", True)))),
+        qk_norm=kind in ("qwen3", "qwen3_moe"),
         inv_freq=inv_freq,
         rope_attention_scaling=scaling,
         sliding_window=sliding,
         eos_token_ids=_as_list(getattr(hf_config, "eos_token_id", None)),
         hf_config=hf_config,
     )
+    if kind in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        _moe_config(config, hf_config, kind)
+    return config
+
+
+def _moe_config(config: ModelConfig, hf_config, kind: str) -> None:
+    experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None) or 0
+    config.num_experts = int(experts)
+    config.num_experts_per_tok = int(hf_config.num_experts_per_tok)
+    layers = range(config.num_layers)
+    if kind == "mixtral":  # every layer sparse, experts as wide as intermediate_size, always renormalized
+        config.moe_intermediate_size = config.intermediate_size
+        config.norm_topk_prob = True
+        config.moe_weights_float32 = True
+        config.sparse_layers = tuple(True for _ in layers)
+        return
+    config.moe_intermediate_size = int(hf_config.moe_intermediate_size)
+    config.norm_topk_prob = bool(getattr(hf_config, "norm_topk_prob", False))
+    if kind == "qwen2_moe":
+        config.shared_expert_intermediate_size = int(getattr(hf_config, "shared_expert_intermediate_size", 0) or 0)
+    dense = set(getattr(hf_config, "mlp_only_layers", None) or [])
+    step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
+    config.sparse_layers = tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in layers)
 
 
 def _rope(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:

@@ -67,6 +67,11 @@ _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    # mixture of experts: the router, the stacked experts [experts, out, in], Qwen2-MoE's shared expert
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -97,7 +102,7 @@ def iter_gguf_weights(path: str, num_heads: int, num_kv_heads: int, arch: str
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on a damaged file
         raise ValueError(f"cannot read GGUF file {path}: {e}") from e
-    permuted = arch in ("LlamaForCausalLM", "MistralForCausalLM")
+    permuted = arch in ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         if name is None:
@@ -107,4 +112,45 @@ def iter_gguf_weights(path: str, num_heads: int, num_kv_heads: int, arch: str
             w = _unpermute(w, num_heads)
         elif permuted and name.endswith("k_proj.weight"):
             w = _unpermute(w, num_kv_heads)
+        if ".mlp.experts." in name:  # stacked: one tensor per expert
+            prefix, _, rest = name.partition("mlp.experts.")
+            for e in range(w.shape[0]):
+                yield f"{prefix}mlp.experts.{e}.{rest}", w[e]
+            continue
         yield name, w
+
+
+def moe_config(path: str, hf_config):
+    """transformers reads a GGUF's config without the experts' widths (qwen2moe, qwen3moe) and reads a
+    llama GGUF with experts (Mixtral) as a dense Llama: complete or convert the config from the file."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+
+    def value(key: str):
+        field = fields.get(key)
+        return None if field is None else field.contents()
+
+    arch = value("general.architecture")
+    experts = value(f"{arch}.expert_count") or 0
+    if not experts:
+        return hf_config
+    if arch in ("qwen2moe", "qwen3moe"):
+        hf_config.moe_intermediate_size = int(value(f"{arch}.expert_feed_forward_length"))
+        shared = value(f"{arch}.expert_shared_feed_forward_length")
+        if shared:
+            hf_config.shared_expert_intermediate_size = int(shared)
+        hf_config.mlp_only_layers = []  # llama.cpp's MoE models have experts in every layer
+        hf_config.decoder_sparse_step = 1
+        return hf_config
+    if arch == "llama":
+        from transformers import MixtralConfig
+
+        config = dict(hf_config.to_dict())
+        for key in ("architectures", "model_type", "transformers_version"):
+            config.pop(key, None)
+        mixtral = MixtralConfig(**config, num_local_experts=int(experts),
+                                num_experts_per_tok=int(value(f"{arch}.expert_used_count")))
+        mixtral.architectures = ["MixtralForCausalLM"]
+        return mixtral
+    raise ValueError(f"unsupported architecture: GGUF {arch!r} with {experts} experts")

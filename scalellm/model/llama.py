@@ -1,7 +1,8 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) over a paged KV cache.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) and its mixture-of-experts members (Mixtral,
+Qwen2-MoE, Qwen3-MoE) over a paged KV cache.
 
-Weights are held fused (qkv, gate_up) so each layer runs four GEMMs; the residual adds ride in the
-GEMMs after attention and the MLP.
+Weights are held fused (qkv, gate_up) so each dense layer runs four GEMMs; the residual adds ride in
+the GEMMs after attention and the MLP. A sparse layer's MLP is the fused MoE layer (ops/moe.py).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ class LayerWeights:
     k_norm: torch.Tensor | None
     o_proj: ops.Linear
     post_norm: torch.Tensor
-    gate_up: ops.Linear  # gate and up projections fused
-    down: ops.Linear
+    gate_up: ops.Linear | None  # gate and up projections fused (None in a sparse layer)
+    down: ops.Linear | None
+    moe: ops.MoEWeights | None = None  # the experts of a sparse layer
 
 
 class LlamaModel:
@@ -56,7 +58,8 @@ class LlamaModel:
             count += self.lm_head.numel
         for w in self.layers:
             count += sum(t.numel() for t in (w.input_norm, w.post_norm, w.q_norm, w.k_norm) if t is not None)
-            count += sum(lin.numel for lin in (w.qkv, w.o_proj, w.gate_up, w.down))
+            count += sum(lin.numel for lin in (w.qkv, w.o_proj, w.gate_up, w.down) if lin is not None)
+            count += w.moe.numel if w.moe is not None else 0
         return count
 
     def _layer_caches(self, kv_cache: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -87,7 +90,10 @@ class LlamaModel:
             attn = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
             h = w.o_proj(attn.view(tokens, self.q_size), residual=h)
             x = ops.rms_norm(h, w.post_norm, eps)
-            h = w.down(ops.silu_mul(w.gate_up(x)), residual=h)
+            if w.moe is not None:
+                h = ops.fused_moe(x, w.moe, residual=h)
+            else:
+                h = w.down(ops.silu_mul(w.gate_up(x)), residual=h)
             if i < last:
                 x = ops.rms_norm(h, self.layers[i + 1].input_norm, eps)
         return h

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from scalellm.model.config import ModelConfig, architecture_of, model_config_from_hf
-from scalellm.model.gguf_file import iter_gguf_weights
+from scalellm.model.gguf_file import iter_gguf_weights, moe_config
 from scalellm.model.llama import LlamaModel
 from scalellm.model.weights import build_model, iter_safetensors
 
@@ -81,6 +81,8 @@ def load_model(model: str | None, dtype: str | torch.dtype = "auto", device: str
         hf_config = AutoConfig.from_pretrained(folder, gguf_file=gguf_name)
     except Exception as e:  # readers raise assorted errors on damaged files
         raise ValueError(f"cannot read model config from {path} (corrupt or unsupported file?): {e}") from e
+    if gguf:
+        hf_config = moe_config(path, hf_config)
     architecture_of(hf_config)  # fail on an unsupported architecture before reading weights
     config = model_config_from_hf(hf_config)
     try:
@@ -99,7 +101,9 @@ def load_model(model: str | None, dtype: str | torch.dtype = "auto", device: str
     else:
         tensors = iter_safetensors(folder)
     built = build_model(config, tensors, torch_dtype, max_positions, device)
-    log.info("loaded %s (%s, %d layers) as %s", path, config.architecture, config.num_layers, torch_dtype)
+    experts = f", {config.num_experts} experts, {config.num_experts_per_tok} per token" if config.num_experts else ""
+    log.info("loaded %s (%s, %d layers%s) as %s: %.1f MiB of weights", path, config.architecture, config.num_layers,
+             experts, torch_dtype, built.num_parameters * torch_dtype.itemsize / (1 << 20))
     return LoadedModel(built, tokenizer, config, path, torch_dtype)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
+from scalellm.model import moe_weights
 from scalellm.model.config import ModelConfig
 from scalellm.model.llama import LayerWeights, LlamaModel
 from scalellm.ops import Linear
@@ -67,9 +68,12 @@ def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
                           "self_attn.v_proj.bias": (c.num_kv_heads * hd,)})
     if c.qk_norm:
         per_layer.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
+    sparse = {n: s for n, s in per_layer.items() if not n.startswith("mlp.")} | moe_weights.expected_shapes(c)
     for i in range(c.num_layers):
-        for name, shape in per_layer.items():
+        for name, shape in (sparse if c.is_sparse(i) else per_layer).items():
             expected[f"model.layers.{i}.{name}"] = shape
+    if c.num_experts:
+        tensors = (pair for name, tensor in tensors for pair in moe_weights.canonical(name, tensor))
 
     found: dict[str, torch.Tensor] = {}
     with tqdm(total=len(expected), desc="loading weights", unit="tensor") as bar:  # ends its line when done
@@ -108,8 +112,10 @@ def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
             k_norm=get(p + "self_attn.k_norm.weight") if c.qk_norm else None,
             o_proj=linear(get(p + "self_attn.o_proj.weight")),
             post_norm=get(p + "post_attention_layernorm.weight"),
-            gate_up=linear(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])),
-            down=linear(get(p + "mlp.down_proj.weight")),
+            gate_up=None if c.is_sparse(i) else linear(torch.cat([get(p + "mlp.gate_proj.weight"),
+                                                                  get(p + "mlp.up_proj.weight")])),
+            down=None if c.is_sparse(i) else linear(get(p + "mlp.down_proj.weight")),
+            moe=moe_weights.build_moe(c, get, p, linear) if c.is_sparse(i) else None,
         ))
     embed = get("model.embed_tokens.weight")
     lm_head = Linear(embed if c.tie_word_embeddings else get("lm_head.weight"),

@@ -26,6 +26,7 @@ from scalellm.ops.attention_metadata import (AttentionMetadata, PrefillChunk, bu
                                              kernel_arrays, tensor)
 from scalellm.ops.cpu_attention import decode_attention as _cpu_decode_attention  # noqa: E402
 from scalellm.ops.linear import Linear  # noqa: E402
+from scalellm.ops.moe import MoEWeights, fused_moe  # noqa: E402
 from scalellm.ops.numba_util import as_numba, keep_numba_view  # noqa: E402
 
 
@@ -153,5 +154,5 @@ def fused_sample(logits: torch.Tensor, batch, max_top: int = 1):
     return cpu_sampling.fused_sample(logits, batch)
 
 
-__all__ = ["AttentionMetadata", "Linear", "PrefillChunk", "add_rms_norm", "attention_inputs", "build_attention_metadata",
+__all__ = ["AttentionMetadata", "Linear", "MoEWeights", "fused_moe", "PrefillChunk", "add_rms_norm", "attention_inputs", "build_attention_metadata",
            "cuda_kernels_on_cpu", "fused_sample", "kernel_arrays", "uses_cuda_kernels", "keep_numba_view", "paged_attention", "rms_norm", "rotary", "silu_mul", "tensor", "write_kv"]
