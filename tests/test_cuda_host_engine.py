@@ -45,6 +45,17 @@ def test_engine_on_host_built_cuda_kernels_matches_transformers(wide_checkpoint,
     assert any(n not in batch_sizes(64) for n in decode_batches), "no decode step took the padded graph path"
 
 
+@host
+def test_moe_engine_on_host_built_cuda_kernels_matches_transformers(tmp_path):
+    """Qwen2-MoE (shared expert) with routing, permutation, gather and combine as CUDA kernels."""
+    folder = build_checkpoint("qwen2_moe", str(tmp_path / "moe"), seed=5, hidden_size=256, head_dim=64)
+    before = cuda_host.launch_counts.copy()
+    with ops.cuda_kernels_on_cpu(), cuda_host.thread_order("random", seed=3):
+        scenarios.test_preemption_keeps_output_identical(("qwen2_moe", folder))
+    launched = {name.split("::")[1].split("<")[0] for name in cuda_host.launch_counts - before}
+    assert {"moe_route", "moe_offsets", "moe_permute", "moe_gather", "moe_combine"} <= launched
+
+
 @gpu
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_engine_on_gpu_matches_transformers(wide_checkpoint, scenario, monkeypatch):

@@ -46,6 +46,16 @@ def test_moe_preemption_keeps_output_identical(moe_checkpoint):
     scenarios.test_preemption_keeps_output_identical(moe_checkpoint)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_layer_matches_a_float64_reference(dtype):
+    """The CPU layer (torch: sort, per-expert GEMMs, index_add) on the same cases as the CUDA kernels'."""
+    from scalellm import ops
+    from tests.cuda_kernel_checks import check_moe
+
+    with ops.cuda_kernels_on_cpu(False):
+        check_moe(dtype)
+
+
 def test_each_expert_matters(moe_checkpoint):
     """Zeroing one expert's down projection changes the logits: every expert is loaded and used."""
     arch, folder = moe_checkpoint

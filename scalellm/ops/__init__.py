@@ -26,7 +26,8 @@ from scalellm.ops.attention_metadata import (AttentionMetadata, PrefillChunk, bu
                                              kernel_arrays, tensor)
 from scalellm.ops.cpu_attention import decode_attention as _cpu_decode_attention  # noqa: E402
 from scalellm.ops.linear import Linear  # noqa: E402
-from scalellm.ops.moe import MoEWeights, fused_moe  # noqa: E402
+from scalellm.ops.moe import MoEWeights, fused_moe_cuda_kernels  # noqa: E402
+from scalellm.ops.moe import fused_moe as _cpu_fused_moe  # noqa: E402
 from scalellm.ops.numba_util import as_numba, keep_numba_view  # noqa: E402
 
 
@@ -144,6 +145,11 @@ def _cuda_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
                                         arrays["prefill_token_pos"], arrays["prefill_block_tables"], scale,
                                         meta.sliding_window or 0)
     return out
+
+
+def fused_moe(x: torch.Tensor, w: MoEWeights, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """A sparse layer's MLP (ops/moe.py): route, group by expert, one GEMM pair per expert, combine."""
+    return (fused_moe_cuda_kernels if _gpu(x) else _cpu_fused_moe)(x, w, residual)
 
 
 def fused_sample(logits: torch.Tensor, batch, max_top: int = 1):

@@ -25,8 +25,11 @@ NAMES = {
                         for t in _TYPES for d in HEAD_DIMS],
     "prefill_attention": [f"scalellm::prefill_attention<{t}, {d}>" for t in _TYPES for d in HEAD_DIMS],
     "sampling": ["scalellm::fused_sample"],
+    "moe_routing": [f"scalellm::{k}<{t}>" for k in ("moe_route", "moe_gather", "moe_combine") for t in _TYPES]
+    + ["scalellm::moe_offsets", "scalellm::moe_permute"],
 }
 PARTITION = 512  # matches kPartition in paged_attention.cu
+MAX_TOP_K = 8  # matches kMaxTopK in moe_routing.cu
 MAX_GROUP = 8
 
 
@@ -210,3 +213,50 @@ def fused_sample(logits: torch.Tensor, batch, max_top: int = 1
              batch.pen_counts, batch.ban_offsets, batch.ban_tokens, batch.streams, batch.num_top, np.int32(vocab),
              np.int32(max_top)))
     return tokens, chosen, top_ids, top_lp
+
+
+def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool):
+    """Router logits [tokens, experts] -> (weights [tokens, k] float32, expert ids [tokens, k] int32,
+    pairs per expert [experts] int32)."""
+    tokens, experts = logits.shape
+    if top_k > MAX_TOP_K:
+        raise ValueError(f"cuda MoE routing supports up to {MAX_TOP_K} experts per token")
+    dev = logits.device
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=dev)
+    counts = torch.zeros(experts, dtype=torch.int32, device=dev)
+    _launch("moe_routing", f"scalellm::moe_route<{CTYPES[logits.dtype]}>", ((tokens + 127) // 128,), 128,
+            (weights, ids, counts, logits.contiguous(), np.int32(tokens), np.int32(experts), np.int32(top_k),
+             np.int32(renormalize)))
+    return weights, ids, counts
+
+
+def moe_permute(ids: torch.Tensor, counts: torch.Tensor):
+    """-> (offsets [experts + 1]: each expert's first row, slot of each pair [pairs], token of each slot)."""
+    experts, pairs = counts.shape[0], ids.numel()
+    dev = ids.device
+    offsets = torch.empty(experts + 1, dtype=torch.int32, device=dev)
+    cursor = torch.empty(experts, dtype=torch.int32, device=dev)
+    _launch("moe_routing", "scalellm::moe_offsets", (1,), 1, (offsets, cursor, counts, np.int32(experts)))
+    slot_of_pair = torch.empty(pairs, dtype=torch.int32, device=dev)
+    token_of_slot = torch.empty(pairs, dtype=torch.int32, device=dev)
+    _launch("moe_routing", "scalellm::moe_permute", ((pairs + 127) // 128,), 128,
+            (slot_of_pair, token_of_slot, cursor, ids, np.int32(pairs), np.int32(ids.shape[1])))
+    return offsets, slot_of_pair, token_of_slot
+
+
+def moe_gather(x: torch.Tensor, token_of_slot: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    rows = torch.empty(token_of_slot.numel(), x.shape[1], dtype=x.dtype, device=x.device)
+    _launch("moe_routing", f"scalellm::moe_gather<{CTYPES[x.dtype]}>", (rows.shape[0],), 128,
+            (rows, x, token_of_slot, np.int32(x.shape[1])))
+    return rows
+
+
+def moe_combine(rows: torch.Tensor, slot_of_pair: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+                ) -> torch.Tensor:
+    tokens, top_k = ids.shape
+    out = torch.empty(tokens, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    _launch("moe_routing", f"scalellm::moe_combine<{CTYPES[rows.dtype]}>", (tokens,), 128,
+            (out, rows.contiguous(), slot_of_pair, ids, weights, np.int32(top_k), np.int32(rows.shape[1])))
+    return out

@@ -4,7 +4,9 @@ and add each result back to its token weighted by its routing weight. No Python 
 loop over experts runs once per active expert.
 
 Routing follows transformers: softmax over the router logits in float32, top-k, optionally renormalized
-over the chosen experts, the weights cast back to the activations' dtype.
+over the chosen experts, the weights cast back to the activations' dtype. On the CUDA kernels, routing,
+permutation, gather and the weighted combine are kernels (cuda_kernels/moe_routing.cu); the rows per
+expert come back to the host once per layer, to size the GEMMs.
 """
 from __future__ import annotations
 
@@ -55,25 +57,44 @@ def group_by_expert(experts: torch.Tensor, num_experts: int):
     return order // experts.shape[1], order, counts
 
 
-def fused_moe(x: torch.Tensor, w: MoEWeights, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [tokens, hidden] -> the layer's output (+ residual when given)."""
-    weights, experts = route(w.router(x), w.top_k, w.renormalize, torch.float32 if w.weights_float32 else x.dtype)
-    tokens, pairs, counts = group_by_expert(experts, w.num_experts)
-    rows = x[tokens]
+def _experts(w: MoEWeights, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows grouped by expert -> each expert's MLP over its rows: one gate-up and one down GEMM per expert."""
     out_rows = torch.empty_like(rows)
     start = 0
-    for e, n in enumerate(counts.tolist()):
+    for e, n in enumerate(counts):
         if n:
             seg = slice(start, start + n)
             gate, up = w.gate_up[e](rows[seg]).chunk(2, dim=-1)
             out_rows[seg] = w.down[e](F.silu(gate) * up)
             start += n
+    return out_rows
+
+
+def _shared_and_residual(x: torch.Tensor, out: torch.Tensor, w: MoEWeights, residual: torch.Tensor | None):
+    if w.shared_gate_up is not None:
+        gate, up = w.shared_gate_up(x).chunk(2, dim=-1)
+        out += torch.sigmoid(w.shared_gate(x)) * w.shared_down(F.silu(gate) * up)
+    return out if residual is None else residual + out
+
+
+def fused_moe_cuda_kernels(x: torch.Tensor, w: MoEWeights, residual: torch.Tensor | None = None) -> torch.Tensor:
+    from scalellm.ops import cuda_backend as cb
+
+    weights, ids, counts = cb.moe_route(w.router(x), w.top_k, w.renormalize)
+    offsets, slot_of_pair, token_of_slot = cb.moe_permute(ids, counts)
+    rows = cb.moe_gather(x, token_of_slot)
+    out_rows = _experts(w, rows, counts.tolist())
+    return _shared_and_residual(x, cb.moe_combine(out_rows, slot_of_pair, ids, weights), w, residual)
+
+
+def fused_moe(x: torch.Tensor, w: MoEWeights, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [tokens, hidden] -> the layer's output (+ residual when given)."""
+    weights, experts = route(w.router(x), w.top_k, w.renormalize, torch.float32 if w.weights_float32 else x.dtype)
+    tokens, pairs, counts = group_by_expert(experts, w.num_experts)
+    out_rows = _experts(w, x[tokens], counts.tolist())
     if w.weights_float32:
         out_rows = (out_rows.float() * weights.reshape(-1)[pairs, None]).to(x.dtype)
     else:
         out_rows *= weights.reshape(-1)[pairs, None]
     out = torch.zeros_like(x).index_add_(0, tokens, out_rows)  # per token, in expert order (as transformers)
-    if w.shared_gate_up is not None:
-        gate, up = w.shared_gate_up(x).chunk(2, dim=-1)
-        out += torch.sigmoid(w.shared_gate(x)) * w.shared_down(F.silu(gate) * up)
-    return out if residual is None else residual + out
+    return _shared_and_residual(x, out, w, residual)
