@@ -7,12 +7,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 
 import numpy as np
 import torch
 
-KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+def _kernel_dir() -> str:
+    """cuda_kernels/ beside the package (a checkout, an editable install), else where a wheel put it."""
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           "cuda_kernels")
+    installed = os.path.join(sys.prefix, "share", "scalellm", "cuda_kernels")
+    return beside if os.path.isdir(beside) or not os.path.isdir(installed) else installed
+
+
+KERNEL_DIR = _kernel_dir()
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 HEAD_DIMS = (64, 128)
 _TYPES = tuple(CTYPES.values())
