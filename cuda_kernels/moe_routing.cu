@@ -5,7 +5,8 @@
 //   moe_permute   a row slot for every (token, expert) pair, grouped by expert
 //   moe_gather    the tokens' activations into those rows
 //   moe_combine   each token's output: its experts' rows weighted by its routing weights, summed in
-//                 ascending expert order (as transformers adds them)
+//                 ascending expert order and rounded to T at each step, as transformers adds them
+//                 (Qwen also rounds the weight to T first; Mixtral keeps it in float32)
 // Slots within an expert depend on the order threads run; every result does not.
 #include "common.cuh"
 
@@ -86,7 +87,7 @@ __global__ void moe_gather(T* __restrict__ rows, const T* __restrict__ x, const 
 template <typename T>
 __global__ void moe_combine(T* __restrict__ out, const T* __restrict__ rows, const int* __restrict__ slot_of_pair,
                             const int* __restrict__ experts, const float* __restrict__ weights, int top_k,
-                            int hidden) {
+                            int hidden, int weights_in_dtype) {
   const int64_t t = blockIdx.x;
   int order[kMaxTopK];
   for (int j = 0; j < top_k; ++j) order[j] = j;
@@ -97,19 +98,21 @@ __global__ void moe_combine(T* __restrict__ out, const T* __restrict__ rows, con
       order[b - 1] = tmp;
     }
   for (int h = threadIdx.x; h < hidden; h += blockDim.x) {
-    float acc = 0.f;
+    T acc = from_float<T>(0.f);
     for (int j = 0; j < top_k; ++j) {
       const int pair = t * top_k + order[j];
-      acc += weights[pair] * to_float(rows[(int64_t)slot_of_pair[pair] * hidden + h]);
+      const float w = weights_in_dtype ? to_float(from_float<T>(weights[pair])) : weights[pair];
+      const T term = from_float<T>(w * to_float(rows[(int64_t)slot_of_pair[pair] * hidden + h]));
+      acc = from_float<T>(to_float(acc) + to_float(term));
     }
-    out[t * hidden + h] = from_float<T>(acc);
+    out[t * hidden + h] = acc;
   }
 }
 
 #define INSTANTIATE(T)                                                                                      \
   template __global__ void moe_route<T>(float*, int*, int*, const T*, int, int, int, int);                  \
   template __global__ void moe_gather<T>(T*, const T*, const int*, int);                                    \
-  template __global__ void moe_combine<T>(T*, const T*, const int*, const int*, const float*, int, int);
+  template __global__ void moe_combine<T>(T*, const T*, const int*, const int*, const float*, int, int, int);
 INSTANTIATE(float)
 INSTANTIATE(__half)
 INSTANTIATE(__nv_bfloat16)

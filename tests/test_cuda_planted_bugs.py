@@ -49,8 +49,8 @@ PLANTED = [
      "weights[(int64_t)t * top_k + j] = renormalize ? p[j] / total : p[j];",
      "weights[(int64_t)t * top_k + j] = p[j];", ["moe"]),
     ("moe: every expert's row read from the token's first slot", "moe_routing",
-     "acc += weights[pair] * to_float(rows[(int64_t)slot_of_pair[pair] * hidden + h]);",
-     "acc += weights[pair] * to_float(rows[(int64_t)slot_of_pair[t * top_k] * hidden + h]);", ["moe"]),
+     "to_float(rows[(int64_t)slot_of_pair[pair] * hidden + h])",
+     "to_float(rows[(int64_t)slot_of_pair[t * top_k] * hidden + h])", ["moe"]),
     ("kv_write: the last vector of each row skipped", "kv_write",
      "const int vecs = row_elems / N;", "const int vecs = row_elems / N - 1;", ["write_kv"]),
 ]

@@ -76,7 +76,9 @@ class ModelRunner:
         self.cuda_kernels = ops.uses_cuda_kernels(self.kv_cache)
         self.transfer = Transfer(self.device) if self.cuda_kernels else None
         self.graphs = None
-        if self.cuda_kernels and graph_max_batch > 0:
+        # MoE layers read their rows per expert back to the host (to size the GEMMs): not capturable
+        has_experts = any(w.moe is not None for w in model.layers)
+        if self.cuda_kernels and graph_max_batch > 0 and not has_experts:
             self.graphs = DecodeGraphs(model, self.kv_cache, graph_max_batch, self.tables.table.shape[1],
                                        max_model_len, c.sliding_window)
 

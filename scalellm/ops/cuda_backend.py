@@ -261,10 +261,12 @@ def moe_gather(x: torch.Tensor, token_of_slot: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def moe_combine(rows: torch.Tensor, slot_of_pair: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-                ) -> torch.Tensor:
+def moe_combine(rows: torch.Tensor, slot_of_pair: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                weights_in_dtype: bool = True) -> torch.Tensor:
+    """weights_in_dtype: round each routing weight to the rows' dtype first (Qwen; Mixtral keeps float32)."""
     tokens, top_k = ids.shape
     out = torch.empty(tokens, rows.shape[1], dtype=rows.dtype, device=rows.device)
     _launch("moe_routing", f"scalellm::moe_combine<{CTYPES[rows.dtype]}>", (tokens,), 128,
-            (out, rows.contiguous(), slot_of_pair, ids, weights, np.int32(top_k), np.int32(rows.shape[1])))
+            (out, rows.contiguous(), slot_of_pair, ids, weights, np.int32(top_k), np.int32(rows.shape[1]),
+             np.int32(weights_in_dtype)))
     return out

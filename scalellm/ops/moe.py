@@ -6,7 +6,8 @@ loop over experts runs once per active expert.
 Routing follows transformers: softmax over the router logits in float32, top-k, optionally renormalized
 over the chosen experts, the weights cast back to the activations' dtype. On the CUDA kernels, routing,
 permutation, gather and the weighted combine are kernels (cuda_kernels/moe_routing.cu); the rows per
-expert come back to the host once per layer, to size the GEMMs.
+expert come back to the host once per layer, to size the GEMMs (a wait on the device, so models with
+experts run without CUDA graphs).
 """
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def fused_moe_cuda_kernels(x: torch.Tensor, w: MoEWeights, residual: torch.Tenso
     offsets, slot_of_pair, token_of_slot = cb.moe_permute(ids, counts)
     rows = cb.moe_gather(x, token_of_slot)
     out_rows = _experts(w, rows, counts.tolist())
-    return _shared_and_residual(x, cb.moe_combine(out_rows, slot_of_pair, ids, weights), w, residual)
+    combined = cb.moe_combine(out_rows, slot_of_pair, ids, weights, not w.weights_float32)
+    return _shared_and_residual(x, combined, w, residual)
 
 
 def fused_moe(x: torch.Tensor, w: MoEWeights, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Every array is written into one page-locked host buffer (each at an 8-byte aligned offset), the buffer
 is copied to the device once, and each array comes back as a typed view of the device copy. The host
-buffer is kept and grown as needed; reusing it is safe because every step waits for its sampled tokens,
-which come after this copy on the same stream.
+buffer is kept and grown as needed; before it is rewritten, the last copy out of it is waited for (an
+event recorded after the copy; in a normal step the tokens were read since, so it is long done, but a
+step that failed between its launch and its tokens may have left one in flight).
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ class Transfer:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self.host = torch.empty(0, dtype=torch.uint8)
+        self.copied = None  # a CUDA event after the last copy out of the host buffer
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
+        if self.copied is not None:
+            self.copied.synchronize()
         if self.host.numel() < nbytes:
             size = max(nbytes, 2 * self.host.numel(), 1 << 16)
             self.host = torch.empty(size, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
@@ -39,5 +43,7 @@ class Transfer:
             staged = host[:total].clone()  # the next step reuses the buffer; the views must not change
         else:
             staged = host[:total].to(self.device, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
         return {name: staged[offset:offset + a.nbytes].view(_TORCH[a.dtype]).view(a.shape)
                 for name, a, offset in layout}

@@ -31,7 +31,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
-FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE",
+# -fno-gnu-unique: each library keeps its own runtime state (g++ would otherwise share the inline
+# `simt::rt` across every library loaded in the process)
+FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fno-strict-aliasing", "-fno-gnu-unique", "-U_FORTIFY_SOURCE",
          "-D_FORTIFY_SOURCE=0", "-w")
 
 
@@ -45,6 +47,7 @@ class HostBuildUnavailable(RuntimeError):
 
 _order = ("forward", 0)  # process-wide: the engine launches kernels from its own thread
 _launches = 0
+_launch_lock = threading.Lock()  # one launch at a time in the process: fibers switch stacks under one thread
 launch_counts: collections.Counter = collections.Counter()  # kernel name -> launches in this process
 
 
@@ -175,7 +178,6 @@ class HostModule:
                                          ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
                                          ctypes.POINTER(ctypes.c_size_t), ctypes.c_int, ctypes.c_ulonglong,
                                          ctypes.c_char_p, ctypes.c_size_t]
-        self.lock = threading.Lock()  # one launch at a time: the runtime's state is per library
 
     def get_function(self, name: str) -> "HostKernel":
         if name not in self.names:
@@ -218,7 +220,7 @@ class HostKernel:
         sizes = (ctypes.c_size_t * max(n, 1))(*[s for _, s in pairs])
         order, seed = current_order()
         err = ctypes.create_string_buffer(1024)
-        with self.module.lock:
+        with _launch_lock:
             _launches += 1
             launch_counts[self.name] += 1
             rc = self.module.lib.simt_launch(self.index, (ctypes.c_uint * 3)(*_dims(grid)),

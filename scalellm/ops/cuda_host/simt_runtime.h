@@ -28,6 +28,7 @@ enum class State { kReady, kBarrier, kWarp, kDone };
 enum class Op { kShfl, kShflXor, kShflUp, kShflDown, kBallot, kAny, kAll, kSync };
 
 constexpr size_t kStackBytes = 128 << 10;
+constexpr size_t kGuardBytes = 4096;
 constexpr size_t kMaxSharedBytes = 48 << 10;  // what a block gets without opting in to more
 
 struct Thread {
@@ -262,12 +263,14 @@ inline void run_block(int order, std::mt19937_64& rng) {
   const int n = rt.block_dim.x * rt.block_dim.y * rt.block_dim.z;
   rt.threads.assign(n, Thread());
   while ((int)rt.stacks.size() < n) {
-    void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) {
+    // a guard page below each stack: an overflow faults instead of corrupting the next fiber's stack
+    void* p = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED || mprotect(p, kGuardBytes, PROT_NONE) != 0) {
       fail("cannot allocate fiber stacks");
       return;
     }
-    rt.stacks.push_back(static_cast<char*>(p));
+    rt.stacks.push_back(static_cast<char*>(p) + kGuardBytes);
   }
   for (int i = 0; i < n; ++i) {
     Thread& t = rt.threads[i];
