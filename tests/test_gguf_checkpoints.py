@@ -39,30 +39,37 @@ def interleave_rotary_halves(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_writer(path: str, arch: str, cfg: dict, head_dim: int):
+    """A GGUFWriter with a test checkpoint's model metadata and the bundled model's tokenizer."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta")))
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_rope_dimension_count(head_dim)
+    for key, field in gguf.GGUFReader(default_model_path()).fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    return writer
+
+
 def write_gguf(folder: str, path: str) -> str:
     """A float32 GGUF of a test checkpoint, with the bundled model's tokenizer metadata."""
-    import gguf
     from safetensors.torch import load_file
 
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
     arch = cfg["model_type"]
-    writer = gguf.GGUFWriter(path, arch)
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta")))
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    writer.add_vocab_size(cfg["vocab_size"])
-    writer.add_rope_dimension_count(cfg["hidden_size"] // heads)
-    for key, field in gguf.GGUFReader(default_model_path()).fields.items():
-        if key.startswith("tokenizer."):
-            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    writer = gguf_writer(path, arch, cfg, cfg["hidden_size"] // heads)
     tensors = {}
     for shard in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
         tensors.update(load_file(shard))

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from scalellm import LLM
-from scalellm.model.loader import default_model_path, load_model
+from scalellm.model.loader import load_model
+from scalellm.ops.linear import PACK_BATCH_HINT
 from tests import test_correctness as scenarios
 from tests.checkpoints import MOE_ARCHS, build_checkpoint, hf_prompt_logits, prompt_logits
-from tests.test_gguf_checkpoints import gguf_name, interleave_rotary_halves
+from tests.test_gguf_checkpoints import gguf_name, gguf_writer, interleave_rotary_halves
 
 GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
@@ -64,19 +65,17 @@ def test_each_expert_matters(moe_checkpoint):
     base = prompt_logits(model, prompt)
     layer = next(w for w in model.layers if w.moe is not None)
     for lin in layer.moe.down:
-        saved = lin.weight.clone() if lin.weight is not None else None
-        lin.weight.zero_()
-        if lin.packed is not None:
-            lin.packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight, 128)
-        assert not torch.allclose(prompt_logits(model, prompt), base), "an expert that changes nothing"
-        lin.weight.copy_(saved)
-        if lin.packed is not None:
-            lin.packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight, 128)
+        saved = lin.weight.clone()
+        for weight in (torch.zeros_like(saved), saved):  # zeroed, then restored
+            lin.weight.copy_(weight)
+            if lin.packed is not None:
+                lin.packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight, PACK_BATCH_HINT)
+            if weight is not saved:
+                assert not torch.allclose(prompt_logits(model, prompt), base), "an expert that changes nothing"
 
 
 def write_moe_gguf(folder: str, path: str) -> str:
     """A float32 GGUF in llama.cpp's MoE layout: router ffn_gate_inp, experts stacked [experts, out, in]."""
-    import gguf
     from safetensors.torch import load_file
 
     with open(os.path.join(folder, "config.json")) as f:
@@ -84,29 +83,15 @@ def write_moe_gguf(folder: str, path: str) -> str:
     arch = GGUF_ARCH[cfg["model_type"]]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
+    w = gguf_writer(path, arch, cfg, head_dim)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta")))
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_vocab_size(cfg["vocab_size"])
-    w.add_rope_dimension_count(head_dim)
     w.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
     w.add_expert_used_count(cfg["num_experts_per_tok"])
     if "moe_intermediate_size" in cfg:
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     if cfg.get("shared_expert_intermediate_size"):
         w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
-    for key, field in gguf.GGUFReader(default_model_path()).fields.items():
-        if key.startswith("tokenizer."):
-            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
     tensors = load_file(os.path.join(folder, "model.safetensors"))
     experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for name, t in tensors.items():

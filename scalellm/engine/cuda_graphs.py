@@ -39,7 +39,6 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
-        self.replays = 0
 
     def covers(self, num_decodes: int) -> bool:
         return num_decodes <= self.max_batch
@@ -85,7 +84,6 @@ class DecodeGraphs:
             self.tables[n:bs].zero_()
             self.starts[n:bs].zero_()
             self.lens[n:bs].fill_(1)
-        self.replays += 1
         if not self.capture:
             return self._forward(bs)[:n]
         if bs not in self.graphs:

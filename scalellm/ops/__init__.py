@@ -45,13 +45,9 @@ def cuda_kernels_on_cpu(enabled: bool = True):
         _kernels_on_cpu = previous
 
 
-def _gpu(x: torch.Tensor) -> bool:
-    return x.is_cuda or _kernels_on_cpu
-
-
 def uses_cuda_kernels(x: torch.Tensor) -> bool:
     """Whether ops on tensors like x run the CUDA kernels (on the GPU, or through their host build)."""
-    return _gpu(x)
+    return x.is_cuda or _kernels_on_cpu
 
 
 def _cuda():
@@ -61,28 +57,28 @@ def _cuda():
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return (_cuda() if _gpu(x) else cpu_kernels).rms_norm(x, weight, eps)
+    return (_cuda() if uses_cuda_kernels(x) else cpu_kernels).rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """residual + x -> (rms_norm(residual + x) * weight, residual + x)."""
-    return (_cuda() if _gpu(x) else cpu_kernels).add_rms_norm(x, residual, weight, eps)
+    return (_cuda() if uses_cuda_kernels(x) else cpu_kernels).add_rms_norm(x, residual, weight, eps)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate q [tokens, heads, dim] and k [tokens, kv_heads, dim] in place (rotate-half layout);
     cos/sin: [max_positions, dim] caches indexed by positions."""
-    (_cuda() if _gpu(q) else cpu_kernels).rotary_inplace(q, k, positions, cos, sin)
+    (_cuda() if uses_cuda_kernels(q) else cpu_kernels).rotary_inplace(q, k, positions, cos, sin)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """[tokens, 2n] (gate | up) -> silu(gate) * up. On the CPU torch's two vectorized ops beat the numba
     twin, whose loop numba does not vectorize (64x1536 bf16: ~20 us against ~400 us)."""
-    return (_cuda() if _gpu(x) else torch_ops).silu_mul(x)
+    return (_cuda() if uses_cuda_kernels(x) else torch_ops).silu_mul(x)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    if _gpu(k):
+    if uses_cuda_kernels(k):
         _cuda().write_kv(k, v, k_cache, v_cache, tensor(slot_mapping, k.device))
     else:
         cpu_kernels.write_kv(k, v, k_cache, v_cache, tensor(slot_mapping))
@@ -94,7 +90,7 @@ def attention_inputs(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tens
                      slot_mapping: np.ndarray) -> torch.Tensor:
     """From the fused qkv projection [tokens, (heads + 2 kv_heads) * head_dim]: per-head q/k RMSNorm (when
     the model has it), rotary on q and k, k and v written to the cache; returns q [tokens, heads, head_dim]."""
-    if _gpu(qkv):
+    if uses_cuda_kernels(qkv):
         return _cuda_attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, num_kv_heads,
                                       k_cache, v_cache, slot_mapping)
     return cpu_kernels.attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, num_kv_heads,
@@ -116,7 +112,7 @@ def _cuda_attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_he
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float) -> torch.Tensor:
     """q: [tokens, heads, dim], decode tokens first -> attention output of the same shape."""
-    if _gpu(q):
+    if uses_cuda_kernels(q):
         return _cuda_paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
@@ -149,16 +145,16 @@ def _cuda_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
 
 def fused_moe(x: torch.Tensor, w: MoEWeights, residual: torch.Tensor | None = None) -> torch.Tensor:
     """A sparse layer's MLP (ops/moe.py): route, group by expert, one GEMM pair per expert, combine."""
-    return (fused_moe_cuda_kernels if _gpu(x) else _cpu_fused_moe)(x, w, residual)
+    return (fused_moe_cuda_kernels if uses_cuda_kernels(x) else _cpu_fused_moe)(x, w, residual)
 
 
 def fused_sample(logits: torch.Tensor, batch, max_top: int = 1):
     """max_top: the most top-N logprobs any row wants (known on the host: the CUDA path must not ask the
     device)."""
-    if _gpu(logits):
-        return _cuda().fused_sample(logits, batch, max_top)
-    return cpu_sampling.fused_sample(logits, batch)
+    return (_cuda() if uses_cuda_kernels(logits) else cpu_sampling).fused_sample(logits, batch, max_top)
 
 
-__all__ = ["AttentionMetadata", "Linear", "MoEWeights", "fused_moe", "PrefillChunk", "add_rms_norm", "attention_inputs", "build_attention_metadata",
-           "cuda_kernels_on_cpu", "fused_sample", "kernel_arrays", "uses_cuda_kernels", "keep_numba_view", "paged_attention", "rms_norm", "rotary", "silu_mul", "tensor", "write_kv"]
+__all__ = ["add_rms_norm", "attention_inputs", "AttentionMetadata", "build_attention_metadata",
+           "cuda_kernels_on_cpu", "fused_moe", "fused_sample", "keep_numba_view", "kernel_arrays", "Linear",
+           "MoEWeights", "paged_attention", "PrefillChunk", "rms_norm", "rotary", "silu_mul", "tensor",
+           "uses_cuda_kernels", "write_kv"]

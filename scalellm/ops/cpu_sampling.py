@@ -103,10 +103,11 @@ def _logprobs(x, chosen, num_top, r, out_logprob, top_ids, top_lp):
             top_lp[r, j] = x[order[j]] - raw_log_z
 
 
-def fused_sample(logits: torch.Tensor, batch: SamplingBatch):
-    """logits: [rows, vocab] float32 -> (tokens int64, chosen logprobs, top ids [rows, N], top logprobs)."""
+def fused_sample(logits: torch.Tensor, batch: SamplingBatch, max_top: int = 1):
+    """logits: [rows, vocab] float32 -> (tokens int64, chosen logprobs, top ids [rows, max_top], top logprobs);
+    max_top: the most top-N logprobs a row wants."""
     rows = logits.shape[0]
-    max_top = max(1, int(batch.num_top.max())) if rows else 1
+    max_top = max(1, max_top)
     tokens = torch.empty(rows, dtype=torch.int64)
     chosen = torch.empty(rows, dtype=torch.float32)
     top_ids = torch.zeros(rows, max_top, dtype=torch.int64)
