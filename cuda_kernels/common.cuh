@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #if defined(__CUDACC_RTC__)  // NVRTC (how CuPy compiles) has no C library headers
 typedef signed char int8_t;
+typedef unsigned char uint8_t;
 typedef int int32_t;
 typedef unsigned int uint32_t;
 typedef long long int64_t;

@@ -45,11 +45,15 @@ def check_cuda() -> None:
                          f"(cupy-cuda12x or cupy-cuda13x to match the driver); {e}") from e
 
 
+QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0")
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # None: the bundled SmolLM2 GGUF
     dtype: str = "auto"
     device: str = "cpu"
+    quantization: str = "auto"  # auto: a GGUF's Q8_0/Q4_0/Q4_1 served as stored; none; q8_0/q4_0: at load
     max_model_len: int | None = None  # default: the model's context length
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 512  # per-step token budget shared by decodes and prefill chunks
@@ -62,6 +66,8 @@ class EngineConfig:
     overlap_steps: bool | None = None  # detokenize a step's tokens during the next; None: on the CUDA kernels
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.model is not None and not os.path.exists(self.model):

@@ -59,7 +59,8 @@ class Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
-        loaded = loaded or load_model(config.model, config.dtype, config.device, config.max_model_len)
+        loaded = loaded or load_model(config.model, config.dtype, config.device, config.max_model_len,
+                                       config.quantization)
         self.loaded = loaded
         self.num_threads = config.num_threads or default_compute_threads(loaded.model)
         set_compute_threads(self.num_threads)

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from scalellm.ops.quant_tensor import GGUF_TYPES, QuantizedTensor
+
 QK = 32  # elements per block in the legacy quant formats
 
 
@@ -88,14 +90,28 @@ def hf_name(name: str) -> str | None:
     return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's conversion-time reordering of Q/K rows (interleaved RoPE -> rotate-half)."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _unpermute(w, n_head: int):
+    """Undo llama.cpp's conversion-time reordering of Q/K rows (interleaved RoPE -> rotate-half); a
+    quantized weight's rows move with their blocks."""
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        dim = t.shape[0] // n_head // 2
+        return t.reshape(n_head, dim, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+    return w.reshape_rows(rows) if isinstance(w, QuantizedTensor) else rows(w)
 
 
-def iter_gguf_weights(path: str, num_heads: int, num_kv_heads: int, arch: str
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
+def read_tensor(tensor, keep_blocks: bool):
+    """A ReaderTensor as a QuantizedTensor when keep_blocks and it is a 2-D Q8_0/Q4_0/Q4_1 weight, else
+    dequantized to float32."""
+    ttype = int(tensor.tensor_type)
+    if keep_blocks and ttype in GGUF_TYPES and len(tensor.shape) == 2:
+        shape = tuple(int(x) for x in reversed(tensor.shape.tolist()))
+        return QuantizedTensor.from_gguf_blocks(GGUF_TYPES[ttype], np.asarray(tensor.data), shape)
+    return dequantize(tensor)
+
+
+def iter_gguf_weights(path: str, num_heads: int, num_kv_heads: int, arch: str, keep_blocks: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """keep_blocks: yield Q8_0/Q4_0/Q4_1 weights in their blocks (QuantizedTensor) instead of dequantized."""
     import gguf
 
     try:
@@ -107,7 +123,7 @@ def iter_gguf_weights(path: str, num_heads: int, num_kv_heads: int, arch: str
         name = hf_name(tensor.name)
         if name is None:
             continue
-        w = dequantize(tensor)
+        w = read_tensor(tensor, keep_blocks and ".mlp.experts." not in name)
         if permuted and name.endswith("q_proj.weight"):
             w = _unpermute(w, num_heads)
         elif permuted and name.endswith("k_proj.weight"):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from scalellm import ops
 from scalellm.model.config import ModelConfig
@@ -29,14 +28,14 @@ class LayerWeights:
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
-                 final_norm: torch.Tensor, lm_head: ops.Linear, max_positions: int):
+    def __init__(self, config: ModelConfig, embed: torch.Tensor | ops.QuantizedTensor, layers: list[LayerWeights],
+                 final_norm: torch.Tensor, lm_head: ops.Linear | ops.QuantizedLinear, max_positions: int):
         self.config = config
-        self.embed = embed
+        self.embed = embed  # dense, or block-quantized (rows dequantized at lookup)
         self.layers = layers
         self.final_norm = final_norm
         self.lm_head = lm_head
-        self.dtype = embed.dtype
+        self.dtype = final_norm.dtype
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim ** -0.5
@@ -62,6 +61,37 @@ class LlamaModel:
             count += w.moe.numel if w.moe is not None else 0
         return count
 
+    def _projections(self) -> list:
+        out = [self.lm_head] if not self.config.tie_word_embeddings else []
+        for w in self.layers:
+            out += [lin for lin in (w.qkv, w.o_proj, w.gate_up, w.down) if lin is not None]
+            out += w.moe.linears if w.moe is not None else []
+        return out
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights held (both copies where a projection keeps two, the packed and the plain)."""
+        embed = self.embed.nbytes if isinstance(self.embed, ops.QuantizedTensor) else \
+            self.embed.numel() * self.embed.element_size()
+        norms = [self.final_norm] + [x for w in self.layers for x in (w.input_norm, w.post_norm, w.q_norm, w.k_norm)
+                                     if x is not None]
+        head = 0
+        if self.config.tie_word_embeddings:  # the head may share the embedding and add a packed copy
+            head = self.lm_head.nbytes - (embed if self.lm_head.weight is self.embed else 0)
+        return embed + head + sum(t.numel() * t.element_size() for t in norms) + \
+            sum(p.nbytes for p in self._projections())
+
+    @property
+    def weight_formats(self) -> dict[str, int]:
+        """How many weight matrices are held in each format (q8_0, q4_0, q4_1, or the dense dtype)."""
+        counts: dict[str, int] = {}
+        mats = [self.embed] + [getattr(p, "weight", None) if isinstance(p, ops.QuantizedLinear) else p
+                               for p in self._projections()]
+        for m in mats:
+            name = m.format if isinstance(m, ops.QuantizedTensor) else str(m.dtype).replace("torch.", "")
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
     def _layer_caches(self, kv_cache: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (k, v) views of the cache [layers, 2, blocks, block, kv_heads, head_dim], made once."""
         key, views = self._cache_views
@@ -80,7 +110,7 @@ class LlamaModel:
         eps = cfg.rms_norm_eps
         caches = self._layer_caches(kv_cache)
         tokens = input_ids.shape[0]
-        h = F.embedding(input_ids, self.embed)
+        h = ops.embedding(input_ids, self.embed, self.dtype)
         x = ops.rms_norm(h, self.layers[0].input_norm, eps)
         last = len(self.layers) - 1
         for i, w in enumerate(self.layers):

@@ -63,7 +63,9 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None
 
 
 def load_model(model: str | None, dtype: str | torch.dtype = "auto", device: str = "cpu",
-               max_model_len: int | None = None) -> LoadedModel:
+               max_model_len: int | None = None, quantization: str = "auto") -> LoadedModel:
+    """quantization: auto serves a GGUF's Q8_0/Q4_0/Q4_1 weights in their blocks; none dequantizes all
+    weights to dtype; q8_0/q4_0 quantize the projections (and embedding) at load (model/weights.py)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from scalellm.config import missing_model_message
@@ -97,13 +99,15 @@ def load_model(model: str | None, dtype: str | torch.dtype = "auto", device: str
     torch_dtype = resolve_dtype(dtype, checkpoint_dtype, device)
     max_positions = max_model_len or config.max_position_embeddings
     if gguf:
-        tensors = iter_gguf_weights(path, config.num_heads, config.num_kv_heads, config.architecture)
+        tensors = iter_gguf_weights(path, config.num_heads, config.num_kv_heads, config.architecture,
+                                    keep_blocks=quantization != "none")
     else:
         tensors = iter_safetensors(folder)
-    built = build_model(config, tensors, torch_dtype, max_positions, device)
+    built = build_model(config, tensors, torch_dtype, max_positions, device, quantization)
     experts = f", {config.num_experts} experts, {config.num_experts_per_tok} per token" if config.num_experts else ""
-    log.info("loaded %s (%s, %d layers%s) as %s: %.1f MiB of weights", path, config.architecture, config.num_layers,
-             experts, torch_dtype, built.num_parameters * torch_dtype.itemsize / (1 << 20))
+    formats = ", ".join(f"{n} {f}" for f, n in sorted(built.weight_formats.items()))
+    log.info("loaded %s (%s, %d layers%s) as %s; weights: %s; %.1f MiB resident", path, config.architecture,
+             config.num_layers, experts, torch_dtype, formats, built.weight_bytes / (1 << 20))
     return LoadedModel(built, tokenizer, config, path, torch_dtype)
 
 

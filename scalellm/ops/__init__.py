@@ -29,6 +29,8 @@ from scalellm.ops.linear import Linear  # noqa: E402
 from scalellm.ops.moe import MoEWeights, fused_moe_cuda_kernels  # noqa: E402
 from scalellm.ops.moe import fused_moe as _cpu_fused_moe  # noqa: E402
 from scalellm.ops.numba_util import as_numba, keep_numba_view  # noqa: E402
+from scalellm.ops.quant_linear import QuantizedLinear, embedding  # noqa: E402
+from scalellm.ops.quant_tensor import QuantizedTensor  # noqa: E402
 
 
 _kernels_on_cpu = False
@@ -155,6 +157,6 @@ def fused_sample(logits: torch.Tensor, batch, max_top: int = 1):
 
 
 __all__ = ["add_rms_norm", "attention_inputs", "AttentionMetadata", "build_attention_metadata",
-           "cuda_kernels_on_cpu", "fused_moe", "fused_sample", "keep_numba_view", "kernel_arrays", "Linear",
-           "MoEWeights", "paged_attention", "PrefillChunk", "rms_norm", "rotary", "silu_mul", "tensor",
-           "uses_cuda_kernels", "write_kv"]
+           "cuda_kernels_on_cpu", "embedding", "fused_moe", "fused_sample", "keep_numba_view", "kernel_arrays",
+           "Linear", "MoEWeights", "paged_attention", "PrefillChunk", "QuantizedLinear", "QuantizedTensor",
+           "rms_norm", "rotary", "silu_mul", "tensor", "uses_cuda_kernels", "write_kv"]

@@ -35,7 +35,11 @@ NAMES = {
     "sampling": ["scalellm::fused_sample"],
     "moe_routing": [f"scalellm::{k}<{t}>" for k in ("moe_route", "moe_gather", "moe_combine") for t in _TYPES]
     + ["scalellm::moe_offsets", "scalellm::moe_permute"],
+    "quant_gemm": [f"scalellm::{k}<{f}, {t}>" for k in ("quant_gemm", "quant_dequant_rows") for f in range(3)
+                   for t in _TYPES],
 }
+QUANT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # the kernels' format template argument
+QUANT_ROWS = 4  # matches kRows in quant_gemm.cu
 PARTITION = 512  # matches kPartition in paged_attention.cu
 MAX_TOP_K = 8  # matches kMaxTopK in moe_routing.cu
 MAX_GROUP = 8
@@ -269,4 +273,27 @@ def moe_combine(rows: torch.Tensor, slot_of_pair: torch.Tensor, ids: torch.Tenso
     _launch("moe_routing", f"scalellm::moe_combine<{CTYPES[rows.dtype]}>", (tokens,), 128,
             (out, rows.contiguous(), slot_of_pair, ids, weights, np.int32(top_k), np.int32(rows.shape[1]),
              np.int32(weights_in_dtype)))
+    return out
+
+
+def quant_gemm(fmt: str, x: torch.Tensor, qs, d, m, bias, residual, out: torch.Tensor, col0: int = 0) -> None:
+    """out[:, col0:col0 + N] = x @ W^T (+ bias) (+ residual) over a block-quantized W (qs/d/m: its fields,
+    m None except for Q4_1); residual is read at the same places of a tensor shaped like out."""
+    rows, k = x.shape
+    n_out = qs.shape[0]
+    warps = 4
+    grid = ((n_out + warps - 1) // warps, (rows + QUANT_ROWS - 1) // QUANT_ROWS)
+    _launch("quant_gemm", f"scalellm::quant_gemm<{QUANT_CODES[fmt]}, {CTYPES[x.dtype]}>", grid, 32 * warps,
+            (out, x.contiguous(), qs, d, d if m is None else m, x if bias is None else bias,
+             out if residual is None else residual, np.int32(bias is not None), np.int32(residual is not None),
+             np.int32(rows), np.int32(n_out), np.int32(k), np.int64(out.stride(0)), np.int32(col0)))
+
+
+def dequant_rows(fmt: str, qs, d, m, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ids of a block-quantized weight, dequantized to dtype."""
+    k = d.shape[1] * 32
+    out = torch.empty(ids.shape[0], k, dtype=dtype, device=qs.device)
+    blocks = max(1, min(65535, (out.numel() + 255) // 256))
+    _launch("quant_gemm", f"scalellm::quant_dequant_rows<{QUANT_CODES[fmt]}, {CTYPES[dtype]}>", (blocks,), 256,
+            (out, qs, d, d if m is None else m, ids.to(torch.int64), np.int32(ids.shape[0]), np.int32(k)))
     return out

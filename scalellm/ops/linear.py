@@ -54,6 +54,14 @@ class Linear:
     def numel(self) -> int:
         return self.out_features * self.in_features + (0 if self.bias is None else self.bias.numel())
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the packed weight and the plain one, each where kept (the packed layout's padding
+        is not counted)."""
+        copies = (self.weight is not None) + (self.packed is not None)
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return copies * self.out_features * self.in_features * self.dtype.itemsize + bias
+
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T + bias, plus `residual` when given (a new tensor; the inputs are not modified)."""
         if self._plain is not None and x.shape[0] <= SMALL_BATCH_ROWS and x.dim() == 2:

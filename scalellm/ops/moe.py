@@ -36,9 +36,13 @@ class MoEWeights:
         return len(self.gate_up)
 
     @property
+    def linears(self) -> list[Linear]:
+        return [lin for lin in (self.router, *self.gate_up, *self.down, self.shared_gate_up, self.shared_down,
+                                self.shared_gate) if lin is not None]
+
+    @property
     def numel(self) -> int:
-        linears = [self.router, *self.gate_up, *self.down, self.shared_gate_up, self.shared_down, self.shared_gate]
-        return sum(lin.numel for lin in linears if lin is not None)
+        return sum(lin.numel for lin in self.linears)
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype):

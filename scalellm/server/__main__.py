@@ -32,6 +32,9 @@ def build_parser(prog: str = "python -m scalellm.server", model_positional: bool
     ap.add_argument("--port", type=int, default=8000, help="port")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where the model runs; cuda needs a GPU and CuPy (pip install -e '.[cuda]')")
+    ap.add_argument("--quantization", default="auto", choices=["auto", "none", "q8_0", "q4_0"],
+                    help="weight formats: auto serves a GGUF's Q8_0/Q4_0/Q4_1 tensors as stored (others dequantized);"
+                         " none dequantizes everything to --dtype; q8_0/q4_0 quantize the projections at load")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="weight and activation dtype; auto: the checkpoint's (bfloat16 for GGUF on cpu)")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*; default: none")
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+        config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                               kv_cache_memory=args.kv_cache_memory,

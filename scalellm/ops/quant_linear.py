@@ -1,0 +1,96 @@
+"""Projections and embedding lookups over block-quantized weights (ops/quant_tensor.py).
+
+Small batches run the quantized GEMM, which reads each weight byte once and dequantizes in registers:
+decoding is bound by memory bandwidth, so fewer bytes per weight is the point. From DENSE_ROWS rows
+up (prefill chunks, large decode batches) the product is bound by arithmetic instead, and a dense
+GEMM does it faster: the weight is dequantized to the activations' dtype a slab of rows at a time
+(a few MiB, never the whole weight) and multiplied with torch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scalellm.ops import cpu_quant
+from scalellm.ops.numba_util import as_numba
+from scalellm.ops.quant_tensor import QuantizedTensor
+
+DENSE_ROWS = 32  # batches from this many rows take the dequantize-then-GEMM path (bench/quantized.py)
+SLAB_ELEMENTS = 1 << 21  # weight elements dequantized at a time on that path
+
+
+def _uses_cuda_kernels(x: torch.Tensor) -> bool:
+    from scalellm import ops
+
+    return ops.uses_cuda_kernels(x)
+
+
+class QuantizedLinear:
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
+        self.weight = weight
+        self.format = weight.format
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+        self.bias = None if bias is None else bias.to(dtype)
+        self._np = _numpy_fields(weight) if weight.device.type == "cpu" else None
+        self._bias = np.zeros(0, np.float32) if self.bias is None or self._np is None else as_numba(self.bias)
+        self._no_residual = np.zeros((0, 0), np.float32)
+
+    @property
+    def numel(self) -> int:
+        return self.weight.numel() + (0 if self.bias is None else self.bias.numel())
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T + bias, plus `residual` when given (a new tensor in x's dtype)."""
+        if x.shape[0] >= DENSE_ROWS:
+            return self._dense(x, residual)
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        if _uses_cuda_kernels(x):
+            from scalellm.ops import cuda_backend
+
+            w = self.weight
+            cuda_backend.quant_gemm(self.format, x, w.qs, w.d, w.m, self.bias, residual, out)
+            return out
+        xf = x.contiguous() if x.dtype == torch.float32 else x.float()
+        res = self._no_residual if residual is None else as_numba(residual.contiguous())
+        cpu_quant.quant_gemm(self.format, xf.numpy(), *self._np, self._bias, res, as_numba(out))
+        return out
+
+    def _dense(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        slab = max(1, SLAB_ELEMENTS // self.in_features)
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        for lo in range(0, self.out_features, slab):
+            hi = min(lo + slab, self.out_features)
+            w = dequantize_rows(self.weight, torch.arange(lo, hi, device=x.device), x.dtype, self._np)
+            out[:, lo:hi] = F.linear(x, w, None if self.bias is None else self.bias[lo:hi])
+        return out if residual is None else out.add_(residual)
+
+
+def _numpy_fields(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """qs, d and m as numpy arrays for the numba kernels (float16 as uint16 bits; d again for a missing m)."""
+    d = w.d.view(torch.int16).numpy().view(np.uint16)
+    m = d if w.m is None else w.m.view(torch.int16).numpy().view(np.uint16)
+    return w.qs.numpy(), d, m
+
+
+def dequantize_rows(w: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype, fields=None) -> torch.Tensor:
+    """Rows ids of w as a dense [len(ids), in_features] tensor of dtype."""
+    if _uses_cuda_kernels(ids):
+        from scalellm.ops import cuda_backend
+
+        return cuda_backend.dequant_rows(w.format, w.qs, w.d, w.m, ids, dtype)
+    out = torch.empty(ids.shape[0], w.shape[1], dtype=torch.float32)
+    cpu_quant.dequant_rows(w.format, *(fields or _numpy_fields(w)), ids.to(torch.int64).numpy(), out.numpy())
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def embedding(ids: torch.Tensor, weight, dtype: torch.dtype) -> torch.Tensor:
+    """The embedding lookup for a dense or a block-quantized table (rows dequantized to dtype)."""
+    if isinstance(weight, QuantizedTensor):
+        return dequantize_rows(weight, ids, dtype)
+    return F.embedding(ids, weight)
