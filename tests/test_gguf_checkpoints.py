@@ -61,8 +61,10 @@ def gguf_writer(path: str, arch: str, cfg: dict, head_dim: int):
     return writer
 
 
-def write_gguf(folder: str, path: str) -> str:
-    """A float32 GGUF of a test checkpoint, with the bundled model's tokenizer metadata."""
+def write_gguf(folder: str, path: str, formats=None) -> str:
+    """A float32 GGUF of a test checkpoint, with the bundled model's tokenizer metadata; formats(gguf name)
+    may name a block format (q8_0, q4_0, q4_1) to store that tensor in, quantized by the gguf package."""
+    import gguf
     from safetensors.torch import load_file
 
     with open(os.path.join(folder, "config.json")) as f:
@@ -79,7 +81,12 @@ def write_gguf(folder: str, path: str) -> str:
             w = interleave_rotary_halves(w, heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
             w = interleave_rotary_halves(w, kv_heads)
-        writer.add_tensor(gguf_name(name), np.ascontiguousarray(w))
+        fmt = formats(gguf_name(name)) if formats and w.ndim == 2 else None
+        if fmt:
+            qtype = gguf.GGMLQuantizationType[fmt.upper()]
+            writer.add_tensor(gguf_name(name), gguf.quants.quantize(np.ascontiguousarray(w), qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name(name), np.ascontiguousarray(w))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,22 +1,29 @@
 """numba kernels over block-quantized weights: out = x @ W^T (+ bias) (+ residual) reading W's GGUF
 blocks directly, and rows of W dequantized (the embedding lookup).
 
-Activations stay float32 (the blocks are dequantized in registers, ops/quant_ir.py), so the result
-differs from the float64 product of x and the dequantized W by float32 rounding only. Each weight row
-is dotted with four rows of x at a time while its blocks are in registers; rows of W are split over
-the threads. Formats are picked by a code at run time, so each kernel compiles once for all three.
+Two GEMMs (ops/quant_ir.py has their inner loops):
+- int8 (CPUs with AVX512-VNNI): each row of x is quantized per 32-element block to int8 with a float32
+  scale, as llama.cpp does for these formats, and each block product is an integer dot product. The
+  result equals the float64 product of the quantized x and the dequantized W up to float32 rounding.
+- float (elsewhere, or SCALELLM_QUANT_INT8=0): x stays float32 and the blocks are dequantized in
+  registers; the result equals the float64 product of x and the dequantized W up to float32 rounding.
+Each weight row is dotted with four rows of x at a time while its blocks are in registers; rows of W
+are split over the threads. Formats are picked by a code at run time, so each kernel compiles once.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from numba import njit, prange
 
 from scalellm.ops.cpu_kernels import FAST, renamed
 from scalellm.ops.numba_util import load, store
-from scalellm.ops.quant_ir import make_dequant_row, make_row_dot
+from scalellm.ops.quant_ir import host_has_vnni, make_dequant_row, make_row_dot, make_row_dot_i8
 
 FORMAT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
 PARALLEL_WEIGHTS = 100_000  # weight elements from which a call splits its rows over the threads
+INT8 = host_has_vnni() and os.environ.get("SCALELLM_QUANT_INT8", "1") != "0"
 
 _Q8_1, _Q40_1, _Q41_1 = (make_row_dot(f, 1) for f in FORMAT_CODES)
 _Q8_2, _Q40_2, _Q41_2 = (make_row_dot(f, 2) for f in FORMAT_CODES)
@@ -49,6 +56,13 @@ def _dot4(fmt, q, d, m, x, stride, xsum, nb):
     if fmt == 1:
         return _Q40_4(q, d, m, x, stride, xsum, nb)
     return _Q41_4(q, d, m, x, stride, xsum, nb)
+
+
+@njit(nogil=True)
+def keep_alive(a, b, c):
+    """A use of arrays after a loop that reads them only through .ctypes.data addresses: numba frees an
+    array after its last use, and an address is not one."""
+    return a.shape[0] + b.shape[0] + c.shape[0]
 
 
 @njit(nogil=True, fastmath=FAST)  # not inline="always": numba's IR inlining mixes up two inlined copies
@@ -96,6 +110,7 @@ def _quant_gemm(fmt, x, qs, d, mins, bias, residual, out, col0):
                 r += 2
             if r < rows:
                 _finish(out, r, col, n, _dot1(fmt, q, s, mn, xa + r * k * 4, k, sa + r * nb * 4, nb)[0], bias, residual)
+    return keep_alive(xsum, xsum, xsum)  # read through its raw address in the loop, which holds no reference
 
 
 _gemm_serial = njit(nogil=True, cache=True, fastmath=FAST)(_quant_gemm)
@@ -103,9 +118,117 @@ _gemm_parallel = njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(rena
 
 
 def quant_gemm(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, mins: np.ndarray, bias: np.ndarray,
-               residual: np.ndarray, out: np.ndarray, col0: int = 0) -> None:
+               residual: np.ndarray, out: np.ndarray, col0: int = 0, int8: bool | None = None) -> None:
+    """int8: the int8 GEMM (default where the CPU has it, INT8) or the float one."""
     parallel = qs.shape[0] * x.shape[1] >= PARALLEL_WEIGHTS
-    (_gemm_parallel if parallel else _gemm_serial)(FORMAT_CODES[fmt], x, qs, d, mins, bias, residual, out, col0)
+    if INT8 if int8 is None else int8:
+        kernel = _i8_parallel if parallel else _i8_serial
+    else:
+        kernel = _gemm_parallel if parallel else _gemm_serial
+    kernel(FORMAT_CODES[fmt], x, qs, d, mins, bias, residual, out, col0)
+
+
+_I8_1 = [make_row_dot_i8(f, 1) for f in FORMAT_CODES]
+_I8_2 = [make_row_dot_i8(f, 2) for f in FORMAT_CODES]
+_I8_4 = [make_row_dot_i8(f, 4) for f in FORMAT_CODES]
+_Q8_I1, _Q40_I1, _Q41_I1 = _I8_1
+_Q8_I2, _Q40_I2, _Q41_I2 = _I8_2
+_Q8_I4, _Q40_I4, _Q41_I4 = _I8_4
+
+
+@njit(inline="always", nogil=True)
+def _idot1(fmt, q, d, m, x, stride, xd, xo, nb):
+    if fmt == 0:
+        return _Q8_I1(q, d, m, x, stride, xd, xo, nb)
+    if fmt == 1:
+        return _Q40_I1(q, d, m, x, stride, xd, xo, nb)
+    return _Q41_I1(q, d, m, x, stride, xd, xo, nb)
+
+
+@njit(inline="always", nogil=True)
+def _idot2(fmt, q, d, m, x, stride, xd, xo, nb):
+    if fmt == 0:
+        return _Q8_I2(q, d, m, x, stride, xd, xo, nb)
+    if fmt == 1:
+        return _Q40_I2(q, d, m, x, stride, xd, xo, nb)
+    return _Q41_I2(q, d, m, x, stride, xd, xo, nb)
+
+
+@njit(inline="always", nogil=True)
+def _idot4(fmt, q, d, m, x, stride, xd, xo, nb):
+    if fmt == 0:
+        return _Q8_I4(q, d, m, x, stride, xd, xo, nb)
+    if fmt == 1:
+        return _Q40_I4(q, d, m, x, stride, xd, xo, nb)
+    return _Q41_I4(q, d, m, x, stride, xd, xo, nb)
+
+
+@njit(nogil=True, fastmath=FAST)
+def quantize_activations(x, biased, xq, xd, xo):
+    """Each 32-element block of x (float32 [rows, K]) -> int8 values round(x / s) with s = max|x| / 127:
+    xq gets their bytes (plus 128 when biased, Q8_0's unsigned form), xd the scales, xo scale * sum."""
+    rows, k = x.shape
+    for r in range(rows):
+        for b in range(k // 32):
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(x[r, b * 32 + j]))
+            scale = amax / np.float32(127.0)
+            inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+            total = 0
+            for j in range(32):
+                q = int(np.rint(x[r, b * 32 + j] * inv))
+                total += q
+                xq[r, b * 32 + j] = (q + 128) if biased else (q & 255)
+            xd[r, b] = scale
+            xo[r, b] = scale * np.float32(total)
+
+
+def _quant_gemm_i8(fmt, x, qs, d, mins, bias, residual, out, col0):
+    rows, k = x.shape
+    n_out = qs.shape[0]
+    nb = k // 32
+    xq = np.empty((rows, k), np.uint8)
+    xd = np.empty((rows, nb), np.float32)
+    xo = np.empty((rows, nb), np.float32)
+    quantize_activations(x, fmt == 0, xq, xd, xo)
+    xa, xda, xoa = xq.ctypes.data, xd.ctypes.data, xo.ctypes.data
+    qa, da, ma = qs.ctypes.data, d.ctypes.data, mins.ctypes.data
+    q_row, d_row = qs.strides[0], d.strides[0]
+    has_bias, has_residual = bias.shape[0] > 0, residual.shape[0] > 0
+    chunks = min(n_out, 64)
+    for c in prange(chunks):
+        vals = np.empty(4, np.float32)
+        for n in range(c * n_out // chunks, (c + 1) * n_out // chunks):
+            q, s, mn = qa + n * q_row, da + n * d_row, ma + n * d_row
+            r = 0
+            while r < rows:
+                left = rows - r
+                at_x, at_s = xa + r * k, r * nb * 4
+                if left >= 4:
+                    v = _idot4(fmt, q, s, mn, at_x, k, xda + at_s, xoa + at_s, nb)
+                    vals[0], vals[1], vals[2], vals[3] = v[0], v[1], v[2], v[3]
+                    got = 4
+                elif left >= 2:
+                    v2 = _idot2(fmt, q, s, mn, at_x, k, xda + at_s, xoa + at_s, nb)
+                    vals[0], vals[1] = v2[0], v2[1]
+                    got = 2
+                else:
+                    vals[0] = _idot1(fmt, q, s, mn, at_x, k, xda + at_s, xoa + at_s, nb)[0]
+                    got = 1
+                for t in range(got):
+                    total = vals[t]
+                    if has_bias:
+                        total += load(bias[n])
+                    if has_residual:
+                        total += load(residual[r + t, col0 + n])
+                    store(out, (r + t, col0 + n), total)
+                r += got
+    return keep_alive(xq, xd, xo)  # the loop reads them through raw addresses, which hold no reference
+
+
+_i8_serial = njit(nogil=True, cache=True, fastmath=FAST)(_quant_gemm_i8)
+_i8_parallel = njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(renamed(_quant_gemm_i8, "parallel"))
 
 
 def _dequant_rows(fmt, qs, d, mins, ids, out):

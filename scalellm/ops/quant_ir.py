@@ -162,3 +162,107 @@ def make_dequant_row(fmt: str):
         return sig, codegen
     dequant_row.__name__ = dequant_row.__qualname__ = f"dequant_row_{fmt}"
     return intrinsic(dequant_row)
+
+
+# ---- int8 dot products (AVX512-VNNI) --------------------------------------------------------------
+# Where the CPU has VNNI, activations are quantized per 32-element block to int8 (scale = max|x| / 127,
+# as llama.cpp quantizes activations for these formats) and each block is one `vpdpbusd` (unsigned
+# bytes times signed bytes, summed in fours into eight int32 lanes) instead of float unpacking.
+
+_V8I, _V32I8 = ir.VectorType(_I32, 8), ir.VectorType(_I8, 32)
+_V8F = ir.VectorType(_F32, 8)
+
+
+def _vpdpbusd(builder, acc, unsigned, signed):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I, [_V8I] * 3),
+                                        "llvm.x86.avx512.vpdpbusd.256")
+    return builder.call(fn, [acc, builder.bitcast(unsigned, _V8I), builder.bitcast(signed, _V8I)])
+
+
+def _splat8(builder, value):
+    v = builder.insert_element(ir.Constant(_V8F, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, _const_vec([0] * 8))
+
+
+def _fma8(builder, a, b, c):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
+    return builder.call(fn, [a, b, c])
+
+
+def make_row_dot_i8(fmt: str, rows: int):
+    """row_dot_i8(qs, d, m, xq, x_stride, xd, xo, nb) -> `rows` float32 dot products of one weight row
+    with rows of int8 activations: xq (int8 blocks, biased by +128 as unsigned bytes for Q8_0; stride in
+    bytes between rows), xd (each block's float32 scale, [rows, nb]), xo (each block's scale times its
+    sum of quantized values, [rows, nb]: the 4-bit formats' offset term). Two accumulators per x row
+    (even and odd blocks), as in make_row_dot."""
+    def row_dot_i8(typingctx, qs, d, m, xq, x_stride, xd, xo, nb):
+        sig = types.UniTuple(types.float32, rows)(*([types.intp] * 8))
+
+        def codegen(context, builder, signature, args):
+            qs_p, d_p, m_p = _pointers(builder, *args[:3])
+            xq_p = builder.inttoptr(args[3], _I8.as_pointer())
+            xd_p = builder.inttoptr(args[5], _F32.as_pointer())
+            xo_p = builder.inttoptr(args[6], _F32.as_pointer())
+            x_stride, nb = args[4], args[7]
+            zero_i, zero_f = ir.Constant(_V8I, [0] * 8), ir.Constant(_V8F, [0.0] * 8)
+            accs = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(2)] for _ in range(rows)]
+            offs = [[cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(2)] for _ in range(rows)]
+
+            def block(b, parity):
+                scale = _half_at(builder, d_p, b)
+                if fmt == "q8_0":
+                    qp = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 32))])
+                    w = builder.load(builder.bitcast(qp, _V32I8.as_pointer()), align=1)
+                    w_sum = _vpdpbusd(builder, zero_i, ir.Constant(_V32I8, [1] * 32), w)  # sums of w in fours
+                    bias = builder.shl(w_sum, ir.Constant(_V8I, [7] * 8))  # 128 * those sums
+                    off = None
+                else:
+                    qp = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 16))])
+                    q = builder.load(builder.bitcast(qp, ir.VectorType(_I8, 16).as_pointer()), align=1)
+                    lo = builder.and_(q, _const_vec([15] * 16, _I8))
+                    hi = builder.lshr(q, _const_vec([4] * 16, _I8))
+                    w = builder.shuffle_vector(lo, hi, _const_vec(range(32)))
+                    off = _offset(builder, fmt, scale, m_p, b) if fmt == "q4_1" else \
+                        builder.fmul(scale, ir.Constant(_F32, -8.0))
+                for t in range(rows):
+                    row = builder.mul(x_stride, ir.Constant(_I64, t))
+                    xp = builder.gep(xq_p, [builder.add(row, builder.mul(b, ir.Constant(_I64, 32)))])
+                    x = builder.load(builder.bitcast(xp, _V32I8.as_pointer()), align=1)
+                    at = builder.add(b, builder.mul(nb, ir.Constant(_I64, t)))
+                    x_scale = builder.load(builder.gep(xd_p, [at]))
+                    if fmt == "q8_0":
+                        dot = builder.sub(_vpdpbusd(builder, zero_i, x, w), bias)
+                    else:
+                        dot = _vpdpbusd(builder, zero_i, w, x)
+                    s = _splat8(builder, builder.fmul(scale, x_scale))
+                    acc, off_acc = accs[t][parity], offs[t][parity]
+                    builder.store(_fma8(builder, builder.sitofp(dot, _V8F), s, builder.load(acc)), acc)
+                    if off is not None:
+                        o = builder.load(builder.gep(xo_p, [at]))
+                        builder.store(builder.fadd(builder.load(off_acc), builder.fmul(off, o)), off_acc)
+
+            pairs = builder.lshr(nb, ir.Constant(_I64, 1))
+            with cgutils.for_range(builder, pairs) as loop:
+                b = builder.mul(loop.index, ir.Constant(_I64, 2))
+                block(b, 0)
+                block(builder.add(b, ir.Constant(_I64, 1)), 1)
+            odd = builder.icmp_unsigned("!=", builder.and_(nb, ir.Constant(_I64, 1)), ir.Constant(_I64, 0))
+            with builder.if_then(odd):
+                block(builder.sub(nb, ir.Constant(_I64, 1)), 0)
+            sums = []
+            for t in range(rows):
+                v = builder.fadd(builder.load(accs[t][0]), builder.load(accs[t][1]))
+                o = builder.fadd(builder.load(offs[t][0]), builder.load(offs[t][1]))
+                sums.append(builder.fadd(_hsum(builder, v), o))
+            return context.make_tuple(builder, signature.return_type, sums)
+        return sig, codegen
+    row_dot_i8.__name__ = row_dot_i8.__qualname__ = f"row_dot_i8_{fmt}_{rows}"
+    return intrinsic(row_dot_i8)
+
+
+def host_has_vnni() -> bool:
+    """Whether the CPU numba compiles for has AVX512-VNNI with 256-bit forms (AVX512VL)."""
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512vnni") and features.get("avx512vl"))
