@@ -276,12 +276,31 @@ def check_sampling(device="cpu", vocab=600, repeats=3):
     assert 7 not in [got.token_ids[i] for i, p in enumerate(rows) if p.min_tokens]
 
 
+def check_quant_gemm(dtype, device="cpu"):
+    """Block-quantized projections (Q8_0, Q4_0, Q4_1): the small-batch kernel and, from DENSE_ROWS rows,
+    the weight's rows dequantized for a dense GEMM; both against float64 over the dequantized weight."""
+    from scalellm.ops import QuantizedLinear, QuantizedTensor, quant_linear
+
+    for i, fmt in enumerate(("q8_0", "q4_0", "q4_1")):
+        w = QuantizedTensor.quantize(randn(40, 96, dtype=torch.float32, seed=i, scale=0.1), fmt)
+        bias = randn(40, dtype=dtype, seed=9, device=device)
+        lin = QuantizedLinear(w.to(device), bias, dtype)
+        w64 = w.dequantize().double()
+        for rows in (1, 6, quant_linear.DENSE_ROWS):
+            x = randn(rows, 96, dtype=dtype, seed=rows, device=device)
+            residual = randn(rows, 40, dtype=dtype, seed=rows + 1, device=device)
+            expected = x.double().cpu() @ w64.T + bias.double().cpu() + residual.double().cpu()
+            close(lin(x, residual=residual), expected, dtype, slack=2.0)
+        ids = torch.tensor([39, 0, 7]).to(device)
+        close(ops.embedding(ids, w.to(device), dtype), w64[ids.cpu()].to(dtype), dtype)
+
+
 KERNEL_CHECKS = {"rms_norm": check_rms_norm, "rotary": check_rotary, "silu_mul": check_silu_mul,
                  "write_kv": check_write_kv, "decode_attention": check_decode_attention,
-                 "prefill_attention": check_prefill_attention, "moe": check_moe}
+                 "prefill_attention": check_prefill_attention, "moe": check_moe, "quant_gemm": check_quant_gemm}
 SOURCES = {"rms_norm": "rms_norm", "rotary": "rotary", "silu_mul": "activation", "write_kv": "kv_write",
            "decode_attention": "paged_attention", "prefill_attention": "prefill_attention", "sampling": "sampling",
-           "moe": "moe_routing"}
+           "moe": "moe_routing", "quant_gemm": "quant_gemm"}
 
 
 def run_check(name: str, dtype=torch.float32) -> None:

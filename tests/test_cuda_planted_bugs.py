@@ -51,6 +51,11 @@ PLANTED = [
     ("moe: every expert's row read from the token's first slot", "moe_routing",
      "to_float(rows[(int64_t)slot_of_pair[pair] * hidden + h])",
      "to_float(rows[(int64_t)slot_of_pair[t * top_k] * hidden + h])", ["moe"]),
+    ("quant: Q4 nibbles read high before low", "quant_gemm",
+     "const int q = j < 16 ? (byte & 15) : (byte >> 4);", "const int q = j < 16 ? (byte >> 4) : (byte & 15);",
+     ["quant_gemm"]),
+    ("quant: the last block of each row skipped", "quant_gemm",
+     "for (int b = 0; b < nb; ++b) {", "for (int b = 0; b < nb - 1; ++b) {", ["quant_gemm"]),
     ("kv_write: the last vector of each row skipped", "kv_write",
      "const int vecs = row_elems / N;", "const int vecs = row_elems / N - 1;", ["write_kv"]),
 ]

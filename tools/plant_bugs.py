@@ -37,6 +37,7 @@ class Bug:
 
 SAMPLING_TESTS = ["tests/test_sampling.py", "tests/test_sampler_distributions.py", "tests/test_server_sampling.py"]
 MODEL_TESTS = ["tests/test_weights_matter.py", "tests/test_correctness.py"]
+QUANT_TESTS = ["tests/test_quantized.py"]
 
 BUGS = [
     Bug("a", "repetition_penalty forced to 1.0 in the sampling batch", "scalellm/engine/sampler.py",
@@ -76,6 +77,19 @@ BUGS = [
         "renormalize=c.norm_topk_prob", "renormalize=True", ["tests/test_moe.py"]),
     Bug("m", "Qwen2-MoE's shared expert loses its sigmoid gate", "scalellm/ops/moe.py",
         "out += torch.sigmoid(w.shared_gate(x)) * w.shared_down", "out += w.shared_down", ["tests/test_moe.py"]),
+    Bug("n", "4-bit blocks unpacked high nibbles first", "scalellm/ops/quant_ir.py",
+        "    return (builder.uitofp(builder.and_(q, _const_vec([15] * 16, _I8)), _V16F),\n"
+        "            builder.uitofp(builder.lshr(q, _const_vec([4] * 16, _I8)), _V16F))",
+        "    return (builder.uitofp(builder.lshr(q, _const_vec([4] * 16, _I8)), _V16F),\n"
+        "            builder.uitofp(builder.and_(q, _const_vec([15] * 16, _I8)), _V16F))", QUANT_TESTS),
+    Bug("o", "Q4_1's minimum replaced by Q4_0's -8 scales", "scalellm/ops/quant_ir.py",
+        '    if fmt == "q4_0":\n        return builder.fmul(scale, ir.Constant(_F32, -8.0))',
+        '    if fmt in ("q4_0", "q4_1"):\n        return builder.fmul(scale, ir.Constant(_F32, -8.0))', QUANT_TESTS),
+    Bug("p", "int8 activations scaled by max / 128", "scalellm/ops/cpu_quant.py",
+        "scale = amax / np.float32(127.0)", "scale = amax / np.float32(128.0)", QUANT_TESTS),
+    Bug("q", "a quantized GGUF's q/k rows left interleaved", "scalellm/model/gguf_file.py",
+        "return w.reshape_rows(rows) if isinstance(w, QuantizedTensor) else rows(w)",
+        "return w if isinstance(w, QuantizedTensor) else rows(w)", QUANT_TESTS),
 ]
 
 # Not a bug to find: proves the copy's code is what the tests run (a syntax error must break them).

@@ -62,6 +62,7 @@ class LLMEngine:
         loaded = loaded or load_model(config.model, config.dtype, config.device, config.max_model_len,
                                        config.quantization)
         self.loaded = loaded
+        self.weight_bytes = loaded.model.weight_bytes  # resident weight memory, in /metrics
         self.num_threads = config.num_threads or default_compute_threads(loaded.model)
         set_compute_threads(self.num_threads)
         self.tokenizer = loaded.tokenizer
@@ -272,4 +273,5 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "block_size": bm.block_size,
             "num_blocks": bm.num_blocks,
+            "weight_bytes": self.weight_bytes,
         }

@@ -12,6 +12,8 @@ are split over the threads. Formats are picked by a code at run time, so each ke
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 
 import numpy as np
@@ -19,11 +21,21 @@ from numba import njit, prange
 
 from scalellm.ops.cpu_kernels import FAST, renamed
 from scalellm.ops.numba_util import load, store
+from scalellm.ops import quant_ir
 from scalellm.ops.quant_ir import host_has_vnni, make_dequant_row, make_row_dot, make_row_dot_i8
 
 FORMAT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
 PARALLEL_WEIGHTS = 100_000  # weight elements from which a call splits its rows over the threads
 INT8 = host_has_vnni() and os.environ.get("SCALELLM_QUANT_INT8", "1") != "0"
+# numba's disk cache checks only the source file of the function it caches, not the IR the intrinsics
+# generate in quant_ir.py: the kernels' cached names carry a hash of that file, so a change there
+# compiles them afresh.
+_IR = hashlib.sha1(inspect.getsource(quant_ir).encode()).hexdigest()[:10]
+
+
+def _builds(fn):
+    """Serial and parallel builds of a kernel that calls the intrinsics."""
+    return njit(nogil=True, cache=True, fastmath=FAST)(renamed(fn, _IR)), njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(renamed(fn, f"parallel_{_IR}"))
 
 _Q8_1, _Q40_1, _Q41_1 = (make_row_dot(f, 1) for f in FORMAT_CODES)
 _Q8_2, _Q40_2, _Q41_2 = (make_row_dot(f, 2) for f in FORMAT_CODES)
@@ -113,13 +125,13 @@ def _quant_gemm(fmt, x, qs, d, mins, bias, residual, out, col0):
     return keep_alive(xsum, xsum, xsum)  # read through its raw address in the loop, which holds no reference
 
 
-_gemm_serial = njit(nogil=True, cache=True, fastmath=FAST)(_quant_gemm)
-_gemm_parallel = njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(renamed(_quant_gemm, "parallel"))
+_gemm_serial, _gemm_parallel = _builds(_quant_gemm)
 
 
 def quant_gemm(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, mins: np.ndarray, bias: np.ndarray,
                residual: np.ndarray, out: np.ndarray, col0: int = 0, int8: bool | None = None) -> None:
-    """int8: the int8 GEMM (default where the CPU has it, INT8) or the float one."""
+    """int8: the int8 GEMM (default where the CPU has it, INT8; x float32 or bfloat16 bits) or the float
+    one (x float32, C-contiguous)."""
     parallel = qs.shape[0] * x.shape[1] >= PARALLEL_WEIGHTS
     if INT8 if int8 is None else int8:
         kernel = _i8_parallel if parallel else _i8_serial
@@ -165,19 +177,22 @@ def _idot4(fmt, q, d, m, x, stride, xd, xo, nb):
 
 @njit(nogil=True, fastmath=FAST)
 def quantize_activations(x, biased, xq, xd, xo):
-    """Each 32-element block of x (float32 [rows, K]) -> int8 values round(x / s) with s = max|x| / 127:
-    xq gets their bytes (plus 128 when biased, Q8_0's unsigned form), xd the scales, xo scale * sum."""
+    """Each 32-element block of x ([rows, K], float32 or bfloat16 bits) -> int8 values round(x / s) with
+    s = max|x| / 127: xq gets their bytes (plus 128 when biased, Q8_0's unsigned form), xd the scales,
+    xo scale * sum."""
     rows, k = x.shape
+    block = np.empty(32, np.float32)
     for r in range(rows):
         for b in range(k // 32):
             amax = np.float32(0.0)
             for j in range(32):
-                amax = max(amax, abs(x[r, b * 32 + j]))
+                block[j] = load(x[r, b * 32 + j])
+                amax = max(amax, abs(block[j]))
             scale = amax / np.float32(127.0)
             inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
             total = 0
             for j in range(32):
-                q = int(np.rint(x[r, b * 32 + j] * inv))
+                q = int(np.rint(block[j] * inv))
                 total += q
                 xq[r, b * 32 + j] = (q + 128) if biased else (q & 255)
             xd[r, b] = scale
@@ -227,8 +242,7 @@ def _quant_gemm_i8(fmt, x, qs, d, mins, bias, residual, out, col0):
     return keep_alive(xq, xd, xo)  # the loop reads them through raw addresses, which hold no reference
 
 
-_i8_serial = njit(nogil=True, cache=True, fastmath=FAST)(_quant_gemm_i8)
-_i8_parallel = njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(renamed(_quant_gemm_i8, "parallel"))
+_i8_serial, _i8_parallel = _builds(_quant_gemm_i8)
 
 
 def _dequant_rows(fmt, qs, d, mins, ids, out):
@@ -246,8 +260,7 @@ def _dequant_rows(fmt, qs, d, mins, ids, out):
             _Q41_DQ(q, s, mn, o, nb)
 
 
-_dequant_serial = njit(nogil=True, cache=True)(_dequant_rows)
-_dequant_parallel = njit(nogil=True, cache=True, parallel=True)(renamed(_dequant_rows, "parallel"))
+_dequant_serial, _dequant_parallel = _builds(_dequant_rows)
 
 
 def dequant_rows(fmt: str, qs: np.ndarray, d: np.ndarray, mins: np.ndarray, ids: np.ndarray,

@@ -34,7 +34,8 @@ class QuantizedLinear:
         self.dtype = dtype
         self.bias = None if bias is None else bias.to(dtype)
         self._np = _numpy_fields(weight) if weight.device.type == "cpu" else None
-        self._bias = np.zeros(0, np.float32) if self.bias is None or self._np is None else as_numba(self.bias)
+        numba_bias = self.bias is not None and self._np is not None and dtype in (torch.float32, torch.bfloat16)
+        self._bias = as_numba(self.bias) if numba_bias else np.zeros(0, np.float32)
         self._no_residual = np.zeros((0, 0), np.float32)
 
     @property
@@ -56,9 +57,12 @@ class QuantizedLinear:
             w = self.weight
             cuda_backend.quant_gemm(self.format, x, w.qs, w.d, w.m, self.bias, residual, out)
             return out
-        xf = x.contiguous() if x.dtype == torch.float32 else x.float()
+        if cpu_quant.INT8:  # quantizes x to int8 itself, from either dtype
+            xs = as_numba(x.contiguous())
+        else:
+            xs = (x.contiguous() if x.dtype == torch.float32 else x.float()).numpy()
         res = self._no_residual if residual is None else as_numba(residual.contiguous())
-        cpu_quant.quant_gemm(self.format, xf.numpy(), *self._np, self._bias, res, as_numba(out))
+        cpu_quant.quant_gemm(self.format, xs, *self._np, self._bias, res, as_numba(out))
         return out
 
     def _dense(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

@@ -50,6 +50,11 @@ class _EngineCollector:
                 family = GaugeMetricFamily(f"{prefix}:{name}", doc, labels=["model_name"])
                 family.add_metric(label, value)
                 yield family
+        family = GaugeMetricFamily("scalellm:model_weight_bytes", "Bytes of model weights held in memory "
+                                   "(quantized blocks as stored; dense projections count their packed copy too)",
+                                   labels=["model_name"])
+        family.add_metric(label, s.get("weight_bytes", 0))
+        yield family
         counters = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s["prefix_cache_queries"]),
                     ("prefix_cache_hits", "Prompt tokens found in the prefix cache", s["prefix_cache_hits"]),
                     ("num_preemptions", "Sequences preempted for lack of KV blocks", s["num_preemptions"]))
