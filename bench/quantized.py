@@ -12,7 +12,10 @@ Each server loads each file (ScaleLLM: --quantization auto, bfloat16 activations
 built from the sources vendored in llama-cpp-python 0.3.36, Release, GGML_NATIVE=ON, run with -t 2,
 -np 64 parallel slots and continuous batching) and is driven by tools/loadgen at concurrency 1 and 64
 (128 tokens in, 128 out, streamed). Reported: c=1 TPOT p50, c=64 output tokens/s, the weights' resident
-bytes (ScaleLLM's /metrics; llama.cpp's model buffer from its log) and each server's RSS after load.
+bytes (ScaleLLM's /metrics; llama.cpp's model buffers from its log: the mapped file and the copy it
+repacks for its AVX512 kernels) and each server's RSS after load. Both get a KV cache for 64 requests
+of 1024 tokens (ScaleLLM allocates and zeroes it at start, so it shows in RSS; llama.cpp's pages stay
+untouched until used).
 Writes bench/results/quantized.md, .png and .json.
 """
 from __future__ import annotations
@@ -142,16 +145,27 @@ def weight_mib_llama(log_path: str) -> float:
     return sum(float(s) for s in sizes)
 
 
+def kv_bytes_per_token(path: str) -> int:
+    """A 16-bit KV cache's bytes per token for a llama GGUF (both servers keep 16-bit K and V)."""
+    import gguf
+
+    f = gguf.GGUFReader(path).fields
+    get = lambda key: int(f[f"llama.{key}"].contents())  # noqa: E731
+    return get("block_count") * 2 * get("attention.head_count_kv") * (get("embedding_length") //
+                                                                       get("attention.head_count")) * 2
+
+
 def run_server(kind: str, path: str, tokenizer: str, args) -> dict:
+    slots = max(args.concurrency)  # both servers get room for every concurrent request at full length
     if kind == "ScaleLLM":
+        kv = slots * MAX_MODEL_LEN * kv_bytes_per_token(path)
         p = Proc("scalellm-quant", [PY, "-m", "scalellm.server", "--model", path, "--port", "{port}",
                                     "--quantization", "auto", "--dtype", "bfloat16", "--served-model-name", NAME,
-                                    "--max-model-len", str(MAX_MODEL_LEN)])
+                                    "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(kv)])
     else:
-        slots = max(args.concurrency)
         p = Proc("llama-server", [ensure_llama_server(), "-m", path, "--host", "127.0.0.1", "--port", "{port}",
                                   "-t", str(os.cpu_count()), "-tb", str(os.cpu_count()), "-np", str(slots),
-                                  "-c", str(slots * MAX_MODEL_LEN), "--alias", NAME, "--no-webui"])
+                                  "-c", str(slots * MAX_MODEL_LEN), "--alias", NAME, "--no-webui", "-lv", "4"])
     try:
         result = {"rss_mib_after_load": rss_mib(p.proc.pid)}
         result["weight_mib"] = weight_mib_scalellm(p.url) if kind == "ScaleLLM" else weight_mib_llama(p.log_path)
