@@ -245,13 +245,13 @@ def test_gguf_blocks_served_as_stored(folders, tmp_path, fmt):
 
 @pytest.fixture(scope="module")
 def bundled():
-    return LLM(quantization="auto"), LLM(quantization="none")
+    return LLM(quantization="auto"), LLM(quantization="none", dtype="float32")
 
 
 def test_bundled_model_served_in_its_own_formats_answers(bundled):
     llm = bundled[0]
     model = llm.engine.loaded.model
-    assert model.weight_formats == {"q4_1": 120, "q8_0": 1}
+    assert model.weight_formats == {"q4_1": 120, "q8_0": 1} and llm.engine.loaded.dtype == torch.float32
     tok = llm.engine.tokenizer
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      tokenize=False, add_generation_prompt=True)
@@ -265,9 +265,9 @@ PROMPTS_8 = ["The capital of France is", "def fibonacci(n):", "Once upon a time,
 
 
 def test_bundled_model_logits_stay_near_the_dequantized_models(bundled):
-    """Both servings run in bfloat16; `none` holds the dequantized weights rounded to bfloat16, `auto` the
-    exact blocks with int8 (or float32) activations. Stated tolerance: max |logit difference| under 8% of
-    the logits' spread, and the same top token on at least 7 of the 8 prompts."""
+    """Both in float32: `none` holds the dequantized weights, `auto` the blocks, multiplied with int8
+    activations (float32 ones without VNNI). Stated tolerance: max |logit difference| under 8% of the
+    logits' spread, and the same top token on at least 7 of the 8 prompts."""
     quantized, dense = (llm.engine.loaded.model for llm in bundled)
     tok = bundled[0].engine.tokenizer
     same_top = 0
@@ -289,7 +289,7 @@ def test_server_streams_from_a_quantized_gguf_and_reports_its_weight_bytes(folde
 
     path = write_gguf(folders["qwen2"], str(tmp_path / "tiny-q4_0.gguf"),
                       lambda name: "q8_0" if name == "token_embd.weight" else "q4_0")
-    expected = load_model(path, dtype="bfloat16", max_model_len=256, quantization="auto").model.weight_bytes
+    expected = load_model(path, max_model_len=256, quantization="auto").model.weight_bytes  # dtypes as served
     with ServerProcess("--model", path, "--quantization", "auto", "--served-model-name", "tiny-q4",
                        "--max-model-len", "256", "--kv-cache-memory", "32MB") as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")

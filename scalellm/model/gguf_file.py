@@ -109,6 +109,13 @@ def read_tensor(tensor, keep_blocks: bool):
     return dequantize(tensor)
 
 
+def has_block_weights(path: str) -> bool:
+    """Whether the file holds 2-D weights in a block format served as stored (Q8_0, Q4_0, Q4_1)."""
+    import gguf
+
+    return any(int(t.tensor_type) in GGUF_TYPES and len(t.shape) == 2 for t in gguf.GGUFReader(path).tensors)
+
+
 def iter_gguf_weights(path: str, num_heads: int, num_kv_heads: int, arch: str, keep_blocks: bool = False
                       ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
     """keep_blocks: yield Q8_0/Q4_0/Q4_1 weights in their blocks (QuantizedTensor) instead of dequantized."""

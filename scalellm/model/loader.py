@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from scalellm.model.config import ModelConfig, architecture_of, model_config_from_hf
-from scalellm.model.gguf_file import iter_gguf_weights, moe_config
+from scalellm.model.gguf_file import has_block_weights, iter_gguf_weights, moe_config
 from scalellm.model.llama import LlamaModel
 from scalellm.model.weights import build_model, iter_safetensors
 
@@ -46,9 +46,15 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: str,
+                  quantized: bool = False) -> torch.dtype:
+    """quantized: the weights are served block-quantized; `auto` then computes in float32 on the CPU, as
+    llama.cpp does (the GEMMs read blocks either way, so it costs nothing at batch 1; the bundled model's
+    answers follow float32's, where bfloat16's residual stream can tip a greedy choice)."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
+    elif dtype == "auto" and quantized and device == "cpu":
+        resolved = torch.float32
     elif dtype == "auto":
         resolved = checkpoint_dtype if checkpoint_dtype in (torch.float32, torch.bfloat16) else torch.bfloat16
         if device == "cuda" and checkpoint_dtype == torch.float16:
@@ -96,7 +102,8 @@ def load_model(model: str | None, dtype: str | torch.dtype = "auto", device: str
     checkpoint_dtype = None if gguf else getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(checkpoint_dtype, str):
         checkpoint_dtype = _DTYPES.get(checkpoint_dtype)
-    torch_dtype = resolve_dtype(dtype, checkpoint_dtype, device)
+    quantized = quantization in ("q8_0", "q4_0") or (gguf and quantization == "auto" and has_block_weights(path))
+    torch_dtype = resolve_dtype(dtype, checkpoint_dtype, device, quantized)
     max_positions = max_model_len or config.max_position_embeddings
     if gguf:
         tensors = iter_gguf_weights(path, config.num_heads, config.num_kv_heads, config.architecture,

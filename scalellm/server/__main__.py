@@ -36,7 +36,8 @@ def build_parser(prog: str = "python -m scalellm.server", model_positional: bool
                     help="weight formats: auto serves a GGUF's Q8_0/Q4_0/Q4_1 tensors as stored (others dequantized);"
                          " none dequantizes everything to --dtype; q8_0/q4_0 quantize the projections at load")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="weight and activation dtype; auto: the checkpoint's (bfloat16 for GGUF on cpu)")
+                    help="weight and activation dtype; auto: the checkpoint's (bfloat16 for GGUF on cpu; float32 for "
+                         "weights served block-quantized)")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*; default: none")
     ap.add_argument("--served-model-name", default=None,
                     help="model name reported and accepted by the API; default: the file or folder name")
