@@ -90,6 +90,9 @@ BUGS = [
     Bug("q", "a quantized GGUF's q/k rows left interleaved", "scalellm/model/gguf_file.py",
         "return w.reshape_rows(rows) if isinstance(w, QuantizedTensor) else rows(w)",
         "return w if isinstance(w, QuantizedTensor) else rows(w)", QUANT_TESTS),
+    Bug("r", "every block of a group of eight takes the first block's scale (int8 GEMM)", "scalellm/ops/quant_ir.py",
+        "lane = [builder.shuffle_vector(p, p, _const_vec([j] * 8)) for p in products]",
+        "lane = [builder.shuffle_vector(p, p, _const_vec([0] * 8)) for p in products]", QUANT_TESTS),
 ]
 
 # Not a bug to find: proves the copy's code is what the tests run (a syntax error must break them).

@@ -193,8 +193,12 @@ def make_row_dot_i8(fmt: str, rows: int):
     """row_dot_i8(qs, d, m, xq, x_stride, xd, xo, nb) -> `rows` float32 dot products of one weight row
     with rows of int8 activations: xq (int8 blocks, biased by +128 as unsigned bytes for Q8_0; stride in
     bytes between rows), xd (each block's float32 scale, [rows, nb]), xo (each block's scale times its
-    sum of quantized values, [rows, nb]: the 4-bit formats' offset term). Two accumulators per x row
-    (even and odd blocks), as in make_row_dot."""
+    sum of quantized values, [rows, nb]: the 4-bit formats' offset term).
+
+    Blocks go eight at a time: their float16 scales (and Q4_1's minimums) are widened in one vector and
+    multiplied by the activations' eight scales at once, each block then broadcasting its lane; the offset
+    terms are one vector multiply-add per eight blocks. Leftover blocks take the same path one by one.
+    Two accumulators per x row (even and odd blocks) so the adds overlap."""
     def row_dot_i8(typingctx, qs, d, m, xq, x_stride, xd, xo, nb):
         sig = types.UniTuple(types.float32, rows)(*([types.intp] * 8))
 
@@ -206,54 +210,80 @@ def make_row_dot_i8(fmt: str, rows: int):
             x_stride, nb = args[4], args[7]
             zero_i, zero_f = ir.Constant(_V8I, [0] * 8), ir.Constant(_V8F, [0.0] * 8)
             accs = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(2)] for _ in range(rows)]
-            offs = [[cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(2)] for _ in range(rows)]
+            offs = [cgutils.alloca_once_value(builder, zero_f) for _ in range(rows)]
 
-            def block(b, parity):
-                scale = _half_at(builder, d_p, b)
+            def weights(b):
+                """Block b's quantized values as 32 bytes (and, for Q8_0, 128 x their sums in fours)."""
                 if fmt == "q8_0":
                     qp = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 32))])
                     w = builder.load(builder.bitcast(qp, _V32I8.as_pointer()), align=1)
-                    w_sum = _vpdpbusd(builder, zero_i, ir.Constant(_V32I8, [1] * 32), w)  # sums of w in fours
-                    bias = builder.shl(w_sum, ir.Constant(_V8I, [7] * 8))  # 128 * those sums
-                    off = None
-                else:
-                    qp = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 16))])
-                    q = builder.load(builder.bitcast(qp, ir.VectorType(_I8, 16).as_pointer()), align=1)
-                    lo = builder.and_(q, _const_vec([15] * 16, _I8))
-                    hi = builder.lshr(q, _const_vec([4] * 16, _I8))
-                    w = builder.shuffle_vector(lo, hi, _const_vec(range(32)))
-                    off = _offset(builder, fmt, scale, m_p, b) if fmt == "q4_1" else \
-                        builder.fmul(scale, ir.Constant(_F32, -8.0))
+                    w_sum = _vpdpbusd(builder, zero_i, ir.Constant(_V32I8, [1] * 32), w)
+                    return w, builder.shl(w_sum, ir.Constant(_V8I, [7] * 8))
+                qp = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 16))])
+                q = builder.load(builder.bitcast(qp, ir.VectorType(_I8, 16).as_pointer()), align=1)
+                lo = builder.and_(q, _const_vec([15] * 16, _I8))
+                hi = builder.lshr(q, _const_vec([4] * 16, _I8))
+                return builder.shuffle_vector(lo, hi, _const_vec(range(32))), None
+
+            def block(b, parity, scales):
+                """scales[t]: block b's weight scale times row t's activation scale, in all 8 lanes."""
+                w, bias = weights(b)
                 for t in range(rows):
                     row = builder.mul(x_stride, ir.Constant(_I64, t))
                     xp = builder.gep(xq_p, [builder.add(row, builder.mul(b, ir.Constant(_I64, 32)))])
                     x = builder.load(builder.bitcast(xp, _V32I8.as_pointer()), align=1)
-                    at = builder.add(b, builder.mul(nb, ir.Constant(_I64, t)))
-                    x_scale = builder.load(builder.gep(xd_p, [at]))
-                    if fmt == "q8_0":
+                    if bias is not None:
                         dot = builder.sub(_vpdpbusd(builder, zero_i, x, w), bias)
                     else:
                         dot = _vpdpbusd(builder, zero_i, w, x)
-                    s = _splat8(builder, builder.fmul(scale, x_scale))
-                    acc, off_acc = accs[t][parity], offs[t][parity]
-                    builder.store(_fma8(builder, builder.sitofp(dot, _V8F), s, builder.load(acc)), acc)
-                    if off is not None:
-                        o = builder.load(builder.gep(xo_p, [at]))
-                        builder.store(builder.fadd(builder.load(off_acc), builder.fmul(off, o)), off_acc)
+                    acc = accs[t][parity]
+                    builder.store(_fma8(builder, builder.sitofp(dot, _V8F), scales[t], builder.load(acc)), acc)
 
-            pairs = builder.lshr(nb, ir.Constant(_I64, 1))
-            with cgutils.for_range(builder, pairs) as loop:
-                b = builder.mul(loop.index, ir.Constant(_I64, 2))
-                block(b, 0)
-                block(builder.add(b, ir.Constant(_I64, 1)), 1)
-            odd = builder.icmp_unsigned("!=", builder.and_(nb, ir.Constant(_I64, 1)), ir.Constant(_I64, 0))
-            with builder.if_then(odd):
-                block(builder.sub(nb, ir.Constant(_I64, 1)), 0)
+            def vec8(base, at):
+                return builder.load(builder.bitcast(builder.gep(base, [at]), _V8F.as_pointer()), align=4)
+
+            def halves8(base, b):
+                ptr = builder.bitcast(builder.gep(base, [builder.mul(b, ir.Constant(_I64, 2))]),
+                                      ir.VectorType(ir.HalfType(), 8).as_pointer())
+                return builder.fpext(builder.load(ptr, align=2), _V8F)
+
+            with cgutils.for_range(builder, builder.lshr(nb, ir.Constant(_I64, 3))) as loop:
+                b0 = builder.mul(loop.index, ir.Constant(_I64, 8))
+                d8 = halves8(d_p, b0)
+                off8 = None
+                if fmt == "q4_0":
+                    off8 = builder.fmul(d8, ir.Constant(_V8F, [-8.0] * 8))
+                elif fmt == "q4_1":
+                    off8 = halves8(m_p, b0)
+                products = []
+                for t in range(rows):
+                    at = builder.add(b0, builder.mul(nb, ir.Constant(_I64, t)))
+                    products.append(builder.fmul(d8, vec8(xd_p, at)))
+                    if off8 is not None:
+                        builder.store(_fma8(builder, off8, vec8(xo_p, at), builder.load(offs[t])), offs[t])
+                for j in range(8):
+                    lane = [builder.shuffle_vector(p, p, _const_vec([j] * 8)) for p in products]
+                    block(builder.add(b0, ir.Constant(_I64, j)), j & 1, lane)
+            done = builder.and_(nb, ir.Constant(_I64, ~7))
+            with cgutils.for_range(builder, builder.sub(nb, done)) as loop:
+                b = builder.add(done, loop.index)
+                scale = _half_at(builder, d_p, b)
+                lane = []
+                for t in range(rows):
+                    at = builder.add(b, builder.mul(nb, ir.Constant(_I64, t)))
+                    lane.append(_splat8(builder, builder.fmul(scale, builder.load(builder.gep(xd_p, [at])))))
+                    if fmt != "q8_0":
+                        off = _offset(builder, fmt, scale, m_p, b) if fmt == "q4_1" else \
+                            builder.fmul(scale, ir.Constant(_F32, -8.0))
+                        term = builder.fmul(off, builder.load(builder.gep(xo_p, [at])))
+                        first = builder.insert_element(zero_f, term, ir.Constant(_I32, 0))
+                        builder.store(builder.fadd(builder.load(offs[t]), first), offs[t])
+                block(b, 0, lane)
             sums = []
             for t in range(rows):
-                v = builder.fadd(builder.load(accs[t][0]), builder.load(accs[t][1]))
-                o = builder.fadd(builder.load(offs[t][0]), builder.load(offs[t][1]))
-                sums.append(builder.fadd(_hsum(builder, v), o))
+                v = builder.fadd(builder.fadd(builder.load(accs[t][0]), builder.load(accs[t][1])),
+                                 builder.load(offs[t]))
+                sums.append(_hsum(builder, v))
             return context.make_tuple(builder, signature.return_type, sums)
         return sig, codegen
     row_dot_i8.__name__ = row_dot_i8.__qualname__ = f"row_dot_i8_{fmt}_{rows}"
