@@ -35,39 +35,65 @@ _IR = hashlib.sha1(inspect.getsource(quant_ir).encode()).hexdigest()[:10]
 
 def _builds(fn):
     """Serial and parallel builds of a kernel that calls the intrinsics."""
-    return njit(nogil=True, cache=True, fastmath=FAST)(renamed(fn, _IR)), njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(renamed(fn, f"parallel_{_IR}"))
+    serial = njit(nogil=True, cache=True, fastmath=FAST)(renamed(fn, _IR))
+    return serial, njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(renamed(fn, f"parallel_{_IR}"))
 
-_Q8_1, _Q40_1, _Q41_1 = (make_row_dot(f, 1) for f in FORMAT_CODES)
-_Q8_2, _Q40_2, _Q41_2 = (make_row_dot(f, 2) for f in FORMAT_CODES)
-_Q8_4, _Q40_4, _Q41_4 = (make_row_dot(f, 4) for f in FORMAT_CODES)
+
+# (float, int8) x (q8_0, q4_0, q4_1) for 1, 2 and 4 rows of x; index [int8 * 3 + format code]
+_F1, _F2, _F4 = ([make_row_dot(f, t) for f in FORMAT_CODES] for t in (1, 2, 4))
+_I1, _I2, _I4 = ([make_row_dot_i8(f, t) for f in FORMAT_CODES] for t in (1, 2, 4))
+_F1_Q8, _F1_Q40, _F1_Q41 = _F1
+_F2_Q8, _F2_Q40, _F2_Q41 = _F2
+_F4_Q8, _F4_Q40, _F4_Q41 = _F4
+_I1_Q8, _I1_Q40, _I1_Q41 = _I1
+_I2_Q8, _I2_Q40, _I2_Q41 = _I2
+_I4_Q8, _I4_Q40, _I4_Q41 = _I4
 _Q8_DQ, _Q40_DQ, _Q41_DQ = (make_dequant_row(f) for f in FORMAT_CODES)
 
 
 @njit(inline="always", nogil=True)
-def _dot1(fmt, q, d, m, x, stride, xsum, nb):
-    if fmt == 0:
-        return _Q8_1(q, d, m, x, stride, xsum, nb)
-    if fmt == 1:
-        return _Q40_1(q, d, m, x, stride, xsum, nb)
-    return _Q41_1(q, d, m, x, stride, xsum, nb)
+def _dot1(kind, q, d, m, x, stride, a, b, nb):
+    if kind == 0:
+        return _F1_Q8(q, d, m, x, stride, a, b, nb)
+    if kind == 1:
+        return _F1_Q40(q, d, m, x, stride, a, b, nb)
+    if kind == 2:
+        return _F1_Q41(q, d, m, x, stride, a, b, nb)
+    if kind == 3:
+        return _I1_Q8(q, d, m, x, stride, a, b, nb)
+    if kind == 4:
+        return _I1_Q40(q, d, m, x, stride, a, b, nb)
+    return _I1_Q41(q, d, m, x, stride, a, b, nb)
 
 
 @njit(inline="always", nogil=True)
-def _dot2(fmt, q, d, m, x, stride, xsum, nb):
-    if fmt == 0:
-        return _Q8_2(q, d, m, x, stride, xsum, nb)
-    if fmt == 1:
-        return _Q40_2(q, d, m, x, stride, xsum, nb)
-    return _Q41_2(q, d, m, x, stride, xsum, nb)
+def _dot2(kind, q, d, m, x, stride, a, b, nb):
+    if kind == 0:
+        return _F2_Q8(q, d, m, x, stride, a, b, nb)
+    if kind == 1:
+        return _F2_Q40(q, d, m, x, stride, a, b, nb)
+    if kind == 2:
+        return _F2_Q41(q, d, m, x, stride, a, b, nb)
+    if kind == 3:
+        return _I2_Q8(q, d, m, x, stride, a, b, nb)
+    if kind == 4:
+        return _I2_Q40(q, d, m, x, stride, a, b, nb)
+    return _I2_Q41(q, d, m, x, stride, a, b, nb)
 
 
 @njit(inline="always", nogil=True)
-def _dot4(fmt, q, d, m, x, stride, xsum, nb):
-    if fmt == 0:
-        return _Q8_4(q, d, m, x, stride, xsum, nb)
-    if fmt == 1:
-        return _Q40_4(q, d, m, x, stride, xsum, nb)
-    return _Q41_4(q, d, m, x, stride, xsum, nb)
+def _dot4(kind, q, d, m, x, stride, a, b, nb):
+    if kind == 0:
+        return _F4_Q8(q, d, m, x, stride, a, b, nb)
+    if kind == 1:
+        return _F4_Q40(q, d, m, x, stride, a, b, nb)
+    if kind == 2:
+        return _F4_Q41(q, d, m, x, stride, a, b, nb)
+    if kind == 3:
+        return _I4_Q8(q, d, m, x, stride, a, b, nb)
+    if kind == 4:
+        return _I4_Q40(q, d, m, x, stride, a, b, nb)
+    return _I4_Q41(q, d, m, x, stride, a, b, nb)
 
 
 @njit(nogil=True)
@@ -75,104 +101,6 @@ def keep_alive(a, b, c):
     """A use of arrays after a loop that reads them only through .ctypes.data addresses: numba frees an
     array after its last use, and an address is not one."""
     return a.shape[0] + b.shape[0] + c.shape[0]
-
-
-@njit(nogil=True, fastmath=FAST)  # not inline="always": numba's IR inlining mixes up two inlined copies
-def _finish(out, r, col, n, value, bias, residual):
-    total = value
-    if bias.shape[0]:
-        total += load(bias[n])
-    if residual.shape[0]:
-        total += load(residual[r, col])
-    store(out, (r, col), total)
-
-
-def _quant_gemm(fmt, x, qs, d, mins, bias, residual, out, col0):
-    """x: float32 [M, K] C-contiguous; qs/d/mins: one weight's blocks [N, ...]; writes out[:, col0:col0+N]
-    (and reads residual there); bias [N] or empty, residual like out or empty."""
-    rows, k = x.shape
-    n_out = qs.shape[0]
-    nb = k // 32
-    chunks = min(n_out, 64)
-    xsum = np.empty((rows, nb), np.float32)
-    if fmt != 0:
-        for r in range(rows):
-            for b in range(nb):
-                total = np.float32(0.0)
-                for j in range(32):
-                    total += x[r, b * 32 + j]
-                xsum[r, b] = total
-    xa, sa = x.ctypes.data, xsum.ctypes.data
-    qa, da, ma = qs.ctypes.data, d.ctypes.data, mins.ctypes.data
-    q_row, d_row = qs.strides[0], d.strides[0]
-    for c in prange(chunks):
-        for n in range(c * n_out // chunks, (c + 1) * n_out // chunks):
-            q, s, mn = qa + n * q_row, da + n * d_row, ma + n * d_row
-            col = col0 + n
-            r = 0
-            while r + 4 <= rows:
-                v = _dot4(fmt, q, s, mn, xa + r * k * 4, k, sa + r * nb * 4, nb)
-                for t in range(4):
-                    _finish(out, r + t, col, n, v[t], bias, residual)
-                r += 4
-            if r + 2 <= rows:
-                v2 = _dot2(fmt, q, s, mn, xa + r * k * 4, k, sa + r * nb * 4, nb)
-                _finish(out, r, col, n, v2[0], bias, residual)
-                _finish(out, r + 1, col, n, v2[1], bias, residual)
-                r += 2
-            if r < rows:
-                _finish(out, r, col, n, _dot1(fmt, q, s, mn, xa + r * k * 4, k, sa + r * nb * 4, nb)[0], bias, residual)
-    return keep_alive(xsum, xsum, xsum)  # read through its raw address in the loop, which holds no reference
-
-
-_gemm_serial, _gemm_parallel = _builds(_quant_gemm)
-
-
-def quant_gemm(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, mins: np.ndarray, bias: np.ndarray,
-               residual: np.ndarray, out: np.ndarray, col0: int = 0, int8: bool | None = None) -> None:
-    """int8: the int8 GEMM (default where the CPU has it, INT8; x float32 or bfloat16 bits) or the float
-    one (x float32, C-contiguous)."""
-    parallel = qs.shape[0] * x.shape[1] >= PARALLEL_WEIGHTS
-    if INT8 if int8 is None else int8:
-        kernel = _i8_parallel if parallel else _i8_serial
-    else:
-        kernel = _gemm_parallel if parallel else _gemm_serial
-    kernel(FORMAT_CODES[fmt], x, qs, d, mins, bias, residual, out, col0)
-
-
-_I8_1 = [make_row_dot_i8(f, 1) for f in FORMAT_CODES]
-_I8_2 = [make_row_dot_i8(f, 2) for f in FORMAT_CODES]
-_I8_4 = [make_row_dot_i8(f, 4) for f in FORMAT_CODES]
-_Q8_I1, _Q40_I1, _Q41_I1 = _I8_1
-_Q8_I2, _Q40_I2, _Q41_I2 = _I8_2
-_Q8_I4, _Q40_I4, _Q41_I4 = _I8_4
-
-
-@njit(inline="always", nogil=True)
-def _idot1(fmt, q, d, m, x, stride, xd, xo, nb):
-    if fmt == 0:
-        return _Q8_I1(q, d, m, x, stride, xd, xo, nb)
-    if fmt == 1:
-        return _Q40_I1(q, d, m, x, stride, xd, xo, nb)
-    return _Q41_I1(q, d, m, x, stride, xd, xo, nb)
-
-
-@njit(inline="always", nogil=True)
-def _idot2(fmt, q, d, m, x, stride, xd, xo, nb):
-    if fmt == 0:
-        return _Q8_I2(q, d, m, x, stride, xd, xo, nb)
-    if fmt == 1:
-        return _Q40_I2(q, d, m, x, stride, xd, xo, nb)
-    return _Q41_I2(q, d, m, x, stride, xd, xo, nb)
-
-
-@njit(inline="always", nogil=True)
-def _idot4(fmt, q, d, m, x, stride, xd, xo, nb):
-    if fmt == 0:
-        return _Q8_I4(q, d, m, x, stride, xd, xo, nb)
-    if fmt == 1:
-        return _Q40_I4(q, d, m, x, stride, xd, xo, nb)
-    return _Q41_I4(q, d, m, x, stride, xd, xo, nb)
 
 
 @njit(nogil=True, fastmath=FAST)
@@ -199,15 +127,35 @@ def quantize_activations(x, biased, xq, xd, xo):
             xo[r, b] = scale * np.float32(total)
 
 
-def _quant_gemm_i8(fmt, x, qs, d, mins, bias, residual, out, col0):
+@njit(nogil=True, fastmath=FAST)
+def _block_sums(x, sums):
+    for r in range(x.shape[0]):
+        for b in range(sums.shape[1]):
+            total = np.float32(0.0)
+            for j in range(32):
+                total += x[r, b * 32 + j]
+            sums[r, b] = total
+
+
+def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0):
+    """x: [M, K] (float32 C-contiguous; bfloat16 bits too when int8); qs/d/mins: one weight's blocks
+    [N, ...]; writes out[:, col0:col0+N] (and reads residual there); bias [N] or empty, residual like out
+    or empty. int8: activations quantized per block (xq, xd, xo); else float32, with block sums in xd."""
     rows, k = x.shape
     n_out = qs.shape[0]
     nb = k // 32
-    xq = np.empty((rows, k), np.uint8)
+    xq = np.empty((rows, k if int8 else 0), np.uint8)
     xd = np.empty((rows, nb), np.float32)
     xo = np.empty((rows, nb), np.float32)
-    quantize_activations(x, fmt == 0, xq, xd, xo)
-    xa, xda, xoa = xq.ctypes.data, xd.ctypes.data, xo.ctypes.data
+    if int8:
+        quantize_activations(x, fmt == 0, xq, xd, xo)
+        xa, width = xq.ctypes.data, 1
+    else:
+        if fmt != 0:
+            _block_sums(x, xd)
+        xa, width = x.ctypes.data, 4
+    kind = 3 * int8 + fmt
+    xda, xoa = xd.ctypes.data, xo.ctypes.data
     qa, da, ma = qs.ctypes.data, d.ctypes.data, mins.ctypes.data
     q_row, d_row = qs.strides[0], d.strides[0]
     has_bias, has_residual = bias.shape[0] > 0, residual.shape[0] > 0
@@ -219,17 +167,17 @@ def _quant_gemm_i8(fmt, x, qs, d, mins, bias, residual, out, col0):
             r = 0
             while r < rows:
                 left = rows - r
-                at_x, at_s = xa + r * k, r * nb * 4
+                at_x, at_s = xa + r * k * width, r * nb * 4
                 if left >= 4:
-                    v = _idot4(fmt, q, s, mn, at_x, k, xda + at_s, xoa + at_s, nb)
+                    v = _dot4(kind, q, s, mn, at_x, k, xda + at_s, xoa + at_s, nb)
                     vals[0], vals[1], vals[2], vals[3] = v[0], v[1], v[2], v[3]
                     got = 4
                 elif left >= 2:
-                    v2 = _idot2(fmt, q, s, mn, at_x, k, xda + at_s, xoa + at_s, nb)
+                    v2 = _dot2(kind, q, s, mn, at_x, k, xda + at_s, xoa + at_s, nb)
                     vals[0], vals[1] = v2[0], v2[1]
                     got = 2
                 else:
-                    vals[0] = _idot1(fmt, q, s, mn, at_x, k, xda + at_s, xoa + at_s, nb)[0]
+                    vals[0] = _dot1(kind, q, s, mn, at_x, k, xda + at_s, xoa + at_s, nb)[0]
                     got = 1
                 for t in range(got):
                     total = vals[t]
@@ -242,7 +190,16 @@ def _quant_gemm_i8(fmt, x, qs, d, mins, bias, residual, out, col0):
     return keep_alive(xq, xd, xo)  # the loop reads them through raw addresses, which hold no reference
 
 
-_i8_serial, _i8_parallel = _builds(_quant_gemm_i8)
+_gemm_serial, _gemm_parallel = _builds(_quant_gemm)
+
+
+def quant_gemm(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, mins: np.ndarray, bias: np.ndarray,
+               residual: np.ndarray, out: np.ndarray, col0: int = 0, int8: bool | None = None) -> None:
+    """int8: the int8 GEMM (default where the CPU has it, INT8; x float32 or bfloat16 bits) or the float
+    one (x float32, C-contiguous)."""
+    parallel = qs.shape[0] * x.shape[1] >= PARALLEL_WEIGHTS
+    kernel = _gemm_parallel if parallel else _gemm_serial
+    kernel(INT8 if int8 is None else int8, FORMAT_CODES[fmt], x, qs, d, mins, bias, residual, out, col0)
 
 
 def _dequant_rows(fmt, qs, d, mins, ids, out):

@@ -90,21 +90,22 @@ def _pointers(builder, qs, d, mins):
 
 
 def make_row_dot(fmt: str, rows: int):
-    """row_dot(qs, d, m, x, x_stride, xsum, nb) -> `rows` float32 dot products of one weight row
+    """row_dot(qs, d, m, x, x_stride, xsum, unused, nb) -> `rows` float32 dot products of one weight row
     (addresses qs, d, m) with rows x, x + x_stride, ... (float32 address, stride in elements) over nb
-    blocks; xsum: the float32 sums of each x row's 32-element blocks ([rows, nb], unused for Q8_0).
+    blocks; xsum: the float32 sums of each x row's 32-element blocks ([rows, nb], unused for Q8_0). The
+    unused argument gives it make_row_dot_i8's signature, so one kernel drives both.
 
     Per block, the quantized values times x are summed in a vector, then scaled once by the block's
     scale; the 4-bit formats' offset term is the offset times the x block's sum (one scalar per block).
     Each x row keeps two vector accumulators (even and odd blocks) so the adds overlap."""
-    def row_dot(typingctx, qs, d, m, x, x_stride, xsum, nb):
-        sig = types.UniTuple(types.float32, rows)(*([types.intp] * 7))
+    def row_dot(typingctx, qs, d, m, x, x_stride, xsum, unused, nb):
+        sig = types.UniTuple(types.float32, rows)(*([types.intp] * 8))
 
         def codegen(context, builder, signature, args):
             qs_p, d_p, m_p = _pointers(builder, *args[:3])
             x_p = builder.inttoptr(args[3], _F32.as_pointer())
             xsum_p = builder.inttoptr(args[5], _F32.as_pointer())
-            x_stride, nb = args[4], args[6]
+            x_stride, nb = args[4], args[7]
             zero = ir.Constant(_V16F, [0.0] * 16)
             accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(rows)]
             offs = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)]
