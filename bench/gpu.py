@@ -31,17 +31,28 @@ from models import MODELS  # noqa: E402
 
 PY = sys.executable
 CUDA_TESTS = ["tests/test_cuda_kernels.py", "tests/test_cuda_host_engine.py", "tests/test_ops.py",
-              "tests/test_sampler_distributions.py"]
+              "tests/test_sampler_distributions.py", "tests/test_quantized.py"]
+# the tests that need the device (the host-build ones run everywhere, in the ordinary suite)
+GPU_ONLY = "on_gpu or test_cuda_decode_attention or test_cuda_elementwise or (distributions and cuda)"
 
 
-def run_tests() -> dict:
+def run_tests(timeout: float) -> dict:
     start = time.perf_counter()
-    done = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu or cuda", *CUDA_TESTS],
-                          cwd=ROOT, capture_output=True, text=True)
+    try:
+        done = subprocess.run([PY, "-m", "pytest", "-q", "-rfE", "--tb=short", "-W", "ignore::DeprecationWarning",
+                               "-p", "no:cacheprovider", "-k", GPU_ONLY, *CUDA_TESTS],
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        print(out[-6000:], flush=True)
+        return {"returncode": None, "summary": f"stopped after {timeout:.0f} s", "seconds": timeout, "tail": out[-8000:]}
     summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-    print(f"  {summary}", flush=True)
+    os.makedirs(serving.LOGS, exist_ok=True)
+    with open(os.path.join(serving.LOGS, "gpu_tests.log"), "w") as f:
+        f.write(done.stdout + done.stderr)
+    print(done.stdout[-6000:], flush=True)
     return {"returncode": done.returncode, "summary": summary, "seconds": time.perf_counter() - start,
-            "tail": done.stdout[-4000:]}
+            "tail": done.stdout[-8000:]}
 
 
 def run_kernels() -> str:
@@ -84,6 +95,25 @@ def run_transformers(folder: str, args) -> dict[int, dict]:
     return results
 
 
+def random_weights_folder(config_dir: str) -> str:
+    """A folder with config_dir's config and tokenizer and weights drawn at random (seed 0): the same
+    shapes, so the same work per token as the real weights (the benchmark ignores EOS)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = os.path.join(BENCH, ".cache", os.path.basename(os.path.normpath(config_dir)) + "-random")
+    if not os.path.exists(os.path.join(folder, "model.safetensors")):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.bfloat16)
+        model.save_pretrained(folder)
+        for name in os.listdir(config_dir):
+            if name != "config.json" and not name.endswith(".safetensors"):
+                shutil.copy(os.path.join(config_dir, name), folder)
+    return folder
+
+
 def device_name() -> str:
     import torch
 
@@ -92,6 +122,8 @@ def device_name() -> str:
 
 def write(data: dict) -> str:
     lines = ["# GPU run", "", f"Device: {data['device']}. Command: `.venv/bin/python bench/gpu.py`.", ""]
+    if "weights" in data:
+        lines += [f"Weights: {data['weights']}.", ""]
     if "tests" in data:
         lines += ["## CUDA tests", "", f"`{data['tests']['summary']}`", ""]
     lines += ["## Kernels", "", data["kernels"], "", "## Serving (SmolLM2-135M, bfloat16, 128 in / 128 out)", "",
@@ -117,15 +149,23 @@ def main() -> None:
     ap.add_argument("--waves", type=int, default=2)
     ap.add_argument("--min-requests", type=int, default=8)
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--test-timeout", type=float, default=1200, help="seconds before the tests are stopped")
+    ap.add_argument("--random-weights-from", metavar="DIR",
+                    help="serve DIR's config and tokenizer with random weights (where the bundled model is not "
+                         "installed; the same work per token)")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     data: dict = {"device": device_name(), "concurrency": args.concurrency}
     if not args.skip_tests:
         print("== CUDA tests", flush=True)
-        data["tests"] = run_tests()
+        data["tests"] = run_tests(args.test_timeout)
     print("== kernels", flush=True)
     data["kernels"] = run_kernels()
-    folder = MODELS["smollm2-135m"]()
+    if args.random_weights_from:
+        folder = random_weights_folder(args.random_weights_from)
+        data["weights"] = f"random, with {os.path.basename(os.path.normpath(args.random_weights_from))}'s shapes"
+    else:
+        folder = MODELS["smollm2-135m"]()
     print("== ScaleLLM --device cuda", flush=True)
     data["scalellm"] = {str(c): r for c, r in serving.run_scalellm(folder, args, ("--device", "cuda")).items()}
     if importlib.util.find_spec("vllm") is not None:

@@ -32,7 +32,10 @@ sys.path.insert(0, ROOT)
 from models import MODELS  # noqa: E402
 from serving_report import write_report  # noqa: E402
 
+# The project's environment; elsewhere (a GPU machine with its own packages) the interpreter running this.
 PY = os.path.join(ROOT, ".venv", "bin", "python")
+if not os.path.exists(PY):
+    PY = sys.executable
 VLLM_VENV = os.path.join(ROOT, ".vllm-venv")  # outside bench/, which tools walk for sources
 VLLM_PY = os.path.join(VLLM_VENV, "bin", "python")
 VLLM_VERSION = "0.32.0"

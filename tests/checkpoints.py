@@ -13,13 +13,18 @@ _tokenizer = None
 
 
 def bundled_tokenizer():
-    """SmolLM2's byte-level BPE tokenizer (with its chat template), read from the bundled GGUF."""
+    """SmolLM2's byte-level BPE tokenizer (with its chat template), read from the bundled GGUF, or from the
+    folder in $SCALELLM_TEST_TOKENIZER (a machine the bundled package was not carried to)."""
     global _tokenizer
     if _tokenizer is None:
         from transformers import AutoTokenizer
 
-        path = default_model_path()
-        _tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        folder = os.environ.get("SCALELLM_TEST_TOKENIZER")
+        if folder:
+            _tokenizer = AutoTokenizer.from_pretrained(folder)
+        else:
+            path = default_model_path()
+            _tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     return _tokenizer
 
 
@@ -118,10 +123,12 @@ def prompt_logits(model, token_ids: list[int], block_size: int = 16) -> torch.Te
     c = model.config
     n = len(token_ids)
     num_blocks = -(-n // block_size)
-    cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=model.dtype)
+    dev = model.embed.device
+    cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=model.dtype,
+                        device=dev)
     table = list(range(num_blocks))
     meta = ops.build_attention_metadata(block_size, list(range(n)), [], [], [(0, n, n, table)], c.sliding_window)
-    hidden = model.forward(torch.tensor(token_ids), torch.arange(n), cache, meta)
+    hidden = model.forward(torch.tensor(token_ids, device=dev), torch.arange(n, device=dev), cache, meta)
     return model.logits(hidden)
 
 

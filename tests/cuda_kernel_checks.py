@@ -199,7 +199,10 @@ def check_prefill_attention(dtype, device="cpu"):
 
 # -- mixture of experts -------------------------------------------------------------------------------
 def reference_moe(x, w, logits) -> torch.Tensor:
-    """float64, token by token: softmax, top-k (ties to the lower expert), optional renormalization."""
+    """float64 on the CPU, token by token: softmax, top-k (ties to the lower expert), optional renormalization."""
+    def w64(lin) -> torch.Tensor:
+        return lin.weight.double().cpu()
+
     xd, out = x.double(), torch.zeros(x.shape, dtype=torch.float64)
     probs = logits.double().softmax(-1)
     for t in range(x.shape[0]):
@@ -207,12 +210,12 @@ def reference_moe(x, w, logits) -> torch.Tensor:
         p = probs[t, chosen]
         p = p / p.sum() if w.renormalize else p
         for e, pe in zip(chosen.tolist(), p.tolist()):
-            gate, up = (xd[t] @ w.gate_up[e].weight.double().T).chunk(2)
-            out[t] += pe * (F.silu(gate) * up) @ w.down[e].weight.double().T
+            gate, up = (xd[t] @ w64(w.gate_up[e]).T).chunk(2)
+            out[t] += pe * (F.silu(gate) * up) @ w64(w.down[e]).T
         if w.shared_gate_up is not None:
-            gate, up = (xd[t] @ w.shared_gate_up.weight.double().T).chunk(2)
-            shared = (F.silu(gate) * up) @ w.shared_down.weight.double().T
-            out[t] += torch.sigmoid(xd[t] @ w.shared_gate.weight.double().T) * shared
+            gate, up = (xd[t] @ w64(w.shared_gate_up).T).chunk(2)
+            shared = (F.silu(gate) * up) @ w64(w.shared_down).T
+            out[t] += torch.sigmoid(xd[t] @ w64(w.shared_gate).T) * shared
     return out
 
 

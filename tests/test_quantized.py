@@ -19,7 +19,7 @@ from scalellm.config import EngineConfig
 from scalellm.ops import QuantizedLinear, QuantizedTensor, cpu_quant, quant_linear
 from scalellm.ops.quant_tensor import GGUF_TYPE_IDS
 from tests.checkpoints import build_checkpoint, prompt_logits
-from tests.cuda_kernel_checks import host
+from tests.cuda_kernel_checks import gpu, host
 from tests.test_gguf_checkpoints import write_gguf
 
 FORMATS = ["q8_0", "q4_0", "q4_1"]
@@ -241,6 +241,26 @@ def test_gguf_blocks_served_as_stored(folders, tmp_path, fmt):
         assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
         if len(prompt) >= quant_linear.DENSE_ROWS:
             torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)  # float32 dense GEMM on the same weights
+
+
+@gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gguf_blocks_served_as_stored_on_gpu(tmp_path, fmt):
+    """--device cuda keeps the blocks on the GPU; its kernels dequantize them in registers with float32
+    activations, so the logits match the same file dequantized on the CPU up to float32 summation order,
+    on the small-batch kernel (6 tokens) and on the dense path (40 tokens). head_dim 64: a size the CUDA
+    attention kernels are built for."""
+    folder = build_checkpoint("llama", str(tmp_path / "llama-d64"), seed=4, hidden_size=256, head_dim=64)
+    path = write_gguf(folder, str(tmp_path / f"tiny-{fmt}.gguf"),
+                      lambda name: "q8_0" if name == "token_embd.weight" else fmt)
+    served = LLM(path, dtype="float32", quantization="auto", device="cuda").engine.loaded.model
+    dense = LLM(path, dtype="float32", quantization="none").engine.loaded.model
+    assert served.weight_formats == ({fmt: 9, "q8_0": 1} if fmt != "q8_0" else {"q8_0": 10})
+    assert served.embed.device.type == "cuda"
+    for prompt in ([1, 504, 3250, 6789, 42, 17], list(range(100, 140))):
+        ours, ref = prompt_logits(served, prompt).cpu(), prompt_logits(dense, prompt)
+        err = (ours - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 1e-4, f"{fmt}, {len(prompt)} tokens: max error {err:.2e} of the largest logit"
 
 
 @pytest.fixture(scope="module")
