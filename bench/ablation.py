@@ -55,7 +55,6 @@ MILESTONES = [
 # -- part 1: the forward pass -----------------------------------------------------------------
 def torch_elementwise_ops():
     """The earlier design's torch ops for norms, q/k/v split + rotary + cache write, and SiLU-mul."""
-    from scalellm import ops
     from scalellm.ops import torch_ops as R
 
     def attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, heads, kv_heads, k_cache, v_cache, slots):
@@ -82,9 +81,11 @@ def forward_variants(name: str):
     plain = LLM(folder, dtype="bfloat16", kv_cache_memory="1GiB")
     linear.PACK_WEIGHTS = True
     packed = LLM(folder, dtype="bfloat16", kv_cache_memory="1GiB")
+    torch_silu = {**fused, "silu_mul": plain_ops["silu_mul"]}
     return [("torch ops + plain GEMMs", plain, plain_ops, 0), ("+ packed GEMMs", packed, plain_ops, 0),
-            ("+ numba norms and attention inputs", packed, fused, 0),
-            ("+ small-batch numba GEMM (current)", packed, fused, linear.SMALL_BATCH_ROWS)]
+            ("+ numba norms and attention inputs", packed, torch_silu, 0),
+            ("+ small-batch numba GEMM", packed, torch_silu, linear.SMALL_BATCH_ROWS),
+            ("+ numba SiLU-mul, parallel build (current)", packed, fused, linear.SMALL_BATCH_ROWS)]
 
 
 def use_ops(table: dict, small_rows: int) -> None:
@@ -199,11 +200,13 @@ def _ms(values: list[float]) -> str:
 def write(results: dict, args) -> str:
     L = ["# Ablation: each speed lever, before and after, in the same run", "",
          f"{os.cpu_count()} cores, torch {torch.__version__}, bfloat16; {time.strftime('%Y-%m-%d')}. "
-         f"Command: `.venv/bin/python bench/ablation.py --models {args.models} --repeats {args.repeats}`. "
+         f"Command: `.venv/bin/python bench/ablation.py --models {args.models} --repeats {args.repeats}"
+         f"{' --skip-serving' if args.skip_serving else ''}`. "
          f"Forward and runtime cells: median over {args.repeats} repeats (range in brackets); whole-server cells: "
-         f"median over {max(1, args.repeats - 1)} run(s) per milestone, {' and '.join(map(str, BATCHES))} "
-         f"concurrent, max(8, 2 x concurrency) requests each, so a single run there carries this machine's "
-         f"+-10-20% drift. Variants were interleaved so drift hits all alike.", ""]
+         + ("kept from an earlier run (dated in each table): " if args.skip_serving else
+            f"median over {max(1, args.repeats - 1)} run(s) per milestone, ")
+         + f"{' and '.join(map(str, BATCHES))} concurrent, max(8, 2 x concurrency) requests each, so a single run "
+         f"there carries this machine's +-10-20% drift. Variants were interleaved so drift hits all alike.", ""]
     for name, res in results.items():
         L += [f"## {name}", ""]
         if "forward" in res:
@@ -222,7 +225,9 @@ def write(results: dict, args) -> str:
             for label, per_batch in res["runtime"]["times"].items():
                 L.append(f"| {label} | " + " | ".join(_ms(per_batch[b]) for b in BATCHES) + " |")
         if "serving" in res:
-            L += ["", "### Whole server at milestone commits: output tok/s (TPOT p50 ms)", "",
+            kept = (f" (not re-run: from the run of {res['serving_date']})" if res.get("serving_kept")
+                    else "")
+            L += ["", f"### Whole server at milestone commits: output tok/s (TPOT p50 ms){kept}", "",
                   "| milestone | commit | adds | " + " | ".join(f"c={c}" for c in BATCHES) + " |",
                   "|---|---|---|" + "---:|" * len(BATCHES)]
             for label, commit, adds in MILESTONES:
@@ -243,6 +248,19 @@ def write(results: dict, args) -> str:
     return path
 
 
+def _previous_results() -> dict:
+    """The last run's results (concurrency keys back to ints), or {}."""
+    try:
+        with open(os.path.join(RESULTS, "ablation.json")) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    for res in data.values():
+        for label, runs in res.get("serving", {}).items():
+            res["serving"][label] = [{int(c): v for c, v in run.items()} for run in runs]
+    return data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny-llama,smollm2-135m")
@@ -253,8 +271,12 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     args = ap.parse_args()
     results = {}
+    previous = _previous_results()
     for name in args.models.split(","):
         res = results[name] = {}
+        if args.skip_serving and "serving" in previous.get(name, {}):  # keep the last whole-server rows
+            res.update(serving=previous[name]["serving"], serving_kept=True,
+                       serving_date=previous[name].get("serving_date", "2026-11-25"))
         if not args.skip_forward:
             print(f"== {name}: forward pass", flush=True)
             res["forward"] = part_forward(name, args.repeats)
@@ -262,6 +284,7 @@ def main() -> None:
             res["runtime"] = part_runtime(name, args.repeats)
         if not args.skip_serving:
             res["serving"] = part_serving(name, max(1, args.repeats - 1), args)
+            res["serving_date"] = time.strftime("%Y-%m-%d")
         print(f"wrote {write(results, args)}", flush=True)
 
 
