@@ -74,8 +74,12 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """[tokens, 2n] (gate | up) -> silu(gate) * up, in one pass (numba on the CPU)."""
-    return (_cuda() if uses_cuda_kernels(x) else cpu_kernels).silu_mul(x)
+    """[tokens, 2n] (gate | up) -> silu(gate) * up. On the CPU, bfloat16 in one numba pass; float32 through
+    torch, whose exp the float32 token-identity results are pinned to (the numba kernel's exp differs in
+    the last bits, which is enough to change the bundled Q4_1 model's greedy answer)."""
+    if uses_cuda_kernels(x):
+        return _cuda().silu_mul(x)
+    return (cpu_kernels if x.dtype == torch.bfloat16 else torch_ops).silu_mul(x)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
