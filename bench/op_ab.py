@@ -1,6 +1,7 @@
 """A paired A/B of one forward op: two implementations alternated in one process, bare decode steps.
 
     .venv/bin/python bench/op_ab.py --op silu_mul --a torch_ops --b cpu_kernels [--models smollm2-135m] [--rounds 8]
+    .venv/bin/python bench/op_ab.py --flag cpu_attention.USE_IR   (A: the flag False, B: True)
 
 Each round times the decode step at batch 1, 16 and 64 under A and under B (the order flips every
 round), so the machine's drift hits both alike; the paired ratio B/A per round is the number to read.
@@ -24,42 +25,57 @@ from models import MODELS  # noqa: E402
 BATCHES = (1, 16, 64)
 
 
-def run(name: str, op: str, impls: dict, rounds: int) -> dict:
-    from scalellm import LLM, ops
+def run(name: str, target, attr: str, impls: dict, rounds: int, context: int) -> dict:
+    """Sets target.attr to each of impls' values in turn."""
+    from scalellm import LLM
 
     llm = LLM(MODELS[name](), dtype="bfloat16", kv_cache_memory="1GiB")
-    floor(llm, 2, 128, 4)
+    current = getattr(target, attr)
+    for value in impls.values():  # compile and warm both
+        setattr(target, attr, value)
+        floor(llm, 2, 128, 4)
     times = {k: {b: [] for b in BATCHES} for k in impls}
-    current = getattr(ops, op)
     try:
         for r in range(rounds):
             for label in (list(impls) if r % 2 == 0 else list(reversed(impls))):
-                setattr(ops, op, impls[label])
+                setattr(target, attr, impls[label])
                 for b in BATCHES:
-                    times[label][b].append(floor(llm, b, 128, 16)["tpot_ms"]["median"])
+                    times[label][b].append(floor(llm, b, context, 16)["tpot_ms"]["median"])
     finally:
-        setattr(ops, op, current)
+        setattr(target, attr, current)
     return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--op", required=True, help="a name in scalellm.ops the model calls")
-    ap.add_argument("--a", required=True, help="module in scalellm.ops holding implementation A")
-    ap.add_argument("--b", required=True, help="module in scalellm.ops holding implementation B")
+    ap.add_argument("--op", help="a name in scalellm.ops the model calls")
+    ap.add_argument("--a", help="module in scalellm.ops holding implementation A")
+    ap.add_argument("--b", help="module in scalellm.ops holding implementation B")
+    ap.add_argument("--flag", help="MODULE.NAME in scalellm.ops: a boolean, False for A and True for B")
     ap.add_argument("--models", default="smollm2-135m,tiny-llama")
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--context", type=int, default=128, help="prompt tokens before the timed decode steps")
     args = ap.parse_args()
-    impls = {m: getattr(importlib.import_module(f"scalellm.ops.{m}"), args.op) for m in (args.a, args.b)}
-    a, b = args.a, args.b
-    L = [f"# Paired A/B: `{args.op}` from `{a}` (A) against `{b}` (B)", "",
+    if args.flag:
+        module, attr = args.flag.rsplit(".", 1)
+        target = importlib.import_module(f"scalellm.ops.{module}")
+        a, b = f"{attr}=False", f"{attr}=True"
+        impls, title, options, out = {a: False, b: True}, f"`{args.flag}` False (A) against True (B)", \
+            f"--flag {args.flag}", attr.lower()
+    else:
+        import scalellm.ops as target
+        attr, a, b = args.op, args.a, args.b
+        impls = {m: getattr(importlib.import_module(f"scalellm.ops.{m}"), args.op) for m in (a, b)}
+        title, options, out = f"`{args.op}` from `{a}` (A) against `{b}` (B)", f"--op {args.op} --a {a} --b {b}", \
+            args.op
+    L = [f"# Paired A/B: {title}", "",
          f"{os.cpu_count()} cores, bfloat16, {time.strftime('%Y-%m-%d')}. Command: `.venv/bin/python bench/op_ab.py "
-         f"--op {args.op} --a {a} --b {b} --models {args.models} --rounds {args.rounds}`. Bare decode steps "
-         f"(16 per cell, median), A and B alternated in one process, order flipped every round.", "",
+         f"{options} --models {args.models} --rounds {args.rounds} --context {args.context}`. Bare decode steps "
+         f"(16 per cell after a {args.context}-token prompt, median), A and B alternated in one process, order flipped every round.", "",
          "| model | batch | A ms (median) | B ms (median) | B/A paired, median (min-max) | rounds B faster |",
          "|---|---:|---:|---:|---|---:|"]
     for name in args.models.split(","):
-        times = run(name, args.op, impls, args.rounds)
+        times = run(name, target, attr, impls, args.rounds, args.context)
         for batch in BATCHES:
             ta, tb = times[a][batch], times[b][batch]
             ratios = [y / x for x, y in zip(ta, tb)]
@@ -68,7 +84,7 @@ def main() -> None:
                    f"{sum(r < 1 for r in ratios)}/{len(ratios)} |")
             print(row, flush=True)
             L.append(row)
-    path = os.path.join(BENCH, "results", f"op_ab_{args.op}.md")
+    path = os.path.join(BENCH, "results", f"op_ab_{out}.md")
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
     print(f"wrote {path}")

@@ -75,13 +75,16 @@ LENS = [1, 15, 16, 17, 100, 333, 2049]
 def test_cpu_decode_attention(dtype, _, heads, kv_heads, head_dim):
     lens = torch.tensor(LENS, dtype=torch.int32)
     starts = torch.tensor([0, 0, 0, 3, 0, 300, 1000], dtype=torch.int32)  # some under a sliding window
-    k_cache, v_cache, tables = paged_setup(LENS, kv_heads, head_dim, dtype, seed=heads)
     q = torch.randn(len(LENS), heads, head_dim).to(dtype)
-    out = paged_decode_attention(q, k_cache, v_cache, tables, starts, lens, head_dim ** -0.5,
-                                 out=poisoned(q.shape, dtype))
-    ref = reference_attention(q, k_cache, v_cache, tables, starts, lens, head_dim ** -0.5)
-    assert out.dtype == dtype and out.shape == q.shape
-    torch.testing.assert_close(out.double(), ref, **tol(dtype))
+    # blocks of 16 and of 64 positions (several of the bfloat16 kernel's 16-position tiles)
+    for bs in (16, 64):
+        k_cache, v_cache, tables = paged_setup(LENS, kv_heads, head_dim, dtype, bs=bs, seed=heads)
+        ref = reference_attention(q, k_cache, v_cache, tables, starts, lens, head_dim ** -0.5)
+        for seqs in (len(LENS), 3):  # the parallel build and the serial one
+            out = paged_decode_attention(q[:seqs], k_cache, v_cache, tables[:seqs], starts[:seqs], lens[:seqs],
+                                         head_dim ** -0.5, out=poisoned(q[:seqs].shape, dtype))
+            assert out.dtype == dtype and out.shape == q[:seqs].shape
+            torch.testing.assert_close(out.double(), ref[:seqs], **tol(dtype))
 
 
 @pytest.mark.parametrize("dtype, _", DTYPES)

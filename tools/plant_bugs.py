@@ -93,6 +93,13 @@ BUGS = [
     Bug("r", "every block of a group of eight takes the first block's scale (int8 GEMM)", "scalellm/ops/quant_ir.py",
         "lane = [builder.shuffle_vector(p, p, _const_vec([j] * 8)) for p in products]",
         "lane = [builder.shuffle_vector(p, p, _const_vec([0] * 8)) for p in products]", QUANT_TESTS),
+    Bug("s", "bfloat16 decode attention: heads in pairs take the even head's weights for the values",
+        "scalellm/ops/attention_ir.py",
+        "where = builder.add(builder.mul(p_stride, ir.Constant(_I64, h)), loop.index)",
+        "where = builder.add(builder.mul(p_stride, ir.Constant(_I64, h - h % 2)), loop.index)",
+        ["tests/test_ops.py"]),
+    Bug("t", "bfloat16 decode attention: the third head's scores are the second's", "scalellm/ops/attention_ir.py",
+        "(_, v), = stacks[h]", "(_, v), = stacks[h - 1 if h == 2 else h]", ["tests/test_ops.py"]),
 ]
 
 # Not a bug to find: proves the copy's code is what the tests run (a syntax error must break them).

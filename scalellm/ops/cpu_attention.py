@@ -1,21 +1,51 @@
-"""numba kernel for decode attention straight from the paged KV cache (no gather, no padding).
+"""numba kernels for decode attention straight from the paged KV cache (no gather, no padding).
 
-One task per (sequence, KV head): the task scores its group of query heads against each cached key of
-the sequence (each key row is read once for the whole group), softmaxes in float32 (with a
-vectorizable exp) and accumulates the values. bfloat16 caches are read as raw 16-bit words and widened to float32 in registers
-(numba_util.load). Small batches run the serial build (a parallel launch costs more than their work);
-large ones spread the tasks over the compute threads. The kernel releases the GIL.
+bfloat16 caches with head_dim a multiple of 16 (the models' case) take the vector-IR kernel: scores
+sixteen cached positions per call with each K row widened once for the whole query group, softmax in
+float32, values accumulated in registers over each block (attention_ir.py), every KV head taken at
+each position so the cache is read in memory order. Other caches
+(float32: the token-identity tests' dtype) take the plain kernel: each key row read once for the group,
+the accumulator in memory. Both run one task per sequence, walking its blocks in order; small batches
+run serial builds (a parallel launch costs more than their work). The kernels release the GIL.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
+import types
+
 import numpy as np
 import torch
-from numba import prange
+from numba import njit, prange
 
-from scalellm.ops.cpu_kernels import twin
-from scalellm.ops.numba_util import as_numba, exp_f32, load, store
+from scalellm.ops import attention_ir
+from scalellm.ops.attention_ir import TILE, make_accumulate, make_scores
+from scalellm.ops.cpu_kernels import FAST, renamed, twin
+from scalellm.ops.numba_util import as_numba, exp_f32, keep_alive, load, store
 
 PARALLEL_SEQS = 4  # sequences from which the parallel build runs
+MAX_IR_GROUP = 8  # query heads per KV head the vector-IR kernel is built for
+USE_IR = True  # bfloat16 caches take the vector-IR kernel (False: the plain one, for comparisons)
+# numba's disk cache checks only this file's source, not the IR attention_ir.py generates: the IR
+# kernels' cached names carry a hash of that file
+_IR = hashlib.sha1(inspect.getsource(attention_ir).encode()).hexdigest()[:10]
+_SCORES = _ACCUMULATE = None  # the intrinsics, bound per (head_dim, group) build by _ir_kernel
+
+
+@njit(inline="always", nogil=True, fastmath=FAST)
+def _softmax_rows(scores, rows, length):
+    for h in range(rows):
+        m = scores[h, 0]
+        for t in range(1, length):
+            m = max(m, scores[h, t])
+        total = np.float32(0.0)
+        for t in range(length):
+            e = exp_f32(scores[h, t] - m)
+            scores[h, t] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for t in range(length):
+            scores[h, t] *= inv
 
 
 @twin
@@ -42,18 +72,7 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_le
                         for d in range(head_dim):
                             s += qs[h, d] * load(k_cache[blk, off, kh, d])
                         scores[h, pos - start] = s
-        for h in range(num_heads):
-            m = scores[h, 0]
-            for t in range(1, length):
-                m = max(m, scores[h, t])
-            total = np.float32(0.0)
-            for t in range(length):
-                e = exp_f32(scores[h, t] - m)
-                scores[h, t] = e
-                total += e
-            inv = np.float32(1.0) / total
-            for t in range(length):
-                scores[h, t] *= inv
+        _softmax_rows(scores, num_heads, length)
         acc = np.zeros((num_heads, head_dim), np.float32)
         for j in range(start // block_size, (end + block_size - 1) // block_size):
             blk = block_tables[b, j]
@@ -69,10 +88,75 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_le
                 store(out, (b, h, d), acc[h, d])
 
 
+def _bf16_decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale, out):
+    """bfloat16 caches, one task per sequence: scores sixteen positions per call, then softmax, then the
+    values accumulated block by block (attention_ir); every KV head is taken at each position, so the
+    cache is read in memory order. _SCORES and _ACCUMULATE are the intrinsics for this build's head_dim,
+    group and KV heads (see _ir_kernel)."""
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    row = kv_heads * head_dim  # elements from one position's K (or V) row to the next
+    k_base, v_base = k_cache.ctypes.data, v_cache.ctypes.data
+    for b in prange(num_seqs):
+        start = context_starts[b]
+        end = context_lens[b]
+        length = end - start
+        width = length + TILE  # a tile writes all 16 lanes
+        qs = np.empty((num_heads, head_dim), np.float32)
+        for h in range(num_heads):
+            for d in range(head_dim):
+                qs[h, d] = load(q[b, h, d]) * scale
+        scores = np.empty((num_heads, width), np.float32)
+        acc = np.zeros((num_heads, head_dim), np.float32)
+        q_at, s_at, a_at = qs.ctypes.data, scores.ctypes.data, acc.ctypes.data
+        first, last = start // block_size, (end + block_size - 1) // block_size
+        for j in range(first, last):
+            lo, hi = max(start, j * block_size), min(end, (j + 1) * block_size)
+            at = (block_tables[b, j] * block_size + lo - j * block_size) * row
+            for p in range(lo, hi, TILE):
+                _SCORES(q_at, k_base + 2 * (at + (p - lo) * row), row, min(TILE, hi - p), s_at + 4 * (p - start),
+                        width)
+        _softmax_rows(scores, num_heads, length)
+        for j in range(first, last):
+            lo, hi = max(start, j * block_size), min(end, (j + 1) * block_size)
+            at = (block_tables[b, j] * block_size + lo - j * block_size) * row
+            _ACCUMULATE(s_at + 4 * (lo - start), width, v_base + 2 * at, row, hi - lo, a_at)
+        for h in range(num_heads):
+            for d in range(head_dim):
+                store(out, (b, h, d), acc[h, d])
+        keep_alive(qs, scores, acc)
+
+
+_IR_KERNELS: dict = {}
+
+
+def _ir_kernel(head_dim: int, group: int, kv_heads: int, parallel: bool):
+    """The bfloat16 kernel built for one (head_dim, group, kv_heads), serial or parallel, compiled on
+    first use."""
+    key = (head_dim, group, kv_heads, parallel)
+    if key not in _IR_KERNELS:
+        fn = _bf16_decode_kernel
+        scope = {**fn.__globals__, "_SCORES": make_scores(head_dim, group, kv_heads),
+                 "_ACCUMULATE": make_accumulate(head_dim, group, kv_heads)}
+        copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__qualname__ = fn.__qualname__
+        name = f"{head_dim}_{group}_{kv_heads}_{'parallel_' if parallel else ''}{_IR}"
+        _IR_KERNELS[key] = njit(nogil=True, cache=True, fastmath=FAST, parallel=parallel)(renamed(copy, name))
+    return _IR_KERNELS[key]
+
+
 def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
                      context_starts: np.ndarray, context_lens: np.ndarray, scale: float, out: np.ndarray) -> None:
-    """The kernel on numba-ready arrays (see paged_decode_attention)."""
-    kernel = _decode_kernel.parallel if q.shape[0] >= PARALLEL_SEQS else _decode_kernel.serial
+    """The kernel on numba-ready arrays (see paged_decode_attention): bfloat16 caches (int16 bits) with
+    head_dim a multiple of 16 take the vector-IR kernel, the rest the plain one."""
+    parallel = q.shape[0] >= PARALLEL_SEQS
+    heads, head_dim = q.shape[1], q.shape[2]
+    group = heads // k_cache.shape[2]
+    if USE_IR and k_cache.dtype == np.int16 and head_dim % 16 == 0 and group <= MAX_IR_GROUP \
+            and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous:
+        kernel = _ir_kernel(head_dim, group, k_cache.shape[2], parallel)
+    else:
+        kernel = _decode_kernel.parallel if parallel else _decode_kernel.serial
     kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, np.float32(scale), out)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from scalellm.ops.cpu_kernels import FAST, renamed
-from scalellm.ops.numba_util import load, store
+from scalellm.ops.numba_util import keep_alive, load, store
 from scalellm.ops import quant_ir
 from scalellm.ops.quant_ir import host_has_vnni, make_dequant_row, make_row_dot, make_row_dot_i8
 
@@ -94,13 +94,6 @@ def _dot4(kind, q, d, m, x, stride, a, b, nb):
     if kind == 4:
         return _I4_Q40(q, d, m, x, stride, a, b, nb)
     return _I4_Q41(q, d, m, x, stride, a, b, nb)
-
-
-@njit(nogil=True)
-def keep_alive(a, b, c):
-    """A use of arrays after a loop that reads them only through .ctypes.data addresses: numba frees an
-    array after its last use, and an address is not one."""
-    return a.shape[0] + b.shape[0] + c.shape[0]
 
 
 @njit(nogil=True, fastmath=FAST)

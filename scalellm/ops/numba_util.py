@@ -102,6 +102,13 @@ def _store_impl(array, index, value):
     return plain
 
 
+@njit(nogil=True)
+def keep_alive(a, b, c):
+    """A use of arrays after code that reads them only through .ctypes.data addresses: numba frees an
+    array after its last use, and an address is not one."""
+    return a.shape[0] + b.shape[0] + c.shape[0]
+
+
 def as_numba(t: torch.Tensor) -> np.ndarray:
     """A CPU tensor as a numpy array over the same memory (bfloat16 as int16 bits, strides kept)."""
     kept = t.__dict__.get("_numba_view")

@@ -1,0 +1,154 @@
+"""Vector code for decode attention over bfloat16 KV caches, written as LLVM IR that numba kernels call
+like functions (numba intrinsics), for all the KV heads of one sequence.
+
+numba compiles a 64-wide dot product to a vector multiply-add and a horizontal sum per score, and the
+value accumulation to a load and a store of the accumulator per cached position. Here:
+- scores: each position's K row is widened from bfloat16 once for its query group; each head's per-
+  position partial sums (one 16-lane vector) are folded sixteen positions at a time by a butterfly of
+  shuffles, which yields the sixteen scores as one vector (15 folds instead of 16 horizontal sums);
+- values: the accumulators are carried in vector registers (what does not fit spills to the stack, not
+  to the caller's array) over a block of positions, each V row widened once.
+Both read each position's row for all KV heads before the next position: the cache in memory order,
+which measured faster than a pass per KV head (strided) once the cache does not fit in the CPU caches.
+bfloat16 widens to float32 exactly (a shift), so the products are the float32 products numba computes;
+only the summation order differs. The IR is generic LLVM vector code (no instruction set named).
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+TILE = 16  # positions per score tile (the lanes of one float32 vector)
+_F32, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_V16F, _V16I = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
+
+
+def _lanes(values):
+    return ir.Constant(ir.VectorType(_I32, len(values)), list(values))
+
+
+def _fma(builder, a, b, c):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+    return builder.call(fn, [a, b, c])
+
+
+def _splat(builder, value):
+    v = builder.insert_element(ir.Constant(_V16F, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, _lanes([0] * 16))
+
+
+def _bf16_row(builder, base, index, dim: int):
+    """The bfloat16 row at base + index (elements, i16*) as dim / 16 float32 vectors."""
+    ptr = builder.gep(base, [index])
+    out = []
+    for c in range(dim // 16):
+        p = builder.bitcast(builder.gep(ptr, [ir.Constant(_I64, 16 * c)]), ir.VectorType(_I16, 16).as_pointer())
+        bits = builder.shl(builder.zext(builder.load(p, align=2), _V16I), ir.Constant(_V16I, [16] * 16))
+        out.append(builder.bitcast(bits, _V16F))
+    return out
+
+
+def _f32_vectors(builder, base, count: int):
+    return [builder.load(builder.bitcast(builder.gep(base, [ir.Constant(_I64, 16 * c)]), _V16F.as_pointer()),
+                         align=4) for c in range(count)]
+
+
+def _fold(builder, a, b, level: int):
+    """Two partial-sum vectors whose lanes hold 2^level positions' partials each -> one vector holding
+    both sets (the positions of a first), each position's partials summed pairwise."""
+    width = 8 >> level  # lanes per position after this fold
+    lo, hi = [], []
+    for start in range(0, 32, 2 * width):
+        lo += range(start, start + width)
+        hi += range(start + width, start + 2 * width)
+    return builder.fadd(builder.shuffle_vector(a, b, _lanes(lo)), builder.shuffle_vector(a, b, _lanes(hi)))
+
+
+def make_scores(dim: int, group: int, kv_heads: int):
+    """scores(q, k, k_stride, n, out, out_stride): for positions 0..n-1 (n <= 16), every query head's
+    score q_h . k_p against its KV head's key. q: float32 address of [kv_heads * group, dim] (already
+    scaled); k: bfloat16 address of position 0's row of all KV heads, position p at k + p * k_stride
+    elements; out: float32 address of head 0's score for position 0, head h's at out + h * out_stride;
+    all 16 lanes are written (positions from n on get 0), so each head's row needs room for 16. Each
+    position's row is read whole, in memory order."""
+    chunks = dim // 16
+    heads = kv_heads * group
+
+    def scores(typingctx, q, k, k_stride, n, out, out_stride):
+        sig = types.void(*([types.intp] * 6))
+
+        def codegen(context, builder, signature, args):
+            q_p = builder.inttoptr(args[0], _F32.as_pointer())
+            k_p = builder.inttoptr(args[1], _I16.as_pointer())
+            k_stride, n, out_stride = args[2], args[3], args[5]
+            out_p = builder.inttoptr(args[4], _F32.as_pointer())
+            qs = [_f32_vectors(builder, builder.gep(q_p, [ir.Constant(_I64, h * dim)]), chunks) for h in range(heads)]
+            zero = ir.Constant(_V16F, [0.0] * 16)
+            stacks = [[] for _ in range(heads)]  # per head: (level, vector) of folds not yet paired
+            for p in range(TILE):
+                slots = [cgutils.alloca_once_value(builder, zero) for _ in range(heads)]
+                with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, p), n)):
+                    at = builder.mul(k_stride, ir.Constant(_I64, p))
+                    for kh in range(kv_heads):
+                        row = _bf16_row(builder, k_p, builder.add(at, ir.Constant(_I64, kh * dim)), dim)
+                        for h in range(kh * group, (kh + 1) * group):
+                            acc = builder.fmul(qs[h][0], row[0])
+                            for c in range(1, chunks):
+                                acc = _fma(builder, qs[h][c], row[c], acc)
+                            builder.store(acc, slots[h])
+                for h in range(heads):
+                    level, v = 0, builder.load(slots[h])
+                    stack = stacks[h]
+                    while stack and stack[-1][0] == level:
+                        v = _fold(builder, stack.pop()[1], v, level)
+                        level += 1
+                    stack.append((level, v))
+            for h in range(heads):
+                (_, v), = stacks[h]
+                dst = builder.gep(out_p, [builder.mul(out_stride, ir.Constant(_I64, h))])
+                builder.store(v, builder.bitcast(dst, _V16F.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    scores.__name__ = scores.__qualname__ = f"scores_{dim}_{group}_{kv_heads}"
+    return intrinsic(scores)
+
+
+def make_accumulate(dim: int, group: int, kv_heads: int):
+    """accumulate(p, p_stride, v, v_stride, n, acc): acc[h] += sum over positions i < n of p[h, i] * v_i
+    for every query head h (its KV head's values). p: float32 address of head 0's weight for position 0,
+    head h's at p + h * p_stride; v: bfloat16 address of position 0's row of all KV heads, position i at
+    v + i * v_stride elements; acc: float32 address of [kv_heads * group, dim], read once and written
+    once. Each position's row is read whole, in memory order."""
+    chunks = dim // 16
+    heads = kv_heads * group
+
+    def accumulate(typingctx, p, p_stride, v, v_stride, n, acc):
+        sig = types.void(*([types.intp] * 6))
+
+        def codegen(context, builder, signature, args):
+            p_p = builder.inttoptr(args[0], _F32.as_pointer())
+            v_p = builder.inttoptr(args[2], _I16.as_pointer())
+            p_stride, v_stride, n = args[1], args[3], args[4]
+            acc_p = builder.inttoptr(args[5], _F32.as_pointer())
+            rows = [builder.gep(acc_p, [ir.Constant(_I64, h * dim)]) for h in range(heads)]
+            accs = [[cgutils.alloca_once_value(builder, v) for v in _f32_vectors(builder, rows[h], chunks)]
+                    for h in range(heads)]
+            with cgutils.for_range(builder, n) as loop:
+                at = builder.mul(v_stride, loop.index)
+                for kh in range(kv_heads):
+                    row = _bf16_row(builder, v_p, builder.add(at, ir.Constant(_I64, kh * dim)), dim)
+                    for h in range(kh * group, (kh + 1) * group):
+                        where = builder.add(builder.mul(p_stride, ir.Constant(_I64, h)), loop.index)
+                        w = _splat(builder, builder.load(builder.gep(p_p, [where])))
+                        for c in range(chunks):
+                            builder.store(_fma(builder, w, row[c], builder.load(accs[h][c])), accs[h][c])
+            for h in range(heads):
+                for c in range(chunks):
+                    dst = builder.gep(rows[h], [ir.Constant(_I64, 16 * c)])
+                    builder.store(builder.load(accs[h][c]), builder.bitcast(dst, _V16F.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    accumulate.__name__ = accumulate.__qualname__ = f"accumulate_{dim}_{group}_{kv_heads}"
+    return intrinsic(accumulate)
