@@ -66,7 +66,7 @@ def reference_attention(q, k_cache, v_cache, tables, starts, lens, scale):
     return torch.stack(out)
 
 
-DECODE_SHAPES = [(4, 4, 32), (8, 2, 64), (9, 3, 64), (6, 1, 16), (32, 8, 128)]
+DECODE_SHAPES = [(4, 4, 32), (8, 2, 64), (9, 3, 64), (6, 1, 16), (4, 2, 128), (32, 8, 128)]
 LENS = [1, 15, 16, 17, 100, 333, 2049]
 
 

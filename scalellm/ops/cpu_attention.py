@@ -24,12 +24,15 @@ from scalellm.ops.cpu_kernels import FAST, renamed, twin
 from scalellm.ops.numba_util import as_numba, exp_f32, keep_alive, load, store
 
 PARALLEL_SEQS = 4  # sequences from which the parallel build runs
-MAX_IR_GROUP = 8  # query heads per KV head the vector-IR kernel is built for
+# The IR kernel unrolls every query head's 16-lane vectors (heads x head_dim / 16 of q, and as many
+# accumulators); it was measured at 16 and 36 (the tiny Llama, SmolLM2). Larger shapes (32 heads of 128:
+# 256) would mostly spill and were not measured: they keep the plain kernel.
+MAX_IR_VECTORS = 48
 USE_IR = True  # bfloat16 caches take the vector-IR kernel (False: the plain one, for comparisons)
 # numba's disk cache checks only this file's source, not the IR attention_ir.py generates: the IR
 # kernels' cached names carry a hash of that file
 _IR = hashlib.sha1(inspect.getsource(attention_ir).encode()).hexdigest()[:10]
-_SCORES = _ACCUMULATE = None  # the intrinsics, bound per (head_dim, group) build by _ir_kernel
+_SCORES = _ACCUMULATE = None  # the intrinsics, bound per (head_dim, group, kv_heads) build by _ir_kernel
 
 
 @njit(inline="always", nogil=True, fastmath=FAST)
@@ -148,13 +151,13 @@ def _ir_kernel(head_dim: int, group: int, kv_heads: int, parallel: bool):
 def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
                      context_starts: np.ndarray, context_lens: np.ndarray, scale: float, out: np.ndarray) -> None:
     """The kernel on numba-ready arrays (see paged_decode_attention): bfloat16 caches (int16 bits) with
-    head_dim a multiple of 16 take the vector-IR kernel, the rest the plain one."""
+    head_dim a multiple of 16 and at most MAX_IR_VECTORS query vectors take the vector-IR kernel, the
+    rest the plain one."""
     parallel = q.shape[0] >= PARALLEL_SEQS
-    heads, head_dim = q.shape[1], q.shape[2]
-    group = heads // k_cache.shape[2]
-    if USE_IR and k_cache.dtype == np.int16 and head_dim % 16 == 0 and group <= MAX_IR_GROUP \
+    heads, head_dim, kv_heads = q.shape[1], q.shape[2], k_cache.shape[2]
+    if USE_IR and k_cache.dtype == np.int16 and head_dim % 16 == 0 and heads * head_dim // 16 <= MAX_IR_VECTORS \
             and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous:
-        kernel = _ir_kernel(head_dim, group, k_cache.shape[2], parallel)
+        kernel = _ir_kernel(head_dim, heads // kv_heads, kv_heads, parallel)
     else:
         kernel = _decode_kernel.parallel if parallel else _decode_kernel.serial
     kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, np.float32(scale), out)
