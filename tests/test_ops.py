@@ -117,6 +117,45 @@ def test_prefill_chunk_attention(dtype, _, query_len, context_len, window):
     torch.testing.assert_close(out.double(), ref, **tol(dtype))
 
 
+@pytest.mark.parametrize("dtype, _", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 2, 32), (4, 4, 24)])
+@pytest.mark.parametrize("window", [0, 20])
+@pytest.mark.parametrize("ir_prefill", [True, False])
+def test_paged_attention_mixed_step(dtype, _, heads, kv_heads, head_dim, window, ir_prefill, monkeypatch):
+    """One step of decodes and prefill chunks (a whole prompt, a chunk continuing a cached context, a
+    one-token chunk) through ops.paged_attention, with bfloat16 prefill on the decode kernel and on SDPA
+    (head_dim 24 never takes the IR kernel), against a float64 reference per token."""
+    from scalellm.ops import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "IR_PREFILL", ir_prefill)
+    decode_lens, chunks = [7, 40, 130], [(50, 50), (33, 90), (1, 17)]  # decodes; (query_len, context_len)
+    lens = decode_lens + [c for _, c in chunks]
+    k_cache, v_cache, tables = paged_setup(lens, kv_heads, head_dim, dtype, seed=heads + window)
+    bs = k_cache.shape[1]
+    nd = len(decode_lens)
+    row_tables, row_starts, row_lens, specs, slots = [], [], [], [], []
+    for i, n in enumerate(decode_lens):
+        row_tables.append(tables[i])
+        row_lens.append(n)
+        slots.append(int(tables[i][(n - 1) // bs]) * bs + (n - 1) % bs)
+    offset = nd
+    for j, (q_len, ctx) in enumerate(chunks):
+        table = tables[nd + j]
+        specs.append((offset, q_len, ctx, table[:-(-ctx // bs)].tolist()))
+        offset += q_len
+        for p in range(ctx - q_len, ctx):
+            row_tables.append(table)
+            row_lens.append(p + 1)
+            slots.append(int(table[p // bs]) * bs + p % bs)
+    row_lens = torch.tensor(row_lens, dtype=torch.int32)
+    row_starts = (row_lens - window).clamp(min=0) if window else torch.zeros_like(row_lens)
+    meta = ops.build_attention_metadata(bs, slots, tables[:nd], row_lens[:nd].tolist(), specs, window or None)
+    q = torch.randn(offset, heads, head_dim).to(dtype)
+    ref = reference_attention(q, k_cache, v_cache, torch.stack(row_tables), row_starts, row_lens, head_dim ** -0.5)
+    out = ops.paged_attention(q, k_cache, v_cache, meta, head_dim ** -0.5)
+    torch.testing.assert_close(out.double(), ref, **tol(dtype))
+
+
 # -- elementwise ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype, _", DTYPES)
 @pytest.mark.parametrize("rows, hidden", [(1, 64), (7, 576), (33, 1000), (3, 4096)])

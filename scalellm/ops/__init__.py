@@ -1,9 +1,10 @@
 """The operations model code calls; one interface, and the backend follows the tensors' device.
 
 CPU tensors: numba kernels (scalellm/ops/cpu_kernels.py, cpu_attention.py, cpu_sampling.py) for
-norms, attention inputs, decode attention, small-batch GEMMs and sampling; torch for larger GEMMs
-(oneDNN with weights packed at load, scalellm/ops/linear.py), SiLU-mul and prefill attention (SDPA
-over the gathered context, scalellm/ops/torch_ops.py).
+norms, attention inputs, decode attention (and bfloat16 prefill attention, each token as a decode over
+its causal context), small-batch GEMMs and sampling; torch for larger GEMMs (oneDNN with weights packed
+at load, scalellm/ops/linear.py), SiLU-mul in float32 and float32 prefill attention (SDPA over the
+gathered context, scalellm/ops/torch_ops.py).
 CUDA tensors: the CuPy kernels (scalellm/ops/cuda_backend.py, imported only then), GEMMs through torch.
 Inside `cuda_kernels_on_cpu()`, CPU tensors take the CUDA kernels too, run through their host build
 (scalellm/ops/cuda_host): how the engine is tested end to end on the CUDA kernels without a GPU.
@@ -21,9 +22,9 @@ from scalellm.ops.openmp import share_torch_openmp
 jit.install()  # before any kernel is defined: the compile cache's folder, and the compile record
 share_torch_openmp()  # before any numba kernel starts a thread pool
 
-from scalellm.ops import cpu_kernels, cpu_sampling, torch_ops  # noqa: E402
+from scalellm.ops import cpu_attention, cpu_kernels, cpu_sampling, torch_ops  # noqa: E402
 from scalellm.ops.attention_metadata import (AttentionMetadata, PrefillChunk, build_attention_metadata,  # noqa: E402
-                                             kernel_arrays, tensor)
+                                             kernel_arrays, prefill_as_decode, tensor)
 from scalellm.ops.cpu_attention import decode_attention as _cpu_decode_attention  # noqa: E402
 from scalellm.ops.linear import Linear  # noqa: E402
 from scalellm.ops.moe import MoEWeights, fused_moe_cuda_kernels  # noqa: E402
@@ -121,10 +122,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return _cuda_paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
+    q_np, k_np, v_np, out_np = as_numba(q), as_numba(k_cache), as_numba(v_cache), as_numba(out)
     if nd:
-        out_np = as_numba(out)
-        _cpu_decode_attention(as_numba(q)[:nd], as_numba(k_cache), as_numba(v_cache), meta.decode_block_tables,
-                              meta.decode_context_starts, meta.decode_context_lens, scale, out_np[:nd])
+        _cpu_decode_attention(q_np[:nd], k_np, v_np, meta.decode_block_tables, meta.decode_context_starts,
+                              meta.decode_context_lens, scale, out_np[:nd])
+    if not meta.prefills:
+        return out
+    if cpu_attention.IR_PREFILL and cpu_attention.takes_ir(q.shape[1], k_np, v_np):
+        _cpu_decode_attention(q_np[nd:], k_np, v_np, *prefill_as_decode(meta), scale, out_np[nd:])
+        return out
     for chunk in meta.prefills:
         torch_ops.prefill_chunk_attention(out, q, k_cache, v_cache, chunk, scale)
     return out

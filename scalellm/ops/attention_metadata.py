@@ -34,6 +34,27 @@ class AttentionMetadata:
     sliding_window: int | None = None
     max_decode_context: int = 0  # longest decode context (after the window), known on the host
     device: dict[str, torch.Tensor] | None = None  # kernel_arrays() as device tensors, when shipped
+    prefill_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # prefill_as_decode(), once built
+
+
+def prefill_as_decode(meta: AttentionMetadata) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every prefill token as a decode row: (block tables int32 [tokens, max_blocks], context starts,
+    context lengths int32 [tokens]). A token at position p of a chunk attends to the cached positions
+    [start, p] of its sequence, exactly as a decode of a sequence of length p + 1 would; built once per
+    step, on first use."""
+    if meta.prefill_rows is None:
+        chunks = meta.prefills
+        tables = np.zeros((len(chunks), max(len(c.block_table) for c in chunks)), np.int32)
+        for i, c in enumerate(chunks):
+            tables[i, :len(c.block_table)] = c.block_table
+        counts = [c.query_len for c in chunks]
+        lens = np.concatenate([np.arange(c.context_len - c.query_len + 1, c.context_len + 1, dtype=np.int32)
+                               for c in chunks])
+        starts = np.zeros_like(lens)
+        if meta.sliding_window is not None:
+            starts = np.maximum(lens - meta.sliding_window, 0).astype(np.int32)
+        meta.prefill_rows = (np.repeat(tables, counts, axis=0), starts, lens)
+    return meta.prefill_rows
 
 
 def kernel_arrays(meta: AttentionMetadata) -> dict[str, np.ndarray]:

@@ -29,6 +29,10 @@ PARALLEL_SEQS = 4  # sequences from which the parallel build runs
 # 256) would mostly spill and were not measured: they keep the plain kernel.
 MAX_IR_VECTORS = 48
 USE_IR = True  # bfloat16 caches take the vector-IR kernel (False: the plain one, for comparisons)
+# Prefill tokens on the IR kernel too, each as a decode over its own causal context (ops.paged_attention):
+# ~1.3 ms against torch's SDPA ~1.8 ms per layer for four 128-token chunks of SmolLM2 (SDPA's fixed cost per
+# chunk and head dominates at these sizes). False: SDPA, for comparisons.
+IR_PREFILL = True
 # numba's disk cache checks only this file's source, not the IR attention_ir.py generates: the IR
 # kernels' cached names carry a hash of that file
 _IR = hashlib.sha1(inspect.getsource(attention_ir).encode()).hexdigest()[:10]
@@ -148,15 +152,21 @@ def _ir_kernel(head_dim: int, group: int, kv_heads: int, parallel: bool):
     return _IR_KERNELS[key]
 
 
+def takes_ir(heads: int, k_cache: np.ndarray, v_cache: np.ndarray) -> bool:
+    """Whether decode_attention runs the vector-IR kernel for these (numba-ready) caches: bfloat16 (int16
+    bits), head_dim a multiple of 16, at most MAX_IR_VECTORS query vectors."""
+    head_dim = k_cache.shape[-1]
+    return USE_IR and k_cache.dtype == np.int16 and head_dim % 16 == 0 and heads * head_dim // 16 <= MAX_IR_VECTORS \
+        and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous
+
+
 def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
                      context_starts: np.ndarray, context_lens: np.ndarray, scale: float, out: np.ndarray) -> None:
-    """The kernel on numba-ready arrays (see paged_decode_attention): bfloat16 caches (int16 bits) with
-    head_dim a multiple of 16 and at most MAX_IR_VECTORS query vectors take the vector-IR kernel, the
-    rest the plain one."""
+    """The kernel on numba-ready arrays (see paged_decode_attention): the vector-IR kernel where takes_ir,
+    the plain one elsewhere."""
     parallel = q.shape[0] >= PARALLEL_SEQS
     heads, head_dim, kv_heads = q.shape[1], q.shape[2], k_cache.shape[2]
-    if USE_IR and k_cache.dtype == np.int16 and head_dim % 16 == 0 and heads * head_dim // 16 <= MAX_IR_VECTORS \
-            and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous:
+    if takes_ir(heads, k_cache, v_cache):
         kernel = _ir_kernel(head_dim, heads // kv_heads, kv_heads, parallel)
     else:
         kernel = _decode_kernel.parallel if parallel else _decode_kernel.serial
