@@ -110,18 +110,32 @@ def write_report(data: dict, out_dir: str) -> str:
                 L.append(f"| {c} | {system} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
     out_len = data["config"]["output_len"]
     L += ["", "## Where a ScaleLLM request's time goes (server instrumentation, mean ms per request)", "",
-          f"The served decode step is the decode stage over the {out_len - 1} steps after the first token; "
-          "the bare step is the same batch's forward pass timed alone.", "",
-          "| concurrency | " + " | ".join(STAGES) + " | served decode step ms | bare forward step ms | served / bare |",
-          "|---:|" + "---:|" * (len(STAGES) + 3)]
+          f"Decode stage per token: the decode stage over the {out_len - 1} steps after the first token, "
+          "beside the bare decode-only step at the same batch size (bench/compute_floor.py); the served steps "
+          "also carry arriving requests' prefill chunks, which the bare step does not. Served step against "
+          "forward: the engine's own counters over the same steps (scalellm:engine_step_served_seconds, "
+          "from each step's start to the hand-over of its output, against "
+          "scalellm:engine_step_forward_seconds, the model runner and sampling alone), i.e. what serving "
+          "adds to the same batches.", "",
+          "| concurrency | " + " | ".join(STAGES) + " | decode stage per token ms | bare decode step ms | ratio "
+          "| served step ms | forward of the same steps ms | served / forward |",
+          "|---:|" + "---:|" * (len(STAGES) + 6)]
     for c in cs:
-        per_rep = [_at(rep["ScaleLLM"], c).get("stages_ms") or {} for rep in data["repeats"]]
+        runs = [_at(rep["ScaleLLM"], c) for rep in data["repeats"]]
+        per_rep = [r.get("stages_ms") or {} for r in runs]
         stages = {k: statistics.fmean([st.get(k, float("nan")) for st in per_rep]) for k in STAGES}
         served = stages["decode"] / max(1, out_len - 1)
         bare = _mean_spread(data, "bare forward", c, "tpot_ms.median")
         rel = f"{served / bare[0]:.2f}" if bare and bare[0] else "–"
+        steps = [r["step_ms"] for r in runs if r.get("step_ms")]
+        if steps:
+            step_served = statistics.fmean(st["served"] for st in steps)
+            step_forward = statistics.fmean(st["forward"] for st in steps)
+            step_cells = f"{step_served:.2f} | {step_forward:.2f} | {step_served / step_forward:.3f}"
+        else:
+            step_cells = "– | – | –"
         L.append(f"| {c} | " + " | ".join(f"{stages[k]:.2f}" for k in STAGES) +
-                 f" | {served:.2f} | {bare[0] if bare else float('nan'):.2f} | {rel} |")
+                 f" | {served:.2f} | {bare[0] if bare else float('nan'):.2f} | {rel} | {step_cells} |")
     all_binds = data["repeats"][0].get("vllm_all_binds") or {}
     if len(all_binds) > 1:
         L += ["", "## vLLM thread binding (repeat 1)", "", "| VLLM_CPU_OMP_THREADS_BIND | " +

@@ -17,6 +17,8 @@ def test_closed_loop_streaming(llama_server, llama_folder, tmp_path, capsys):
     stages = s["stages_ms"]
     assert set(stages) >= {"parse", "tokenize", "queue", "prefill", "decode", "detokenize", "write"}
     assert stages["decode"] > 0 and all(v >= 0 for v in stages.values())
+    steps = s["step_ms"]  # the engine's steps during the run: at least the 8 a request needs
+    assert steps["steps"] >= 8 and 0 < steps["forward"] <= steps["served"]
     assert "TTFT" in capsys.readouterr().out
 
 

@@ -37,7 +37,8 @@ def test_metric_families_and_types(llama_server):
                 "prefix_cache_queries": "counter", "prefix_cache_hits": "counter", "num_preemptions": "counter",
                 "prompt_tokens": "counter", "generation_tokens": "counter", "requests": "counter",
                 "request_success": "counter",
-                "request_stage_seconds": "counter", "stage_requests": "counter",
+                "request_stage_seconds": "counter", "stage_requests": "counter", "engine_steps": "counter",
+                "engine_step_forward_seconds": "counter", "engine_step_served_seconds": "counter",
                 **{name: "histogram" for name in HISTOGRAMS}}
     for name, kind in expected.items():
         assert types.get("scalellm:" + name) == kind, name
@@ -93,6 +94,13 @@ def test_counters_and_histograms_move_by_known_amounts(llama_server):
         if stage not in ("queue", "write"):
             assert moved > 0, stage
     assert change(before, after, 'scalellm:request_stage_seconds_total{stage="write"}') > 0  # the stream wrote
+    # the requests ran one after another: a step per token of each (the first from the prompt's step),
+    # and a step as served contains its forward pass
+    steps = change(before, after, "scalellm:engine_steps_total")
+    forward = change(before, after, "scalellm:engine_step_forward_seconds_total")
+    served = change(before, after, "scalellm:engine_step_served_seconds_total")
+    assert steps == 5 + 3 + 3 + 1 + 4
+    assert 0 < forward <= served <= elapsed
     for name in HISTOGRAMS:
         buckets = sorted((float(k.split('le="')[1].split('"')[0]), v) for k, v in after.items()
                          if k.startswith(f"scalellm:{name}_bucket"))

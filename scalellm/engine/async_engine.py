@@ -135,6 +135,7 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             started = time.perf_counter()
+            steps = engine.num_steps
             try:
                 deltas = engine.step()
             except BaseException as e:  # a failed step fails its requests, not the process
@@ -148,6 +149,8 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(self._dispatch, deltas, wait)
                 if wait:
                     self._handed_over.wait(LOOP_WAIT_S)
+            if engine.num_steps != steps:  # the step as served: bookkeeping and the hand-over included
+                engine.served_step_seconds += time.perf_counter() - started
 
     def _drain_inbox(self) -> None:
         while self._inbox:

@@ -82,6 +82,9 @@ class LLMEngine:
         # detokenize a step's tokens while the device computes the next (on the CUDA kernels by default)
         self.overlap = self.runner.cuda_kernels if config.overlap_steps is None else config.overlap_steps
         self._pending: list[Sequence] = []  # sequences whose newest token awaits its text
+        self.num_steps = 0  # steps that ran the model, and their time in the forward pass and sampling
+        self.forward_seconds = 0.0
+        self.served_step_seconds = 0.0  # what the same steps took as served (set by the async engine)
         self._warm_up()
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size,
                  num_blocks * config.block_size)
@@ -111,6 +114,7 @@ class LLMEngine:
                 self.step()
         self.runner.kv_cache.zero_()
         self._fresh_scheduler()
+        self.num_steps, self.forward_seconds = 0, 0.0
         log.info("warm-up took %.1f s: %s", time.perf_counter() - start, jit.summary(first))
 
     @property
@@ -182,15 +186,23 @@ class LLMEngine:
         detokenized during the next step, while the device computes it: their deltas come one step
         later, and a stop string ends its sequence one step later (the extra token is dropped)."""
         batch = self.scheduler.schedule()
+        start = time.perf_counter()
         launched = self._launch(batch) if batch.items else None
         if self.overlap:
             deltas = self._detokenize_pending()  # the previous step's tokens, while the device works
             if launched is not None:
                 self._collect(launched)
+                self._count_step(start)
             return deltas
         if launched is not None:
             self._collect(launched)
+            self._count_step(start)
         return self._detokenize_pending()
+
+    def _count_step(self, start: float) -> None:
+        """The forward pass and sampling of one step (with overlap, the detokenizing done meanwhile too)."""
+        self.num_steps += 1
+        self.forward_seconds += time.perf_counter() - start
 
     def _launch(self, batch) -> tuple:
         decodes = [s for s, n in batch.items if n == 1]
@@ -274,4 +286,7 @@ class LLMEngine:
             "block_size": bm.block_size,
             "num_blocks": bm.num_blocks,
             "weight_bytes": self.weight_bytes,
+            "steps": self.num_steps,
+            "step_forward_seconds": self.forward_seconds,
+            "step_served_seconds": self.served_step_seconds,
         }

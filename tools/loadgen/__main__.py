@@ -26,6 +26,8 @@ from tools.loadgen.workload import RequestSpec, ServerTokenizer, file_workload, 
 
 _STAGE = re.compile(r'^scalellm:request_stage_seconds_total\{[^}]*stage="(\w+)"[^}]*\} (\S+)$', re.M)
 _FINISHED = re.compile(r'^scalellm:stage_requests_total(?:\{[^}]*\})? (\S+)$', re.M)
+_ENGINE = re.compile(r'^scalellm:engine_(steps|step_forward_seconds|step_served_seconds)_total(?:\{[^}]*\})? (\S+)$',
+                     re.M)
 
 
 async def scrape_stages(session: aiohttp.ClientSession, base: str) -> tuple[dict[str, float], float] | None:
@@ -38,7 +40,9 @@ async def scrape_stages(session: aiohttp.ClientSession, base: str) -> tuple[dict
     finished = _FINISHED.search(text)
     if not finished:
         return None
-    return {k: float(v) for k, v in _STAGE.findall(text)}, float(finished.group(1))
+    stages = {k: float(v) for k, v in _STAGE.findall(text)}
+    stages.update({f"engine_{k}": float(v) for k, v in _ENGINE.findall(text)})
+    return stages, float(finished.group(1))
 
 
 async def run(args, specs: list[RequestSpec], warm: list[RequestSpec]) -> dict:
@@ -95,7 +99,12 @@ async def run(args, specs: list[RequestSpec], warm: list[RequestSpec]) -> dict:
     summary["config"] = {k: v for k, v in vars(args).items() if k not in ("api_key",)}
     if before and after and after[1] > before[1]:
         n = after[1] - before[1]
-        summary["stages_ms"] = {k: 1000.0 * (after[0].get(k, 0.0) - before[0].get(k, 0.0)) / n for k in after[0]}
+        delta = {k: after[0].get(k, 0.0) - before[0].get(k, 0.0) for k in after[0]}
+        steps = delta.pop("engine_steps", 0.0)
+        forward, served = delta.pop("engine_step_forward_seconds", 0.0), delta.pop("engine_step_served_seconds", 0.0)
+        summary["stages_ms"] = {k: 1000.0 * v / n for k, v in delta.items()}
+        if steps > 0:  # the engine's steps during the run: the forward pass alone, and as served
+            summary["step_ms"] = {"steps": steps, "forward": 1000.0 * forward / steps, "served": 1000.0 * served / steps}
     return summary
 
 
