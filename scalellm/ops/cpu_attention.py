@@ -7,6 +7,8 @@ each position so the cache is read in memory order. Other caches
 (float32: the token-identity tests' dtype) take the plain kernel: each key row read once for the group,
 the accumulator in memory. Both run one task per sequence, walking its blocks in order; small batches
 run serial builds (a parallel launch costs more than their work). The kernels release the GIL.
+bfloat16 prefill tokens take the IR kernel too, each as a decode row over its own causal context
+(attention_metadata.prefill_as_decode; routed in ops.paged_attention).
 """
 from __future__ import annotations
 

@@ -87,6 +87,23 @@ def _rotate(buf, like, cos, sin, p, half):
         buf[d + half] = round_as(like, c + e)
 
 
+@njit(inline="always", nogil=True)
+def _rotate_row(buf, like, cos, sin, half):
+    """_rotate with the position's cos and sin rows, its loop over 0-based slices: numba vectorizes
+    those, not indices like d + half that it must check for wrap-around (the attention inputs' serial
+    build: 1.5-2x faster from 16 rows, bit-identical; the rotary op measured slower this way)."""
+    x1s, x2s = buf[:half], buf[half:]
+    c1, c2, s1, s2 = cos[:half], cos[half:], sin[:half], sin[half:]
+    for d in range(half):
+        x1, x2 = x1s[d], x2s[d]
+        a = round_as(like, x1 * load(c1[d]))
+        b = round_as(like, x2 * load(s1[d]))
+        c = round_as(like, x2 * load(c2[d]))
+        e = round_as(like, x1 * load(s2[d]))
+        x1s[d] = round_as(like, a - b)
+        x2s[d] = round_as(like, c + e)
+
+
 @twin
 def _attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, num_kv_heads, k_cache, v_cache,
                       slots, q_out):
@@ -102,33 +119,38 @@ def _attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, 
         p = positions[t]
         slot = slots[t]
         blk, off = slot // block_size, slot % block_size
+        row = qkv[t]
+        cos_p, sin_p = cos[p], sin[p]
         buf = np.empty(dim, np.float32)
         for h in range(num_heads + num_kv_heads):
-            base = h * dim
+            src = row[h * dim:(h + 1) * dim]
             if use_norm:
                 w = q_norm if h < num_heads else k_norm
                 sq = np.float32(0.0)
                 for d in range(dim):
-                    v = load(qkv[t, base + d])
+                    v = load(src[d])
                     sq += v * v
                 inv = np.float32(1.0) / np.sqrt(sq / np.float32(dim) + eps)
                 for d in range(dim):
-                    buf[d] = round_as(like, load(w[d]) * round_as(like, load(qkv[t, base + d]) * inv))
+                    buf[d] = round_as(like, load(w[d]) * round_as(like, load(src[d]) * inv))
             else:
                 for d in range(dim):
-                    buf[d] = load(qkv[t, base + d])
-            _rotate(buf, like, cos, sin, p, half)
+                    buf[d] = load(src[d])
+            _rotate_row(buf, like, cos_p, sin_p, half)
             if h < num_heads:
+                dst = q_out[t, h]
                 for d in range(dim):
-                    store(q_out, (t, h, d), buf[d])
+                    store(dst, d, buf[d])
             elif slot >= 0:
+                dst = k_cache[blk, off, h - num_heads]
                 for d in range(dim):
-                    store(k_cache, (blk, off, h - num_heads, d), buf[d])
+                    store(dst, d, buf[d])
         if slot >= 0:
-            vbase = (num_heads + num_kv_heads) * dim
+            v_src, v_dst = row[(num_heads + num_kv_heads) * dim:], v_cache[blk, off]
             for kh in range(num_kv_heads):
+                src, dst = v_src[kh * dim:(kh + 1) * dim], v_dst[kh]
                 for d in range(dim):
-                    v_cache[blk, off, kh, d] = qkv[t, vbase + kh * dim + d]
+                    dst[d] = src[d]
 
 
 @twin
