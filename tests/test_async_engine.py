@@ -22,6 +22,8 @@ class CountingEngine:
         self.requests: dict[str, int] = {}
         self.received: list[int] = []  # appended by the consumer on the loop
         self.seen_at_step: list[int] = []
+        self.num_steps = 0  # the step counters the real engine keeps (the async engine adds the served time)
+        self.served_step_seconds = 0.0
 
     def validate_prompt(self, prompt_token_ids, params) -> None:
         pass
@@ -38,6 +40,7 @@ class CountingEngine:
     def step(self) -> list[StreamDelta]:
         (request_id, done), = self.requests.items()
         self.seen_at_step.append(len(self.received))
+        self.num_steps += 1
         done += 1
         self.requests[request_id] = done
         finish = "length" if done == STEPS else None
@@ -60,4 +63,5 @@ def test_each_long_cpu_step_starts_after_the_loop_handed_out_the_previous_one(mo
     engine = asyncio.run(consume("cpu"))
     assert engine.received == list(range(1, STEPS + 1))
     assert engine.seen_at_step == list(range(STEPS))
+    assert engine.num_steps == STEPS and engine.served_step_seconds > 0
 

@@ -100,6 +100,11 @@ BUGS = [
         ["tests/test_ops.py"]),
     Bug("t", "bfloat16 decode attention: the third head's scores are the second's", "scalellm/ops/attention_ir.py",
         "(_, v), = stacks[h]", "(_, v), = stacks[h - 1 if h == 2 else h]", ["tests/test_ops.py"]),
+    Bug("u", "bfloat16 prefill on the decode kernel: each token of a chunk longer than one misses its own key",
+        "scalellm/ops/attention_metadata.py",
+        "np.arange(c.context_len - c.query_len + 1, c.context_len + 1, dtype=np.int32)",
+        "np.arange(c.context_len - c.query_len + 1, c.context_len + 1, dtype=np.int32) - (c.query_len > 1)",
+        ["tests/test_ops.py"]),
 ]
 
 # Not a bug to find: proves the copy's code is what the tests run (a syntax error must break them).
