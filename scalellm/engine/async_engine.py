@@ -135,8 +135,8 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             started = time.perf_counter()
-            steps = engine.num_steps
             try:
+                steps = engine.num_steps
                 deltas = engine.step()
             except BaseException as e:  # a failed step fails its requests, not the process
                 self.error = e
