@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128, help="prompt tokens (before the timed decode steps)")
     ap.add_argument("--phase", choices=("decode", "prefill"), default="decode")
     args = ap.parse_args()
+    if not args.flag and not (args.op and args.a and args.b):
+        ap.error("give --flag, or --op with --a and --b")
     if args.flag:
         module, attr = args.flag.rsplit(".", 1)
         target = importlib.import_module(f"scalellm.ops.{module}")

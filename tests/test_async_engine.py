@@ -22,8 +22,7 @@ class CountingEngine:
         self.requests: dict[str, int] = {}
         self.received: list[int] = []  # appended by the consumer on the loop
         self.seen_at_step: list[int] = []
-        self.num_steps = 0  # the step counters the real engine keeps (the async engine adds the served time)
-        self.served_step_seconds = 0.0
+        self.num_steps = 0  # the step counter the real engine keeps
 
     def validate_prompt(self, prompt_token_ids, params) -> None:
         pass
@@ -55,6 +54,7 @@ async def consume(device: str) -> CountingEngine:
     async for delta in async_engine.generate("r", [1, 2, 3], SamplingParams(max_tokens=STEPS)):
         engine.received.append(delta.token_ids[0])
     await async_engine.stop()
+    engine.served_step_seconds = async_engine.served_step_seconds
     return engine
 
 

@@ -66,6 +66,7 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self._handed_over = threading.Event()
         self._wait_for_loop = engine.config.device == "cpu"
+        self.served_step_seconds = 0.0  # the engine's steps as served: from each start to its hand-over
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -111,6 +112,10 @@ class AsyncEngine:
             if remaining:
                 self._post(("abort", request_id))
 
+    def stats(self) -> dict[str, float]:
+        """The engine's stats, and the time its steps took as served."""
+        return {**self.engine.stats(), "step_served_seconds": self.served_step_seconds}
+
     def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))
 
@@ -150,7 +155,7 @@ class AsyncEngine:
                 if wait:
                     self._handed_over.wait(LOOP_WAIT_S)
             if engine.num_steps != steps:  # the step as served: bookkeeping and the hand-over included
-                engine.served_step_seconds += time.perf_counter() - started
+                self.served_step_seconds += time.perf_counter() - started
 
     def _drain_inbox(self) -> None:
         while self._inbox:

@@ -84,7 +84,6 @@ class LLMEngine:
         self._pending: list[Sequence] = []  # sequences whose newest token awaits its text
         self.num_steps = 0  # steps that ran the model, and their time in the forward pass and sampling
         self.forward_seconds = 0.0
-        self.served_step_seconds = 0.0  # what the same steps took as served (set by the async engine)
         self._warm_up()
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size,
                  num_blocks * config.block_size)
@@ -288,5 +287,4 @@ class LLMEngine:
             "weight_bytes": self.weight_bytes,
             "steps": self.num_steps,
             "step_forward_seconds": self.forward_seconds,
-            "step_served_seconds": self.served_step_seconds,
         }

@@ -47,7 +47,7 @@ class Server:
         self.model_aliases: set[str] = set()
         self.in_flight = 0  # prompts admitted and not yet answered
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scalellm-tokenize")
-        self.metrics = Metrics(lambda: self.engine.engine.stats() if self.engine else None, self.model_name)
+        self.metrics = Metrics(lambda: self.engine.stats() if self.engine else None, self.model_name)
         self.serving = OpenAIServing(self)
         self.dashboard = Dashboard(self)
         self.flags: dict = {}  # the command line's settings, shown on the dashboard

@@ -58,13 +58,12 @@ class _EngineCollector:
         counters = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s["prefix_cache_queries"]),
                     ("prefix_cache_hits", "Prompt tokens found in the prefix cache", s["prefix_cache_hits"]),
                     ("num_preemptions", "Sequences preempted for lack of KV blocks", s["num_preemptions"]),
-                    ("engine_steps", "Engine steps that ran the model", s.get("steps", 0)),
+                    ("engine_steps", "Engine steps that ran the model", s["steps"]),
                     ("engine_step_forward_seconds", "Time those steps spent in the model runner (step inputs and "
-                     "forward pass) and sampling",
-                     s.get("step_forward_seconds", 0.0)),
+                     "forward pass) and sampling", s["step_forward_seconds"]),
                     ("engine_step_served_seconds", "Time those steps took as served, from each step's start to "
                      "the hand-over of its output (scheduling, bookkeeping and waiting for the event loop "
-                     "included)", s.get("step_served_seconds", 0.0)))
+                     "included)", s["step_served_seconds"]))
         for name, doc, value in counters:
             family = CounterMetricFamily(f"scalellm:{name}", doc, labels=["model_name"])
             family.add_metric(label, value)
