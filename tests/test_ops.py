@@ -3,12 +3,14 @@
 Outputs are poisoned (NaN) before each run, so an element a kernel fails to write fails the test.
 CPU kernels always run; the CUDA kernels run where CUDA is present and skip with the reason elsewhere.
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from scalellm import ops
-from scalellm.ops import cpu_kernels
+from scalellm.ops import cpu_attention, cpu_kernels
+from scalellm.ops.numba_util import as_numba
 from scalellm.ops.cpu_attention import paged_decode_attention
 from scalellm.ops import torch_ops as R
 
@@ -85,6 +87,28 @@ def test_cpu_decode_attention(dtype, _, heads, kv_heads, head_dim):
                                          head_dim ** -0.5, out=poisoned(q[:seqs].shape, dtype))
             assert out.dtype == dtype and out.shape == q[:seqs].shape
             torch.testing.assert_close(out.double(), ref[:seqs], **tol(dtype))
+        # the parallel build over other splits of the rows: more runs than threads, some of them empty
+        for runs in (1, 5, 9):
+            out = poisoned(q.shape, dtype)
+            cpu_attention.decode_attention(as_numba(q), as_numba(k_cache), as_numba(v_cache), tables.numpy(),
+                                           starts.numpy(), lens.numpy(), head_dim ** -0.5, as_numba(out),
+                                           cpu_attention.balanced_parts(starts.numpy(), lens.numpy(), runs))
+            torch.testing.assert_close(out.double(), ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("runs", [1, 2, 3, 8])
+def test_balanced_parts(runs):
+    """The threads' runs of rows cover every row once, in order, each with about its share of the work."""
+    rng = np.random.default_rng(runs)
+    for rows in (1, 4, 7, 64, 130):
+        lens = rng.integers(1, 3000, rows).astype(np.int32)
+        starts = np.where(rng.random(rows) < 0.3, lens // 2, 0).astype(np.int32)
+        bounds = cpu_attention.balanced_parts(starts, lens, runs)
+        assert len(bounds) == runs + 1 and bounds[0] == 0 and bounds[-1] == rows
+        assert (np.diff(bounds) >= 0).all()
+        cost = lens - starts + cpu_attention.ROW_COST
+        work = [cost[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])]
+        assert max(work) <= cost.sum() / runs + cost.max()
 
 
 @pytest.mark.parametrize("dtype, _", DTYPES)

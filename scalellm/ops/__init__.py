@@ -121,19 +121,44 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if uses_cuda_kernels(q):
         return _cuda_paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
-    nd = meta.num_decode_tokens
     q_np, k_np, v_np, out_np = as_numba(q), as_numba(k_cache), as_numba(v_cache), as_numba(out)
-    if nd:
-        _cpu_decode_attention(q_np[:nd], k_np, v_np, meta.decode_block_tables, meta.decode_context_starts,
-                              meta.decode_context_lens, scale, out_np[:nd])
-    if not meta.prefills:
-        return out
-    if cpu_attention.IR_PREFILL and cpu_attention.takes_ir(q.shape[1], k_np, v_np):
-        _cpu_decode_attention(q_np[nd:], k_np, v_np, *prefill_as_decode(meta), scale, out_np[nd:])
-        return out
-    for chunk in meta.prefills:
-        torch_ops.prefill_chunk_attention(out, q, k_cache, v_cache, chunk, scale)
+    with_prefills = bool(meta.prefills) and cpu_attention.IR_PREFILL and cpu_attention.takes_ir(q.shape[1], k_np, v_np)
+    rows = _cpu_decode_rows(meta, with_prefills)
+    if rows is not None:
+        n = len(rows[2])
+        _cpu_decode_attention(q_np[:n], k_np, v_np, *rows[:3], scale, out_np[:n], rows[3])
+    if not with_prefills:
+        for chunk in meta.prefills:
+            torch_ops.prefill_chunk_attention(out, q, k_cache, v_cache, chunk, scale)
     return out
+
+
+def _cpu_decode_rows(meta: AttentionMetadata, with_prefills: bool):
+    """The rows the CPU decode kernel takes in one call, built once per step (every layer reads them): the
+    decode rows, then each prefill token as a decode row when with_prefills; (block tables, context starts,
+    context lengths, the threads' runs of rows), or None when there are none."""
+    cached = meta.cpu_decode_rows
+    if cached is None or cached[0] != with_prefills:
+        groups = []
+        if meta.num_decode_tokens:
+            groups.append((meta.decode_block_tables, meta.decode_context_starts, meta.decode_context_lens))
+        if with_prefills:
+            groups.append(prefill_as_decode(meta))
+        if not groups:
+            return None
+        tables, starts, lens = groups[0] if len(groups) == 1 else _stack_rows(*groups)
+        cached = (with_prefills, (tables, starts, lens, cpu_attention.row_parts(starts, lens)))
+        meta.cpu_decode_rows = cached
+    return cached[1]
+
+
+def _stack_rows(first, second):
+    """Two sets of decode rows (block tables, starts, lengths) as one; the tables padded to one width."""
+    (t1, s1, l1), (t2, s2, l2) = first, second
+    tables = np.zeros((len(l1) + len(l2), max(t1.shape[1], t2.shape[1])), np.int32)
+    tables[:len(l1), :t1.shape[1]] = t1
+    tables[len(l1):, :t2.shape[1]] = t2
+    return tables, np.concatenate((s1, s2)), np.concatenate((l1, l2))
 
 
 def _cuda_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -35,6 +35,7 @@ class AttentionMetadata:
     max_decode_context: int = 0  # longest decode context (after the window), known on the host
     device: dict[str, torch.Tensor] | None = None  # kernel_arrays() as device tensors, when shipped
     prefill_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # prefill_as_decode(), once built
+    cpu_decode_rows: tuple | None = None  # the CPU decode kernel's rows for the step (ops.paged_attention)
 
 
 def prefill_as_decode(meta: AttentionMetadata) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -5,9 +5,10 @@ sixteen cached positions per call with each K row widened once for the whole que
 float32, values accumulated in registers over each block (attention_ir.py), every KV head taken at
 each position so the cache is read in memory order. Other caches
 (float32: the token-identity tests' dtype) take the plain kernel: each key row read once for the group,
-the accumulator in memory. Both run one task per sequence, walking its blocks in order; small batches
-run serial builds (a parallel launch costs more than their work). The kernels release the GIL.
-bfloat16 prefill tokens take the IR kernel too, each as a decode row over its own causal context
+the accumulator in memory. Both walk each row's blocks in order, the threads taking runs of rows of
+about equal work (balanced_parts); small batches run serial builds (a parallel launch costs more than
+their work). The kernels release the GIL. bfloat16 prefill tokens take the IR kernel too, each as a
+decode row over its own causal context, in the same call as the step's decodes
 (attention_metadata.prefill_as_decode; routed in ops.paged_attention).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import inspect
 import types
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -58,82 +60,84 @@ def _softmax_rows(scores, rows, length):
 
 
 @twin
-def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale, out):
-    num_seqs, num_heads, head_dim = q.shape
+def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale, out, parts):
+    num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // kv_heads
-    for b in prange(num_seqs):  # one task per sequence: each cache block is read front to back once
-        start = context_starts[b]
-        end = context_lens[b]
-        length = end - start
-        qs = np.empty((num_heads, head_dim), np.float32)
-        for h in range(num_heads):
-            for d in range(head_dim):
-                qs[h, d] = load(q[b, h, d]) * scale
-        scores = np.empty((num_heads, length), np.float32)
-        for j in range(start // block_size, (end + block_size - 1) // block_size):
-            blk = block_tables[b, j]
-            for pos in range(max(start, j * block_size), min(end, (j + 1) * block_size)):
-                off = pos - j * block_size
-                for kh in range(kv_heads):
-                    for h in range(kh * group, (kh + 1) * group):
-                        s = np.float32(0.0)
-                        for d in range(head_dim):
-                            s += qs[h, d] * load(k_cache[blk, off, kh, d])
-                        scores[h, pos - start] = s
-        _softmax_rows(scores, num_heads, length)
-        acc = np.zeros((num_heads, head_dim), np.float32)
-        for j in range(start // block_size, (end + block_size - 1) // block_size):
-            blk = block_tables[b, j]
-            for pos in range(max(start, j * block_size), min(end, (j + 1) * block_size)):
-                off = pos - j * block_size
-                for kh in range(kv_heads):
-                    for h in range(kh * group, (kh + 1) * group):
-                        p = scores[h, pos - start]
-                        for d in range(head_dim):
-                            acc[h, d] += p * load(v_cache[blk, off, kh, d])
-        for h in range(num_heads):
-            for d in range(head_dim):
-                store(out, (b, h, d), acc[h, d])
+    for part in prange(parts.shape[0] - 1):  # a run of sequences per task: each block read front to back once
+        for b in range(parts[part], parts[part + 1]):
+            start = context_starts[b]
+            end = context_lens[b]
+            length = end - start
+            qs = np.empty((num_heads, head_dim), np.float32)
+            for h in range(num_heads):
+                for d in range(head_dim):
+                    qs[h, d] = load(q[b, h, d]) * scale
+            scores = np.empty((num_heads, length), np.float32)
+            for j in range(start // block_size, (end + block_size - 1) // block_size):
+                blk = block_tables[b, j]
+                for pos in range(max(start, j * block_size), min(end, (j + 1) * block_size)):
+                    off = pos - j * block_size
+                    for kh in range(kv_heads):
+                        for h in range(kh * group, (kh + 1) * group):
+                            s = np.float32(0.0)
+                            for d in range(head_dim):
+                                s += qs[h, d] * load(k_cache[blk, off, kh, d])
+                            scores[h, pos - start] = s
+            _softmax_rows(scores, num_heads, length)
+            acc = np.zeros((num_heads, head_dim), np.float32)
+            for j in range(start // block_size, (end + block_size - 1) // block_size):
+                blk = block_tables[b, j]
+                for pos in range(max(start, j * block_size), min(end, (j + 1) * block_size)):
+                    off = pos - j * block_size
+                    for kh in range(kv_heads):
+                        for h in range(kh * group, (kh + 1) * group):
+                            p = scores[h, pos - start]
+                            for d in range(head_dim):
+                                acc[h, d] += p * load(v_cache[blk, off, kh, d])
+            for h in range(num_heads):
+                for d in range(head_dim):
+                    store(out, (b, h, d), acc[h, d])
 
 
-def _bf16_decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale, out):
+def _bf16_decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale, out, parts):
     """bfloat16 caches, one task per sequence: scores sixteen positions per call, then softmax, then the
     values accumulated block by block (attention_ir); every KV head is taken at each position, so the
     cache is read in memory order. _SCORES and _ACCUMULATE are the intrinsics for this build's head_dim,
     group and KV heads (see _ir_kernel)."""
-    num_seqs, num_heads, head_dim = q.shape
+    num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     row = kv_heads * head_dim  # elements from one position's K (or V) row to the next
     k_base, v_base = k_cache.ctypes.data, v_cache.ctypes.data
-    for b in prange(num_seqs):
-        start = context_starts[b]
-        end = context_lens[b]
-        length = end - start
-        width = length + TILE  # a tile writes all 16 lanes
-        qs = np.empty((num_heads, head_dim), np.float32)
-        for h in range(num_heads):
-            for d in range(head_dim):
-                qs[h, d] = load(q[b, h, d]) * scale
-        scores = np.empty((num_heads, width), np.float32)
-        acc = np.zeros((num_heads, head_dim), np.float32)
-        q_at, s_at, a_at = qs.ctypes.data, scores.ctypes.data, acc.ctypes.data
-        first, last = start // block_size, (end + block_size - 1) // block_size
-        for j in range(first, last):
-            lo, hi = max(start, j * block_size), min(end, (j + 1) * block_size)
-            at = (block_tables[b, j] * block_size + lo - j * block_size) * row
-            for p in range(lo, hi, TILE):
-                _SCORES(q_at, k_base + 2 * (at + (p - lo) * row), row, min(TILE, hi - p), s_at + 4 * (p - start),
-                        width)
-        _softmax_rows(scores, num_heads, length)
-        for j in range(first, last):
-            lo, hi = max(start, j * block_size), min(end, (j + 1) * block_size)
-            at = (block_tables[b, j] * block_size + lo - j * block_size) * row
-            _ACCUMULATE(s_at + 4 * (lo - start), width, v_base + 2 * at, row, hi - lo, a_at)
-        for h in range(num_heads):
-            for d in range(head_dim):
-                store(out, (b, h, d), acc[h, d])
-        keep_alive(qs, scores, acc)
+    for part in prange(parts.shape[0] - 1):
+        for b in range(parts[part], parts[part + 1]):
+            start = context_starts[b]
+            end = context_lens[b]
+            length = end - start
+            width = length + TILE  # a tile writes all 16 lanes
+            qs = np.empty((num_heads, head_dim), np.float32)
+            for h in range(num_heads):
+                for d in range(head_dim):
+                    qs[h, d] = load(q[b, h, d]) * scale
+            scores = np.empty((num_heads, width), np.float32)
+            acc = np.zeros((num_heads, head_dim), np.float32)
+            q_at, s_at, a_at = qs.ctypes.data, scores.ctypes.data, acc.ctypes.data
+            first, last = start // block_size, (end + block_size - 1) // block_size
+            for j in range(first, last):
+                lo, hi = max(start, j * block_size), min(end, (j + 1) * block_size)
+                at = (block_tables[b, j] * block_size + lo - j * block_size) * row
+                for p in range(lo, hi, TILE):
+                    _SCORES(q_at, k_base + 2 * (at + (p - lo) * row), row, min(TILE, hi - p), s_at + 4 * (p - start),
+                            width)
+            _softmax_rows(scores, num_heads, length)
+            for j in range(first, last):
+                lo, hi = max(start, j * block_size), min(end, (j + 1) * block_size)
+                at = (block_tables[b, j] * block_size + lo - j * block_size) * row
+                _ACCUMULATE(s_at + 4 * (lo - start), width, v_base + 2 * at, row, hi - lo, a_at)
+            for h in range(num_heads):
+                for d in range(head_dim):
+                    store(out, (b, h, d), acc[h, d])
+            keep_alive(qs, scores, acc)
 
 
 _IR_KERNELS: dict = {}
@@ -162,17 +166,42 @@ def takes_ir(heads: int, k_cache: np.ndarray, v_cache: np.ndarray) -> bool:
         and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous
 
 
+# A row's fixed cost (its setup, softmax passes and output), in cached positions, when splitting rows into
+# runs of equal work: a mixed step's decode rows (long contexts) and prefill rows (a triangle of short to
+# long ones) split by count leave one thread with most of the work.
+ROW_COST = 16
+
+
+def balanced_parts(context_starts: np.ndarray, context_lens: np.ndarray, parts: int) -> np.ndarray:
+    """Boundaries (int64 [parts + 1]) of `parts` contiguous runs of rows with about equal work."""
+    cost = (context_lens - context_starts + ROW_COST).astype(np.int64)
+    middle = 2 * np.cumsum(cost) - cost  # twice each row's midpoint on the line of all the work
+    part = middle * parts // (2 * int(cost.sum()))  # the run each row's midpoint falls in
+    return np.searchsorted(part, np.arange(parts + 1), side="left").astype(np.int64)
+
+
+def row_parts(context_starts: np.ndarray, context_lens: np.ndarray) -> np.ndarray:
+    """The runs of rows decode_attention's threads take for these rows (one run for a serial build)."""
+    if len(context_lens) < PARALLEL_SEQS:
+        return np.array([0, len(context_lens)], np.int64)
+    return balanced_parts(context_starts, context_lens, numba.get_num_threads())
+
+
 def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, block_tables: np.ndarray,
-                     context_starts: np.ndarray, context_lens: np.ndarray, scale: float, out: np.ndarray) -> None:
+                     context_starts: np.ndarray, context_lens: np.ndarray, scale: float, out: np.ndarray,
+                     parts: np.ndarray | None = None) -> None:
     """The kernel on numba-ready arrays (see paged_decode_attention): the vector-IR kernel where takes_ir,
-    the plain one elsewhere."""
+    the plain one elsewhere. parts: the runs of rows the threads take (balanced_parts; computed here when
+    not given)."""
     parallel = q.shape[0] >= PARALLEL_SEQS
+    if parts is None:
+        parts = row_parts(context_starts, context_lens)
     heads, head_dim, kv_heads = q.shape[1], q.shape[2], k_cache.shape[2]
     if takes_ir(heads, k_cache, v_cache):
         kernel = _ir_kernel(head_dim, heads // kv_heads, kv_heads, parallel)
     else:
         kernel = _decode_kernel.parallel if parallel else _decode_kernel.serial
-    kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, np.float32(scale), out)
+    kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, np.float32(scale), out, parts)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
