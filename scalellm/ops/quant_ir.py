@@ -170,14 +170,18 @@ def make_dequant_row(fmt: str):
 # as llama.cpp quantizes activations for these formats) and each block is one `vpdpbusd` (unsigned
 # bytes times signed bytes, summed in fours into eight int32 lanes) instead of float unpacking.
 
-_V8I, _V32I8 = ir.VectorType(_I32, 8), ir.VectorType(_I8, 32)
+_V8I, _V16I, _V32I8, _V64I8 = (ir.VectorType(_I32, 8), ir.VectorType(_I32, 16), ir.VectorType(_I8, 32),
+                               ir.VectorType(_I8, 64))
 _V8F = ir.VectorType(_F32, 8)
 
 
 def _vpdpbusd(builder, acc, unsigned, signed):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I, [_V8I] * 3),
-                                        "llvm.x86.avx512.vpdpbusd.256")
-    return builder.call(fn, [acc, builder.bitcast(unsigned, _V8I), builder.bitcast(signed, _V8I)])
+    """acc plus the products of unsigned and signed bytes summed in fours (8 or 16 int32 lanes)."""
+    lanes = acc.type.count
+    vec = ir.VectorType(_I32, lanes)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
+                                        f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
+    return builder.call(fn, [acc, builder.bitcast(unsigned, vec), builder.bitcast(signed, vec)])
 
 
 def _splat8(builder, value):
@@ -190,6 +194,22 @@ def _fma8(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
+def _block_pair(builder, fmt: str, qs_p, b):
+    """Blocks b and b + 1 of a weight row as 64 bytes, block after block (a 4-bit block's low nibbles,
+    then its high ones, as GGUF orders its elements), and for Q8_0 128 x their sums in fours (16 lanes)."""
+    if fmt == "q8_0":
+        qp = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 32))])
+        w = builder.load(builder.bitcast(qp, _V64I8.as_pointer()), align=1)
+        w_sum = _vpdpbusd(builder, ir.Constant(_V16I, [0] * 16), ir.Constant(_V64I8, [1] * 64), w)
+        return w, builder.shl(w_sum, ir.Constant(_V16I, [7] * 16))
+    qp = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 16))])
+    q = builder.load(builder.bitcast(qp, _V32I8.as_pointer()), align=1)
+    lo = builder.and_(q, _const_vec([15] * 32, _I8))
+    hi = builder.lshr(q, _const_vec([4] * 32, _I8))
+    order = [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]  # lo is 0-31, hi 32-63
+    return builder.shuffle_vector(lo, hi, _const_vec(order)), None
+
+
 def make_row_dot_i8(fmt: str, rows: int):
     """row_dot_i8(qs, d, m, xq, x_stride, xd, xo, nb) -> `rows` float32 dot products of one weight row
     with rows of int8 activations: xq (int8 blocks, biased by +128 as unsigned bytes for Q8_0; stride in
@@ -197,9 +217,12 @@ def make_row_dot_i8(fmt: str, rows: int):
     sum of quantized values, [rows, nb]: the 4-bit formats' offset term).
 
     Blocks go eight at a time: their float16 scales (and Q4_1's minimums) are widened in one vector and
-    multiplied by the activations' eight scales at once, each block then broadcasting its lane; the offset
-    terms are one vector multiply-add per eight blocks. Leftover blocks take the same path one by one.
-    Two accumulators per x row (even and odd blocks) so the adds overlap."""
+    multiplied by the activations' eight scales at once; the offset terms are one vector multiply-add per
+    eight blocks; then two blocks per 512-bit `vpdpbusd`, whose lanes (eight per block) are scaled by a
+    vector holding the two blocks' scales, into one accumulator per x row whose halves gather the even
+    and the odd blocks. Leftover blocks go one by one (256-bit) into the even half. Each lane sums its
+    blocks in the order two 8-lane accumulators (even and odd blocks) would, as a block at a time did:
+    a change that moved the bundled model's greedy answers (a near tie on the Paris question) kept them."""
     def row_dot_i8(typingctx, qs, d, m, xq, x_stride, xd, xo, nb):
         sig = types.UniTuple(types.float32, rows)(*([types.intp] * 8))
 
@@ -212,6 +235,8 @@ def make_row_dot_i8(fmt: str, rows: int):
             zero_i, zero_f = ir.Constant(_V8I, [0] * 8), ir.Constant(_V8F, [0.0] * 8)
             accs = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(2)] for _ in range(rows)]
             offs = [cgutils.alloca_once_value(builder, zero_f) for _ in range(rows)]
+            zero16 = ir.Constant(_V16I, [0] * 16)
+            pairs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16)) for _ in range(rows)]
 
             def weights(b):
                 """Block b's quantized values as 32 bytes (and, for Q8_0, 128 x their sums in fours)."""
@@ -262,9 +287,25 @@ def make_row_dot_i8(fmt: str, rows: int):
                     products.append(builder.fmul(d8, vec8(xd_p, at)))
                     if off8 is not None:
                         builder.store(_fma8(builder, off8, vec8(xo_p, at), builder.load(offs[t])), offs[t])
-                for j in range(8):
-                    lane = [builder.shuffle_vector(p, p, _const_vec([j] * 8)) for p in products]
-                    block(builder.add(b0, ir.Constant(_I64, j)), j & 1, lane)
+                for j in range(4):
+                    b = builder.add(b0, ir.Constant(_I64, 2 * j))
+                    w, bias = _block_pair(builder, fmt, qs_p, b)
+                    for t in range(rows):
+                        at = builder.add(builder.mul(x_stride, ir.Constant(_I64, t)),
+                                         builder.mul(b, ir.Constant(_I64, 32)))
+                        x = builder.load(builder.bitcast(builder.gep(xq_p, [at]), _V64I8.as_pointer()), align=1)
+                        if bias is not None:
+                            dot = builder.sub(_vpdpbusd(builder, zero16, x, w), bias)
+                        else:
+                            dot = _vpdpbusd(builder, zero16, w, x)
+                        p = products[t]
+                        scales = builder.shuffle_vector(p, p, _const_vec([2 * j] * 8 + [2 * j + 1] * 8))
+                        pair = builder.load(pairs[t])
+                        builder.store(_fma(builder, builder.sitofp(dot, _V16F), scales, pair), pairs[t])
+            for t in range(rows):  # the halves: even blocks so far, odd blocks
+                both = builder.load(pairs[t])
+                builder.store(builder.shuffle_vector(both, both, _const_vec(range(8))), accs[t][0])
+                builder.store(builder.shuffle_vector(both, both, _const_vec(range(8, 16))), accs[t][1])
             done = builder.and_(nb, ir.Constant(_I64, ~7))
             with cgutils.for_range(builder, builder.sub(nb, done)) as loop:
                 b = builder.add(done, loop.index)
