@@ -29,7 +29,7 @@ from scalellm.ops.cpu_attention import decode_attention as _cpu_decode_attention
 from scalellm.ops.linear import Linear  # noqa: E402
 from scalellm.ops.moe import MoEWeights, fused_moe_cuda_kernels  # noqa: E402
 from scalellm.ops.moe import fused_moe as _cpu_fused_moe  # noqa: E402
-from scalellm.ops.numba_util import as_numba, keep_numba_view  # noqa: E402
+from scalellm.ops.numba_util import as_numba, keep_numba_view, new_tensor  # noqa: E402
 from scalellm.ops.quant_linear import QuantizedLinear, embedding  # noqa: E402
 from scalellm.ops.quant_tensor import QuantizedTensor  # noqa: E402
 
@@ -120,7 +120,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q: [tokens, heads, dim], decode tokens first -> attention output of the same shape."""
     if uses_cuda_kernels(q):
         return _cuda_paged_attention(q, k_cache, v_cache, meta, scale)
-    out = torch.empty_like(q)
+    out = new_tensor(q.shape, q.dtype)
     q_np, k_np, v_np, out_np = as_numba(q), as_numba(k_cache), as_numba(v_cache), as_numba(out)
     with_prefills = bool(meta.prefills) and cpu_attention.IR_PREFILL and cpu_attention.takes_ir(q.shape[1], k_np, v_np)
     rows = _cpu_decode_rows(meta, with_prefills)

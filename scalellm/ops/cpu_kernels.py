@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from scalellm.ops.numba_util import as_numba, exp_f32, load, round_as, store
+from scalellm.ops.numba_util import as_numba, exp_f32, load, new_tensor, round_as, store
 
 # Reassociation lets LLVM vectorize the reductions; no-NaN/no-Inf assumptions stay off (masked scores
 # are -inf, and a NaN must propagate rather than vanish).
@@ -278,10 +278,13 @@ _NO_WEIGHT = np.zeros(0, np.float32)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty_like(x2) if out is None else out.view(x2.shape)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if out is None:
+        out = new_tensor(x2.shape, x.dtype)
+    elif out.shape != x2.shape:
+        out = out.view(x2.shape)
     _rms_norm(x2.shape[0])(as_numba(out), as_numba(x2), as_numba(weight), np.float32(eps))
-    return out.view(x.shape)
+    return out if x2 is x else out.view(x.shape)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -301,7 +304,7 @@ def attention_inputs(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tens
     """qkv: [tokens, (heads + 2 kv_heads) * head_dim] -> q [tokens, heads, head_dim]; k and v go to the cache."""
     dim = k_cache.shape[-1]
     if q_out is None:
-        q_out = torch.empty(qkv.shape[0], num_heads, dim, dtype=qkv.dtype)
+        q_out = new_tensor((qkv.shape[0], num_heads, dim), qkv.dtype)
     qn = _NO_WEIGHT if q_norm is None else as_numba(q_norm)
     kn = _NO_WEIGHT if k_norm is None else as_numba(k_norm)
     _attention_inputs(qkv.shape[0])(as_numba(qkv), positions.numpy(), as_numba(cos), as_numba(sin), qn, kn,
@@ -317,8 +320,8 @@ def rotary_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, co
 
 def silu_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     n = x.shape[-1] // 2
-    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype) if out is None else out
-    x2 = x.reshape(-1, 2 * n)
+    out = new_tensor((*x.shape[:-1], n), x.dtype) if out is None else out
+    x2 = x if x.dim() == 2 else x.reshape(-1, 2 * n)
     # the parallel build at every size: LLVM vectorizes its row loop (exp_f32 included) but not the
     # serial build's (1x1536 bf16: ~3 us against ~11 us; 64 rows: ~30 us against ~410 us)
     _silu_mul.parallel(as_numba(out.view(-1, n)), as_numba(x2))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from scalellm.ops.cpu_kernels import small_gemm
-from scalellm.ops.numba_util import as_numba
+from scalellm.ops.numba_util import as_numba, new_tensor
 
 PACK_BATCH_HINT = 128  # the batch size oneDNN tunes the packed layout for; measured flat from 1 to 512
 PACK_WEIGHTS = True  # the default for new Linears (benchmarks turn it off to measure the plain path)
@@ -65,7 +65,7 @@ class Linear:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T + bias, plus `residual` when given (a new tensor; the inputs are not modified)."""
         if self._plain is not None and x.shape[0] <= SMALL_BATCH_ROWS and x.dim() == 2:
-            out = torch.empty(x.shape[0], self.out_features, dtype=self.dtype)
+            out = new_tensor((x.shape[0], self.out_features), self.dtype)
             small_gemm(as_numba(x), self._plain, self._bias,
                        self._no_residual if residual is None else as_numba(residual), as_numba(out))
             return out
