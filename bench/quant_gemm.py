@@ -97,7 +97,7 @@ def main() -> None:
                 us = statistics.median(run[key][kind] for run in runs[label])
                 cells.append(f"{us:.1f}")
                 cold_us = us if kind == "cold" else cold_us
-        size = runs[label][0][key]["bytes"]
+        size = runs[next(iter(trees))][0][key]["bytes"]
         lines.append(f"| {key} | {size / 1024:.0f} | " + " | ".join(cells) + f" | {size / cold_us / 1e3:.1f} |")
     path = os.path.join(ROOT, "bench", "results", "quant_gemm.md")
     with open(path, "w") as f:

@@ -324,7 +324,7 @@ def silu_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     x2 = x if x.dim() == 2 else x.reshape(-1, 2 * n)
     # the parallel build at every size: LLVM vectorizes its row loop (exp_f32 included) but not the
     # serial build's (1x1536 bf16: ~3 us against ~11 us; 64 rows: ~30 us against ~410 us)
-    _silu_mul.parallel(as_numba(out.view(-1, n)), as_numba(x2))
+    _silu_mul.parallel(as_numba(out if out.dim() == 2 else out.view(-1, n)), as_numba(x2))
     return out
 
 

@@ -167,11 +167,10 @@ def make_dequant_row(fmt: str):
 
 # ---- int8 dot products (AVX512-VNNI) --------------------------------------------------------------
 # Where the CPU has VNNI, activations are quantized per 32-element block to int8 (scale = max|x| / 127,
-# as llama.cpp quantizes activations for these formats) and each block is one `vpdpbusd` (unsigned
-# bytes times signed bytes, summed in fours into eight int32 lanes) instead of float unpacking.
+# as llama.cpp quantizes activations for these formats) and blocks are multiplied with `vpdpbusd`
+# (unsigned bytes times signed bytes, summed in fours into eight int32 lanes per block) instead of
+# float unpacking.
 
-_V8I, _V16I, _V32I8, _V64I8 = (ir.VectorType(_I32, 8), ir.VectorType(_I32, 16), ir.VectorType(_I8, 32),
-                               ir.VectorType(_I8, 64))
 _V8F = ir.VectorType(_F32, 8)
 
 
@@ -194,19 +193,24 @@ def _fma8(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
-def _block_pair(builder, fmt: str, qs_p, b):
-    """Blocks b and b + 1 of a weight row as 64 bytes, block after block (a 4-bit block's low nibbles,
-    then its high ones, as GGUF orders its elements), and for Q8_0 128 x their sums in fours (16 lanes)."""
+def _weight_blocks(builder, fmt: str, qs_p, b, count: int):
+    """`count` (1 or 2) blocks of a weight row from block b as 32 * count bytes, block after block (a 4-bit
+    block's low nibbles, then its high ones, as GGUF orders its elements), and for Q8_0 128 x their sums
+    in fours (8 * count int32 lanes)."""
     if fmt == "q8_0":
         qp = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 32))])
-        w = builder.load(builder.bitcast(qp, _V64I8.as_pointer()), align=1)
-        w_sum = _vpdpbusd(builder, ir.Constant(_V16I, [0] * 16), ir.Constant(_V64I8, [1] * 64), w)
-        return w, builder.shl(w_sum, ir.Constant(_V16I, [7] * 16))
+        w = builder.load(builder.bitcast(qp, ir.VectorType(_I8, 32 * count).as_pointer()), align=1)
+        zero = ir.Constant(ir.VectorType(_I32, 8 * count), [0] * 8 * count)
+        w_sum = _vpdpbusd(builder, zero, ir.Constant(w.type, [1] * 32 * count), w)
+        return w, builder.shl(w_sum, ir.Constant(w_sum.type, [7] * 8 * count))
+    n = 16 * count
     qp = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 16))])
-    q = builder.load(builder.bitcast(qp, _V32I8.as_pointer()), align=1)
-    lo = builder.and_(q, _const_vec([15] * 32, _I8))
-    hi = builder.lshr(q, _const_vec([4] * 32, _I8))
-    order = [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]  # lo is 0-31, hi 32-63
+    q = builder.load(builder.bitcast(qp, ir.VectorType(_I8, n).as_pointer()), align=1)
+    lo = builder.and_(q, _const_vec([15] * n, _I8))
+    hi = builder.lshr(q, _const_vec([4] * n, _I8))
+    order = []
+    for blk in range(count):  # the shuffle numbers lo's bytes 0..n-1 and hi's n..2n-1
+        order += [*range(16 * blk, 16 * blk + 16), *range(n + 16 * blk, n + 16 * blk + 16)]
     return builder.shuffle_vector(lo, hi, _const_vec(order)), None
 
 
@@ -221,8 +225,9 @@ def make_row_dot_i8(fmt: str, rows: int):
     eight blocks; then two blocks per 512-bit `vpdpbusd`, whose lanes (eight per block) are scaled by a
     vector holding the two blocks' scales, into one accumulator per x row whose halves gather the even
     and the odd blocks. Leftover blocks go one by one (256-bit) into the even half. Each lane sums its
-    blocks in the order two 8-lane accumulators (even and odd blocks) would, as a block at a time did:
-    a change that moved the bundled model's greedy answers (a near tie on the Paris question) kept them."""
+    blocks in the order of two 8-lane accumulators (even and odd blocks), as a block at a time did: with
+    int8 activations a last-bit change can move a whole rounding step downstream, and the bundled model's
+    greedy answer to the Paris question is a near tie that another order flipped."""
     def row_dot_i8(typingctx, qs, d, m, xq, x_stride, xd, xo, nb):
         sig = types.UniTuple(types.float32, rows)(*([types.intp] * 8))
 
@@ -232,38 +237,27 @@ def make_row_dot_i8(fmt: str, rows: int):
             xd_p = builder.inttoptr(args[5], _F32.as_pointer())
             xo_p = builder.inttoptr(args[6], _F32.as_pointer())
             x_stride, nb = args[4], args[7]
-            zero_i, zero_f = ir.Constant(_V8I, [0] * 8), ir.Constant(_V8F, [0.0] * 8)
+            zero_f = ir.Constant(_V8F, [0.0] * 8)
             accs = [[cgutils.alloca_once_value(builder, zero_f) for _ in range(2)] for _ in range(rows)]
             offs = [cgutils.alloca_once_value(builder, zero_f) for _ in range(rows)]
-            zero16 = ir.Constant(_V16I, [0] * 16)
             pairs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16)) for _ in range(rows)]
 
-            def weights(b):
-                """Block b's quantized values as 32 bytes (and, for Q8_0, 128 x their sums in fours)."""
-                if fmt == "q8_0":
-                    qp = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 32))])
-                    w = builder.load(builder.bitcast(qp, _V32I8.as_pointer()), align=1)
-                    w_sum = _vpdpbusd(builder, zero_i, ir.Constant(_V32I8, [1] * 32), w)
-                    return w, builder.shl(w_sum, ir.Constant(_V8I, [7] * 8))
-                qp = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 16))])
-                q = builder.load(builder.bitcast(qp, ir.VectorType(_I8, 16).as_pointer()), align=1)
-                lo = builder.and_(q, _const_vec([15] * 16, _I8))
-                hi = builder.lshr(q, _const_vec([4] * 16, _I8))
-                return builder.shuffle_vector(lo, hi, _const_vec(range(32))), None
-
-            def block(b, parity, scales):
-                """scales[t]: block b's weight scale times row t's activation scale, in all 8 lanes."""
-                w, bias = weights(b)
+            def blocks(b, count, scales, targets):
+                """`count` (1 or 2) blocks from b into each x row's accumulator targets[t]; scales[t]: the
+                blocks' weight scales times row t's activation scales, eight lanes per block."""
+                w, bias = _weight_blocks(builder, fmt, qs_p, b, count)
+                zero = ir.Constant(ir.VectorType(_I32, 8 * count), [0] * 8 * count)
+                floats, fma = ir.VectorType(_F32, 8 * count), (_fma8 if count == 1 else _fma)
                 for t in range(rows):
                     row = builder.mul(x_stride, ir.Constant(_I64, t))
                     xp = builder.gep(xq_p, [builder.add(row, builder.mul(b, ir.Constant(_I64, 32)))])
-                    x = builder.load(builder.bitcast(xp, _V32I8.as_pointer()), align=1)
+                    x = builder.load(builder.bitcast(xp, ir.VectorType(_I8, 32 * count).as_pointer()), align=1)
                     if bias is not None:
-                        dot = builder.sub(_vpdpbusd(builder, zero_i, x, w), bias)
+                        dot = builder.sub(_vpdpbusd(builder, zero, x, w), bias)
                     else:
-                        dot = _vpdpbusd(builder, zero_i, w, x)
-                    acc = accs[t][parity]
-                    builder.store(_fma8(builder, builder.sitofp(dot, _V8F), scales[t], builder.load(acc)), acc)
+                        dot = _vpdpbusd(builder, zero, w, x)
+                    acc = targets[t]
+                    builder.store(fma(builder, builder.sitofp(dot, floats), scales[t], builder.load(acc)), acc)
 
             def vec8(base, at):
                 return builder.load(builder.bitcast(builder.gep(base, [at]), _V8F.as_pointer()), align=4)
@@ -288,20 +282,9 @@ def make_row_dot_i8(fmt: str, rows: int):
                     if off8 is not None:
                         builder.store(_fma8(builder, off8, vec8(xo_p, at), builder.load(offs[t])), offs[t])
                 for j in range(4):
-                    b = builder.add(b0, ir.Constant(_I64, 2 * j))
-                    w, bias = _block_pair(builder, fmt, qs_p, b)
-                    for t in range(rows):
-                        at = builder.add(builder.mul(x_stride, ir.Constant(_I64, t)),
-                                         builder.mul(b, ir.Constant(_I64, 32)))
-                        x = builder.load(builder.bitcast(builder.gep(xq_p, [at]), _V64I8.as_pointer()), align=1)
-                        if bias is not None:
-                            dot = builder.sub(_vpdpbusd(builder, zero16, x, w), bias)
-                        else:
-                            dot = _vpdpbusd(builder, zero16, w, x)
-                        p = products[t]
-                        scales = builder.shuffle_vector(p, p, _const_vec([2 * j] * 8 + [2 * j + 1] * 8))
-                        pair = builder.load(pairs[t])
-                        builder.store(_fma(builder, builder.sitofp(dot, _V16F), scales, pair), pairs[t])
+                    scales = [builder.shuffle_vector(p, p, _const_vec([2 * j] * 8 + [2 * j + 1] * 8))
+                              for p in products]
+                    blocks(builder.add(b0, ir.Constant(_I64, 2 * j)), 2, scales, pairs)
             for t in range(rows):  # the halves: even blocks so far, odd blocks
                 both = builder.load(pairs[t])
                 builder.store(builder.shuffle_vector(both, both, _const_vec(range(8))), accs[t][0])
@@ -320,7 +303,7 @@ def make_row_dot_i8(fmt: str, rows: int):
                         term = builder.fmul(off, builder.load(builder.gep(xo_p, [at])))
                         first = builder.insert_element(zero_f, term, ir.Constant(_I32, 0))
                         builder.store(builder.fadd(builder.load(offs[t]), first), offs[t])
-                block(b, 0, lane)
+                blocks(b, 1, lane, [a[0] for a in accs])
             sums = []
             for t in range(rows):
                 v = builder.fadd(builder.fadd(builder.load(accs[t][0]), builder.load(accs[t][1])),
