@@ -25,13 +25,23 @@ from compute_floor import floor  # noqa: E402
 from models import MODELS  # noqa: E402
 
 BATCHES = {"decode": (1, 16, 64), "prefill": (1, 4, 16)}
+GGUF = os.path.join(BENCH, ".cache", "gguf")  # bench/quantized.py's files: smollm2-135m-q8_0, -q4_0 name them
+
+
+def model_path(name: str) -> str:
+    if name in MODELS:
+        return MODELS[name]()
+    path = os.path.join(GGUF, f"smollm2-135m-instruct-{name.rsplit('-', 1)[-1]}.gguf")
+    if not os.path.exists(path):
+        raise SystemExit(f"{name}: not a model of bench/models.py, and {path} is missing (bench/quantized.py makes it)")
+    return path
 
 
 def run(name: str, target, attr: str, impls: dict, rounds: int, context: int, phase: str = "decode") -> dict:
     """Sets target.attr to each of impls' values in turn."""
     from scalellm import LLM
 
-    llm = LLM(MODELS[name](), dtype="bfloat16", kv_cache_memory="1GiB")
+    llm = LLM(model_path(name), dtype="bfloat16", kv_cache_memory="1GiB")
     current = getattr(target, attr)
     for value in impls.values():  # compile and warm both
         setattr(target, attr, value)
@@ -57,7 +67,8 @@ def main() -> None:
     ap.add_argument("--a", help="module in scalellm.ops holding implementation A")
     ap.add_argument("--b", help="module in scalellm.ops holding implementation B")
     ap.add_argument("--flag", help="MODULE.NAME in scalellm.ops: a boolean, False for A and True for B")
-    ap.add_argument("--models", default="smollm2-135m,tiny-llama")
+    ap.add_argument("--models", default="smollm2-135m,tiny-llama",
+                    help="names in bench/models.py, or smollm2-135m-q8_0 / -q4_0 (bench/quantized.py's GGUF files)")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--context", type=int, default=128, help="prompt tokens (before the timed decode steps)")
     ap.add_argument("--phase", choices=("decode", "prefill"), default="decode")

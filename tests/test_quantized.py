@@ -141,6 +141,29 @@ def test_quantized_linear_both_paths_and_dtypes(fmt, dtype):
         assert ((out.double() - ref).abs() <= tol).all(), (rows, float((out.double() - ref).abs().max()))
 
 
+@pytest.mark.parametrize("int8", KERNELS, ids=lambda v: "int8" if v else "float")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_prologue_in_the_gemm_equals_the_op_before_it(fmt, dtype, int8, monkeypatch):
+    """RMSNorm and SiLU-and-multiply done on the GEMM's way in give the same bits as the op's own kernel
+    followed by the GEMM, on every path (the small-batch kernels fuse them in bfloat16, other paths and
+    float32 call the op)."""
+    monkeypatch.setattr(cpu_quant, "INT8", int8)
+    g = torch.Generator().manual_seed(7)
+    lin = QuantizedLinear(_weight(fmt, 96, 160, 11), torch.randn(96, generator=g), dtype)
+    dense = ops.Linear((torch.randn(96, 160, generator=g) * 0.05).to(dtype))
+    norm = (1 + 0.3 * torch.randn(160, generator=g)).to(dtype)
+    for rows in (1, 1, 1, 2, 2, 3, 5, quant_linear.DENSE_ROWS):
+        h = (torch.randn(rows, 160, generator=g) * 3).to(dtype)
+        gate_up = (torch.randn(rows, 320, generator=g) * 2).to(dtype)
+        residual = torch.randn(rows, 96, generator=g).to(dtype)
+        for layer in (lin, dense):
+            fused = layer(h, residual=residual, norm=norm, eps=1e-5)
+            assert torch.equal(fused, layer(ops.rms_norm(h, norm, 1e-5), residual=residual)), (rows, layer)
+            fused = layer(gate_up, silu_mul=True)
+            assert torch.equal(fused, layer(ops.silu_mul(gate_up))), (rows, layer)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_embedding_rows_dequantize_exactly(fmt):
     qt = _weight(fmt, 50, 64, 9)

@@ -2,7 +2,8 @@
 Qwen2-MoE, Qwen3-MoE) over a paged KV cache.
 
 Weights are held fused (qkv, gate_up) so each dense layer runs four GEMMs; the residual adds ride in
-the GEMMs after attention and the MLP. A sparse layer's MLP is the fused MoE layer (ops/moe.py).
+the GEMMs after attention and the MLP, and the GEMMs take the RMSNorm before them and the SiLU-and-multiply
+(small-batch kernels do it on their way in). A sparse layer's MLP is the fused MoE layer (ops/moe.py).
 """
 from __future__ import annotations
 
@@ -111,24 +112,20 @@ class LlamaModel:
         caches = self._layer_caches(kv_cache)
         tokens = input_ids.shape[0]
         h = ops.embedding(input_ids, self.embed, self.dtype)
-        x = ops.rms_norm(h, self.layers[0].input_norm, eps)
-        last = len(self.layers) - 1
         for i, w in enumerate(self.layers):
             k_cache, v_cache = caches[i]
-            q = ops.attention_inputs(w.qkv(x), positions, self.cos, self.sin, w.q_norm, w.k_norm, eps, cfg.num_heads,
+            qkv = w.qkv(h, norm=w.input_norm, eps=eps)
+            q = ops.attention_inputs(qkv, positions, self.cos, self.sin, w.q_norm, w.k_norm, eps, cfg.num_heads,
                                      cfg.num_kv_heads, k_cache, v_cache, meta.slot_mapping)
             attn = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
             h = w.o_proj(attn.view(tokens, self.q_size), residual=h)
-            x = ops.rms_norm(h, w.post_norm, eps)
             if w.moe is not None:
-                h = ops.fused_moe(x, w.moe, residual=h)
+                h = ops.fused_moe(ops.rms_norm(h, w.post_norm, eps), w.moe, residual=h)
             else:
-                h = w.down(ops.silu_mul(w.gate_up(x)), residual=h)
-            if i < last:
-                x = ops.rms_norm(h, self.layers[i + 1].input_norm, eps)
+                h = w.down(w.gate_up(h, norm=w.post_norm, eps=eps), residual=h, silu_mul=True)
         return h
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head over the given rows of forward()'s output -> float32 logits."""
-        return self.lm_head(ops.rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)).float()
+        return self.lm_head(hidden, norm=self.final_norm, eps=self.config.rms_norm_eps).float()

@@ -19,7 +19,7 @@ import os
 import numpy as np
 from numba import njit, prange
 
-from scalellm.ops.cpu_kernels import FAST, renamed
+from scalellm.ops.cpu_kernels import _NO_WEIGHT, FAST, NO_PROLOGUE, prologue_row, renamed
 from scalellm.ops.numba_util import keep_alive, load, store
 from scalellm.ops import quant_ir
 from scalellm.ops.quant_ir import host_has_vnni, make_dequant_row, make_row_dot, make_row_dot_i8
@@ -96,57 +96,71 @@ def _dot4(kind, q, d, m, x, stride, a, b, nb):
     return _I4_Q41(q, d, m, x, stride, a, b, nb)
 
 
-@njit(nogil=True, fastmath=FAST)
-def quantize_activations(x, biased, xq, xd, xo):
-    """Each 32-element block of x ([rows, K], float32 or bfloat16 bits) -> int8 values round(x / s) with
+@njit(inline="always", nogil=True, fastmath=FAST)
+def _quantize_row(x, r, biased, xq, xd, xo):
+    """Each 32-element block of x's row r (float32 or bfloat16 bits) -> int8 values round(x / s) with
     s = max|x| / 127: xq gets their bytes (plus 128 when biased, Q8_0's unsigned form), xd the scales,
     xo scale * sum."""
-    rows, k = x.shape
     block = np.empty(32, np.float32)
-    for r in range(rows):
-        for b in range(k // 32):
-            amax = np.float32(0.0)
-            for j in range(32):
-                block[j] = load(x[r, b * 32 + j])
-                amax = max(amax, abs(block[j]))
-            scale = amax / np.float32(127.0)
-            inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
-            total = 0
-            for j in range(32):
-                q = int(np.rint(block[j] * inv))
-                total += q
-                xq[r, b * 32 + j] = (q + 128) if biased else (q & 255)
-            xd[r, b] = scale
-            xo[r, b] = scale * np.float32(total)
+    for b in range(xd.shape[1]):
+        amax = np.float32(0.0)
+        for j in range(32):
+            block[j] = load(x[r, b * 32 + j])
+            amax = max(amax, abs(block[j]))
+        scale = amax / np.float32(127.0)
+        inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+        total = 0
+        for j in range(32):
+            q = int(np.rint(block[j] * inv))
+            total += q
+            xq[r, b * 32 + j] = (q + 128) if biased else (q & 255)
+        xd[r, b] = scale
+        xo[r, b] = scale * np.float32(total)
 
 
 @njit(nogil=True, fastmath=FAST)
-def _block_sums(x, sums):
+def quantize_activations(x, biased, xq, xd, xo):
+    """_quantize_row for every row of x ([rows, K])."""
     for r in range(x.shape[0]):
-        for b in range(sums.shape[1]):
-            total = np.float32(0.0)
-            for j in range(32):
-                total += x[r, b * 32 + j]
-            sums[r, b] = total
+        _quantize_row(x, r, biased, xq, xd, xo)
 
 
-def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0):
-    """x: [M, K] (float32 C-contiguous; bfloat16 bits too when int8); qs/d/mins: one weight's blocks
+@njit(inline="always", nogil=True, fastmath=FAST)
+def _block_sums(x, r, sums):
+    for b in range(sums.shape[1]):
+        total = np.float32(0.0)
+        for j in range(32):
+            total += x[r, b * 32 + j]
+        sums[r, b] = total
+
+
+def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0, op, norm, eps):
+    """x: [M, K] (float32 C-contiguous; bfloat16 bits too when int8 or op); qs/d/mins: one weight's blocks
     [N, ...]; writes out[:, col0:col0+N] (and reads residual there); bias [N] or empty, residual like out
-    or empty. int8: activations quantized per block (xq, xd, xo); else float32, with block sums in xd."""
-    rows, k = x.shape
-    n_out = qs.shape[0]
-    nb = k // 32
+    or empty; op, norm, eps: what x goes through first (cpu_kernels.prologue_row; x is [M, 2K] for
+    SILU_MUL). int8: activations quantized per block (xq, xd, xo); else float32, with block sums in xd."""
+    rows = x.shape[0]
+    n_out, nb = qs.shape[0], d.shape[1]
+    k = nb * 32
+    xs = np.empty((rows if op != NO_PROLOGUE else 0, k), np.float32)
     xq = np.empty((rows, k if int8 else 0), np.uint8)
     xd = np.empty((rows, nb), np.float32)
     xo = np.empty((rows, nb), np.float32)
+    for r in prange(rows):  # the activations' rows made ready (see prologue_row on why in a prange)
+        if op != NO_PROLOGUE:
+            prologue_row(op, x, r, norm, eps, xs)
+            if int8:
+                _quantize_row(xs, r, fmt == 0, xq, xd, xo)
+            elif fmt != 0:
+                _block_sums(xs, r, xd)
+        elif int8:
+            _quantize_row(x, r, fmt == 0, xq, xd, xo)
+        elif fmt != 0:
+            _block_sums(x, r, xd)
     if int8:
-        quantize_activations(x, fmt == 0, xq, xd, xo)
         xa, width = xq.ctypes.data, 1
     else:
-        if fmt != 0:
-            _block_sums(x, xd)
-        xa, width = x.ctypes.data, 4
+        xa, width = (xs.ctypes.data if op != NO_PROLOGUE else x.ctypes.data), 4
     kind = 3 * int8 + fmt
     xda, xoa = xd.ctypes.data, xo.ctypes.data
     qa, da, ma = qs.ctypes.data, d.ctypes.data, mins.ctypes.data
@@ -180,19 +194,22 @@ def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0):
                         total += load(residual[r + t, col0 + n])
                     store(out, (r + t, col0 + n), total)
                 r += got
-    return keep_alive(xq, xd, xo)  # the loop reads them through raw addresses, which hold no reference
+    return keep_alive(xq, xd, xo) + xs.shape[0]  # the loop reads them through raw addresses, which hold no reference
 
 
 _gemm_serial, _gemm_parallel = _builds(_quant_gemm)
 
 
 def quant_gemm(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, mins: np.ndarray, bias: np.ndarray,
-               residual: np.ndarray, out: np.ndarray, col0: int = 0, int8: bool | None = None) -> None:
+               residual: np.ndarray, out: np.ndarray, col0: int = 0, int8: bool | None = None,
+               op: int = NO_PROLOGUE, norm: np.ndarray = _NO_WEIGHT, eps: float = 0.0) -> None:
     """int8: the int8 GEMM (default where the CPU has it, INT8; x float32 or bfloat16 bits) or the float
-    one (x float32, C-contiguous)."""
-    parallel = qs.shape[0] * x.shape[1] >= PARALLEL_WEIGHTS
+    one (x float32, C-contiguous, or bfloat16 bits with a prologue); op, norm, eps: what x goes through
+    first (cpu_kernels.prologue_row)."""
+    parallel = qs.shape[0] * d.shape[1] * 32 >= PARALLEL_WEIGHTS
     kernel = _gemm_parallel if parallel else _gemm_serial
-    kernel(INT8 if int8 is None else int8, FORMAT_CODES[fmt], x, qs, d, mins, bias, residual, out, col0)
+    kernel(INT8 if int8 is None else int8, FORMAT_CODES[fmt], x, qs, d, mins, bias, residual, out, col0, op, norm,
+           np.float32(eps))
 
 
 def _dequant_rows(fmt, qs, d, mins, ids, out):

@@ -14,12 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scalellm.ops.cpu_kernels import small_gemm
+import scalellm.ops  # for rms_norm and silu_mul, read at call time (this module loads while ops does)
+from scalellm.ops.cpu_kernels import _NO_WEIGHT, NO_PROLOGUE, RMS_NORM, SILU_MUL, small_gemm
 from scalellm.ops.numba_util import as_numba, new_tensor
 
 PACK_BATCH_HINT = 128  # the batch size oneDNN tunes the packed layout for; measured flat from 1 to 512
 PACK_WEIGHTS = True  # the default for new Linears (benchmarks turn it off to measure the plain path)
 SMALL_BATCH_ROWS = 2  # batches up to this many rows take the numba kernel when the plain weight is kept
+FUSED_PROLOGUE = True  # small-batch kernels apply RMSNorm / SiLU-and-multiply (False: the ops, for comparisons)
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -62,16 +64,42 @@ class Linear:
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         return copies * self.out_features * self.in_features * self.dtype.itemsize + bias
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W^T + bias, plus `residual` when given (a new tensor; the inputs are not modified)."""
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: torch.Tensor | None = None,
+                 eps: float = 0.0, silu_mul: bool = False) -> torch.Tensor:
+        """x @ W^T + bias, plus `residual` when given (a new tensor; the inputs are not modified). x goes
+        through rms_norm(x, norm, eps) first when norm is given, or through silu_mul when asked: the
+        small-batch kernel does either on its way in (fusable_prologue), other paths call the op."""
         if self._plain is not None and x.shape[0] <= SMALL_BATCH_ROWS and x.dim() == 2:
             out = new_tensor((x.shape[0], self.out_features), self.dtype)
+            x, op, norm_np = fusable_prologue(x, norm, eps, silu_mul)
             small_gemm(as_numba(x), self._plain, self._bias,
-                       self._no_residual if residual is None else as_numba(residual), as_numba(out))
+                       self._no_residual if residual is None else as_numba(residual), as_numba(out), op, norm_np,
+                       eps)
             return out
+        x = apply_prologue(x, norm, eps, silu_mul)
         if self.packed is not None:
             if residual is None:
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], None)
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
         y = F.linear(x, self.weight, self.bias)
         return y if residual is None else y.add_(residual)
+
+
+def fusable_prologue(x: torch.Tensor, norm: torch.Tensor | None, eps: float, silu_mul: bool):
+    """(x, op, norm weight) for a kernel that fuses the prologue (cpu_kernels.prologue_row), in bfloat16
+    only: there the fused values are the op's own bits, as both round at the same points (tests check).
+    float32 has no rounding between the op and the GEMM, and LLVM's fast-math rewrites differ by an ulp
+    between the two kernels (SiLU's division); a float32 near-tie (the bundled model's answer to the
+    Paris question) turned on such an ulp once, so float32 runs the op first, as before."""
+    if not FUSED_PROLOGUE or x.dtype != torch.bfloat16:
+        return apply_prologue(x, norm, eps, silu_mul), NO_PROLOGUE, _NO_WEIGHT
+    if norm is not None:
+        return x, RMS_NORM, as_numba(norm)
+    return x, (SILU_MUL if silu_mul else NO_PROLOGUE), _NO_WEIGHT
+
+
+def apply_prologue(x: torch.Tensor, norm: torch.Tensor | None, eps: float, silu_mul: bool) -> torch.Tensor:
+    """The prologue as its own op, for the paths that do not fuse it."""
+    if norm is not None:
+        return scalellm.ops.rms_norm(x, norm, eps)
+    return scalellm.ops.silu_mul(x) if silu_mul else x

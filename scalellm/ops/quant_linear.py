@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 import scalellm.ops  # for uses_cuda_kernels, read at call time (this module loads while ops does)
 from scalellm.ops import cpu_quant
+from scalellm.ops.cpu_kernels import NO_PROLOGUE
+from scalellm.ops.linear import apply_prologue, fusable_prologue
 from scalellm.ops.numba_util import as_numba, new_tensor
 from scalellm.ops.quant_tensor import QuantizedTensor
 
@@ -45,24 +47,29 @@ class QuantizedLinear:
     def nbytes(self) -> int:
         return self.weight.nbytes + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W^T + bias, plus `residual` when given (a new tensor in x's dtype)."""
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: torch.Tensor | None = None,
+                 eps: float = 0.0, silu_mul: bool = False) -> torch.Tensor:
+        """x @ W^T + bias, plus `residual` when given (a new tensor in x's dtype). x goes through
+        rms_norm(x, norm, eps) first when norm is given, or through silu_mul when asked: the CPU kernel
+        does either on its way in (linear.fusable_prologue), other paths call the op."""
         if x.shape[0] >= DENSE_ROWS:
-            return self._dense(x, residual)
+            return self._dense(apply_prologue(x, norm, eps, silu_mul), residual)
         if _uses_cuda_kernels(x):
             from scalellm.ops import cuda_backend
 
+            x = apply_prologue(x, norm, eps, silu_mul)
             w = self.weight
             out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
             cuda_backend.quant_gemm(self.format, x, w.qs, w.d, w.m, self.bias, residual, out)
             return out
+        x, op, norm_np = fusable_prologue(x, norm, eps, silu_mul)
         out = new_tensor((x.shape[0], self.out_features), x.dtype)
-        if cpu_quant.INT8:  # quantizes x to int8 itself, from either dtype
+        if cpu_quant.INT8 or op != NO_PROLOGUE:  # the kernel reads either dtype (and rounds as x's)
             xs = as_numba(x.contiguous())
         else:
             xs = (x.contiguous() if x.dtype == torch.float32 else x.float()).numpy()
         res = self._no_residual if residual is None else as_numba(residual.contiguous())
-        cpu_quant.quant_gemm(self.format, xs, *self._np, self._bias, res, as_numba(out))
+        cpu_quant.quant_gemm(self.format, xs, *self._np, self._bias, res, as_numba(out), op=op, norm=norm_np, eps=eps)
         return out
 
     def _dense(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
