@@ -75,30 +75,51 @@ def test_row_operations_move_whole_blocks():
         QuantizedTensor.cat([a, _weight("q8_0", 2, 64, 3)])
 
 
+def _check_gemm(qt: QuantizedTensor, gemm, int8: bool) -> None:
+    """gemm(x, bias, residual, out, col0) against the float64 product, for each of ROWS rows, with and
+    without bias and residual."""
+    n, k = qt.shape
+    w64 = qt.dequantize().double().numpy()
+    for rows in ROWS:
+        x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 2).numpy()
+        bias = np.random.default_rng(rows).standard_normal(n).astype(np.float32) if rows % 2 else None
+        residual = np.random.default_rng(k).standard_normal((rows, n + 3)).astype(np.float32) if rows % 3 else None
+        out = np.full((rows, n + 3), 7.0, np.float32)  # written at columns 2 .. n + 1 only
+        gemm(x, np.zeros(0, np.float32) if bias is None else bias,
+             np.zeros((0, 0), np.float32) if residual is None else residual, out, 2)
+        x64 = _quantized_x(x) if int8 else x.astype(np.float64)
+        ref, scale = x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
+        if bias is not None:
+            ref, scale = ref + bias, scale + np.abs(bias)
+        if residual is not None:
+            ref, scale = ref + residual[:, 2:n + 2], scale + np.abs(residual[:, 2:n + 2])
+        err = np.abs(out[:, 2:n + 2] - ref)
+        assert (err <= 1e-5 * scale + 1e-6).all(), (n, k, rows, float(err.max()))
+        assert (out[:, :2] == 7).all() and (out[:, n + 2:] == 7).all()
+
+
 @pytest.mark.parametrize("int8", KERNELS, ids=lambda v: "int8" if v else "float")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_quantized_gemm_matches_float64_reference(fmt, int8):
     for i, (n, k) in enumerate(SHAPES):
         qt = _weight(fmt, n, k, seed=i)
-        w64 = qt.dequantize().double().numpy()
         fields = quant_linear._numpy_fields(qt)
-        for rows in ROWS:
-            x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 2).numpy()
-            bias = np.random.default_rng(rows).standard_normal(n).astype(np.float32) if rows % 2 else None
-            residual = np.random.default_rng(k).standard_normal((rows, n + 3)).astype(np.float32) if rows % 3 else None
-            out = np.full((rows, n + 3), 7.0, np.float32)  # written at columns 2 .. n + 1 only
-            cpu_quant.quant_gemm(fmt, x, *fields, np.zeros(0, np.float32) if bias is None else bias,
-                                 np.zeros((0, 0), np.float32) if residual is None else residual, out, col0=2,
-                                 int8=int8)
-            x64 = _quantized_x(x) if int8 else x.astype(np.float64)
-            ref, scale = x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
-            if bias is not None:
-                ref, scale = ref + bias, scale + np.abs(bias)
-            if residual is not None:
-                ref, scale = ref + residual[:, 2:n + 2], scale + np.abs(residual[:, 2:n + 2])
-            err = np.abs(out[:, 2:n + 2] - ref)
-            assert (err <= 1e-5 * scale + 1e-6).all(), (n, k, rows, float(err.max()))
-            assert (out[:, :2] == 7).all() and (out[:, n + 2:] == 7).all()
+        _check_gemm(qt, lambda x, bias, residual, out, col0: cpu_quant.quant_gemm(
+            fmt, x, *fields, bias, residual, out, col0=col0, int8=int8), int8)
+
+
+@pytest.mark.skipif(not cpu_quant.INT8, reason="the grouped Q4_0 kernel needs AVX512-VNNI")
+def test_grouped_q4_0_gemm_matches_float64_reference():
+    """Q4_0 in groups of 16 rows: the same bytes reordered (it dequantizes to the same weight), and its
+    kernel within the int8 kernel's tolerance; serial and parallel builds."""
+    for i, (n, k) in enumerate([(16, 32), (48, 96), (96, 160), (304, 576), (1104, 96)]):
+        qt = _weight("q4_0", n, k, seed=i)
+        grouped = qt.grouped()
+        assert torch.equal(grouped.dequantize(), qt.dequantize()) and grouped.nbytes == qt.nbytes
+        assert np.array_equal(grouped.to_gguf_blocks(), qt.to_gguf_blocks())
+        qs, d, _ = quant_linear._numpy_fields(grouped)
+        _check_gemm(qt, lambda x, bias, residual, out, col0: cpu_quant.grouped_gemm(
+            x, qs, d, bias, residual, out, col0=col0), True)
 
 
 def test_int8_activations_round_to_the_nearest_step():
@@ -120,17 +141,20 @@ def test_int8_activations_round_to_the_nearest_step():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_quantized_linear_both_paths_and_dtypes(fmt, dtype):
-    qt = _weight(fmt, 200, 128, 5)
-    bias = torch.randn(200)
+@pytest.mark.parametrize("n", [200, 208])  # Q4_0 with 208 rows is held in groups of 16 where the int8 kernel runs
+def test_quantized_linear_both_paths_and_dtypes(fmt, dtype, n, monkeypatch):
+    monkeypatch.setattr(quant_linear, "SLAB_ELEMENTS", 64 * 128)  # the dense path in several slabs
+    qt = _weight(fmt, n, 128, 5)
+    bias = torch.randn(n)
     lin = QuantizedLinear(qt, bias, dtype)
+    assert lin.weight.group == (16 if fmt == "q4_0" and n % 16 == 0 and quant_linear.GROUPED else 1)
     w64 = qt.dequantize().double()
     for rows in (1, 3, quant_linear.DENSE_ROWS, quant_linear.DENSE_ROWS + 9):
         x = torch.randn(rows, 128).to(dtype)
-        residual = torch.randn(rows, 200).to(dtype)
+        residual = torch.randn(rows, n).to(dtype)
         out = lin(x, residual=residual)
-        assert out.dtype == dtype and out.shape == (rows, 200)
-        dense = rows >= quant_linear.DENSE_ROWS
+        assert out.dtype == dtype and out.shape == (rows, n)
+        dense = rows >= quant_linear.DENSE_ROWS and lin.weight.group == 1  # grouped: the int8 kernel at any size
         xs = x.double() if dense or not cpu_quant.INT8 else torch.from_numpy(_quantized_x(x.float().numpy()))
         b = lin.bias.double()
         ref = xs @ w64.T + b + residual.double()

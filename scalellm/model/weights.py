@@ -136,9 +136,9 @@ def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
                            if n.endswith("proj.weight") and isinstance(t, torch.Tensor))
     small_batch = projection_bytes <= SMALL_BATCH_COPY_BYTES
 
-    def linear(weight, bias: torch.Tensor | None = None, plain_copy: bool = small_batch):
+    def linear(weight, bias: torch.Tensor | None = None, plain_copy: bool = small_batch, shared: bool = False):
         if isinstance(weight, QuantizedTensor):
-            return QuantizedLinear(weight, bias, dtype)
+            return QuantizedLinear(weight, bias, dtype, regroup=not shared)
         return Linear(weight, bias, small_batch=plain_copy)
 
     layers = []
@@ -160,5 +160,5 @@ def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
         ))
     embed = get("model.embed_tokens.weight")
     lm_head = linear(embed if c.tie_word_embeddings else get("lm_head.weight"),
-                     plain_copy=small_batch or c.tie_word_embeddings)
+                     plain_copy=small_batch or c.tie_word_embeddings, shared=c.tie_word_embeddings)
     return LlamaModel(c, embed, layers, get("model.norm.weight"), lm_head, max_positions)

@@ -22,7 +22,8 @@ from numba import njit, prange
 from scalellm.ops.cpu_kernels import _NO_WEIGHT, FAST, NO_PROLOGUE, prologue_row, renamed
 from scalellm.ops.numba_util import keep_alive, load, store
 from scalellm.ops import quant_ir
-from scalellm.ops.quant_ir import host_has_vnni, make_dequant_row, make_row_dot, make_row_dot_i8
+from scalellm.ops.quant_ir import (host_has_vnni, make_dequant_row, make_grouped_dot_q4_0, make_row_dot,
+                                   make_row_dot_i8)
 
 FORMAT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
 PARALLEL_WEIGHTS = 100_000  # weight elements from which a call splits its rows over the threads
@@ -134,6 +135,23 @@ def _block_sums(x, r, sums):
         sums[r, b] = total
 
 
+@njit(inline="always", nogil=True, fastmath=FAST)
+def _prepare(int8, fmt, x, op, norm, eps, xs, xq, xd, xo):
+    """The activations' rows made ready: the prologue into xs (when op), then int8 quantized (xq, xd, xo),
+    or (float kernel) block sums into xd. In a prange: see prologue_row."""
+    for r in prange(x.shape[0]):
+        if op != NO_PROLOGUE:
+            prologue_row(op, x, r, norm, eps, xs)
+            if int8:
+                _quantize_row(xs, r, fmt == 0, xq, xd, xo)
+            elif fmt != 0:
+                _block_sums(xs, r, xd)
+        elif int8:
+            _quantize_row(x, r, fmt == 0, xq, xd, xo)
+        elif fmt != 0:
+            _block_sums(x, r, xd)
+
+
 def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0, op, norm, eps):
     """x: [M, K] (float32 C-contiguous; bfloat16 bits too when int8 or op); qs/d/mins: one weight's blocks
     [N, ...]; writes out[:, col0:col0+N] (and reads residual there); bias [N] or empty, residual like out
@@ -146,17 +164,7 @@ def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0, op, norm, 
     xq = np.empty((rows, k if int8 else 0), np.uint8)
     xd = np.empty((rows, nb), np.float32)
     xo = np.empty((rows, nb), np.float32)
-    for r in prange(rows):  # the activations' rows made ready (see prologue_row on why in a prange)
-        if op != NO_PROLOGUE:
-            prologue_row(op, x, r, norm, eps, xs)
-            if int8:
-                _quantize_row(xs, r, fmt == 0, xq, xd, xo)
-            elif fmt != 0:
-                _block_sums(xs, r, xd)
-        elif int8:
-            _quantize_row(x, r, fmt == 0, xq, xd, xo)
-        elif fmt != 0:
-            _block_sums(x, r, xd)
+    _prepare(int8, fmt, x, op, norm, eps, xs, xq, xd, xo)
     if int8:
         xa, width = xq.ctypes.data, 1
     else:
@@ -198,6 +206,69 @@ def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0, op, norm, 
 
 
 _gemm_serial, _gemm_parallel = _builds(_quant_gemm)
+
+_G1, _G2, _G4 = (make_grouped_dot_q4_0(t) for t in (1, 2, 4))
+
+
+@njit(inline="always", nogil=True)
+def _grouped_dot(rows, q, s, x, stride, xd, xo, nb, out):
+    if rows >= 4:
+        _G4(q, s, x, stride, xd, xo, nb, out)
+        return 4
+    if rows >= 2:
+        _G2(q, s, x, stride, xd, xo, nb, out)
+        return 2
+    _G1(q, s, x, stride, xd, xo, nb, out)
+    return 1
+
+
+def _grouped_gemm(x, qs, d, bias, residual, out, col0, op, norm, eps):
+    """_quant_gemm's int8 kernel for Q4_0 weights grouped by 16 rows (QuantizedTensor.grouped): qs
+    [N / 16, blocks * 256], d [N / 16, blocks * 16] (float16 bits); each group's 16 outputs per x row
+    come out of one call together."""
+    rows, groups = x.shape[0], qs.shape[0]
+    nb = d.shape[1] // 16
+    k = nb * 32
+    xs = np.empty((rows if op != NO_PROLOGUE else 0, k), np.float32)
+    xq = np.empty((rows, k), np.uint8)
+    xd = np.empty((rows, nb), np.float32)
+    xo = np.empty((rows, nb), np.float32)
+    _prepare(True, 1, x, op, norm, eps, xs, xq, xd, xo)
+    xa, xda, xoa, qa, da = xq.ctypes.data, xd.ctypes.data, xo.ctypes.data, qs.ctypes.data, d.ctypes.data
+    q_row, d_row = qs.strides[0], d.strides[0]
+    has_bias, has_residual = bias.shape[0] > 0, residual.shape[0] > 0
+    chunks = min(groups, 64)
+    for c in prange(chunks):
+        vals = np.empty(64, np.float32)
+        va = vals.ctypes.data
+        for g in range(c * groups // chunks, (c + 1) * groups // chunks):
+            r = 0
+            while r < rows:
+                got = _grouped_dot(rows - r, qa + g * q_row, da + g * d_row, xa + r * k, k, xda + r * nb * 4,
+                                   xoa + r * nb * 4, nb, va)
+                for t in range(got):
+                    for lane in range(16):
+                        n = g * 16 + lane
+                        total = vals[t * 16 + lane]
+                        if has_bias:
+                            total += load(bias[n])
+                        if has_residual:
+                            total += load(residual[r + t, col0 + n])
+                        store(out, (r + t, col0 + n), total)
+                r += got
+    return keep_alive(xq, xd, xo) + xs.shape[0]
+
+
+_grouped_serial, _grouped_parallel = _builds(_grouped_gemm)
+
+
+def grouped_gemm(x: np.ndarray, qs: np.ndarray, d: np.ndarray, bias: np.ndarray, residual: np.ndarray,
+                 out: np.ndarray, col0: int = 0, op: int = NO_PROLOGUE, norm: np.ndarray = _NO_WEIGHT,
+                 eps: float = 0.0) -> None:
+    """quant_gemm for Q4_0 grouped by 16 rows, on the int8 kernel (x float32 or bfloat16 bits)."""
+    parallel = qs.shape[0] * d.shape[1] * 32 >= PARALLEL_WEIGHTS
+    (_grouped_parallel if parallel else _grouped_serial)(x, qs, d, bias, residual, out, col0, op, norm,
+                                                         np.float32(eps))
 
 
 def quant_gemm(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, mins: np.ndarray, bias: np.ndarray,

@@ -321,3 +321,72 @@ def host_has_vnni() -> bool:
 
     features = llvm.get_host_cpu_features()
     return bool(features.get("avx512vnni") and features.get("avx512vl"))
+
+
+# ---- Q4_0 in groups of 16 rows (AVX512-VNNI) ------------------------------------------------------
+# quant_tensor.QuantizedTensor.grouped(16) lays each block of 16 weight rows out as four 64-byte vectors
+# whose 32-bit lane r holds four bytes of row r (bytes 4i..4i+3 of its 16: elements 4i..4i+3 in the low
+# nibbles, 16+4i..16+4i+3 in the high ones), and the 16 rows' float16 scales side by side. One
+# `vpdpbusd` with four activation bytes broadcast to every lane then advances all 16 rows' dot products,
+# which end each block in the lanes of their rows: no horizontal sums, and the scales are one vector.
+
+GROUP_ROWS = 16
+
+
+def make_grouped_dot_q4_0(rows: int):
+    """grouped_dot(qs, d, xq, x_stride, xd, xo, nb, out): one group's 16 weight rows (qs: its blocks, 256
+    bytes each; d: 16 float16 scales per block) dotted with `rows` rows of int8 activations (xq, stride in
+    bytes; xd, xo as in make_row_dot_i8) -> out (float32 address): rows x 16 results, row-major.
+
+    Per block and row: the exact integer dot of the 16 weight rows, then d_w * (xd * dot - 8 * xo) added to
+    a float accumulator per row (blocks in order)."""
+    def grouped_dot(typingctx, qs, d, xq, x_stride, xd, xo, nb, out):
+        sig = types.void(*([types.intp] * 8))
+
+        def codegen(context, builder, signature, args):
+            u8 = _I8.as_pointer()
+            qs_p, d_p, xq_p = (builder.inttoptr(a, u8) for a in args[:3])
+            xd_p, xo_p = (builder.inttoptr(a, _F32.as_pointer()) for a in args[4:6])
+            x_stride, nb = args[3], args[6]
+            out_p = builder.inttoptr(args[7], _F32.as_pointer())
+            v64 = ir.VectorType(_I8, 64)
+            v16i = ir.VectorType(_I32, 16)
+            zero_i = ir.Constant(v16i, [0] * 16)
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16)) for _ in range(rows)]
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                base = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 256))])
+                los, his = [], []
+                for i in range(4):
+                    chunk = builder.load(builder.bitcast(builder.gep(base, [ir.Constant(_I64, 64 * i)]),
+                                                         v64.as_pointer()), align=1)
+                    los.append(builder.and_(chunk, _const_vec([15] * 64, _I8)))
+                    his.append(builder.lshr(chunk, _const_vec([4] * 64, _I8)))
+                dp = builder.bitcast(builder.gep(d_p, [builder.mul(b, ir.Constant(_I64, 32))]),
+                                     ir.VectorType(ir.HalfType(), 16).as_pointer())
+                dw = builder.fpext(builder.load(dp, align=2), _V16F)
+                for t in range(rows):
+                    row = builder.add(builder.mul(x_stride, ir.Constant(_I64, t)),
+                                      builder.mul(b, ir.Constant(_I64, 32)))
+                    xp = builder.bitcast(builder.gep(xq_p, [row]), _I32.as_pointer())
+                    dots = [zero_i, zero_i]
+                    for i in range(4):
+                        for half, vecs in enumerate((los, his)):
+                            word = builder.load(builder.gep(xp, [ir.Constant(_I64, i + 4 * half)]), align=1)
+                            splat = builder.shuffle_vector(
+                                builder.insert_element(ir.Constant(v16i, ir.Undefined), word, ir.Constant(_I32, 0)),
+                                ir.Constant(v16i, ir.Undefined), _const_vec([0] * 16))
+                            dots[half] = _vpdpbusd(builder, dots[half], vecs[i], splat)
+                    dot = builder.sitofp(builder.add(dots[0], dots[1]), _V16F)
+                    at = builder.add(builder.mul(nb, ir.Constant(_I64, t)), b)
+                    xd_b = builder.load(builder.gep(xd_p, [at]))
+                    xo_b = builder.fmul(builder.load(builder.gep(xo_p, [at])), ir.Constant(_F32, -8.0))
+                    block = _fma(builder, dot, _splat(builder, xd_b), _splat(builder, xo_b))
+                    builder.store(_fma(builder, dw, block, builder.load(accs[t])), accs[t])
+            for t in range(rows):
+                ptr = builder.bitcast(builder.gep(out_p, [ir.Constant(_I64, 16 * t)]), _V16F.as_pointer())
+                builder.store(builder.load(accs[t]), ptr, align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    grouped_dot.__name__ = grouped_dot.__qualname__ = f"grouped_dot_q4_0_{rows}"
+    return intrinsic(grouped_dot)

@@ -27,10 +27,14 @@ class QuantizedTensor:
     qs: torch.Tensor  # uint8 [rows, blocks * QUANT_BYTES[format]]
     d: torch.Tensor  # float16 [rows, blocks]
     m: torch.Tensor | None  # float16 [rows, blocks], Q4_1 only
+    # 16: Q4_0 rows in groups of 16, as the CPU kernels read them (grouped()); qs [rows / 16, blocks * 256],
+    # d [rows / 16, blocks * 16]. The bytes are the file's, reordered; methods other than the shape and the
+    # byte count work on the file's order (ungrouped()).
+    group: int = 1
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.qs.shape[0], self.d.shape[1] * BLOCK
+        return self.qs.shape[0] * self.group, self.d.shape[1] // self.group * BLOCK
 
     @property
     def device(self) -> torch.device:
@@ -70,8 +74,29 @@ class QuantizedTensor:
         raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType(GGUF_TYPE_IDS[fmt]))
         return cls.from_gguf_blocks(fmt, raw, (rows, cols))
 
+    def grouped(self, rows: int = 16) -> QuantizedTensor:
+        """Q4_0 with each 16 rows' blocks interleaved for quant_ir.make_grouped_dot_q4_0: per block, four
+        64-byte vectors whose 32-bit lane r holds bytes 4i..4i+3 of row r, then the rows' scales together."""
+        if self.format != "q4_0" or rows != 16 or self.group != 1 or self.shape[0] % rows:
+            raise ValueError(f"only Q4_0 with a multiple of 16 rows groups, not {self.format} {self.shape}")
+        n, nb = self.d.shape
+        qs = self.qs.reshape(n // rows, rows, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(n // rows, nb * 256)
+        d = self.d.reshape(n // rows, rows, nb).permute(0, 2, 1).reshape(n // rows, nb * rows)
+        return QuantizedTensor(self.format, qs.contiguous(), d.contiguous(), None, rows)
+
+    def ungrouped(self) -> QuantizedTensor:
+        if self.group == 1:
+            return self
+        g, rows = self.qs.shape[0], self.group
+        nb = self.d.shape[1] // rows
+        qs = self.qs.reshape(g, nb, 4, rows, 4).permute(0, 3, 1, 2, 4).reshape(g * rows, nb * 16)
+        d = self.d.reshape(g, nb, rows).permute(0, 2, 1).reshape(g * rows, nb)
+        return QuantizedTensor(self.format, qs.contiguous(), d.contiguous(), None)
+
     def to_gguf_blocks(self) -> np.ndarray:
         """The file's bytes [rows, blocks * bytes per block] (the inverse of from_gguf_blocks)."""
+        if self.group != 1:
+            return self.ungrouped().to_gguf_blocks()
         rows, nb = self.d.shape
         parts = [self.d.cpu().numpy().view(np.uint8).reshape(rows, nb, 2)]
         if self.m is not None:
@@ -80,6 +105,8 @@ class QuantizedTensor:
         return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.group != 1:
+            return self.ungrouped().dequantize(dtype)
         rows, nb = self.d.shape
         q = self.qs.reshape(rows, nb, -1)
         if self.format == "q8_0":
@@ -96,6 +123,8 @@ class QuantizedTensor:
         return w.reshape(rows, nb * BLOCK).to(dtype)
 
     def _map(self, fn) -> QuantizedTensor:
+        if self.group != 1:
+            return self.ungrouped()._map(fn)
         return QuantizedTensor(self.format, fn(self.qs), fn(self.d), None if self.m is None else fn(self.m))
 
     def rows(self, index) -> QuantizedTensor:
@@ -112,6 +141,7 @@ class QuantizedTensor:
 
     @staticmethod
     def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
+        parts = [p.ungrouped() for p in parts]
         fmt = parts[0].format
         if any(p.format != fmt for p in parts) or len({p.shape[1] for p in parts}) != 1:
             raise ValueError("only weights of one format and width concatenate")
