@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -19,7 +18,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [BENCH, os.path.dirname(BENCH)]
 
 from compute_floor import floor  # noqa: E402
-from op_ab import model_path  # noqa: E402
+from op_ab import model_path, paired_row  # noqa: E402
 
 BATCHES = (1, 16, 64)
 
@@ -63,11 +62,7 @@ def main() -> None:
                 for n in BATCHES:
                     times[key][n].append(floor(llms[key], n, 128, 16)["tpot_ms"]["median"])
         for n in BATCHES:
-            ta, tb = times["A"][n], times["B"][n]
-            ratios = [y / x for x, y in zip(ta, tb)]
-            row = (f"| {name} | {n} | {statistics.median(ta):.2f} | {statistics.median(tb):.2f} | "
-                   f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
-                   f"{sum(x < 1 for x in ratios)}/{len(ratios)} |")
+            row = paired_row(name, n, times["A"][n], times["B"][n])
             print(row, flush=True)
             lines.append(row)
     path = os.path.join(BENCH, "results", "grouped_ab.md")

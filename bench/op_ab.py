@@ -61,6 +61,14 @@ def run(name: str, target, attr: str, impls: dict, rounds: int, context: int, ph
     return times
 
 
+def paired_row(name: str, batch: int, ta: list[float], tb: list[float]) -> str:
+    """A table row of A's and B's times per round: medians, the paired ratio B/A, rounds B was faster."""
+    ratios = [y / x for x, y in zip(ta, tb)]
+    return (f"| {name} | {batch} | {statistics.median(ta):.2f} | {statistics.median(tb):.2f} | "
+            f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
+            f"{sum(r < 1 for r in ratios)}/{len(ratios)} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--op", help="a name in scalellm.ops the model calls")
@@ -101,11 +109,7 @@ def main() -> None:
     for name in args.models.split(","):
         times = run(name, target, attr, impls, args.rounds, args.context, args.phase)
         for batch in BATCHES[args.phase]:
-            ta, tb = times[a][batch], times[b][batch]
-            ratios = [y / x for x, y in zip(ta, tb)]
-            row = (f"| {name} | {batch} | {statistics.median(ta):.2f} | {statistics.median(tb):.2f} | "
-                   f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
-                   f"{sum(r < 1 for r in ratios)}/{len(ratios)} |")
+            row = paired_row(name, batch, times[a][batch], times[b][batch])
             print(row, flush=True)
             L.append(row)
     path = os.path.join(BENCH, "results", f"op_ab_{out}.md")

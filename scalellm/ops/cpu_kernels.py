@@ -23,7 +23,7 @@ from scalellm.ops.numba_util import as_numba, exp_f32, load, new_tensor, round_a
 # are -inf, and a NaN must propagate rather than vanish).
 FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
 PARALLEL_ROWS = 64  # rows (tokens) from which the parallel build runs
-_NO_WEIGHT = np.zeros(0, np.float32)
+NO_WEIGHT = np.zeros(0, np.float32)  # an absent norm weight (kernels test shape[0] == 0)
 
 
 def renamed(fn, suffix: str):
@@ -257,7 +257,7 @@ PARALLEL_GEMM_ELEMENTS = 100_000  # weights from which a small-batch GEMM splits
 
 
 def small_gemm(x: np.ndarray, w: np.ndarray, bias: np.ndarray, residual: np.ndarray, out: np.ndarray,
-               op: int = NO_PROLOGUE, norm: np.ndarray = _NO_WEIGHT, eps: float = 0.0) -> None:
+               op: int = NO_PROLOGUE, norm: np.ndarray = NO_WEIGHT, eps: float = 0.0) -> None:
     """numba-ready arrays; bias and residual may be empty (shape[0] == 0) to skip them; op, norm, eps: what
     x goes through first (prologue_row)."""
     kernel = _small_gemm_parallel if w.shape[0] * w.shape[1] >= PARALLEL_GEMM_ELEMENTS else _small_gemm_serial
@@ -333,8 +333,8 @@ def attention_inputs(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tens
     dim = k_cache.shape[-1]
     if q_out is None:
         q_out = new_tensor((qkv.shape[0], num_heads, dim), qkv.dtype)
-    qn = _NO_WEIGHT if q_norm is None else as_numba(q_norm)
-    kn = _NO_WEIGHT if k_norm is None else as_numba(k_norm)
+    qn = NO_WEIGHT if q_norm is None else as_numba(q_norm)
+    kn = NO_WEIGHT if k_norm is None else as_numba(k_norm)
     _attention_inputs(qkv.shape[0])(as_numba(qkv), positions.numpy(), as_numba(cos), as_numba(sin), qn, kn,
                                     np.float32(eps), num_heads, num_kv_heads, as_numba(k_cache),
                                     as_numba(v_cache), slot_mapping.numpy(), as_numba(q_out))

@@ -19,13 +19,14 @@ import os
 import numpy as np
 from numba import njit, prange
 
-from scalellm.ops.cpu_kernels import _NO_WEIGHT, FAST, NO_PROLOGUE, prologue_row, renamed
+from scalellm.ops.cpu_kernels import FAST, NO_PROLOGUE, NO_WEIGHT, prologue_row, renamed
 from scalellm.ops.numba_util import keep_alive, load, store
 from scalellm.ops import quant_ir
-from scalellm.ops.quant_ir import (host_has_vnni, make_dequant_row, make_grouped_dot_q4_0, make_row_dot,
+from scalellm.ops.quant_ir import (GROUP_ROWS, host_has_vnni, make_dequant_row, make_grouped_dot_q4_0, make_row_dot,
                                    make_row_dot_i8)
 
 FORMAT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
+_Q4_0 = FORMAT_CODES["q4_0"]
 PARALLEL_WEIGHTS = 100_000  # weight elements from which a call splits its rows over the threads
 INT8 = host_has_vnni() and os.environ.get("SCALELLM_QUANT_INT8", "1") != "0"
 # numba's disk cache checks only the source file of the function it caches, not the IR the intrinsics
@@ -136,10 +137,15 @@ def _block_sums(x, r, sums):
 
 
 @njit(inline="always", nogil=True, fastmath=FAST)
-def _prepare(int8, fmt, x, op, norm, eps, xs, xq, xd, xo):
-    """The activations' rows made ready: the prologue into xs (when op), then int8 quantized (xq, xd, xo),
-    or (float kernel) block sums into xd. In a prange: see prologue_row."""
-    for r in prange(x.shape[0]):
+def _activations(int8, fmt, x, op, norm, eps, nb):
+    """The activations' rows made ready -> (xs, xq, xd, xo): the prologue into xs (when op), then int8
+    quantized (xq, xd, xo), or (float kernel) block sums into xd. In a prange: see prologue_row."""
+    rows, k = x.shape[0], nb * 32
+    xs = np.empty((rows if op != NO_PROLOGUE else 0, k), np.float32)
+    xq = np.empty((rows, k if int8 else 0), np.uint8)
+    xd = np.empty((rows, nb), np.float32)
+    xo = np.empty((rows, nb), np.float32)
+    for r in prange(rows):
         if op != NO_PROLOGUE:
             prologue_row(op, x, r, norm, eps, xs)
             if int8:
@@ -150,6 +156,17 @@ def _prepare(int8, fmt, x, op, norm, eps, xs, xq, xd, xo):
             _quantize_row(x, r, fmt == 0, xq, xd, xo)
         elif fmt != 0:
             _block_sums(x, r, xd)
+    return xs, xq, xd, xo
+
+
+@njit(inline="always", nogil=True)
+def _store_output(out, row, n, col0, total, bias, residual):
+    """out[row, col0 + n] = total (+ bias[n]) (+ residual[row, col0 + n]); empty bias/residual skip."""
+    if bias.shape[0] > 0:
+        total += load(bias[n])
+    if residual.shape[0] > 0:
+        total += load(residual[row, col0 + n])
+    store(out, (row, col0 + n), total)
 
 
 def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0, op, norm, eps):
@@ -160,11 +177,7 @@ def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0, op, norm, 
     rows = x.shape[0]
     n_out, nb = qs.shape[0], d.shape[1]
     k = nb * 32
-    xs = np.empty((rows if op != NO_PROLOGUE else 0, k), np.float32)
-    xq = np.empty((rows, k if int8 else 0), np.uint8)
-    xd = np.empty((rows, nb), np.float32)
-    xo = np.empty((rows, nb), np.float32)
-    _prepare(int8, fmt, x, op, norm, eps, xs, xq, xd, xo)
+    xs, xq, xd, xo = _activations(int8, fmt, x, op, norm, eps, nb)
     if int8:
         xa, width = xq.ctypes.data, 1
     else:
@@ -173,7 +186,6 @@ def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0, op, norm, 
     xda, xoa = xd.ctypes.data, xo.ctypes.data
     qa, da, ma = qs.ctypes.data, d.ctypes.data, mins.ctypes.data
     q_row, d_row = qs.strides[0], d.strides[0]
-    has_bias, has_residual = bias.shape[0] > 0, residual.shape[0] > 0
     chunks = min(n_out, 64)
     for c in prange(chunks):
         vals = np.empty(4, np.float32)
@@ -195,12 +207,7 @@ def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0, op, norm, 
                     vals[0] = _dot1(kind, q, s, mn, at_x, k, xda + at_s, xoa + at_s, nb)[0]
                     got = 1
                 for t in range(got):
-                    total = vals[t]
-                    if has_bias:
-                        total += load(bias[n])
-                    if has_residual:
-                        total += load(residual[r + t, col0 + n])
-                    store(out, (r + t, col0 + n), total)
+                    _store_output(out, r + t, n, col0, vals[t], bias, residual)
                 r += got
     return keep_alive(xq, xd, xo) + xs.shape[0]  # the loop reads them through raw addresses, which hold no reference
 
@@ -223,23 +230,18 @@ def _grouped_dot(rows, q, s, x, stride, xd, xo, nb, out):
 
 
 def _grouped_gemm(x, qs, d, bias, residual, out, col0, op, norm, eps):
-    """_quant_gemm's int8 kernel for Q4_0 weights grouped by 16 rows (QuantizedTensor.grouped): qs
-    [N / 16, blocks * 256], d [N / 16, blocks * 16] (float16 bits); each group's 16 outputs per x row
+    """_quant_gemm's int8 kernel for Q4_0 weights grouped by GROUP_ROWS (16) rows (QuantizedTensor.grouped):
+    qs [N / 16, blocks * 256], d [N / 16, blocks * 16] (float16 bits); each group's 16 outputs per x row
     come out of one call together."""
     rows, groups = x.shape[0], qs.shape[0]
-    nb = d.shape[1] // 16
+    nb = d.shape[1] // GROUP_ROWS
     k = nb * 32
-    xs = np.empty((rows if op != NO_PROLOGUE else 0, k), np.float32)
-    xq = np.empty((rows, k), np.uint8)
-    xd = np.empty((rows, nb), np.float32)
-    xo = np.empty((rows, nb), np.float32)
-    _prepare(True, 1, x, op, norm, eps, xs, xq, xd, xo)
+    xs, xq, xd, xo = _activations(True, _Q4_0, x, op, norm, eps, nb)
     xa, xda, xoa, qa, da = xq.ctypes.data, xd.ctypes.data, xo.ctypes.data, qs.ctypes.data, d.ctypes.data
     q_row, d_row = qs.strides[0], d.strides[0]
-    has_bias, has_residual = bias.shape[0] > 0, residual.shape[0] > 0
     chunks = min(groups, 64)
     for c in prange(chunks):
-        vals = np.empty(64, np.float32)
+        vals = np.empty(4 * GROUP_ROWS, np.float32)
         va = vals.ctypes.data
         for g in range(c * groups // chunks, (c + 1) * groups // chunks):
             r = 0
@@ -247,14 +249,9 @@ def _grouped_gemm(x, qs, d, bias, residual, out, col0, op, norm, eps):
                 got = _grouped_dot(rows - r, qa + g * q_row, da + g * d_row, xa + r * k, k, xda + r * nb * 4,
                                    xoa + r * nb * 4, nb, va)
                 for t in range(got):
-                    for lane in range(16):
-                        n = g * 16 + lane
-                        total = vals[t * 16 + lane]
-                        if has_bias:
-                            total += load(bias[n])
-                        if has_residual:
-                            total += load(residual[r + t, col0 + n])
-                        store(out, (r + t, col0 + n), total)
+                    for lane in range(GROUP_ROWS):
+                        _store_output(out, r + t, g * GROUP_ROWS + lane, col0, vals[t * GROUP_ROWS + lane], bias,
+                                      residual)
                 r += got
     return keep_alive(xq, xd, xo) + xs.shape[0]
 
@@ -263,7 +260,7 @@ _grouped_serial, _grouped_parallel = _builds(_grouped_gemm)
 
 
 def grouped_gemm(x: np.ndarray, qs: np.ndarray, d: np.ndarray, bias: np.ndarray, residual: np.ndarray,
-                 out: np.ndarray, col0: int = 0, op: int = NO_PROLOGUE, norm: np.ndarray = _NO_WEIGHT,
+                 out: np.ndarray, col0: int = 0, op: int = NO_PROLOGUE, norm: np.ndarray = NO_WEIGHT,
                  eps: float = 0.0) -> None:
     """quant_gemm for Q4_0 grouped by 16 rows, on the int8 kernel (x float32 or bfloat16 bits)."""
     parallel = qs.shape[0] * d.shape[1] * 32 >= PARALLEL_WEIGHTS
@@ -273,7 +270,7 @@ def grouped_gemm(x: np.ndarray, qs: np.ndarray, d: np.ndarray, bias: np.ndarray,
 
 def quant_gemm(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, mins: np.ndarray, bias: np.ndarray,
                residual: np.ndarray, out: np.ndarray, col0: int = 0, int8: bool | None = None,
-               op: int = NO_PROLOGUE, norm: np.ndarray = _NO_WEIGHT, eps: float = 0.0) -> None:
+               op: int = NO_PROLOGUE, norm: np.ndarray = NO_WEIGHT, eps: float = 0.0) -> None:
     """int8: the int8 GEMM (default where the CPU has it, INT8; x float32 or bfloat16 bits) or the float
     one (x float32, C-contiguous, or bfloat16 bits with a prologue); op, norm, eps: what x goes through
     first (cpu_kernels.prologue_row)."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import scalellm.ops  # for rms_norm and silu_mul, read at call time (this module loads while ops does)
-from scalellm.ops.cpu_kernels import _NO_WEIGHT, NO_PROLOGUE, RMS_NORM, SILU_MUL, small_gemm
+from scalellm.ops.cpu_kernels import NO_PROLOGUE, NO_WEIGHT, RMS_NORM, SILU_MUL, small_gemm
 from scalellm.ops.numba_util import as_numba, new_tensor
 
 PACK_BATCH_HINT = 128  # the batch size oneDNN tunes the packed layout for; measured flat from 1 to 512
@@ -92,10 +92,10 @@ def fusable_prologue(x: torch.Tensor, norm: torch.Tensor | None, eps: float, sil
     between the two kernels (SiLU's division); a float32 near-tie (the bundled model's answer to the
     Paris question) turned on such an ulp once, so float32 runs the op first, as before."""
     if not FUSED_PROLOGUE or x.dtype != torch.bfloat16:
-        return apply_prologue(x, norm, eps, silu_mul), NO_PROLOGUE, _NO_WEIGHT
+        return apply_prologue(x, norm, eps, silu_mul), NO_PROLOGUE, NO_WEIGHT
     if norm is not None:
         return x, RMS_NORM, as_numba(norm)
-    return x, (SILU_MUL if silu_mul else NO_PROLOGUE), _NO_WEIGHT
+    return x, (SILU_MUL if silu_mul else NO_PROLOGUE), NO_WEIGHT
 
 
 def apply_prologue(x: torch.Tensor, norm: torch.Tensor | None, eps: float, silu_mul: bool) -> torch.Tensor:

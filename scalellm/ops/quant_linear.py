@@ -22,6 +22,7 @@ from scalellm.ops import cpu_quant
 from scalellm.ops.cpu_kernels import NO_PROLOGUE
 from scalellm.ops.linear import apply_prologue, fusable_prologue
 from scalellm.ops.numba_util import as_numba, new_tensor
+from scalellm.ops.quant_ir import GROUP_ROWS
 from scalellm.ops.quant_tensor import QuantizedTensor
 
 DENSE_ROWS = 48  # from this many rows the dequantize-then-GEMM path measured faster (32: 0.6x, 64: 1.2x)
@@ -40,7 +41,7 @@ class QuantizedLinear:
         faster per call at one to sixteen rows; the same bytes, reordered); False where the weight is
         shared with a reader of the file's order (a tied embedding), which would otherwise hold a copy."""
         if regroup and GROUPED and weight.device.type == "cpu" and weight.format == "q4_0" and \
-                weight.group == 1 and weight.shape[0] % 16 == 0:
+                weight.group == 1 and weight.shape[0] % GROUP_ROWS == 0:
             weight = weight.grouped()
         self.weight = weight
         self.format = weight.format

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scalellm.ops.quant_ir import QUANT_BYTES
+from scalellm.ops.quant_ir import GROUP_ROWS, QUANT_BYTES
 
 BLOCK = 32
 GGUF_TYPES = {8: "q8_0", 2: "q4_0", 3: "q4_1"}  # GGML type id -> format
@@ -74,11 +74,12 @@ class QuantizedTensor:
         raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType(GGUF_TYPE_IDS[fmt]))
         return cls.from_gguf_blocks(fmt, raw, (rows, cols))
 
-    def grouped(self, rows: int = 16) -> QuantizedTensor:
+    def grouped(self) -> QuantizedTensor:
         """Q4_0 with each 16 rows' blocks interleaved for quant_ir.make_grouped_dot_q4_0: per block, four
         64-byte vectors whose 32-bit lane r holds bytes 4i..4i+3 of row r, then the rows' scales together."""
-        if self.format != "q4_0" or rows != 16 or self.group != 1 or self.shape[0] % rows:
-            raise ValueError(f"only Q4_0 with a multiple of 16 rows groups, not {self.format} {self.shape}")
+        rows = GROUP_ROWS
+        if self.format != "q4_0" or self.group != 1 or self.shape[0] % rows:
+            raise ValueError(f"only Q4_0 with a multiple of {rows} rows groups, not {self.format} {self.shape}")
         n, nb = self.d.shape
         qs = self.qs.reshape(n // rows, rows, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(n // rows, nb * 256)
         d = self.d.reshape(n // rows, rows, nb).permute(0, 2, 1).reshape(n // rows, nb * rows)
