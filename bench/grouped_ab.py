@@ -1,7 +1,8 @@
-"""Q4_0 weights held in groups of 16 rows (QuantizedTensor.grouped) vs in the file's row order: bare
-decode steps of the same GGUF file, both models loaded in one process and alternated.
+"""Q8_0 and Q4_0 weights held in groups of 16 rows (QuantizedTensor.grouped; a tied head too) vs in the
+file's row order: bare decode steps of the same GGUF file, both models loaded in one process and
+alternated.
 
-    .venv/bin/python bench/grouped_ab.py [--rounds 6] [--models smollm2-135m-q4_0]
+    .venv/bin/python bench/grouped_ab.py [--rounds 6] [--models smollm2-135m-q8_0,smollm2-135m-q4_0]
 
 Each round times 16 decode steps after a 128-token prompt at batch 1, 16 and 64 under each layout (the
 order flips every round); the paired ratio per round is the number to read. Writes
@@ -32,17 +33,18 @@ def load(path: str, grouped: bool):
         llm = LLM(path, dtype="bfloat16", kv_cache_memory="1GiB")
     finally:
         quant_linear.GROUPED = True
-    groups = {getattr(p, "weight").group for p in llm.engine.loaded.model._projections()
+    model = llm.engine.loaded.model
+    groups = {getattr(p, "weight").group for p in model._projections() + [model.lm_head]
               if hasattr(getattr(p, "weight", None), "group")}
     return llm, groups
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2-135m-q4_0")
+    ap.add_argument("--models", default="smollm2-135m-q8_0,smollm2-135m-q4_0")
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
-    lines = ["# Q4_0 grouped by 16 rows (B) against the file's row order (A)", "",
+    lines = ["# Q8_0/Q4_0 grouped by 16 rows (B) against the file's row order (A)", "",
              f"{os.cpu_count()} cores, bfloat16 activations, {time.strftime('%Y-%m-%d')}. Command: `.venv/bin/python "
              f"bench/grouped_ab.py --models {args.models} --rounds {args.rounds}`. Bare decode steps (16 per cell "
              "after a 128-token prompt, median), both layouts loaded in one process, alternated, order flipped "

@@ -39,8 +39,12 @@ from serving import PY, Proc, drive  # noqa: E402
 LLAMA_VERSION = "0.3.36"  # llama-cpp-python, whose vendored llama.cpp sources are built
 LLAMA_SRC = os.path.join(BENCH, ".cache", "llama.cpp", f"llama_cpp_python-{LLAMA_VERSION}", "vendor", "llama.cpp")
 LLAMA_SERVER = os.path.join(LLAMA_SRC, "build", "bin", "llama-server")
+# AMX off: on CPUs that list it where the kernel does not grant the tiles (virtual machines), ggml's AMX
+# kernels die on their first instruction (SIGILL); without AMX ggml takes its AVX512-VNNI kernels.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
+               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", f"-DCMAKE_C_FLAGS={NO_AMX}",
+               f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 GGUF_DIR = os.path.join(BENCH, ".cache", "gguf")
 FORMATS = ["bf16", "q8_0", "q4_0", "q4_1"]
 NAME = "bench-model"

@@ -40,7 +40,7 @@ def _quantized_x(x: np.ndarray) -> np.ndarray:
     rows, k = x.shape
     xq, xd, xo = (np.empty((rows, k), np.uint8), np.empty((rows, k // 32), np.float32),
                   np.empty((rows, k // 32), np.float32))
-    cpu_quant.quantize_activations(x, False, xq, xd, xo)
+    cpu_quant.quantize_activations(x, cpu_quant.SIGNED, xq, xd, xo)
     q = xq.view(np.int8).astype(np.float64).reshape(rows, k // 32, 32)
     return (q * xd.astype(np.float64)[..., None]).reshape(rows, k)
 
@@ -108,25 +108,27 @@ def test_quantized_gemm_matches_float64_reference(fmt, int8):
             fmt, x, *fields, bias, residual, out, col0=col0, int8=int8), int8)
 
 
-@pytest.mark.skipif(not cpu_quant.INT8, reason="the grouped Q4_0 kernel needs AVX512-VNNI")
-def test_grouped_q4_0_gemm_matches_float64_reference():
-    """Q4_0 in groups of 16 rows: the same bytes reordered (it dequantizes to the same weight), and its
-    kernel within the int8 kernel's tolerance; serial and parallel builds."""
+@pytest.mark.skipif(not cpu_quant.INT8, reason="the grouped kernels need AVX512-VNNI")
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_grouped_gemm_matches_float64_reference(fmt):
+    """Q8_0 and Q4_0 in groups of 16 rows: the same bytes reordered (it dequantizes to the same weight and
+    writes the same file blocks), and its kernel within the int8 kernel's tolerance; serial and parallel
+    builds."""
     for i, (n, k) in enumerate([(16, 32), (48, 96), (96, 160), (304, 576), (1104, 96)]):
-        qt = _weight("q4_0", n, k, seed=i)
+        qt = _weight(fmt, n, k, seed=i)
         grouped = qt.grouped()
         assert torch.equal(grouped.dequantize(), qt.dequantize()) and grouped.nbytes == qt.nbytes
         assert np.array_equal(grouped.to_gguf_blocks(), qt.to_gguf_blocks())
         qs, d, _ = quant_linear._numpy_fields(grouped)
         _check_gemm(qt, lambda x, bias, residual, out, col0: cpu_quant.grouped_gemm(
-            x, qs, d, bias, residual, out, col0=col0), True)
+            fmt, x, qs, d, bias, residual, out, col0=col0), True)
 
 
 def test_int8_activations_round_to_the_nearest_step():
     x = (torch.randn(3, 96) * torch.tensor([0.01, 1.0, 100.0])[:, None]).numpy()
     x[1, :32] = 0  # an all-zero block
     xq, xd, xo = np.empty((3, 96), np.uint8), np.empty((3, 3), np.float32), np.empty((3, 3), np.float32)
-    cpu_quant.quantize_activations(x, False, xq, xd, xo)
+    cpu_quant.quantize_activations(x, cpu_quant.SIGNED, xq, xd, xo)
     q = xq.view(np.int8).astype(np.float64).reshape(3, 3, 32)
     amax = np.abs(x.reshape(3, 3, 32)).max(-1)
     np.testing.assert_allclose(xd, amax / 127, rtol=1e-6)
@@ -135,19 +137,23 @@ def test_int8_activations_round_to_the_nearest_step():
     assert (np.abs(q - x.reshape(3, 3, 32) / scale) <= 0.5 + 1e-4).all()
     np.testing.assert_allclose(xo, xd * q.sum(-1), rtol=1e-6)
     biased = np.empty_like(xq)
-    cpu_quant.quantize_activations(x, True, biased, xd, xo)  # Q8_0's unsigned form: q + 128
+    cpu_quant.quantize_activations(x, cpu_quant.BIASED, biased, xd, xo)  # Q8_0's unsigned form: q + 128
     assert np.array_equal(biased.astype(np.int64) - 128, q.reshape(3, 96))
+    again = np.empty_like(xq)
+    cpu_quant.quantize_activations(x, cpu_quant.SIGNED_SUM, again, xd, xo)  # grouped Q8_0's: the sums alone
+    assert np.array_equal(again, xq) and np.array_equal(xo, q.sum(-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("n", [200, 208])  # Q4_0 with 208 rows is held in groups of 16 where the int8 kernel runs
+@pytest.mark.parametrize("n", [200, 208])  # Q8_0/Q4_0 with 208 rows are held in groups of 16 where the int8 kernel runs
 def test_quantized_linear_both_paths_and_dtypes(fmt, dtype, n, monkeypatch):
     monkeypatch.setattr(quant_linear, "SLAB_ELEMENTS", 64 * 128)  # the dense path in several slabs
     qt = _weight(fmt, n, 128, 5)
     bias = torch.randn(n)
     lin = QuantizedLinear(qt, bias, dtype)
-    assert lin.weight.group == (16 if fmt == "q4_0" and n % 16 == 0 and quant_linear.GROUPED else 1)
+    int8 = quant_linear.uses_int8(dtype)  # bfloat16 activations on the int8 kernel, float32 ones on the float one
+    assert lin.weight.group == (16 if fmt != "q4_1" and n % 16 == 0 and int8 and quant_linear.GROUPED else 1)
     w64 = qt.dequantize().double()
     for rows in (1, 3, quant_linear.DENSE_ROWS, quant_linear.DENSE_ROWS + 9):
         x = torch.randn(rows, 128).to(dtype)
@@ -155,7 +161,7 @@ def test_quantized_linear_both_paths_and_dtypes(fmt, dtype, n, monkeypatch):
         out = lin(x, residual=residual)
         assert out.dtype == dtype and out.shape == (rows, n)
         dense = rows >= quant_linear.DENSE_ROWS and lin.weight.group == 1  # grouped: the int8 kernel at any size
-        xs = x.double() if dense or not cpu_quant.INT8 else torch.from_numpy(_quantized_x(x.float().numpy()))
+        xs = x.double() if dense or not int8 else torch.from_numpy(_quantized_x(x.float().numpy()))
         b = lin.bias.double()
         ref = xs @ w64.T + b + residual.double()
         scale = xs.abs() @ w64.abs().T + b.abs() + residual.double().abs()
@@ -190,10 +196,12 @@ def test_prologue_in_the_gemm_equals_the_op_before_it(fmt, dtype, int8, monkeypa
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_embedding_rows_dequantize_exactly(fmt):
-    qt = _weight(fmt, 50, 64, 9)
-    ids = torch.tensor([3, 0, 49, 3, 17])
-    assert torch.equal(ops.embedding(ids, qt, torch.float32), qt.dequantize()[ids])
-    assert torch.equal(ops.embedding(ids, qt, torch.bfloat16), qt.dequantize()[ids].bfloat16())
+    qt = _weight(fmt, 48, 64, 9)
+    ids = torch.tensor([3, 0, 47, 3, 17])
+    layouts = [qt, qt.grouped()] if fmt != "q4_1" else [qt]  # a tied head's grouped rows are looked up too
+    for w in layouts:
+        assert torch.equal(ops.embedding(ids, w, torch.float32), qt.dequantize()[ids])
+        assert torch.equal(ops.embedding(ids, w, torch.bfloat16), qt.dequantize()[ids].bfloat16())
 
 
 @host
@@ -268,8 +276,8 @@ def test_quantize_at_load_holds_the_formats_and_counts_their_bytes(folders, arch
 def test_gguf_blocks_served_as_stored(folders, tmp_path, fmt):
     """A GGUF with block-quantized tensors: `auto` keeps them (q/k rows un-interleaved with their blocks),
     a projection fused from parts of different formats is dequantized, and the logits stay within 5% of
-    their largest magnitude of the same file served dequantized (`none`): the int8 kernel rounds each
-    activation to 1/254 of its block's largest, layer after layer (a misread block is off by O(100%))."""
+    their largest magnitude of the same file served dequantized (`none`; both float32, so the float
+    kernel: a misread block is off by O(100%))."""
     def formats(name: str) -> str:
         if fmt == "mixed":
             return "q8_0" if name.endswith("attn_v.weight") else "q4_0"
@@ -288,6 +296,32 @@ def test_gguf_blocks_served_as_stored(folders, tmp_path, fmt):
         assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
         if len(prompt) >= quant_linear.DENSE_ROWS:
             torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)  # float32 dense GEMM on the same weights
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_bfloat16_serves_grouped_blocks_with_a_tied_head(folders, tmp_path, fmt):
+    """bfloat16 activations take the int8 kernels, and Q8_0/Q4_0 projections are held in groups of 16 rows;
+    a tied Q8_0 embedding is one grouped copy that the head multiplies and the lookup reads. The bytes
+    held are the file's; the logits stay within 5% of their largest magnitude of the file dequantized in
+    float32 (8-bit activations and bfloat16's residual stream, layer after layer)."""
+    path = write_gguf(folders["qwen2"], str(tmp_path / f"tied-{fmt}.gguf"),
+                      lambda name: "q8_0" if name == "token_embd.weight" else fmt)
+    served = LLM(path, dtype="bfloat16", quantization="auto").engine.loaded.model
+    plain = LLM(path, dtype="float32", quantization="auto").engine.loaded.model  # float kernel, file order
+    dense = LLM(path, dtype="float32", quantization="none").engine.loaded.model
+    assert served.config.tie_word_embeddings and served.embed is served.lm_head.weight
+    grouped = quant_linear.GROUPED and quant_linear.uses_int8(torch.bfloat16)
+    assert {p.weight.group for p in served._projections() + [served.lm_head]} == {16 if grouped else 1}
+    assert {p.weight.group for p in plain._projections()} == {1}
+    assert served.weight_formats == plain.weight_formats
+
+    def block_bytes(model):  # the quantized tensors' (norms and biases are held in the model's dtype)
+        return model.embed.nbytes + sum(p.weight.nbytes for p in model._projections())
+
+    assert block_bytes(served) == block_bytes(plain)
+    for prompt in ([1, 504, 3250, 6789, 42, 17], list(range(100, 160))):  # decode-sized and prefill-sized
+        ours, ref = prompt_logits(served, prompt).float(), prompt_logits(dense, prompt)
+        assert (ours - ref).abs().max() < 0.05 * ref.abs().max(), float((ours - ref).abs().max() / ref.abs().max())
 
 
 @gpu
@@ -332,8 +366,8 @@ PROMPTS_8 = ["The capital of France is", "def fibonacci(n):", "Once upon a time,
 
 
 def test_bundled_model_logits_stay_near_the_dequantized_models(bundled):
-    """Both in float32: `none` holds the dequantized weights, `auto` the blocks, multiplied with int8
-    activations (float32 ones without VNNI). Stated tolerance: max |logit difference| under 8% of the
+    """Both in float32: `none` holds the dequantized weights, `auto` the blocks, multiplied with float32
+    activations (the float kernel). Stated tolerance: max |logit difference| under 8% of the
     logits' spread, and the same top token on at least 7 of the 8 prompts."""
     quantized, dense = (llm.engine.loaded.model for llm in bundled)
     tok = bundled[0].engine.tokenizer

@@ -136,9 +136,9 @@ def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
                            if n.endswith("proj.weight") and isinstance(t, torch.Tensor))
     small_batch = projection_bytes <= SMALL_BATCH_COPY_BYTES
 
-    def linear(weight, bias: torch.Tensor | None = None, plain_copy: bool = small_batch, shared: bool = False):
+    def linear(weight, bias: torch.Tensor | None = None, plain_copy: bool = small_batch):
         if isinstance(weight, QuantizedTensor):
-            return QuantizedLinear(weight, bias, dtype, regroup=not shared)
+            return QuantizedLinear(weight, bias, dtype)
         return Linear(weight, bias, small_batch=plain_copy)
 
     layers = []
@@ -160,5 +160,7 @@ def build_model(config: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]
         ))
     embed = get("model.embed_tokens.weight")
     lm_head = linear(embed if c.tie_word_embeddings else get("lm_head.weight"),
-                     plain_copy=small_batch or c.tie_word_embeddings, shared=c.tie_word_embeddings)
+                     plain_copy=small_batch or c.tie_word_embeddings)
+    if c.tie_word_embeddings and isinstance(embed, QuantizedTensor):
+        embed = lm_head.weight  # one copy, in the layout the head's kernel reads (the lookup reads either)
     return LlamaModel(c, embed, layers, get("model.norm.weight"), lm_head, max_positions)

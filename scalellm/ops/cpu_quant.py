@@ -2,11 +2,13 @@
 blocks directly, and rows of W dequantized (the embedding lookup).
 
 Two GEMMs (ops/quant_ir.py has their inner loops):
-- int8 (CPUs with AVX512-VNNI): each row of x is quantized per 32-element block to int8 with a float32
-  scale, as llama.cpp does for these formats, and each block product is an integer dot product. The
-  result equals the float64 product of the quantized x and the dequantized W up to float32 rounding.
-- float (elsewhere, or SCALELLM_QUANT_INT8=0): x stays float32 and the blocks are dequantized in
-  registers; the result equals the float64 product of x and the dequantized W up to float32 rounding.
+- int8 (bfloat16 activations on CPUs with AVX512-VNNI): each row of x is quantized per 32-element block to
+  int8 with a float32 scale, as llama.cpp does for these formats, and each block product is an integer
+  dot product. The result equals the float64 product of the quantized x and the dequantized W up to
+  float32 rounding. Q8_0 and Q4_0 weights grouped by 16 rows have a kernel of their own (grouped_gemm).
+- float (float32 activations, CPUs without VNNI, or SCALELLM_QUANT_INT8=0): x stays float32 and the
+  blocks are dequantized in registers; the result equals the float64 product of x and the dequantized W
+  up to float32 rounding. quant_linear.uses_int8 picks.
 Each weight row is dotted with four rows of x at a time while its blocks are in registers; rows of W
 are split over the threads. Formats are picked by a code at run time, so each kernel compiles once.
 """
@@ -22,12 +24,16 @@ from numba import njit, prange
 from scalellm.ops.cpu_kernels import FAST, NO_PROLOGUE, NO_WEIGHT, prologue_row, renamed
 from scalellm.ops.numba_util import keep_alive, load, store
 from scalellm.ops import quant_ir
-from scalellm.ops.quant_ir import (GROUP_ROWS, host_has_vnni, make_dequant_row, make_grouped_dot_q4_0, make_row_dot,
-                                   make_row_dot_i8)
+from scalellm.ops.quant_ir import (GROUP_ROWS, half_to_f32, host_has_vnni, make_dequant_row,
+                                   make_grouped_dot, make_row_dot, make_row_dot_i8)
 
 FORMAT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
 _Q4_0 = FORMAT_CODES["q4_0"]
+# how activations are quantized to int8 (_quantize_row): signed bytes with xo = scale * sum; unsigned
+# bytes q + 128 (Q8_0's row kernel), xo as for SIGNED; signed bytes with xo = the sum alone (grouped Q8_0)
+SIGNED, BIASED, SIGNED_SUM = 0, 1, 2
 PARALLEL_WEIGHTS = 100_000  # weight elements from which a call splits its rows over the threads
+PARALLEL_ROWS = 64  # rows from which a lookup does (the engine's warm-up prefill, 96 rows, compiles that build)
 INT8 = host_has_vnni() and os.environ.get("SCALELLM_QUANT_INT8", "1") != "0"
 # numba's disk cache checks only the source file of the function it caches, not the IR the intrinsics
 # generate in quant_ir.py: the kernels' cached names carry a hash of that file, so a change there
@@ -99,10 +105,10 @@ def _dot4(kind, q, d, m, x, stride, a, b, nb):
 
 
 @njit(inline="always", nogil=True, fastmath=FAST)
-def _quantize_row(x, r, biased, xq, xd, xo):
+def _quantize_row(x, r, form, xq, xd, xo):
     """Each 32-element block of x's row r (float32 or bfloat16 bits) -> int8 values round(x / s) with
-    s = max|x| / 127: xq gets their bytes (plus 128 when biased, Q8_0's unsigned form), xd the scales,
-    xo scale * sum."""
+    s = max|x| / 127: xq gets their bytes (plus 128 when form is BIASED, Q8_0's unsigned form), xd the
+    scales, xo scale * sum (the sum alone when form is SIGNED_SUM: an integer, exact in float32)."""
     block = np.empty(32, np.float32)
     for b in range(xd.shape[1]):
         amax = np.float32(0.0)
@@ -115,16 +121,16 @@ def _quantize_row(x, r, biased, xq, xd, xo):
         for j in range(32):
             q = int(np.rint(block[j] * inv))
             total += q
-            xq[r, b * 32 + j] = (q + 128) if biased else (q & 255)
+            xq[r, b * 32 + j] = (q + 128) if form == BIASED else (q & 255)
         xd[r, b] = scale
-        xo[r, b] = scale * np.float32(total)
+        xo[r, b] = np.float32(total) if form == SIGNED_SUM else scale * np.float32(total)
 
 
 @njit(nogil=True, fastmath=FAST)
-def quantize_activations(x, biased, xq, xd, xo):
+def quantize_activations(x, form, xq, xd, xo):
     """_quantize_row for every row of x ([rows, K])."""
     for r in range(x.shape[0]):
-        _quantize_row(x, r, biased, xq, xd, xo)
+        _quantize_row(x, r, form, xq, xd, xo)
 
 
 @njit(inline="always", nogil=True, fastmath=FAST)
@@ -137,9 +143,9 @@ def _block_sums(x, r, sums):
 
 
 @njit(inline="always", nogil=True, fastmath=FAST)
-def _activations(int8, fmt, x, op, norm, eps, nb):
+def _activations(int8, fmt, form, x, op, norm, eps, nb):
     """The activations' rows made ready -> (xs, xq, xd, xo): the prologue into xs (when op), then int8
-    quantized (xq, xd, xo), or (float kernel) block sums into xd. In a prange: see prologue_row."""
+    quantized as `form` (xq, xd, xo), or (float kernel) block sums into xd. In a prange: see prologue_row."""
     rows, k = x.shape[0], nb * 32
     xs = np.empty((rows if op != NO_PROLOGUE else 0, k), np.float32)
     xq = np.empty((rows, k if int8 else 0), np.uint8)
@@ -149,11 +155,11 @@ def _activations(int8, fmt, x, op, norm, eps, nb):
         if op != NO_PROLOGUE:
             prologue_row(op, x, r, norm, eps, xs)
             if int8:
-                _quantize_row(xs, r, fmt == 0, xq, xd, xo)
+                _quantize_row(xs, r, form, xq, xd, xo)
             elif fmt != 0:
                 _block_sums(xs, r, xd)
         elif int8:
-            _quantize_row(x, r, fmt == 0, xq, xd, xo)
+            _quantize_row(x, r, form, xq, xd, xo)
         elif fmt != 0:
             _block_sums(x, r, xd)
     return xs, xq, xd, xo
@@ -177,7 +183,7 @@ def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0, op, norm, 
     rows = x.shape[0]
     n_out, nb = qs.shape[0], d.shape[1]
     k = nb * 32
-    xs, xq, xd, xo = _activations(int8, fmt, x, op, norm, eps, nb)
+    xs, xq, xd, xo = _activations(int8, fmt, BIASED if fmt == 0 else SIGNED, x, op, norm, eps, nb)
     if int8:
         xa, width = xq.ctypes.data, 1
     else:
@@ -214,29 +220,42 @@ def _quant_gemm(int8, fmt, x, qs, d, mins, bias, residual, out, col0, op, norm, 
 
 _gemm_serial, _gemm_parallel = _builds(_quant_gemm)
 
-_G1, _G2, _G4 = (make_grouped_dot_q4_0(t) for t in (1, 2, 4))
+# grouped kernels for 1, 2 and 4 rows of x; index [format code] (Q8_0 0, Q4_0 1)
+_G1, _G2, _G4 = ([make_grouped_dot(f, t) for f in ("q8_0", "q4_0")] for t in (1, 2, 4))
+_G1_Q8, _G1_Q40 = _G1
+_G2_Q8, _G2_Q40 = _G2
+_G4_Q8, _G4_Q40 = _G4
 
 
 @njit(inline="always", nogil=True)
-def _grouped_dot(rows, q, s, x, stride, xd, xo, nb, out):
+def _grouped_dot(fmt, rows, q, s, x, stride, xd, xo, nb, out):
     if rows >= 4:
-        _G4(q, s, x, stride, xd, xo, nb, out)
+        if fmt == 0:
+            _G4_Q8(q, s, x, stride, xd, xo, nb, out)
+        else:
+            _G4_Q40(q, s, x, stride, xd, xo, nb, out)
         return 4
     if rows >= 2:
-        _G2(q, s, x, stride, xd, xo, nb, out)
+        if fmt == 0:
+            _G2_Q8(q, s, x, stride, xd, xo, nb, out)
+        else:
+            _G2_Q40(q, s, x, stride, xd, xo, nb, out)
         return 2
-    _G1(q, s, x, stride, xd, xo, nb, out)
+    if fmt == 0:
+        _G1_Q8(q, s, x, stride, xd, xo, nb, out)
+    else:
+        _G1_Q40(q, s, x, stride, xd, xo, nb, out)
     return 1
 
 
-def _grouped_gemm(x, qs, d, bias, residual, out, col0, op, norm, eps):
-    """_quant_gemm's int8 kernel for Q4_0 weights grouped by GROUP_ROWS (16) rows (QuantizedTensor.grouped):
-    qs [N / 16, blocks * 256], d [N / 16, blocks * 16] (float16 bits); each group's 16 outputs per x row
-    come out of one call together."""
+def _grouped_gemm(fmt, x, qs, d, bias, residual, out, col0, op, norm, eps):
+    """_quant_gemm's int8 kernel for Q8_0 or Q4_0 weights grouped by GROUP_ROWS (16) rows
+    (QuantizedTensor.grouped): qs [N / 16, blocks * 64 * vectors], d [N / 16, blocks * 16] (float16 bits);
+    each group's 16 outputs per x row come out of one call together."""
     rows, groups = x.shape[0], qs.shape[0]
     nb = d.shape[1] // GROUP_ROWS
     k = nb * 32
-    xs, xq, xd, xo = _activations(True, _Q4_0, x, op, norm, eps, nb)
+    xs, xq, xd, xo = _activations(True, fmt, SIGNED_SUM if fmt == 0 else SIGNED, x, op, norm, eps, nb)
     xa, xda, xoa, qa, da = xq.ctypes.data, xd.ctypes.data, xo.ctypes.data, qs.ctypes.data, d.ctypes.data
     q_row, d_row = qs.strides[0], d.strides[0]
     chunks = min(groups, 64)
@@ -246,7 +265,7 @@ def _grouped_gemm(x, qs, d, bias, residual, out, col0, op, norm, eps):
         for g in range(c * groups // chunks, (c + 1) * groups // chunks):
             r = 0
             while r < rows:
-                got = _grouped_dot(rows - r, qa + g * q_row, da + g * d_row, xa + r * k, k, xda + r * nb * 4,
+                got = _grouped_dot(fmt, rows - r, qa + g * q_row, da + g * d_row, xa + r * k, k, xda + r * nb * 4,
                                    xoa + r * nb * 4, nb, va)
                 for t in range(got):
                     for lane in range(GROUP_ROWS):
@@ -259,13 +278,13 @@ def _grouped_gemm(x, qs, d, bias, residual, out, col0, op, norm, eps):
 _grouped_serial, _grouped_parallel = _builds(_grouped_gemm)
 
 
-def grouped_gemm(x: np.ndarray, qs: np.ndarray, d: np.ndarray, bias: np.ndarray, residual: np.ndarray,
+def grouped_gemm(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, bias: np.ndarray, residual: np.ndarray,
                  out: np.ndarray, col0: int = 0, op: int = NO_PROLOGUE, norm: np.ndarray = NO_WEIGHT,
                  eps: float = 0.0) -> None:
-    """quant_gemm for Q4_0 grouped by 16 rows, on the int8 kernel (x float32 or bfloat16 bits)."""
+    """quant_gemm for Q8_0 or Q4_0 grouped by 16 rows, on the int8 kernel (x float32 or bfloat16 bits)."""
     parallel = qs.shape[0] * d.shape[1] * 32 >= PARALLEL_WEIGHTS
-    (_grouped_parallel if parallel else _grouped_serial)(x, qs, d, bias, residual, out, col0, op, norm,
-                                                         np.float32(eps))
+    (_grouped_parallel if parallel else _grouped_serial)(FORMAT_CODES[fmt], x, qs, d, bias, residual, out, col0, op,
+                                                         norm, np.float32(eps))
 
 
 def quant_gemm(fmt: str, x: np.ndarray, qs: np.ndarray, d: np.ndarray, mins: np.ndarray, bias: np.ndarray,
@@ -300,5 +319,34 @@ _dequant_serial, _dequant_parallel = _builds(_dequant_rows)
 
 def dequant_rows(fmt: str, qs: np.ndarray, d: np.ndarray, mins: np.ndarray, ids: np.ndarray,
                  out: np.ndarray) -> None:
-    parallel = ids.shape[0] * out.shape[1] >= PARALLEL_WEIGHTS
+    parallel = ids.shape[0] >= PARALLEL_ROWS
     (_dequant_parallel if parallel else _dequant_serial)(FORMAT_CODES[fmt], qs, d, mins, ids, out)
+
+
+def _dequant_grouped_rows(fmt, qs, d, ids, out):
+    """dequant_rows for Q8_0 or Q4_0 grouped by 16 rows (d: float16 bits, uint16)."""
+    nb = out.shape[1] // 32
+    width = 64 * (8 if fmt == 0 else 4)  # bytes per block of a group
+    for i in prange(ids.shape[0]):
+        g, lane = ids[i] // GROUP_ROWS, ids[i] % GROUP_ROWS
+        for b in range(nb):
+            scale = half_to_f32(d[g, b * GROUP_ROWS + lane])
+            base = b * width + lane * 4
+            if fmt == 0:
+                for j in range(32):
+                    byte = np.int32(qs[g, base + (j // 4) * 64 + j % 4])
+                    out[i, b * 32 + j] = scale * np.float32(byte - 128)
+            else:
+                for j in range(16):
+                    byte = np.int32(qs[g, base + (j // 4) * 64 + j % 4])
+                    out[i, b * 32 + j] = scale * np.float32((byte & 15) - 8)
+                    out[i, b * 32 + 16 + j] = scale * np.float32((byte >> 4) - 8)
+
+
+_grouped_dequant_serial, _grouped_dequant_parallel = _builds(_dequant_grouped_rows)
+
+
+def dequant_grouped_rows(fmt: str, qs: np.ndarray, d: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
+    """Rows ids (the weight's own row numbers) of a grouped Q8_0/Q4_0 weight -> out [len(ids), K] float32."""
+    parallel = ids.shape[0] >= PARALLEL_ROWS
+    (_grouped_dequant_parallel if parallel else _grouped_dequant_serial)(FORMAT_CODES[fmt], qs, d, ids, out)

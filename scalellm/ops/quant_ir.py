@@ -145,6 +145,14 @@ def make_row_dot(fmt: str, rows: int):
     return intrinsic(row_dot)
 
 
+@intrinsic
+def half_to_f32(typingctx, bits):
+    """float16 bits (uint16) -> float32."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
+    return types.float32(types.uint16), codegen
+
+
 def make_dequant_row(fmt: str):
     """dequant_row(qs, d, m, out, nb): one weight row's nb blocks -> out (float32 address)."""
     def dequant_row(typingctx, qs, d, m, out, nb):
@@ -323,23 +331,30 @@ def host_has_vnni() -> bool:
     return bool(features.get("avx512vnni") and features.get("avx512vl"))
 
 
-# ---- Q4_0 in groups of 16 rows (AVX512-VNNI) ------------------------------------------------------
-# quant_tensor.QuantizedTensor.grouped(16) lays each block of 16 weight rows out as four 64-byte vectors
-# whose 32-bit lane r holds four bytes of row r (bytes 4i..4i+3 of its 16: elements 4i..4i+3 in the low
-# nibbles, 16+4i..16+4i+3 in the high ones), and the 16 rows' float16 scales side by side. One
+# ---- Q4_0 and Q8_0 in groups of 16 rows (AVX512-VNNI) ----------------------------------------------
+# quant_tensor.QuantizedTensor.grouped() lays each block of 16 weight rows out as 64-byte vectors whose
+# 32-bit lane r holds four bytes of row r, and the 16 rows' float16 scales side by side. Q4_0: four
+# vectors (bytes 4i..4i+3 of a row's 16: elements 4i..4i+3 in the low nibbles, 16+4i..16+4i+3 in the
+# high ones). Q8_0: eight vectors (elements 4i..4i+3), each byte stored plus 128 as an unsigned byte. One
 # `vpdpbusd` with four activation bytes broadcast to every lane then advances all 16 rows' dot products,
 # which end each block in the lanes of their rows: no horizontal sums, and the scales are one vector.
 
 GROUP_ROWS = 16
+GROUP_VECTORS = {"q4_0": 4, "q8_0": 8}  # 64-byte vectors per block of a group
 
 
-def make_grouped_dot_q4_0(rows: int):
-    """grouped_dot(qs, d, xq, x_stride, xd, xo, nb, out): one group's 16 weight rows (qs: its blocks, 256
-    bytes each; d: 16 float16 scales per block) dotted with `rows` rows of int8 activations (xq, stride in
-    bytes; xd, xo as in make_row_dot_i8) -> out (float32 address): rows x 16 results, row-major.
+def make_grouped_dot(fmt: str, rows: int):
+    """grouped_dot(qs, d, xq, x_stride, xd, xo, nb, out): one group's 16 weight rows (qs: its blocks, 64 *
+    GROUP_VECTORS[fmt] bytes each; d: 16 float16 scales per block) dotted with `rows` rows of signed int8
+    activations (xq, stride in bytes; xd: the blocks' scales, [rows, nb]; xo: for Q4_0 each block's scale
+    times its sum of quantized values, for Q8_0 that sum alone) -> out (float32 address): rows x 16
+    results, row-major.
 
-    Per block and row: the exact integer dot of the 16 weight rows, then d_w * (xd * dot - 8 * xo) added to
-    a float accumulator per row (blocks in order)."""
+    Per block and row: the exact integer dot of the 16 weight rows, then added to a float accumulator per
+    row (blocks in order) as Q4_0: d_w * (xd * dot - 8 * xo); Q8_0: d_w * (xd * (dot - 128 * xo)), where
+    the difference of the two integers (each below 2^24) is exact in float32."""
+    vectors = GROUP_VECTORS[fmt]
+
     def grouped_dot(typingctx, qs, d, xq, x_stride, xd, xo, nb, out):
         sig = types.void(*([types.intp] * 8))
 
@@ -355,13 +370,14 @@ def make_grouped_dot_q4_0(rows: int):
             accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16)) for _ in range(rows)]
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
-                base = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 256))])
-                los, his = [], []
-                for i in range(4):
-                    chunk = builder.load(builder.bitcast(builder.gep(base, [ir.Constant(_I64, 64 * i)]),
-                                                         v64.as_pointer()), align=1)
-                    los.append(builder.and_(chunk, _const_vec([15] * 64, _I8)))
-                    his.append(builder.lshr(chunk, _const_vec([4] * 64, _I8)))
+                base = builder.gep(qs_p, [builder.mul(b, ir.Constant(_I64, 64 * vectors))])
+                chunks = [builder.load(builder.bitcast(builder.gep(base, [ir.Constant(_I64, 64 * i)]),
+                                                       v64.as_pointer()), align=1) for i in range(vectors)]
+                if fmt == "q4_0":  # (vector, activation word) pairs: low nibbles are words 0-3, high 4-7
+                    pairs = [(builder.and_(c, _const_vec([15] * 64, _I8)), i) for i, c in enumerate(chunks)]
+                    pairs += [(builder.lshr(c, _const_vec([4] * 64, _I8)), 4 + i) for i, c in enumerate(chunks)]
+                else:
+                    pairs = list(zip(chunks, range(8)))
                 dp = builder.bitcast(builder.gep(d_p, [builder.mul(b, ir.Constant(_I64, 32))]),
                                      ir.VectorType(ir.HalfType(), 16).as_pointer())
                 dw = builder.fpext(builder.load(dp, align=2), _V16F)
@@ -370,23 +386,26 @@ def make_grouped_dot_q4_0(rows: int):
                                       builder.mul(b, ir.Constant(_I64, 32)))
                     xp = builder.bitcast(builder.gep(xq_p, [row]), _I32.as_pointer())
                     dots = [zero_i, zero_i]
-                    for i in range(4):
-                        for half, vecs in enumerate((los, his)):
-                            word = builder.load(builder.gep(xp, [ir.Constant(_I64, i + 4 * half)]), align=1)
-                            splat = builder.shuffle_vector(
-                                builder.insert_element(ir.Constant(v16i, ir.Undefined), word, ir.Constant(_I32, 0)),
-                                ir.Constant(v16i, ir.Undefined), _const_vec([0] * 16))
-                            dots[half] = _vpdpbusd(builder, dots[half], vecs[i], splat)
+                    for j, (vec, word_at) in enumerate(pairs):
+                        word = builder.load(builder.gep(xp, [ir.Constant(_I64, word_at)]), align=1)
+                        splat = builder.shuffle_vector(
+                            builder.insert_element(ir.Constant(v16i, ir.Undefined), word, ir.Constant(_I32, 0)),
+                            ir.Constant(v16i, ir.Undefined), _const_vec([0] * 16))
+                        dots[j % 2] = _vpdpbusd(builder, dots[j % 2], vec, splat)
                     dot = builder.sitofp(builder.add(dots[0], dots[1]), _V16F)
                     at = builder.add(builder.mul(nb, ir.Constant(_I64, t)), b)
-                    xd_b = builder.load(builder.gep(xd_p, [at]))
-                    xo_b = builder.fmul(builder.load(builder.gep(xo_p, [at])), ir.Constant(_F32, -8.0))
-                    block = _fma(builder, dot, _splat(builder, xd_b), _splat(builder, xo_b))
+                    xd_b = _splat(builder, builder.load(builder.gep(xd_p, [at])))
+                    xo_b = builder.load(builder.gep(xo_p, [at]))
+                    if fmt == "q4_0":
+                        block = _fma(builder, dot, xd_b, _splat(builder, builder.fmul(xo_b, ir.Constant(_F32, -8.0))))
+                    else:
+                        exact = builder.fadd(dot, _splat(builder, builder.fmul(xo_b, ir.Constant(_F32, -128.0))))
+                        block = builder.fmul(exact, xd_b)
                     builder.store(_fma(builder, dw, block, builder.load(accs[t])), accs[t])
             for t in range(rows):
                 ptr = builder.bitcast(builder.gep(out_p, [ir.Constant(_I64, 16 * t)]), _V16F.as_pointer())
                 builder.store(builder.load(accs[t]), ptr, align=4)
             return context.get_dummy_value()
         return sig, codegen
-    grouped_dot.__name__ = grouped_dot.__qualname__ = f"grouped_dot_q4_0_{rows}"
+    grouped_dot.__name__ = grouped_dot.__qualname__ = f"grouped_dot_{fmt}_{rows}"
     return intrinsic(grouped_dot)

@@ -6,9 +6,9 @@ up (prefill chunks, large decode batches) the product is bound by arithmetic ins
 GEMM does it faster: the weight is dequantized to the activations' dtype a slab of rows at a time
 (a few MiB, never the whole weight) and multiplied with torch.
 
-Q4_0 weights with a multiple of 16 rows are held in groups of 16 rows where the CPU has the int8 kernel
-(QuantizedTensor.grouped): one vpdpbusd advances 16 rows' dot products, ~2x faster per call than a row at
-a time from 1 to 16 activation rows and faster than the dense path up to 256 rows at least
+Q8_0 and Q4_0 weights with a multiple of 16 rows are held in groups of 16 rows where the CPU has the int8
+kernel (QuantizedTensor.grouped): one vpdpbusd advances 16 rows' dot products, ~2x faster per call than a
+row at a time from 1 to 16 activation rows and faster than the dense path up to 256 rows at least
 (bench/grouped_ab.py), so grouped weights take that kernel at every batch size.
 """
 from __future__ import annotations
@@ -22,12 +22,12 @@ from scalellm.ops import cpu_quant
 from scalellm.ops.cpu_kernels import NO_PROLOGUE
 from scalellm.ops.linear import apply_prologue, fusable_prologue
 from scalellm.ops.numba_util import as_numba, new_tensor
-from scalellm.ops.quant_ir import GROUP_ROWS
+from scalellm.ops.quant_ir import GROUP_ROWS, GROUP_VECTORS
 from scalellm.ops.quant_tensor import QuantizedTensor
 
 DENSE_ROWS = 48  # from this many rows the dequantize-then-GEMM path measured faster (32: 0.6x, 64: 1.2x)
 SLAB_ELEMENTS = 1 << 21  # weight elements dequantized at a time on that path
-GROUPED = cpu_quant.INT8  # Q4_0 weights on the CPU held in groups of 16 rows (see QuantizedLinear's regroup)
+GROUPED = cpu_quant.INT8  # Q8_0/Q4_0 weights on the CPU held in groups of 16 rows (QuantizedLinear)
 
 
 def _uses_cuda_kernels(x: torch.Tensor) -> bool:
@@ -35,13 +35,11 @@ def _uses_cuda_kernels(x: torch.Tensor) -> bool:
 
 
 class QuantizedLinear:
-    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
-                 regroup: bool = True):
-        """regroup: hold Q4_0 in groups of 16 rows for the CPU's int8 kernel (QuantizedTensor.grouped, ~2x
-        faster per call at one to sixteen rows; the same bytes, reordered); False where the weight is
-        shared with a reader of the file's order (a tied embedding), which would otherwise hold a copy."""
-        if regroup and GROUPED and weight.device.type == "cpu" and weight.format == "q4_0" and \
-                weight.group == 1 and weight.shape[0] % GROUP_ROWS == 0:
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
+        """Q8_0/Q4_0 weights are held in groups of 16 rows for the CPU's int8 kernel where groupable(weight,
+        dtype) (QuantizedTensor.grouped: the same bytes, reordered). A tied embedding shares the grouped
+        weight: the lookup reads either layout (dequantize_rows)."""
+        if groupable(weight, dtype):
             weight = weight.grouped()
         self.weight = weight
         self.format = weight.format
@@ -78,16 +76,18 @@ class QuantizedLinear:
             return out
         x, op, norm_np = fusable_prologue(x, norm, eps, silu_mul)
         out = new_tensor((x.shape[0], self.out_features), x.dtype)
-        if cpu_quant.INT8 or op != NO_PROLOGUE:  # the kernel reads either dtype (and rounds as x's)
+        int8 = uses_int8(x.dtype)
+        if int8 or op != NO_PROLOGUE:  # the kernel reads either dtype (and rounds as x's)
             xs = as_numba(x.contiguous())
         else:
             xs = (x.contiguous() if x.dtype == torch.float32 else x.float()).numpy()
         res = self._no_residual if residual is None else as_numba(residual.contiguous())
         if self.weight.group > 1:
-            cpu_quant.grouped_gemm(xs, *self._np[:2], self._bias, res, as_numba(out), op=op, norm=norm_np, eps=eps)
+            cpu_quant.grouped_gemm(self.format, xs, *self._np[:2], self._bias, res, as_numba(out), op=op,
+                                   norm=norm_np, eps=eps)
         else:
-            cpu_quant.quant_gemm(self.format, xs, *self._np, self._bias, res, as_numba(out), op=op, norm=norm_np,
-                                 eps=eps)
+            cpu_quant.quant_gemm(self.format, xs, *self._np, self._bias, res, as_numba(out), int8=int8, op=op,
+                                 norm=norm_np, eps=eps)
         return out
 
     def _dense(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -100,6 +100,19 @@ class QuantizedLinear:
         return out if residual is None else out.add_(residual)
 
 
+def uses_int8(dtype: torch.dtype) -> bool:
+    """Whether activations of dtype are quantized to int8 for the GEMM (as llama.cpp does for these formats):
+    bfloat16 ones, where the CPU has the int8 kernel. float32 ones stay float32 (the float kernel): a
+    float32 model is asked for float32's answers, and 8-bit activations round more coarsely than bfloat16
+    (the bundled model's greedy answer to the Paris question is a near tie that they tip)."""
+    return cpu_quant.INT8 and dtype != torch.float32
+
+
+def groupable(w: QuantizedTensor, dtype: torch.dtype) -> bool:
+    return GROUPED and uses_int8(dtype) and w.device.type == "cpu" and w.format in GROUP_VECTORS and \
+        w.group == 1 and w.shape[0] % GROUP_ROWS == 0
+
+
 def _numpy_fields(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """qs, d and m as numpy arrays for the numba kernels (float16 as uint16 bits; d again for a missing m)."""
     d = w.d.view(torch.int16).numpy().view(np.uint16)
@@ -108,13 +121,18 @@ def _numpy_fields(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def dequantize_rows(w: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype, fields=None) -> torch.Tensor:
-    """Rows ids of w (in the file's order, group 1) as a dense [len(ids), in_features] tensor of dtype."""
+    """Rows ids of w (held in the file's order or grouped) as a dense [len(ids), in_features] tensor of dtype."""
     if _uses_cuda_kernels(ids):
         from scalellm.ops import cuda_backend
 
+        w = w.ungrouped()  # grouped only on the CPU: here the CUDA kernels' host build
         return cuda_backend.dequant_rows(w.format, w.qs, w.d, w.m, ids, dtype)
     out = torch.empty(ids.shape[0], w.shape[1], dtype=torch.float32)
-    cpu_quant.dequant_rows(w.format, *(fields or _numpy_fields(w)), ids.to(torch.int64).numpy(), out.numpy())
+    qs, d, m = fields or _numpy_fields(w)
+    if w.group > 1:
+        cpu_quant.dequant_grouped_rows(w.format, qs, d, ids.to(torch.int64).numpy(), out.numpy())
+    else:
+        cpu_quant.dequant_rows(w.format, qs, d, m, ids.to(torch.int64).numpy(), out.numpy())
     return out if dtype == torch.float32 else out.to(dtype)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scalellm.ops.quant_ir import GROUP_ROWS, QUANT_BYTES
+from scalellm.ops.quant_ir import GROUP_ROWS, GROUP_VECTORS, QUANT_BYTES
 
 BLOCK = 32
 GGUF_TYPES = {8: "q8_0", 2: "q4_0", 3: "q4_1"}  # GGML type id -> format
@@ -27,9 +27,9 @@ class QuantizedTensor:
     qs: torch.Tensor  # uint8 [rows, blocks * QUANT_BYTES[format]]
     d: torch.Tensor  # float16 [rows, blocks]
     m: torch.Tensor | None  # float16 [rows, blocks], Q4_1 only
-    # 16: Q4_0 rows in groups of 16, as the CPU kernels read them (grouped()); qs [rows / 16, blocks * 256],
-    # d [rows / 16, blocks * 16]. The bytes are the file's, reordered; methods other than the shape and the
-    # byte count work on the file's order (ungrouped()).
+    # 16: Q8_0 or Q4_0 rows in groups of 16, as the CPU kernels read them (grouped()); qs [rows / 16,
+    # blocks * 16 * QUANT_BYTES], d [rows / 16, blocks * 16]. The bytes are the file's, reordered (Q8_0's
+    # plus 128); methods other than the shape and the byte count work on the file's order (ungrouped()).
     group: int = 1
 
     @property
@@ -75,13 +75,17 @@ class QuantizedTensor:
         return cls.from_gguf_blocks(fmt, raw, (rows, cols))
 
     def grouped(self) -> QuantizedTensor:
-        """Q4_0 with each 16 rows' blocks interleaved for quant_ir.make_grouped_dot_q4_0: per block, four
-        64-byte vectors whose 32-bit lane r holds bytes 4i..4i+3 of row r, then the rows' scales together."""
+        """Q8_0 or Q4_0 with each 16 rows' blocks interleaved for quant_ir.make_grouped_dot: per block,
+        GROUP_VECTORS 64-byte vectors whose 32-bit lane r holds bytes 4i..4i+3 of row r (Q8_0's plus 128,
+        as unsigned bytes), then the rows' scales together."""
         rows = GROUP_ROWS
-        if self.format != "q4_0" or self.group != 1 or self.shape[0] % rows:
-            raise ValueError(f"only Q4_0 with a multiple of {rows} rows groups, not {self.format} {self.shape}")
+        if self.format not in GROUP_VECTORS or self.group != 1 or self.shape[0] % rows:
+            raise ValueError(f"only Q8_0 and Q4_0 with a multiple of {rows} rows group, not {self.format} "
+                             f"{self.shape}")
         n, nb = self.d.shape
-        qs = self.qs.reshape(n // rows, rows, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(n // rows, nb * 256)
+        words = QUANT_BYTES[self.format] // 4
+        qs = self.qs ^ 128 if self.format == "q8_0" else self.qs
+        qs = qs.reshape(n // rows, rows, nb, words, 4).permute(0, 2, 3, 1, 4).reshape(n // rows, nb * words * 64)
         d = self.d.reshape(n // rows, rows, nb).permute(0, 2, 1).reshape(n // rows, nb * rows)
         return QuantizedTensor(self.format, qs.contiguous(), d.contiguous(), None, rows)
 
@@ -90,7 +94,10 @@ class QuantizedTensor:
             return self
         g, rows = self.qs.shape[0], self.group
         nb = self.d.shape[1] // rows
-        qs = self.qs.reshape(g, nb, 4, rows, 4).permute(0, 3, 1, 2, 4).reshape(g * rows, nb * 16)
+        words = QUANT_BYTES[self.format] // 4
+        qs = self.qs.reshape(g, nb, words, rows, 4).permute(0, 3, 1, 2, 4).reshape(g * rows, nb * words * 4)
+        if self.format == "q8_0":
+            qs = qs ^ 128
         d = self.d.reshape(g, nb, rows).permute(0, 2, 1).reshape(g * rows, nb)
         return QuantizedTensor(self.format, qs.contiguous(), d.contiguous(), None)
 
