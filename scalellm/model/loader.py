@@ -51,7 +51,7 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None
     """quantized: the weights are served block-quantized; `auto` then computes in float32 on the CPU, as
     llama.cpp does, and its GEMMs take float32 activations (ops.quant_linear.uses_int8): the bundled
     model's answers follow float32's, where bfloat16's residual stream or 8-bit activations can tip a
-    greedy choice. `--dtype bfloat16` is the faster choice (int8 activations, ~0.75x the step at batch 1)."""
+    greedy choice. `--dtype bfloat16` is the faster choice (int8 activations and the grouped kernels)."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype == "auto" and quantized and device == "cpu":
