@@ -28,7 +28,6 @@ from scalellm.ops.quant_ir import (GROUP_ROWS, half_to_f32, host_has_vnni, make_
                                    make_grouped_dot, make_row_dot, make_row_dot_i8)
 
 FORMAT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
-_Q4_0 = FORMAT_CODES["q4_0"]
 # how activations are quantized to int8 (_quantize_row): signed bytes with xo = scale * sum; unsigned
 # bytes q + 128 (Q8_0's row kernel), xo as for SIGNED; signed bytes with xo = the sum alone (grouped Q8_0)
 SIGNED, BIASED, SIGNED_SUM = 0, 1, 2
@@ -326,7 +325,7 @@ def dequant_rows(fmt: str, qs: np.ndarray, d: np.ndarray, mins: np.ndarray, ids:
 def _dequant_grouped_rows(fmt, qs, d, ids, out):
     """dequant_rows for Q8_0 or Q4_0 grouped by 16 rows (d: float16 bits, uint16)."""
     nb = out.shape[1] // 32
-    width = 64 * (8 if fmt == 0 else 4)  # bytes per block of a group
+    width = GROUP_ROWS * (32 if fmt == 0 else 16)  # bytes per block of a group (QUANT_BYTES per row)
     for i in prange(ids.shape[0]):
         g, lane = ids[i] // GROUP_ROWS, ids[i] % GROUP_ROWS
         for b in range(nb):

@@ -340,12 +340,12 @@ def host_has_vnni() -> bool:
 # which end each block in the lanes of their rows: no horizontal sums, and the scales are one vector.
 
 GROUP_ROWS = 16
-GROUP_VECTORS = {"q4_0": 4, "q8_0": 8}  # 64-byte vectors per block of a group
+GROUPED_FORMATS = ("q8_0", "q4_0")  # a block of a group: QUANT_BYTES / 4 vectors of 64 bytes
 
 
 def make_grouped_dot(fmt: str, rows: int):
-    """grouped_dot(qs, d, xq, x_stride, xd, xo, nb, out): one group's 16 weight rows (qs: its blocks, 64 *
-    GROUP_VECTORS[fmt] bytes each; d: 16 float16 scales per block) dotted with `rows` rows of signed int8
+    """grouped_dot(qs, d, xq, x_stride, xd, xo, nb, out): one group's 16 weight rows (qs: its blocks, 16 *
+    QUANT_BYTES[fmt] bytes each; d: 16 float16 scales per block) dotted with `rows` rows of signed int8
     activations (xq, stride in bytes; xd: the blocks' scales, [rows, nb]; xo: for Q4_0 each block's scale
     times its sum of quantized values, for Q8_0 that sum alone) -> out (float32 address): rows x 16
     results, row-major.
@@ -353,7 +353,7 @@ def make_grouped_dot(fmt: str, rows: int):
     Per block and row: the exact integer dot of the 16 weight rows, then added to a float accumulator per
     row (blocks in order) as Q4_0: d_w * (xd * dot - 8 * xo); Q8_0: d_w * (xd * (dot - 128 * xo)), where
     the difference of the two integers (each below 2^24) is exact in float32."""
-    vectors = GROUP_VECTORS[fmt]
+    vectors = QUANT_BYTES[fmt] // 4
 
     def grouped_dot(typingctx, qs, d, xq, x_stride, xd, xo, nb, out):
         sig = types.void(*([types.intp] * 8))

@@ -22,7 +22,7 @@ from scalellm.ops import cpu_quant
 from scalellm.ops.cpu_kernels import NO_PROLOGUE
 from scalellm.ops.linear import apply_prologue, fusable_prologue
 from scalellm.ops.numba_util import as_numba, new_tensor
-from scalellm.ops.quant_ir import GROUP_ROWS, GROUP_VECTORS
+from scalellm.ops.quant_ir import GROUP_ROWS, GROUPED_FORMATS
 from scalellm.ops.quant_tensor import QuantizedTensor
 
 DENSE_ROWS = 48  # from this many rows the dequantize-then-GEMM path measured faster (32: 0.6x, 64: 1.2x)
@@ -109,7 +109,7 @@ def uses_int8(dtype: torch.dtype) -> bool:
 
 
 def groupable(w: QuantizedTensor, dtype: torch.dtype) -> bool:
-    return GROUPED and uses_int8(dtype) and w.device.type == "cpu" and w.format in GROUP_VECTORS and \
+    return GROUPED and uses_int8(dtype) and w.device.type == "cpu" and w.format in GROUPED_FORMATS and \
         w.group == 1 and w.shape[0] % GROUP_ROWS == 0
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scalellm.ops.quant_ir import GROUP_ROWS, GROUP_VECTORS, QUANT_BYTES
+from scalellm.ops.quant_ir import GROUP_ROWS, GROUPED_FORMATS, QUANT_BYTES
 
 BLOCK = 32
 GGUF_TYPES = {8: "q8_0", 2: "q4_0", 3: "q4_1"}  # GGML type id -> format
@@ -76,10 +76,10 @@ class QuantizedTensor:
 
     def grouped(self) -> QuantizedTensor:
         """Q8_0 or Q4_0 with each 16 rows' blocks interleaved for quant_ir.make_grouped_dot: per block,
-        GROUP_VECTORS 64-byte vectors whose 32-bit lane r holds bytes 4i..4i+3 of row r (Q8_0's plus 128,
+        QUANT_BYTES / 4 64-byte vectors whose 32-bit lane r holds bytes 4i..4i+3 of row r (Q8_0's plus 128,
         as unsigned bytes), then the rows' scales together."""
         rows = GROUP_ROWS
-        if self.format not in GROUP_VECTORS or self.group != 1 or self.shape[0] % rows:
+        if self.format not in GROUPED_FORMATS or self.group != 1 or self.shape[0] % rows:
             raise ValueError(f"only Q8_0 and Q4_0 with a multiple of {rows} rows group, not {self.format} "
                              f"{self.shape}")
         n, nb = self.d.shape
