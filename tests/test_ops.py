@@ -96,6 +96,23 @@ def test_cpu_decode_attention(dtype, _, heads, kv_heads, head_dim):
             torch.testing.assert_close(out.double(), ref, **tol(dtype))
 
 
+def test_cpu_decode_attention_scores_far_below_zero():
+    """Every score near -100: the softmax's maximum must come from real positions only (the bfloat16
+    kernel's tiles pad past a row's end with zeros, which would win a maximum and underflow every weight)."""
+    lens = [15, 17, 40]
+    k_cache, v_cache, tables = paged_setup(lens, 2, 32, torch.bfloat16, bs=16, seed=3)
+    k_cache = k_cache.float().abs().add(0.5).to(torch.bfloat16)  # every key positive ...
+    q = torch.full((len(lens), 4, 32), -16.0, dtype=torch.bfloat16)  # ... and every query negative
+    q[:, :, :8] = -18.0  # scores differ by head
+    starts, lens_t = torch.zeros(len(lens), dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
+    ref = reference_attention(q, k_cache, v_cache, tables, starts, lens_t, 32 ** -0.5)
+    scores = torch.einsum("hd,ld->hl", q[0, :2].double(), k_cache[tables[0, 0], :15, 0].double()) * 32 ** -0.5
+    assert scores.max() < -90 and scores.max() - scores.min() > 5  # far below zero, and not all alike
+    out = paged_decode_attention(q, k_cache, v_cache, tables, starts, lens_t, 32 ** -0.5,
+                                 out=poisoned(q.shape, torch.bfloat16))
+    torch.testing.assert_close(out.double(), ref, **tol(torch.bfloat16))
+
+
 @pytest.mark.parametrize("runs", [1, 2, 3, 8])
 def test_balanced_parts(runs):
     """The threads' runs of rows cover every row once, in order, each with about its share of the work."""

@@ -34,8 +34,13 @@ def _fma(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
-def _splat(builder, value):
-    v = builder.insert_element(ir.Constant(_V16F, ir.Undefined), value, ir.Constant(_I32, 0))
+def _maxnum(builder, a, b):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 2), "llvm.maxnum.v16f32")
+    return builder.call(fn, [a, b])
+
+
+def _splat(builder, value, kind=_V16F):
+    v = builder.insert_element(ir.Constant(kind, ir.Undefined), value, ir.Constant(_I32, 0))
     return builder.shuffle_vector(v, v, _lanes([0] * 16))
 
 
@@ -67,23 +72,26 @@ def _fold(builder, a, b, level: int):
 
 
 def make_scores(dim: int, group: int, kv_heads: int):
-    """scores(q, k, k_stride, n, out, out_stride): for positions 0..n-1 (n <= 16), every query head's
-    score q_h . k_p against its KV head's key. q: float32 address of [kv_heads * group, dim] (already
-    scaled); k: bfloat16 address of position 0's row of all KV heads, position p at k + p * k_stride
-    elements; out: float32 address of head 0's score for position 0, head h's at out + h * out_stride;
-    all 16 lanes are written (positions from n on get 0), so each head's row needs room for 16. Each
-    position's row is read whole, in memory order."""
+    """scores(q, k, k_stride, n, out, out_stride, maxes): for positions 0..n-1 (n <= 16), every query
+    head's score q_h . k_p against its KV head's key. q: float32 address of [kv_heads * group, dim]
+    (already scaled); k: bfloat16 address of position 0's row of all KV heads, position p at k + p *
+    k_stride elements; out: float32 address of head 0's score for position 0, head h's at out + h *
+    out_stride; all 16 lanes are written (positions from n on get 0), so each head's row needs room for
+    16. maxes: float32 address of [heads, 16], each head's running lane-wise maximum over the tiles
+    scored so far (lanes from n on left out), so the softmax needs no scalar pass for its maximum.
+    Each position's row is read whole, in memory order."""
     chunks = dim // 16
     heads = kv_heads * group
 
-    def scores(typingctx, q, k, k_stride, n, out, out_stride):
-        sig = types.void(*([types.intp] * 6))
+    def scores(typingctx, q, k, k_stride, n, out, out_stride, maxes):
+        sig = types.void(*([types.intp] * 7))
 
         def codegen(context, builder, signature, args):
             q_p = builder.inttoptr(args[0], _F32.as_pointer())
             k_p = builder.inttoptr(args[1], _I16.as_pointer())
             k_stride, n, out_stride = args[2], args[3], args[5]
             out_p = builder.inttoptr(args[4], _F32.as_pointer())
+            max_p = builder.inttoptr(args[6], _F32.as_pointer())
             qs = [_f32_vectors(builder, builder.gep(q_p, [ir.Constant(_I64, h * dim)]), chunks) for h in range(heads)]
             zero = ir.Constant(_V16F, [0.0] * 16)
             stacks = [[] for _ in range(heads)]  # per head: (level, vector) of folds not yet paired
@@ -105,10 +113,15 @@ def make_scores(dim: int, group: int, kv_heads: int):
                         v = _fold(builder, stack.pop()[1], v, level)
                         level += 1
                     stack.append((level, v))
+            lanes = builder.icmp_signed("<", _lanes(range(TILE)), _splat(builder, builder.trunc(n, _I32), _V16I))
+            low = ir.Constant(_V16F, [float("-inf")] * 16)
             for h in range(heads):
                 (_, v), = stacks[h]
                 dst = builder.gep(out_p, [builder.mul(out_stride, ir.Constant(_I64, h))])
                 builder.store(v, builder.bitcast(dst, _V16F.as_pointer()), align=4)
+                running = builder.bitcast(builder.gep(max_p, [ir.Constant(_I64, h * TILE)]), _V16F.as_pointer())
+                top = _maxnum(builder, builder.load(running, align=4), builder.select(lanes, v, low))
+                builder.store(top, running, align=4)
             return context.get_dummy_value()
         return sig, codegen
     scores.__name__ = scores.__qualname__ = f"scores_{dim}_{group}_{kv_heads}"

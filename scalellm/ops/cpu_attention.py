@@ -59,6 +59,25 @@ def _softmax_rows(scores, rows, length):
             scores[h, t] *= inv
 
 
+@njit(inline="always", nogil=True, fastmath=FAST)
+def _exp_rows(scores, maxes, rows, length):
+    """scores[h, :length] = exp(scores - the row's maximum), in place; returns each row's sum. The maxima
+    come lane-wise from the scoring (maxes [rows, TILE]); the weights stay unnormalized, the caller
+    divides the accumulated values by the sum once."""
+    sums = np.empty(rows, np.float32)
+    for h in range(rows):
+        m = maxes[h, 0]
+        for i in range(1, TILE):
+            m = max(m, maxes[h, i])
+        total = np.float32(0.0)
+        for t in range(length):
+            e = exp_f32(scores[h, t] - m)
+            scores[h, t] = e
+            total += e
+        sums[h] = total
+    return sums
+
+
 @twin
 def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale, out, parts):
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -101,9 +120,10 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_le
 
 
 def _bf16_decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale, out, parts):
-    """bfloat16 caches, one task per sequence: scores sixteen positions per call, then softmax, then the
-    values accumulated block by block (attention_ir); every KV head is taken at each position, so the
-    cache is read in memory order. _SCORES and _ACCUMULATE are the intrinsics for this build's head_dim,
+    """bfloat16 caches, one task per sequence: scores sixteen positions per call (keeping each head's
+    maximum lane-wise), then the exponentials, then the values accumulated block by block (attention_ir)
+    and divided by the sum once at the end; every KV head is taken at each position, so the cache is
+    read in memory order. _SCORES and _ACCUMULATE are the intrinsics for this build's head_dim,
     group and KV heads (see _ir_kernel)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -121,6 +141,7 @@ def _bf16_decode_kernel(q, k_cache, v_cache, block_tables, context_starts, conte
                     qs[h, d] = load(q[b, h, d]) * scale
             scores = np.empty((num_heads, width), np.float32)
             acc = np.zeros((num_heads, head_dim), np.float32)
+            maxes = np.full((num_heads, TILE), -np.inf, np.float32)
             q_at, s_at, a_at = qs.ctypes.data, scores.ctypes.data, acc.ctypes.data
             first, last = start // block_size, (end + block_size - 1) // block_size
             for j in range(first, last):
@@ -128,16 +149,17 @@ def _bf16_decode_kernel(q, k_cache, v_cache, block_tables, context_starts, conte
                 at = (block_tables[b, j] * block_size + lo - j * block_size) * row
                 for p in range(lo, hi, TILE):
                     _SCORES(q_at, k_base + 2 * (at + (p - lo) * row), row, min(TILE, hi - p), s_at + 4 * (p - start),
-                            width)
-            _softmax_rows(scores, num_heads, length)
+                            width, maxes.ctypes.data)
+            sums = _exp_rows(scores, maxes, num_heads, length)
             for j in range(first, last):
                 lo, hi = max(start, j * block_size), min(end, (j + 1) * block_size)
                 at = (block_tables[b, j] * block_size + lo - j * block_size) * row
                 _ACCUMULATE(s_at + 4 * (lo - start), width, v_base + 2 * at, row, hi - lo, a_at)
             for h in range(num_heads):
+                inv = np.float32(1.0) / sums[h]
                 for d in range(head_dim):
-                    store(out, (b, h, d), acc[h, d])
-            keep_alive(qs, scores, acc)
+                    store(out, (b, h, d), acc[h, d] * inv)
+            keep_alive(qs, scores, acc) + maxes.shape[0]  # maxes too: read through its address
 
 
 _IR_KERNELS: dict = {}
