@@ -112,6 +112,24 @@ class AsyncEngine:
             if remaining:
                 self._post(("abort", request_id))
 
+    def open_stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None, sink) -> None:
+        """Start a request whose deltas (or an exception) go to `sink.push`, called on the loop within the
+        step's hand-over itself: no task wakes per token. Pair with close_stream."""
+        if self._loop is None:
+            self.start()
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.engine.validate_prompt(prompt_token_ids, params)
+        self._streams[request_id] = sink
+        self._post(("add", request_id, prompt, prompt_token_ids, params))
+
+    def close_stream(self, request_id: str, finished: bool) -> None:
+        """Stop delivering to the request's sink; abort it in the engine unless it finished."""
+        self._streams.pop(request_id, None)
+        if not finished:
+            self._post(("abort", request_id))
+
     def stats(self) -> dict[str, float]:
         """The engine's stats, and the time its steps took as served."""
         return {**self.engine.stats(), "step_served_seconds": self.served_step_seconds}

@@ -113,6 +113,9 @@ class Metrics:
         self.stage_requests = self._stage_requests.labels(model_name)
         self._stage_children = {name: self._stage_seconds.labels(model_name, name) for name in STAGES}
 
+    def count_finished(self, reason: str, choices: int = 1) -> None:
+        self._finished.labels(self.model_name, reason).inc(choices)
+
     def count_request(self, outcome: str, status: int) -> None:
         self._requests.labels(self.model_name, outcome, str(status)).inc()
 
@@ -127,45 +130,63 @@ class Metrics:
             self._stage_children[name].inc(seconds)
         self.stage_requests.inc()
 
+    def tracker(self, num_choices: int, stages: dict[str, float], record: RequestRecord) -> Tracker:
+        return Tracker(self, num_choices, stages, record)
+
     async def track(self, batches, num_choices: int, stages: dict[str, float], record: RequestRecord):
-        """Pass batches of (prompt index, delta) through, recording latencies, token counts, finish
-        reasons and the engine's stage times, in the metrics and in the request's record."""
-        start = time.monotonic()
-        last: dict[tuple[int, int], float] = {}
+        """Pass batches of (prompt index, delta) through, recording them (see Tracker)."""
+        tracker = Tracker(self, num_choices, stages, record)
         try:
             async for batch in batches:
-                now = time.monotonic()
-                for i, d in batch:
-                    key = (i, d.index)
-                    previous = last.get(key)
-                    if previous is not None:
-                        self.itl.observe(now - previous)
-                    else:
-                        self.ttft.observe(now - start)
-                        if record.ttft is None:
-                            record.ttft = now - start
-                        if d.index == 0:
-                            self.prompt_tokens.inc(d.num_prompt_tokens)
-                            record.prompt_tokens += d.num_prompt_tokens
-                        if d.queue_time is not None:
-                            self.queue.observe(d.queue_time)
-                    last[key] = now
-                    self.generation_tokens.inc(len(d.token_ids))
-                    record.output_tokens += len(d.token_ids)
-                    if d.finish_reason is not None:
-                        record.finish_reasons.append(d.finish_reason)
-                        self._finished.labels(self.model_name, d.finish_reason).inc()
-                        if d.timings is not None:
-                            t = d.timings
-                            for name, value in (("queue", t.queue), ("prefill", t.prefill), ("decode", t.decode),
-                                                ("detokenize", t.detokenize)):
-                                stages[name] = stages.get(name, 0.0) + value
+                tracker.observe(batch, time.monotonic())
                 yield batch
         finally:
-            self.e2e.observe(time.monotonic() - start)
-            unfinished = num_choices - len(record.finish_reasons)
-            if unfinished > 0:
-                self._finished.labels(self.model_name, "abort").inc(unfinished)
+            tracker.close()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class Tracker:
+    """One request's latencies, token counts, finish reasons and the engine's stage times, recorded in the
+    metrics and in the request's record as its batches of (prompt index, delta) arrive."""
+
+    def __init__(self, metrics: Metrics, num_choices: int, stages: dict[str, float], record: RequestRecord):
+        self.metrics, self.num_choices, self.stages, self.record = metrics, num_choices, stages, record
+        self.start = time.monotonic()
+        self.last: dict[tuple[int, int], float] = {}
+
+    def observe(self, batch, now: float) -> None:
+        m, record, last = self.metrics, self.record, self.last
+        for i, d in batch:
+            key = (i, d.index)
+            previous = last.get(key)
+            if previous is not None:
+                m.itl.observe(now - previous)
+            else:
+                m.ttft.observe(now - self.start)
+                if record.ttft is None:
+                    record.ttft = now - self.start
+                if d.index == 0:
+                    m.prompt_tokens.inc(d.num_prompt_tokens)
+                    record.prompt_tokens += d.num_prompt_tokens
+                if d.queue_time is not None:
+                    m.queue.observe(d.queue_time)
+            last[key] = now
+            m.generation_tokens.inc(len(d.token_ids))
+            record.output_tokens += len(d.token_ids)
+            if d.finish_reason is not None:
+                record.finish_reasons.append(d.finish_reason)
+                m.count_finished(d.finish_reason)
+                if d.timings is not None:
+                    t, stages = d.timings, self.stages
+                    for name, value in (("queue", t.queue), ("prefill", t.prefill), ("decode", t.decode),
+                                        ("detokenize", t.detokenize)):
+                        stages[name] = stages.get(name, 0.0) + value
+
+    def close(self) -> None:
+        m = self.metrics
+        m.e2e.observe(time.monotonic() - self.start)
+        unfinished = self.num_choices - len(self.record.finish_reasons)
+        if unfinished > 0:
+            m.count_finished("abort", unfinished)

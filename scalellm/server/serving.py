@@ -15,6 +15,7 @@ from scalellm.sampling_params import SamplingParams
 from scalellm.server import protocol as P
 from scalellm.server.errors import APIError, bad_body, bad_value, error_body
 from scalellm.server.metrics import RequestRecord
+from scalellm.server.sse import DirectStream, Framer, sse
 from scalellm.server.streams import merged_deltas
 
 log = logging.getLogger("scalellm.server")
@@ -22,10 +23,6 @@ RECORD = "scalellm.record"  # a generation request's RequestRecord, kept in its 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 DONE = b"data: [DONE]\n\n"
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
-
-
-def sse(obj) -> bytes:
-    return b"data: " + P.encoder.encode(obj) + b"\n\n"
 
 
 @dataclass
@@ -175,9 +172,12 @@ class OpenAIServing:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         usage_field = None if include_usage else msgspec.UNSET
         resp = web.StreamResponse(headers=SSE_HEADERS)
+        # one prompt streams straight from the step's hand-over (DirectStream), in HTTP/1.1's chunks
+        direct = len(prompts) == 1 and request.version >= (1, 1)
+        if direct:
+            resp.enable_chunked_encoding()
         await resp.prepare(request)
-        completion_tokens = 0
-        offsets = [0] * (len(prompts) * n)
+        framer = Framer(kind, rid, created, model, fmt, n, usage_field, [0] * (len(prompts) * n))
         try:
             if kind == "chat":
                 first = [P.ChatChunkChoice(i, P.ChatDelta(role="assistant", content="")) for i in range(n)]
@@ -186,30 +186,21 @@ class OpenAIServing:
                 for idx in range(len(prompts) * n):
                     text, ids = prompts[idx // n]
                     echo = text if text is not None else fmt.decode(ids)
-                    offsets[idx] = len(echo)
+                    framer.offsets[idx] = len(echo)
                     choice = P.CompletionChoice(idx, echo)
                     await resp.write(sse(P.CompletionResponse(rid, created, model, [choice], usage=usage_field)))
-            async with contextlib.aclosing(deltas) as stream:
-                async for batch in stream:
-                    frames = []
-                    for i, d in batch:
-                        idx = i * n + d.index
-                        completion_tokens += len(d.token_ids)
-                        if kind == "chat":
-                            lp = fmt.chat_logprobs(d.logprobs) if d.logprobs is not None else None
-                            choice = P.ChatChunkChoice(idx, P.ChatDelta(content=d.text), lp, d.finish_reason)
-                            chunk = P.ChatCompletionChunk(rid, created, model, [choice], usage=usage_field)
-                        else:
-                            lp = fmt.completion_logprobs(d.logprobs, offsets[idx]) if d.logprobs is not None else None
-                            offsets[idx] += len(d.text)
-                            choice = P.CompletionChoice(idx, d.text, lp, d.finish_reason, d.stop_reason)
-                            chunk = P.CompletionResponse(rid, created, model, [choice], usage=usage_field)
-                        frames.append(sse(chunk))
-                    t = time.monotonic()
-                    await resp.write(frames[0] if len(frames) == 1 else b"".join(frames))
-                    stages["write"] += time.monotonic() - t
+            if direct:
+                await self._stream_direct(request, prompts[0], params, rid, framer, stages, record)
+            else:
+                async with contextlib.aclosing(deltas) as stream:
+                    async for batch in stream:
+                        frames = [framer.frame(i, d) for i, d in batch]
+                        t = time.monotonic()
+                        await resp.write(frames[0] if len(frames) == 1 else b"".join(frames))
+                        stages["write"] += time.monotonic() - t
             if include_usage:
                 prompt_tokens = sum(len(ids) for _, ids in prompts)
+                completion_tokens = framer.completion_tokens
                 usage = P.Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
                 cls = P.ChatCompletionChunk if kind == "chat" else P.CompletionResponse
                 await resp.write(sse(cls(rid, created, model, [], usage=usage)))
@@ -222,6 +213,21 @@ class OpenAIServing:
             record.outcome = "error"
             await self._end_stream_with_error(resp, e)
         return resp
+
+    async def _stream_direct(self, request, prompt, params, rid, framer, stages, record) -> None:
+        """Run one prompt with its frames written by a DirectStream; returns once every choice finished."""
+        engine = self.server.engine
+        tracker = self.server.metrics.tracker(params.n, stages, record)
+        sink = DirectStream(request.transport, True, framer, tracker, params.n, stages)
+        text, ids = prompt
+        finished = False
+        try:
+            engine.open_stream(rid, ids, params, text, sink)
+            await sink.done
+            finished = True
+        finally:
+            engine.close_stream(rid, finished)
+            tracker.close()
 
     @staticmethod
     async def _end_stream_with_error(resp: web.StreamResponse, e: Exception) -> None:

@@ -1,0 +1,79 @@
+"""Server-sent events for streamed completions: each delta's frame, and a stream that writes a request's
+frames from the engine step's hand-over on the loop, without waking the request's task per token."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from scalellm.outputs import StreamDelta
+from scalellm.server import protocol as P
+from scalellm.server.metrics import Tracker
+
+
+def sse(obj) -> bytes:
+    return b"data: " + P.encoder.encode(obj) + b"\n\n"
+
+
+class Framer:
+    """The SSE frame of each delta of one streamed request (chat or completion chunks)."""
+
+    def __init__(self, kind: str, rid: str, created: int, model: str, fmt, n: int, usage_field, offsets: list[int]):
+        self.chat = kind == "chat"
+        self.rid, self.created, self.model, self.fmt, self.n = rid, created, model, fmt, n
+        self.usage_field = usage_field
+        self.offsets = offsets  # completion text offsets per choice, for logprobs' text_offset
+        self.completion_tokens = 0
+
+    def frame(self, i: int, d: StreamDelta) -> bytes:
+        """The frame of prompt i's delta d."""
+        idx = i * self.n + d.index
+        self.completion_tokens += len(d.token_ids)
+        if self.chat:
+            lp = self.fmt.chat_logprobs(d.logprobs) if d.logprobs is not None else None
+            choice = P.ChatChunkChoice(idx, P.ChatDelta(content=d.text), lp, d.finish_reason)
+            return sse(P.ChatCompletionChunk(self.rid, self.created, self.model, [choice], usage=self.usage_field))
+        lp = self.fmt.completion_logprobs(d.logprobs, self.offsets[idx]) if d.logprobs is not None else None
+        self.offsets[idx] += len(d.text)
+        choice = P.CompletionChoice(idx, d.text, lp, d.finish_reason, d.stop_reason)
+        return sse(P.CompletionResponse(self.rid, self.created, self.model, [choice], usage=self.usage_field))
+
+
+class DirectStream:
+    """The sink of one prompt's engine request (AsyncEngine.open_stream): each delta is recorded, framed
+    and written to the connection right where the step hands it over. `done` resolves when all n choices
+    finished, or with the error that ended the request (ConnectionResetError once the client left).
+
+    Writes go to the transport's buffer without waiting for the client to drain it: a client that stops
+    reading holds at most its own request's remaining frames."""
+
+    def __init__(self, transport: asyncio.Transport, chunked: bool, framer: Framer, tracker: Tracker, n: int,
+                 stages: dict[str, float]):
+        self.transport, self.chunked, self.framer, self.tracker = transport, chunked, framer, tracker
+        self.remaining = n
+        self.stages = stages
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def push(self, item) -> None:
+        done = self.done
+        if done.done():
+            return
+        if isinstance(item, BaseException):
+            done.set_exception(item)
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            done.set_exception(ConnectionResetError("the client closed the connection"))
+            return
+        try:  # runs inside the step's hand-over: a failure ends this request, not the others' delivery
+            self.tracker.observe(((0, item),), time.monotonic())
+            frame = self.framer.frame(0, item)
+            t = time.monotonic()
+            transport.write(b"%x\r\n%s\r\n" % (len(frame), frame) if self.chunked else frame)
+            self.stages["write"] += time.monotonic() - t
+        except Exception as e:
+            done.set_exception(e)
+            return
+        if item.finish_reason is not None:
+            self.remaining -= 1
+            if not self.remaining:
+                done.set_result(None)
