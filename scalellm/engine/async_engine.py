@@ -1,9 +1,10 @@
 """The asyncio face of the engine: the model steps on its own thread, the event loop never blocks.
 
 Requests and aborts reach the engine thread through an inbox; each step's deltas come back to the
-loop in one callback, which appends each to its request's buffer and wakes the request's consumer only
-if it is waiting. A consumer takes everything buffered at once, so a slow consumer catches up in one
-wake-up instead of one per token.
+loop in one callback, which hands each to its request's sink: a buffer that wakes the request's consumer
+only if it is waiting (generate_batches), or any object with push() (open_stream; the server's SSE
+streams write their frames right there). A consumer takes everything buffered at once, so a slow
+consumer catches up in one wake-up instead of one per token.
 
 After a long CPU step the engine thread waits (briefly, bounded) until the loop has run the consumers
 the step woke before it starts the next one: the compute threads use every core, and the loop's burst
@@ -90,13 +91,8 @@ class AsyncEngine:
     async def generate_batches(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                                prompt: str | None = None) -> AsyncIterator[list[StreamDelta]]:
         """Like generate, but yields every delta that arrived since the last resumption as one list."""
-        if self._loop is None:
-            self.start()
-        if request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        self.engine.validate_prompt(prompt_token_ids, params)
-        buffer = self._streams[request_id] = DeltaBuffer()
-        self._post(("add", request_id, prompt, prompt_token_ids, params))
+        buffer = DeltaBuffer()
+        self.open_stream(request_id, prompt_token_ids, params, prompt, buffer)
         remaining = params.n
         try:
             while remaining:
@@ -108,9 +104,7 @@ class AsyncEngine:
                         remaining -= 1
                 yield batch
         finally:
-            self._streams.pop(request_id, None)
-            if remaining:
-                self._post(("abort", request_id))
+            self.close_stream(request_id, finished=not remaining)
 
     def open_stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None, sink) -> None:

@@ -218,7 +218,7 @@ class OpenAIServing:
         """Run one prompt with its frames written by a DirectStream; returns once every choice finished."""
         engine = self.server.engine
         tracker = self.server.metrics.tracker(params.n, stages, record)
-        sink = DirectStream(request.transport, True, framer, tracker, params.n, stages)
+        sink = DirectStream(request.transport, framer, tracker, params.n, stages)
         text, ids = prompt
         finished = False
         try:

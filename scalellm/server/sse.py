@@ -40,15 +40,16 @@ class Framer:
 
 class DirectStream:
     """The sink of one prompt's engine request (AsyncEngine.open_stream): each delta is recorded, framed
-    and written to the connection right where the step hands it over. `done` resolves when all n choices
+    and written to the connection, as one chunk of the response's chunked encoding, right where the
+    step hands it over. `done` resolves when all n choices
     finished, or with the error that ended the request (ConnectionResetError once the client left).
 
     Writes go to the transport's buffer without waiting for the client to drain it: a client that stops
     reading holds at most its own request's remaining frames."""
 
-    def __init__(self, transport: asyncio.Transport, chunked: bool, framer: Framer, tracker: Tracker, n: int,
+    def __init__(self, transport: asyncio.Transport, framer: Framer, tracker: Tracker, n: int,
                  stages: dict[str, float]):
-        self.transport, self.chunked, self.framer, self.tracker = transport, chunked, framer, tracker
+        self.transport, self.framer, self.tracker = transport, framer, tracker
         self.remaining = n
         self.stages = stages
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -68,7 +69,7 @@ class DirectStream:
             self.tracker.observe(((0, item),), time.monotonic())
             frame = self.framer.frame(0, item)
             t = time.monotonic()
-            transport.write(b"%x\r\n%s\r\n" % (len(frame), frame) if self.chunked else frame)
+            transport.write(b"%x\r\n%s\r\n" % (len(frame), frame))  # one HTTP/1.1 chunk
             self.stages["write"] += time.monotonic() - t
         except Exception as e:
             done.set_exception(e)
