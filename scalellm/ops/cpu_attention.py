@@ -60,11 +60,10 @@ def _softmax_rows(scores, rows, length):
 
 
 @njit(inline="always", nogil=True, fastmath=FAST)
-def _exp_rows(scores, maxes, rows, length):
-    """scores[h, :length] = exp(scores - the row's maximum), in place; returns each row's sum. The maxima
-    come lane-wise from the scoring (maxes [rows, TILE]); the weights stay unnormalized, the caller
-    divides the accumulated values by the sum once."""
-    sums = np.empty(rows, np.float32)
+def _exp_rows(scores, maxes, rows, length, sums):
+    """scores[h, :length] = exp(scores - the row's maximum), in place, and each row's sum in sums[h]. The
+    maxima come lane-wise from the scoring (maxes [rows, TILE]); the weights stay unnormalized, the
+    caller divides the accumulated values by the sum once."""
     for h in range(rows):
         m = maxes[h, 0]
         for i in range(1, TILE):
@@ -75,7 +74,6 @@ def _exp_rows(scores, maxes, rows, length):
             scores[h, t] = e
             total += e
         sums[h] = total
-    return sums
 
 
 @twin
@@ -120,37 +118,45 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_le
 
 
 def _bf16_decode_kernel(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale, out, parts):
-    """bfloat16 caches, one task per sequence: scores sixteen positions per call (keeping each head's
+    """bfloat16 caches, one task per run of rows: scores sixteen positions per call (keeping each head's
     maximum lane-wise), then the exponentials, then the values accumulated block by block (attention_ir)
     and divided by the sum once at the end; every KV head is taken at each position, so the cache is
-    read in memory order. _SCORES and _ACCUMULATE are the intrinsics for this build's head_dim,
-    group and KV heads (see _ir_kernel)."""
+    read in memory order. A run's scratch arrays are made once, for its longest row (a prefill's rows
+    are many and short: per-row allocations cost about as much as their work). _SCORES and _ACCUMULATE
+    are the intrinsics for this build's head_dim, group and KV heads (see _ir_kernel)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     row = kv_heads * head_dim  # elements from one position's K (or V) row to the next
     k_base, v_base = k_cache.ctypes.data, v_cache.ctypes.data
     for part in prange(parts.shape[0] - 1):
+        longest = 0
+        for b in range(parts[part], parts[part + 1]):
+            longest = max(longest, context_lens[b] - context_starts[b])
+        width = longest + TILE  # a tile writes all 16 lanes
+        qs = np.empty((num_heads, head_dim), np.float32)
+        scores = np.empty((num_heads, width), np.float32)
+        acc = np.empty((num_heads, head_dim), np.float32)
+        maxes = np.empty((num_heads, TILE), np.float32)
+        sums = np.empty(num_heads, np.float32)
+        q_at, s_at, a_at, m_at = qs.ctypes.data, scores.ctypes.data, acc.ctypes.data, maxes.ctypes.data
         for b in range(parts[part], parts[part + 1]):
             start = context_starts[b]
             end = context_lens[b]
             length = end - start
-            width = length + TILE  # a tile writes all 16 lanes
-            qs = np.empty((num_heads, head_dim), np.float32)
             for h in range(num_heads):
                 for d in range(head_dim):
                     qs[h, d] = load(q[b, h, d]) * scale
-            scores = np.empty((num_heads, width), np.float32)
-            acc = np.zeros((num_heads, head_dim), np.float32)
-            maxes = np.full((num_heads, TILE), -np.inf, np.float32)
-            q_at, s_at, a_at = qs.ctypes.data, scores.ctypes.data, acc.ctypes.data
+                    acc[h, d] = 0.0
+                for i in range(TILE):
+                    maxes[h, i] = -np.inf
             first, last = start // block_size, (end + block_size - 1) // block_size
             for j in range(first, last):
                 lo, hi = max(start, j * block_size), min(end, (j + 1) * block_size)
                 at = (block_tables[b, j] * block_size + lo - j * block_size) * row
                 for p in range(lo, hi, TILE):
                     _SCORES(q_at, k_base + 2 * (at + (p - lo) * row), row, min(TILE, hi - p), s_at + 4 * (p - start),
-                            width, maxes.ctypes.data)
-            sums = _exp_rows(scores, maxes, num_heads, length)
+                            width, m_at)
+            _exp_rows(scores, maxes, num_heads, length, sums)
             for j in range(first, last):
                 lo, hi = max(start, j * block_size), min(end, (j + 1) * block_size)
                 at = (block_tables[b, j] * block_size + lo - j * block_size) * row
@@ -159,7 +165,7 @@ def _bf16_decode_kernel(q, k_cache, v_cache, block_tables, context_starts, conte
                 inv = np.float32(1.0) / sums[h]
                 for d in range(head_dim):
                     store(out, (b, h, d), acc[h, d] * inv)
-            keep_alive(qs, scores, acc) + maxes.shape[0]  # maxes too: read through its address
+        keep_alive(qs, scores, acc) + maxes.shape[0]  # maxes too: read through its address
 
 
 _IR_KERNELS: dict = {}
