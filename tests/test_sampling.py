@@ -186,3 +186,28 @@ def test_kernel_penalties_and_logprobs_match_reference():
     assert [t for t, _ in out.logprobs[1].top] == raw[1].topk(5).indices.tolist()
     assert [v for _, v in out.logprobs[1].top] == pytest.approx(raw[1].topk(5).values.tolist(), abs=1e-5)
     assert out.logprobs[2].top == [] and out.logprobs[0] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_greedy_tokens_match_torch_argmax(dtype, rows):
+    """The greedy kernel reads the logits' bits: the first of equal maxima wins, -0.0 equals +0.0, rows of
+    -inf give 0, a NaN wins as it does for torch; serial (few rows) and parallel builds alike."""
+    from scalellm.ops import greedy_tokens
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1000, generator=g).to(dtype)
+    x[0, 700] = x[0, 300] = x[0].max() + 1  # a tie: the first index
+    if rows > 1:
+        x[1] = 0.0
+        x[1, :5] = -0.0  # -0.0 first: still the first index among equals
+        x[-1] = float("-inf")
+    if rows > 2:
+        x[rows // 2, 800] = float("nan")
+        x[rows // 2, 900] = float("inf")
+    if rows == 64:
+        x[10, 999] = float("inf")
+        x[11, 5] = -float("nan")
+    expected = x.float().argmax(-1)
+    assert torch.equal(greedy_tokens(x), expected)
+    assert torch.equal(greedy_tokens(x[:, :17].contiguous()), x[:, :17].float().argmax(-1))

@@ -106,7 +106,8 @@ class ModelRunner:
 
     def run(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """One forward pass: every decode sequence's next token, then each prefill chunk (sequence, tokens).
-        Returns the logits of the sequences whose tokens are now all computed, and those sequences."""
+        Returns the logits (in the model's dtype) of the sequences whose tokens are now all computed, and
+        those sequences."""
         bs = self.block_size
         nd = len(decodes)
         ids_parts, pos_parts, slot_parts = [], [], []
@@ -146,7 +147,7 @@ class ModelRunner:
                                         self.kv_cache, meta)
             if gather is not None:
                 hidden = hidden[torch.from_numpy(gather)]
-        return self.model.logits(hidden), ready
+        return self.model.logits(hidden, float32=False), ready  # the sampler widens them where it must
 
     def _forward_on_cuda_kernels(self, input_ids: np.ndarray, positions: np.ndarray, meta: ops.AttentionMetadata,
                                  gather: np.ndarray | None) -> torch.Tensor:

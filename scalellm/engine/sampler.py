@@ -100,9 +100,11 @@ class Sampler:
         return self.collect(self.launch(logits, seqs))
 
     def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple:
-        """Start sampling (asynchronous on a GPU): the device tensors collect() reads."""
+        """Start sampling (asynchronous on a GPU): the device tensors collect() reads. logits: [rows, vocab]
+        in any float dtype (greedy rows read them as they are; the sampling kernel takes float32)."""
         if all(_is_plain_greedy(_param_row(s.params)) for s in seqs):
-            return seqs, logits.argmax(-1), None
+            return seqs, ops.greedy_tokens(logits), None
+        logits = logits.float()
         batch = build_sampling_batch(seqs, self.eos_token_ids, logits.shape[-1])
         max_top = max(1, int(batch.num_top.max()))  # on the host, before the batch moves
         if self.transfer is not None:

@@ -126,6 +126,8 @@ class LlamaModel:
         return h
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head over the given rows of forward()'s output -> float32 logits."""
-        return self.lm_head(hidden, norm=self.final_norm, eps=self.config.rms_norm_eps).float()
+    def logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """Final norm and LM head over the given rows of forward()'s output -> logits, in float32 or (float32
+        False) in the model's dtype, as the head computed them."""
+        out = self.lm_head(hidden, norm=self.final_norm, eps=self.config.rms_norm_eps)
+        return out.float() if float32 else out

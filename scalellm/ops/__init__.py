@@ -184,6 +184,11 @@ def fused_moe(x: torch.Tensor, w: MoEWeights, residual: torch.Tensor | None = No
     return (fused_moe_cuda_kernels if uses_cuda_kernels(x) else _cpu_fused_moe)(x, w, residual)
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (int64), the first index among equals; logits in any float dtype."""
+    return logits.argmax(-1) if logits.device.type != "cpu" else cpu_sampling.greedy_tokens(logits)
+
+
 def fused_sample(logits: torch.Tensor, batch, max_top: int = 1):
     """max_top: the most top-N logprobs any row wants (known on the host: the CUDA path must not ask the
     device)."""
@@ -191,6 +196,6 @@ def fused_sample(logits: torch.Tensor, batch, max_top: int = 1):
 
 
 __all__ = ["add_rms_norm", "attention_inputs", "AttentionMetadata", "build_attention_metadata",
-           "cuda_kernels_on_cpu", "embedding", "fused_moe", "fused_sample", "keep_numba_view", "kernel_arrays",
+           "cuda_kernels_on_cpu", "embedding", "fused_moe", "fused_sample", "greedy_tokens", "keep_numba_view", "kernel_arrays",
            "Linear", "MoEWeights", "paged_attention", "PrefillChunk", "QuantizedLinear", "QuantizedTensor",
            "rms_norm", "rotary", "silu_mul", "tensor", "uses_cuda_kernels", "write_kv"]

@@ -119,3 +119,61 @@ def fused_sample(logits: torch.Tensor, batch: SamplingBatch, max_top: int = 1):
         b.streams.numpy().view(np.uint64), b.num_top.numpy(), tokens.numpy(), chosen.numpy(), top_ids.numpy(),
         top_lp.numpy())
     return tokens, chosen, top_ids, top_lp
+
+
+# Greedy rows: the index of each row's largest logit, first of equals (torch.argmax's answer), read
+# straight from the logits' bits. A float's bits, as a signed integer with the magnitude of negatives
+# complemented, order like the float (and -0.0 meets +0.0), so the maximum and the search for its first
+# place are integer loops that vectorize, and bfloat16 logits need no float32 copy (torch's float() and
+# argmax: ~0.6 ms for 64 rows of 8,000, against ~0.1 ms here). A row holding a NaN (its key beyond
+# infinity's on either side) is flagged; the caller answers it with torch.
+
+
+@njit(inline="always")
+def _order_key(bits, sign_shift, magnitude):
+    neg = bits >> sign_shift  # -1 for negatives, 0 otherwise
+    return (bits ^ (neg & magnitude)) - neg
+
+
+def _make_argmax(int_type: str, sign_shift: int, magnitude: int, inf_key: int, parallel: bool):
+    shift, mask, inf = np.int32(sign_shift), np.int32(magnitude), np.int32(inf_key)
+
+    def argmax_rows(bits, out, has_nan):
+        rows, n = bits.shape
+        for r in prange(rows):
+            top, low = np.int32(-inf - 1), np.int32(inf + 1)
+            for j in range(n):
+                key = np.int32(_order_key(np.int32(bits[r, j]), shift, mask))
+                top, low = max(top, key), min(low, key)
+            first = np.int32(n)
+            for j in range(n):
+                key = np.int32(_order_key(np.int32(bits[r, j]), shift, mask))
+                first = min(first, np.int32(j) if key == top else np.int32(n))
+            out[r] = first
+            has_nan[r] = top > inf or low < -inf
+    argmax_rows.__name__ = argmax_rows.__qualname__ = f"argmax_rows_{int_type}{'_parallel' if parallel else ''}"
+    return njit(parallel=parallel, nogil=True, cache=True)(argmax_rows)
+
+
+_ARGMAX_LAYOUTS = {torch.bfloat16: (torch.int16, "int16", 15, 0x7FFF, 0x7F80),
+                   torch.float32: (torch.int32, "int32", 31, 0x7FFFFFFF, 0x7F800000)}
+_ARGMAX = {(dtype, parallel): (bits, _make_argmax(*layout, parallel))
+           for dtype, (bits, *layout) in _ARGMAX_LAYOUTS.items() for parallel in (False, True)}
+PARALLEL_ARGMAX_ROWS = 4  # rows from which the parallel build runs
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits: [rows, vocab] (bfloat16 or float32; others go through torch) -> int64 [rows], each row's
+    argmax, ties to the first index as torch.argmax (and a row with a NaN as torch answers it)."""
+    entry = _ARGMAX.get((logits.dtype, logits.shape[0] >= PARALLEL_ARGMAX_ROWS))
+    if entry is None or logits.dim() != 2:
+        return logits.float().argmax(-1)
+    bits_type, kernel = entry
+    logits = logits.contiguous()
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64)
+    has_nan = np.empty(logits.shape[0], np.bool_)
+    kernel(logits.view(bits_type).numpy(), tokens.numpy(), has_nan)
+    if has_nan.any():
+        rows = torch.from_numpy(np.flatnonzero(has_nan))
+        tokens[rows] = logits[rows].float().argmax(-1)
+    return tokens
