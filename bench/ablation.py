@@ -11,6 +11,11 @@ top of a cProfile of its batch-64 step shows where the time goes: the profile be
 
 Part 2, the whole server: milestone commits of this repository, each checked out into a worktree
 and served in turn on the same machine, driven by tools/loadgen (streamed, 128 tokens in and out).
+
+Part 3, the engine alone under the serving workload (bench/engine_loop.py: 64 requests in flight, 640
+in all, prefill mixed into the decodes) at the recent levers' commits, each in a fresh process,
+interleaved: the steps' levers measured without the HTTP path and the load generator sharing the cores.
+Parts skipped in a run keep their last results (dated).
 """
 from __future__ import annotations
 
@@ -50,6 +55,17 @@ MILESTONES = [
     ("attention layout", "ff70553", "attention walks each sequence's blocks in order; 128-token blocks; every core computes"),
     ("current", "HEAD", "everything on main (adds: the engine waits for the loop to hand out a long step's deltas)"),
 ]
+# part 3: (label, commit, what it adds), the first the state before the levers
+ENGINE_MILESTONES = [
+    ("before", "46089c6", "decode attention with a scalar maximum pass and a normalizing pass; torch greedy argmax"),
+    ("attention: lane-wise maximum", "11a874c", "the scoring keeps each head's maximum lane-wise; the values are "
+     "divided by the sum once"),
+    ("attention: scratch per run", "8e227d8", "each thread's run of rows allocates its scratch once, not per row"),
+    ("greedy from the logits' bits", "c2979e3", "argmax by a numba kernel on the head's bfloat16 output, no float32 "
+     "copy"),
+    ("current", "HEAD", "everything on main"),
+]
+ENGINE_LOAD = (64, 640)  # requests in flight, requests in all
 
 
 # -- part 1: the forward pass -----------------------------------------------------------------
@@ -192,26 +208,45 @@ def part_serving(name: str, repeats: int, args) -> dict:
     return runs
 
 
+# -- part 3: the engine alone, closed loop, at recent commits --------------------------------------
+def part_engine(name: str, repeats: int, args) -> dict:
+    folder = MODELS[name]()
+    trees = {label: worktree(commit) for label, commit, _ in ENGINE_MILESTONES}
+    runs = {label: [] for label in trees}
+    for r in range(repeats):
+        for label, tree in trees.items():
+            print(f"  {name} engine loop {label} (repeat {r + 1})", flush=True)
+            out = subprocess.run([PY, os.path.join(BENCH, "engine_loop.py"), folder, "--concurrency",
+                                  str(ENGINE_LOAD[0]), "--requests", str(ENGINE_LOAD[1]), "--input-len",
+                                  str(args.input_len), "--output-len", str(args.output_len)],
+                                 cwd=tree, env={**os.environ, "PYTHONPATH": tree}, capture_output=True, text=True,
+                                 timeout=1800)
+            if out.returncode:
+                raise RuntimeError(out.stderr[-2000:])
+            runs[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs
+
+
 # -- report ---------------------------------------------------------------------------------------
 def _ms(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def write(results: dict, args) -> str:
+    skipped = "".join(f" --skip-{p}" for p in ("forward", "serving", "engine") if getattr(args, f"skip_{p}"))
     L = ["# Ablation: each speed lever, before and after, in the same run", "",
          f"{os.cpu_count()} cores, torch {torch.__version__}, bfloat16; {time.strftime('%Y-%m-%d')}. "
-         f"Command: `.venv/bin/python bench/ablation.py --models {args.models} --repeats {args.repeats}"
-         f"{' --skip-serving' if args.skip_serving else ''}`. "
-         f"Forward and runtime cells: median over {args.repeats} repeats (range in brackets); whole-server cells: "
-         + ("kept from an earlier run (dated in each table): " if args.skip_serving else
-            f"median over {max(1, args.repeats - 1)} run(s) per milestone, ")
-         + f"{' and '.join(map(str, BATCHES))} concurrent, max(8, 2 x concurrency) requests each, so a single run "
-         f"there carries this machine's +-10-20% drift. Variants were interleaved so drift hits all alike.", ""]
+         f"Latest command: `.venv/bin/python bench/ablation.py --models {args.models} --repeats {args.repeats}"
+         f"{skipped}`; a table from an earlier run says so and gives its date. "
+         "Forward and runtime cells: median over the repeats (range in brackets); whole-server cells: median over "
+         f"the runs per milestone, {' and '.join(map(str, BATCHES))} concurrent, max(8, 2 x concurrency) requests "
+         "each, so a single run there carries this machine's +-10-20% drift. Variants were interleaved so drift "
+         "hits all alike.", ""]
     for name, res in results.items():
         L += [f"## {name}", ""]
         if "forward" in res:
             fw = res["forward"]
-            L += ["### Forward pass: decode step ms (bare, no server)", "",
+            L += [f"### Forward pass: decode step ms (bare, no server){_kept(res, 'forward')}", "",
                   "| variant | " + " | ".join(f"batch {b}" for b in BATCHES) + " |", "|---|" + "---:|" * len(BATCHES)]
             for label, per_batch in fw["times"].items():
                 L.append(f"| {label} | " + " | ".join(_ms(per_batch[b]) for b in BATCHES) + " |")
@@ -220,14 +255,13 @@ def write(results: dict, args) -> str:
             for label, per_batch in fw["profiles"].items():
                 L.append(f"| {label} | {per_batch[1]} | {per_batch[64]} |")
         if "runtime" in res:
-            L += ["", "### OpenMP runtimes and compute threads: decode step ms (current forward, fresh process each)", "",
+            L += ["", "### OpenMP runtimes and compute threads: decode step ms (current forward, fresh process each)"
+                  f"{_kept(res, 'runtime')}", "",
                   "| setting | " + " | ".join(f"batch {b}" for b in BATCHES) + " |", "|---|" + "---:|" * len(BATCHES)]
             for label, per_batch in res["runtime"]["times"].items():
                 L.append(f"| {label} | " + " | ".join(_ms(per_batch[b]) for b in BATCHES) + " |")
         if "serving" in res:
-            kept = (f" (not re-run: from the run of {res['serving_date']})" if res.get("serving_kept")
-                    else "")
-            L += ["", f"### Whole server at milestone commits: output tok/s (TPOT p50 ms){kept}", "",
+            L += ["", f"### Whole server at milestone commits: output tok/s (TPOT p50 ms){_kept(res, 'serving')}", "",
                   "| milestone | commit | adds | " + " | ".join(f"c={c}" for c in BATCHES) + " |",
                   "|---|---|---|" + "---:|" * len(BATCHES)]
             for label, commit, adds in MILESTONES:
@@ -238,6 +272,19 @@ def write(results: dict, args) -> str:
                     tpot = [run[c]["tpot_ms"]["median"] for run in runs]
                     cells.append(f"{statistics.median(tps):.1f} ({statistics.median(tpot):.2f})" if tps else "–")
                 L.append(f"| {label} | {commit} | {adds} | " + " | ".join(cells) + " |")
+        if "engine" in res:
+            L += ["", f"### The engine alone, closed loop at recent commits: output tok/s (step ms)"
+                  f"{_kept(res, 'engine')}", "",
+                  f"{ENGINE_LOAD[0]} requests in flight, {ENGINE_LOAD[1]} in all, {args.input_len} tokens in and "
+                  f"{args.output_len} out (bench/engine_loop.py, a fresh process per run, commits interleaved); "
+                  "median (range) over the repeats. The streaming lever (91b6ac1) works on the server's loop, "
+                  "not in the engine: it is measured in the README's serving notes.", "",
+                  "| milestone | commit | adds | output tok/s | step ms |", "|---|---|---|---:|---:|"]
+            for label, commit, adds in ENGINE_MILESTONES:
+                runs = res["engine"].get(label) or []
+                tps, step = [r["output_throughput"] for r in runs], [r["step_ms"] for r in runs]
+                cells = f"{_ms(tps)} | {_ms(step)}" if runs else "– | –"
+                L.append(f"| {label} | {commit} | {adds} | {cells} |")
         L.append("")
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, "ablation.md")
@@ -248,16 +295,25 @@ def write(results: dict, args) -> str:
     return path
 
 
+def _kept(res: dict, part: str) -> str:
+    return f" (not re-run: from the run of {res[part + '_date']})" if res.get(part + "_kept") else ""
+
+
 def _previous_results() -> dict:
-    """The last run's results (concurrency keys back to ints), or {}."""
+    """The last run's results (batch and concurrency keys back to ints), or {}."""
     try:
         with open(os.path.join(RESULTS, "ablation.json")) as f:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
     for res in data.values():
+        res.update({part + "_kept": True for part in ("forward", "runtime", "serving", "engine") if part in res})
         for label, runs in res.get("serving", {}).items():
             res["serving"][label] = [{int(c): v for c, v in run.items()} for run in runs]
+        for part, tables in (("forward", ("times", "profiles")), ("runtime", ("times",))):
+            for table in tables:
+                for label, per_batch in res.get(part, {}).get(table, {}).items():
+                    res[part][table][label] = {int(b): v for b, v in per_batch.items()}
     return data
 
 
@@ -267,24 +323,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-forward", action="store_true")
     ap.add_argument("--skip-serving", action="store_true")
+    ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     args = ap.parse_args()
-    results = {}
-    previous = _previous_results()
+    parts = {"forward": (not args.skip_forward, lambda name: part_forward(name, args.repeats)),
+             "runtime": (not args.skip_forward, lambda name: part_runtime(name, args.repeats)),
+             "serving": (not args.skip_serving, lambda name: part_serving(name, max(1, args.repeats - 1), args)),
+             "engine": (not args.skip_engine, lambda name: part_engine(name, args.repeats, args))}
+    results = _previous_results()  # other models' results and skipped parts stay, dated
     for name in args.models.split(","):
-        res = results[name] = {}
-        if args.skip_serving and "serving" in previous.get(name, {}):  # keep the last whole-server rows
-            res.update(serving=previous[name]["serving"], serving_kept=True,
-                       serving_date=previous[name].get("serving_date", "2026-11-25"))
-        if not args.skip_forward:
-            print(f"== {name}: forward pass", flush=True)
-            res["forward"] = part_forward(name, args.repeats)
-            print(f"== {name}: OpenMP runtimes and threads", flush=True)
-            res["runtime"] = part_runtime(name, args.repeats)
-        if not args.skip_serving:
-            res["serving"] = part_serving(name, max(1, args.repeats - 1), args)
-            res["serving_date"] = time.strftime("%Y-%m-%d")
+        old, res = results.get(name, {}), {}
+        results[name] = res
+        for part, (run, measure) in parts.items():
+            if run:
+                print(f"== {name}: {part}", flush=True)
+                res[part], res[part + "_date"] = measure(name), time.strftime("%Y-%m-%d")
+            elif part in old:
+                res.update({part: old[part], part + "_kept": True,
+                            part + "_date": old.get(part + "_date", "an earlier day")})
         print(f"wrote {write(results, args)}", flush=True)
 
 
