@@ -197,34 +197,36 @@ def serve_and_drive(tree: str, folder: str, args) -> dict[int, dict]:
         p.stop()
 
 
-def part_serving(name: str, repeats: int, args) -> dict:
-    folder = MODELS[name]()
-    trees = {label: worktree(commit) for label, commit, _ in MILESTONES}
+def interleaved(milestones: list, repeats: int, what: str, name: str, measure) -> dict:
+    """measure(tree) at each milestone's worktree, the milestones taken in turn in every repeat."""
+    trees = {label: worktree(commit) for label, commit, _ in milestones}
     runs = {label: [] for label in trees}
     for r in range(repeats):
         for label, tree in trees.items():
-            print(f"  {name} serving {label} (repeat {r + 1})", flush=True)
-            runs[label].append(serve_and_drive(tree, folder, args))
+            print(f"  {name} {what} {label} (repeat {r + 1})", flush=True)
+            runs[label].append(measure(tree))
     return runs
+
+
+def part_serving(name: str, repeats: int, args) -> dict:
+    folder = MODELS[name]()
+    return interleaved(MILESTONES, repeats, "serving", name, lambda tree: serve_and_drive(tree, folder, args))
 
 
 # -- part 3: the engine alone, closed loop, at recent commits --------------------------------------
 def part_engine(name: str, repeats: int, args) -> dict:
     folder = MODELS[name]()
-    trees = {label: worktree(commit) for label, commit, _ in ENGINE_MILESTONES}
-    runs = {label: [] for label in trees}
-    for r in range(repeats):
-        for label, tree in trees.items():
-            print(f"  {name} engine loop {label} (repeat {r + 1})", flush=True)
-            out = subprocess.run([PY, os.path.join(BENCH, "engine_loop.py"), folder, "--concurrency",
-                                  str(ENGINE_LOAD[0]), "--requests", str(ENGINE_LOAD[1]), "--input-len",
-                                  str(args.input_len), "--output-len", str(args.output_len)],
-                                 cwd=tree, env={**os.environ, "PYTHONPATH": tree}, capture_output=True, text=True,
-                                 timeout=1800)
-            if out.returncode:
-                raise RuntimeError(out.stderr[-2000:])
-            runs[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return runs
+
+    def measure(tree: str) -> dict:
+        out = subprocess.run([PY, os.path.join(BENCH, "engine_loop.py"), folder, "--concurrency", str(ENGINE_LOAD[0]),
+                              "--requests", str(ENGINE_LOAD[1]), "--input-len", str(args.input_len),
+                              "--output-len", str(args.output_len)],
+                             cwd=tree, env={**os.environ, "PYTHONPATH": tree}, capture_output=True, text=True,
+                             timeout=1800)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-2000:])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    return interleaved(ENGINE_MILESTONES, repeats, "engine loop", name, measure)
 
 
 # -- report ---------------------------------------------------------------------------------------
