@@ -96,7 +96,7 @@ class ModelRunner:
             meta = ops.build_attention_metadata(bs, [n] * rows, [blocks] * rows, [n + 1] * rows, [])
             hidden = self.model.forward(torch.zeros(rows, dtype=torch.long, device=dev),
                                         torch.full((rows,), n, device=dev), self.kv_cache, meta)
-            self.model.logits(hidden)
+            ops.greedy_tokens(self.model.logits(hidden, float32=False))  # the greedy kernel's builds too
         if self.graphs is not None:
             self.graphs.capture_all()
         self.kv_cache.zero_()
