@@ -1,7 +1,7 @@
 """The compute floor: the serving workload's forward passes timed bare (no server, no scheduler).
 
 For each concurrency c: the c prompts are prefilled in steps of up to 512 tokens, then output_len - 1
-batched decode steps run at batch c with greedy argmax. Reports output tokens/s, the prefill time
+batched decode steps run at batch c with the server's greedy op. Reports output tokens/s, the prefill time
 (the best TTFT a server could give) and the decode step time (the best TPOT).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def floor(llm: LLM, c: int, input_len: int, output_len: int, budget: int = 512) 
             slots += [tables[j][p // bs] * bs + p % bs for p in range(input_len)]
         meta = ops.build_attention_metadata(bs, slots, [], [], specs)
         hidden = model.forward(torch.tensor(ids), torch.tensor(pos), cache, meta)
-        model.logits(hidden[[s[0] + input_len - 1 for s in specs]]).argmax(-1)
+        ops.greedy_tokens(model.logits(hidden[[s[0] + input_len - 1 for s in specs]], float32=False))
         i = group[-1] + 1
     prefill = time.perf_counter() - start
     tokens = torch.zeros(c, dtype=torch.long)
@@ -48,7 +48,8 @@ def floor(llm: LLM, c: int, input_len: int, output_len: int, budget: int = 512) 
         p = input_len + step
         slots = [t[p // bs] * bs + p % bs for t in tables]
         meta = ops.build_attention_metadata(bs, slots, tables, [p + 1] * c, [])
-        tokens = model.logits(model.forward(tokens, torch.full((c,), p), cache, meta)).argmax(-1)
+        hidden = model.forward(tokens, torch.full((c,), p), cache, meta)
+        tokens = ops.greedy_tokens(model.logits(hidden, float32=False))
     decode = time.perf_counter() - step_start
     total = prefill + decode
     step_ms = 1000 * decode / max(1, output_len - 1)

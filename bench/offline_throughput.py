@@ -55,8 +55,8 @@ def bench_floor(llm: LLM, prompts, output_len: int) -> float:
         pos = length + step
         slots = [t[pos // bs] * bs + pos % bs for t in tables]
         meta = ops.build_attention_metadata(bs, slots, tables, [pos + 1] * n, [])
-        logits = model.logits(model.forward(tokens, torch.full((n,), pos), cache, meta))
-        tokens = logits.argmax(-1)
+        tokens = ops.greedy_tokens(model.logits(model.forward(tokens, torch.full((n,), pos), cache, meta),
+                                                float32=False))
     elapsed = time.perf_counter() - start
     return n * output_len / elapsed
 

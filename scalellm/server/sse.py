@@ -41,8 +41,8 @@ class Framer:
 class DirectStream:
     """The sink of one prompt's engine request (AsyncEngine.open_stream): each delta is recorded, framed
     and written to the connection, as one chunk of the response's chunked encoding, right where the
-    step hands it over. `done` resolves when all n choices
-    finished, or with the error that ended the request (ConnectionResetError once the client left).
+    step hands it over. `done` resolves when all n choices finished, or with the error that ended the
+    request (ConnectionResetError once the client left).
 
     Writes go to the transport's buffer without waiting for the client to drain it: a client that stops
     reading holds at most its own request's remaining frames."""
