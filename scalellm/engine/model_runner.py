@@ -84,7 +84,8 @@ class ModelRunner:
 
     def warm_up(self) -> None:
         """A prefill and decodes at both kernel sizes (serial and parallel builds), so every kernel is
-        compiled (or loaded from numba's cache) before serving; the cache is zeroed afterwards."""
+        compiled (or loaded from numba's cache) before serving, the sampler's greedy and grammar-mask
+        kernels with them; the cache is zeroed afterwards."""
         bs = self.block_size
         n = max(1, min(96, bs * self.kv_cache.shape[2] - 1))  # prefill rows past the parallel threshold
         blocks = list(range(-(-(n + 1) // bs)))
@@ -96,7 +97,9 @@ class ModelRunner:
             meta = ops.build_attention_metadata(bs, [n] * rows, [blocks] * rows, [n + 1] * rows, [])
             hidden = self.model.forward(torch.zeros(rows, dtype=torch.long, device=dev),
                                         torch.full((rows,), n, device=dev), self.kv_cache, meta)
-            ops.greedy_tokens(self.model.logits(hidden, float32=False))  # the greedy kernel's builds too
+            logits = self.model.logits(hidden, float32=False)
+            ops.greedy_tokens(logits)  # the greedy kernel's builds too
+            _warm_up_token_bitmask(logits)
         if self.graphs is not None:
             self.graphs.capture_all()
         self.kv_cache.zero_()
@@ -163,6 +166,15 @@ class ModelRunner:
         meta.slot_mapping = arrays["slot_mapping"]
         hidden = self.model.forward(ids, pos, self.kv_cache, meta)
         return hidden if rows is None else hidden[rows]
+
+
+def _warm_up_token_bitmask(logits: torch.Tensor) -> None:
+    """Builds the grammar-mask kernel for these logits' rows (one row: the serial build; 32: the parallel
+    one), on the logits in the model's dtype and in float32, with a mask that allows every token."""
+    rows = torch.arange(logits.shape[0], dtype=torch.int32, device=logits.device)
+    allow_all = torch.full((logits.shape[0], -(-logits.shape[1] // 32)), -1, dtype=torch.int32, device=logits.device)
+    for x in (logits, logits.float()):
+        ops.apply_token_bitmask(x, rows, allow_all)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

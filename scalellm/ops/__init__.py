@@ -1,10 +1,10 @@
 """The operations model code calls; one interface, and the backend follows the tensors' device.
 
-CPU tensors: numba kernels (scalellm/ops/cpu_kernels.py, cpu_attention.py, cpu_sampling.py) for
-norms, attention inputs, decode attention (and bfloat16 prefill attention, each token as a decode over
-its causal context), small-batch GEMMs and sampling; torch for larger GEMMs (oneDNN with weights packed
-at load, scalellm/ops/linear.py), SiLU-mul in float32 and float32 prefill attention (SDPA over the
-gathered context, scalellm/ops/torch_ops.py).
+CPU tensors: numba kernels (scalellm/ops/cpu_kernels.py, cpu_attention.py, cpu_sampling.py,
+cpu_bitmask.py) for norms, attention inputs, decode attention (and bfloat16 prefill attention, each token
+as a decode over its causal context), small-batch GEMMs, sampling and grammar masks; torch for larger
+GEMMs (oneDNN with weights packed at load, scalellm/ops/linear.py), SiLU-mul in float32 and float32
+prefill attention (SDPA over the gathered context, scalellm/ops/torch_ops.py).
 CUDA tensors: the CuPy kernels (scalellm/ops/cuda_backend.py, imported only then), GEMMs through torch.
 Inside `cuda_kernels_on_cpu()`, CPU tensors take the CUDA kernels too, run through their host build
 (scalellm/ops/cuda_host): how the engine is tested end to end on the CUDA kernels without a GPU.
@@ -22,7 +22,7 @@ from scalellm.ops.openmp import share_torch_openmp
 jit.install()  # before any kernel is defined: the compile cache's folder, and the compile record
 share_torch_openmp()  # before any numba kernel starts a thread pool
 
-from scalellm.ops import cpu_attention, cpu_kernels, cpu_sampling, torch_ops  # noqa: E402
+from scalellm.ops import cpu_attention, cpu_bitmask, cpu_kernels, cpu_sampling, torch_ops  # noqa: E402
 from scalellm.ops.attention_metadata import (AttentionMetadata, PrefillChunk, build_attention_metadata,  # noqa: E402
                                              kernel_arrays, prefill_as_decode, tensor)
 from scalellm.ops.cpu_attention import decode_attention as _cpu_decode_attention  # noqa: E402
@@ -195,7 +195,29 @@ def fused_sample(logits: torch.Tensor, batch, max_top: int = 1):
     return (_cuda() if uses_cuda_kernels(logits) else cpu_sampling).fused_sample(logits, batch, max_top)
 
 
-__all__ = ["add_rms_norm", "attention_inputs", "AttentionMetadata", "build_attention_metadata",
-           "cuda_kernels_on_cpu", "embedding", "fused_moe", "fused_sample", "greedy_tokens", "keep_numba_view", "kernel_arrays",
-           "Linear", "MoEWeights", "paged_attention", "PrefillChunk", "QuantizedLinear", "QuantizedTensor",
-           "rms_norm", "rotary", "silu_mul", "tensor", "uses_cuda_kernels", "write_kv"]
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place, for grammar-constrained sampling: logits[rows[i], t] = -inf wherever bit t % 32 of
+    bitmask[i, t // 32] is 0 (bit order: least significant first, as llguidance writes it).
+    logits: [R, V] float32, bfloat16 or float16 (contiguous rows); rows: int32 [M] (distinct row
+    indices into logits); bitmask: int32 [M, W] with W >= ceil(V / 32) (bits at or past V ignored).
+    For CUDA tensors, rows and bitmask are on the same device; nothing waits for the device."""
+    if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1) \
+            or (logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]):
+        raise ValueError("apply_token_bitmask needs logits [rows, vocab] with contiguous rows")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"apply_token_bitmask takes float32, bfloat16 or float16 logits, not {logits.dtype}")
+    if rows.dtype != torch.int32 or bitmask.dtype != torch.int32:
+        raise TypeError("apply_token_bitmask takes int32 rows and bitmask")
+    if rows.device != logits.device or bitmask.device != logits.device:
+        raise ValueError("apply_token_bitmask: logits, rows and bitmask must be on one device")
+    if rows.dim() != 1 or bitmask.dim() != 2 or bitmask.shape[0] != rows.shape[0] \
+            or bitmask.shape[1] * 32 < logits.shape[1]:
+        raise ValueError(f"apply_token_bitmask: rows {tuple(rows.shape)} and bitmask {tuple(bitmask.shape)} do not "
+                         f"fit logits {tuple(logits.shape)} (bitmask [len(rows), >= ceil(vocab / 32)])")
+    (_cuda() if uses_cuda_kernels(logits) else cpu_bitmask).apply_token_bitmask(logits, rows, bitmask)
+
+
+__all__ = ["add_rms_norm", "apply_token_bitmask", "attention_inputs", "AttentionMetadata", "build_attention_metadata",
+           "cuda_kernels_on_cpu", "embedding", "fused_moe", "fused_sample", "greedy_tokens", "keep_numba_view",
+           "kernel_arrays", "Linear", "MoEWeights", "paged_attention", "PrefillChunk", "QuantizedLinear",
+           "QuantizedTensor", "rms_norm", "rotary", "silu_mul", "tensor", "uses_cuda_kernels", "write_kv"]

@@ -33,6 +33,7 @@ NAMES = {
                         for t in _TYPES for d in HEAD_DIMS],
     "prefill_attention": [f"scalellm::prefill_attention<{t}, {d}>" for t in _TYPES for d in HEAD_DIMS],
     "sampling": ["scalellm::fused_sample"],
+    "token_bitmask": [f"scalellm::apply_token_bitmask<{t}>" for t in _TYPES],
     "moe_routing": [f"scalellm::{k}<{t}>" for k in ("moe_route", "moe_gather", "moe_combine") for t in _TYPES]
     + ["scalellm::moe_offsets", "scalellm::moe_permute"],
     "quant_gemm": [f"scalellm::{k}<{f}, {t}>" for k in ("quant_gemm", "quant_dequant_rows") for f in range(3)
@@ -225,6 +226,17 @@ def fused_sample(logits: torch.Tensor, batch, max_top: int = 1
              batch.pen_counts, batch.ban_offsets, batch.ban_tokens, batch.streams, batch.num_top, np.int32(vocab),
              np.int32(max_top)))
     return tokens, chosen, top_ids, top_lp
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: logits[rows[i], t] = -inf wherever bit t % 32 of bitmask[i, t // 32] is 0. logits: [R, V]
+    with contiguous rows; rows: int32 [M]; bitmask: int32 [M, W >= ceil(V / 32)]; nothing waits for the device."""
+    count, vocab = rows.shape[0], logits.shape[1]
+    if count == 0 or vocab == 0:
+        return
+    _launch("token_bitmask", f"scalellm::apply_token_bitmask<{CTYPES[logits.dtype]}>", (count,), 1024,
+            (logits, rows.contiguous(), bitmask.contiguous(), np.int32(vocab), np.int32(bitmask.shape[1]),
+             np.int64(logits.stride(0))))
 
 
 def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool):
