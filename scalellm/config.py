@@ -64,6 +64,7 @@ class EngineConfig:
     num_threads: int | None = None  # compute threads for torch and numba; None: one per core
     cuda_graph_max_batch: int = 64  # decode batches up to this size replay CUDA graphs (cuda); 0: never
     overlap_steps: bool | None = None  # detokenize a step's tokens during the next; None: on the CUDA kernels
+    compact_json: bool = True  # JSON constraints allow no free whitespace unless a request asks for it
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:

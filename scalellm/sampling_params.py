@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from scalellm.structured.params import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -23,8 +25,13 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs besides the chosen token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match this constraint
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    bad_words: list[str] | None = None  # words never generated (their last token is banned after the rest)
 
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
+    compiled_grammar: object = field(init=False, repr=False, default=None)  # set by a server that compiled it
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -34,6 +41,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.validate()
 
     def validate(self) -> None:
@@ -70,6 +79,29 @@ class SamplingParams:
             bad("stop", "must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                bad("logit_bias", "must map token ids to numbers")
+            for t, v in self.logit_bias.items():
+                if not isinstance(t, int) or t < 0:
+                    bad("logit_bias", f"keys must be token ids, got {t!r}")
+                if not _is_number(v) or not -100 <= v <= 100:
+                    bad("logit_bias", f"values must be in [-100, 100], got {v!r} for token {t}")
+        if self.allowed_token_ids is not None and (
+                not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
+                or any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)):
+            bad("allowed_token_ids", "must be a non-empty list of token ids")
+        if self.bad_words is not None and (not isinstance(self.bad_words, list)
+                                           or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)):
+            bad("bad_words", "must be a list of non-empty strings")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            bad("structured_outputs", "must be a StructuredOutputsParams")
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the logits are changed before sampling (constraints, biases, bans)."""
+        return (self.structured_outputs is not None or bool(self.logit_bias) or self.allowed_token_ids is not None
+                or bool(self.bad_words))
 
     @property
     def max_stop_len(self) -> int:

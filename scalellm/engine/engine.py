@@ -12,6 +12,7 @@ import torch
 from scalellm.config import EngineConfig
 from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.detokenizer import Detokenizer
+from scalellm.engine.logits_processors import LogitsProcessor, prepare
 from scalellm.engine.model_runner import ModelRunner, kv_bytes_per_token
 from scalellm.engine.output_processor import append_token_id, detokenize_newest, take_delta
 from scalellm.engine.sampler import Sampler
@@ -21,6 +22,7 @@ from scalellm.model.loader import LoadedModel, load_model
 from scalellm.ops import jit
 from scalellm.outputs import StreamDelta
 from scalellm.sampling_params import SamplingParams
+from scalellm.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,11 @@ class LLMEngine:
         self._fresh_scheduler()
         self.detokenizer = Detokenizer(self.tokenizer, loaded.config.vocab_size)
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
-        self.sampler = Sampler(sorted(self.eos_token_ids), self.runner.device if self.runner.cuda_kernels else None)
+        vocab = loaded.config.vocab_size
+        self.grammars = GrammarCompiler(self.tokenizer, vocab, sorted(self.eos_token_ids), config.compact_json)
+        self.logits_processor = LogitsProcessor(vocab)
+        self.sampler = Sampler(sorted(self.eos_token_ids), self.runner.device if self.runner.cuda_kernels else None,
+                               self.logits_processor)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         # detokenize a step's tokens while the device computes the next (on the CUDA kernels by default)
@@ -137,6 +143,10 @@ class LLMEngine:
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds the "
                              f"model's context length of {self.max_model_len}")
+        for name in ("logit_bias", "allowed_token_ids"):
+            ids = getattr(params, name) or ()
+            if any(t >= vocab for t in ids):
+                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab})")
         total = n + (params.max_tokens or self.max_model_len - n)
         if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
             raise ValueError(f"prompt plus max_tokens ({total} tokens) exceeds the KV cache capacity of "
@@ -156,9 +166,14 @@ class LLMEngine:
             else:
                 raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         self.validate_prompt(prompt_token_ids, params)
+        changes = prepare(params, self.tokenizer, self.model_config.vocab_size) if params.processes_logits else None
+        grammar = None
+        if params.structured_outputs is not None:  # compiled already by a server; else here (cached)
+            compiled = params.compiled_grammar or self.grammars.compile(params.structured_outputs)
+            grammar = compiled.new_matcher()
         now = time.monotonic()
         seq = Sequence(next(self._seq_ids), request_id, 0, list(prompt_token_ids), len(prompt_token_ids),
-                       params, now, pending_forks=params.n - 1)
+                       params, now, pending_forks=params.n - 1, grammar=grammar, logits_changes=changes)
         request = Request(request_id, prompt, list(prompt_token_ids), params, [seq], now)
         self.requests[request_id] = request
         self.scheduler.add(seq)
@@ -231,6 +246,8 @@ class LLMEngine:
             if seq.finished:  # ended by a stop string while this step ran (overlap), or aborted
                 continue
             append_token_id(seq, token, logprob, eos, max_len)
+            if seq.grammar is not None and seq.finish_reason in (None, "length"):
+                advance_grammar(seq, token)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
             self._pending.append(seq)
@@ -263,7 +280,9 @@ class LLMEngine:
             child = Sequence(next(self._seq_ids), parent.request_id, index, parent.token_ids[:parent.prompt_len],
                              parent.prompt_len, parent.params, parent.arrival_time,
                              num_cached_tokens=parent.num_cached_tokens, prefix_looked_up=True,
-                             first_scheduled_time=parent.first_scheduled_time)
+                             first_scheduled_time=parent.first_scheduled_time,
+                             grammar=parent.grammar.deep_copy() if parent.grammar is not None else None,
+                             logits_changes=parent.logits_changes)
             self.block_manager.share_prefix(parent, child, full_blocks)
             self.scheduler.add_running(child)
             request.seqs.append(child)
@@ -287,4 +306,19 @@ class LLMEngine:
             "weight_bytes": self.weight_bytes,
             "steps": self.num_steps,
             "step_forward_seconds": self.forward_seconds,
+            "grammar_mask_seconds": self.logits_processor.mask_seconds,
+            "grammar_mask_steps": self.logits_processor.mask_steps,
+            "grammars_compiled": self.grammars.num_compiled,
         }
+
+
+def advance_grammar(seq: Sequence, token: int) -> None:
+    """Feed the sampled token to the sequence's matcher; a grammar that admits nothing more ends the
+    sequence (finish_reason "stop"), as a sampled EOS would one step later."""
+    if not seq.grammar.consume_token(token):
+        log.warning("request %s: token %d rejected by its grammar (%s); ending it", seq.request_id, token,
+                    seq.grammar.get_error())
+        seq.finish_reason = "stop"
+    elif seq.grammar.is_stopped():
+        seq.finish_reason = "stop"
+

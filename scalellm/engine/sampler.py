@@ -90,10 +90,12 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: list[int], kernel_device: torch.device | None = None):
+    def __init__(self, eos_token_ids: list[int], kernel_device: torch.device | None = None,
+                 logits_processor=None):
         """kernel_device: where the CUDA sampling kernel runs (the batch's arrays go there in one copy);
-        None on the CPU path."""
+        None on the CPU path. logits_processor: applies grammar masks, biases and bans in place."""
         self.eos_token_ids = eos_token_ids
+        self.logits_processor = logits_processor
         self.transfer = Transfer(kernel_device) if kernel_device is not None else None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
@@ -102,6 +104,8 @@ class Sampler:
     def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple:
         """Start sampling (asynchronous on a GPU): the device tensors collect() reads. logits: [rows, vocab]
         in any float dtype (greedy rows read them as they are; the sampling kernel takes float32)."""
+        if self.logits_processor is not None and any(s.params.processes_logits for s in seqs):
+            self.logits_processor(logits, seqs)
         if all(_is_plain_greedy(_param_row(s.params)) for s in seqs):
             return seqs, ops.greedy_tokens(logits), None
         logits = logits.float()

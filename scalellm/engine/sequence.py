@@ -5,6 +5,7 @@ import codecs
 import enum
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from scalellm.outputs import Logprob
 from scalellm.sampling_params import SamplingParams
@@ -48,6 +49,9 @@ class Sequence:
     logprobs: list[Logprob] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # logits changes: a grammar matcher (llguidance) advanced by each sampled token, and fixed ones
+    grammar: Any = None
+    logits_changes: Any = None  # engine.logits_processors.RequestLogits
 
     def __post_init__(self) -> None:
         if not self.seed:
