@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 
 from scalellm.config import EngineConfig
+
+TOOL_PARSERS = ("hermes", "llama3_json", "mistral")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,6 +66,16 @@ def build_parser(prog: str = "python -m scalellm.server", model_positional: bool
     ap.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
     ap.add_argument("--log-stats-interval", type=float, default=10.0,
                     help="seconds between stats lines while busy (0: none)")
+    ap.add_argument("--chat-template", default=None, metavar="FILE",
+                    help="Jinja chat template file used instead of the model's own; default: the model's")
+    ap.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                    help="how tool calls are read out of the model's text under tool_choice auto")
+    ap.add_argument("--enable-auto-tool-choice", action="store_true",
+                    help='allow tool_choice "auto" (needs --tool-call-parser); without it such requests get a 400')
+    ap.add_argument("--structured-outputs-config", default=None, metavar="JSON",
+                    help='structured outputs settings as JSON, in vLLM\'s keys: {"backend": "auto"|"guidance", '
+                         '"disable_any_whitespace": true}; JSON constraints are compact (no free whitespace) '
+                         'unless disable_any_whitespace is false')
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     return ap
 
@@ -71,12 +84,45 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m scalellm.se
                model_positional: bool = False) -> argparse.Namespace:
     ap = build_parser(prog, model_positional)
     args = ap.parse_args(argv)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        ap.error("--enable-auto-tool-choice needs --tool-call-parser")
+    args.compact_json = structured_outputs_config(ap, args.structured_outputs_config)
+    if args.chat_template is not None:
+        try:
+            with open(args.chat_template) as f:
+                args.chat_template_text = f.read()
+        except OSError as e:
+            ap.error(f"--chat-template: {e}")
+    else:
+        args.chat_template_text = None
     positional = getattr(args, "model_arg", None)
     if positional is not None:
         if args.model is not None and args.model != positional:
             ap.error(f"two models given: {positional} and --model {args.model}")
         args.model = positional
     return args
+
+
+def structured_outputs_config(ap: argparse.ArgumentParser, text: str | None) -> bool:
+    """--structured-outputs-config, checked; returns whether JSON constraints are compact."""
+    if text is None:
+        return True
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        ap.error(f"--structured-outputs-config is not valid JSON: {e}")
+    if not isinstance(config, dict):
+        ap.error("--structured-outputs-config must be a JSON object")
+    unknown = sorted(set(config) - {"backend", "disable_any_whitespace", "disable_fallback",
+                                    "disable_additional_properties", "reasoning_parser"})
+    if unknown:
+        ap.error(f"--structured-outputs-config: unknown keys {unknown}")
+    if config.get("backend", "auto") not in ("auto", "guidance", "llguidance"):
+        ap.error("--structured-outputs-config: this server's backend is llguidance (\"auto\" or \"guidance\")")
+    for key in ("disable_additional_properties", "reasoning_parser"):
+        if config.get(key):
+            ap.error(f"--structured-outputs-config: {key} is not supported")
+    return bool(config.get("disable_any_whitespace", True))
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
@@ -91,7 +137,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
                               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                               kv_cache_memory=args.kv_cache_memory,
                               enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
-                              cuda_graph_max_batch=args.cuda_graph_max_batch)
+                              cuda_graph_max_batch=args.cuda_graph_max_batch, compact_json=args.compact_json)
         model_path = args.model or default_model_path()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -107,8 +153,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
         pass
     server = Server(api_key=args.api_key, served_model_name=args.served_model_name,
                     max_queue_len=args.max_queue_len, max_body_bytes=args.max_body_bytes,
-                    log_requests=not args.disable_log_requests, model_path=model_path)
-    server.flags = {k: v for k, v in vars(args).items() if k not in ("api_key", "model_arg")}
+                    log_requests=not args.disable_log_requests, model_path=model_path,
+                    chat_template=args.chat_template_text, tool_call_parser=args.tool_call_parser,
+                    enable_auto_tool_choice=args.enable_auto_tool_choice)
+    server.flags = {k: v for k, v in vars(args).items() if k not in ("api_key", "model_arg", "chat_template_text")}
     return asyncio.run(serve(server, lambda: LLMEngine(config), args.host, args.port, args.shutdown_grace,
                              stats_interval=args.log_stats_interval))
 

@@ -21,7 +21,8 @@ from scalellm.server.errors import APIError, respond
 from scalellm.server.formatting import LogprobFormatter
 from scalellm.server.metrics import Metrics
 from scalellm.server.request_log import log_stats, request_line, request_log
-from scalellm.server.serving import RECORD, OpenAIServing, _decode, chat_conversation
+from scalellm.server.chat import chat_conversation
+from scalellm.server.serving import RECORD, OpenAIServing, _decode
 
 log = logging.getLogger("scalellm.server")
 # probes, scrapes and the dashboard: neither counted nor logged
@@ -32,8 +33,12 @@ _PROTECTED = ("/v1/", "/dashboard/")  # need the API key when one is set (the pa
 class Server:
     def __init__(self, api_key: str | None = None, served_model_name: str | None = None,
                  max_queue_len: int = 256, max_body_bytes: int = 8 << 20, log_requests: bool = True,
-                 model_path: str | None = None):
+                 model_path: str | None = None, chat_template: str | None = None, tool_call_parser: str | None = None,
+                 enable_auto_tool_choice: bool = False):
         self.api_key = api_key
+        self.chat_template = chat_template  # --chat-template's text: replaces the model's own
+        # tool_choice "auto" reads calls with this parser; None: "auto" is refused
+        self.auto_tool_parser = tool_call_parser if enable_auto_tool_choice else None
         self.served_model_name = served_model_name
         self.max_queue_len = max_queue_len
         self.max_body_bytes = max_body_bytes
@@ -140,10 +145,19 @@ class Server:
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         return [self.tokenizer.encode(t) for t in texts]
 
-    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, options: dict | None = None) -> list[int]:
+        options = dict(options or {})
+        reserved = sorted(set(options) & _RESERVED_TEMPLATE_ARGS)
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
+        template = options.pop("chat_template", None) or self.chat_template
+        if template is None and (tools or any("tool_calls" in m or m["role"] == "tool" for m in conversation)):
+            template = tools_template(self.tokenizer)  # the model's own, or ours when it knows no tools
         try:
-            ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True)
+            ids = self.tokenizer.apply_chat_template(conversation, tools=tools, chat_template=template,
+                                                     add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                     **options)
         except Exception as e:  # the template itself may reject a conversation
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -203,6 +217,21 @@ class Server:
             raise APIError(400, f"tokens must be in [0, {vocab})", param="tokens")
         text = await self.run_blocking(self.tokenizer.decode, req.tokens)
         return web.json_response({"prompt": text})
+
+
+_RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "tools", "tokenize", "return_dict", "padding", "truncation",
+                                     "max_length", "return_tensors", "tokenizer_kwargs", "return_assistant_tokens_mask",
+                                     "add_generation_prompt"})
+
+
+def tools_template(tokenizer) -> str | None:
+    """The template for conversations with tools: the model's own if it renders tools, else the ChatML
+    template with tool support that ships with the server (the bundled model's format)."""
+    own = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    if own is not None and "tools" in own:
+        return None
+    with open(os.path.join(os.path.dirname(__file__), "chat_templates", "chatml_tools.jinja")) as f:
+        return f.read()
 
 
 def model_base_name(path: str) -> str:

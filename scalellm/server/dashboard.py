@@ -40,7 +40,9 @@ def read_counters(registry) -> dict:
             name, labels = s.name, s.labels
             if name in ("scalellm:generation_tokens_total", "scalellm:prompt_tokens_total",
                         "scalellm:stage_requests_total", "scalellm:prefix_cache_queries_total",
-                        "scalellm:prefix_cache_hits_total", "scalellm:num_preemptions_total"):
+                        "scalellm:prefix_cache_hits_total", "scalellm:num_preemptions_total",
+                        "scalellm:grammar_mask_seconds_total", "scalellm:grammar_mask_steps_total",
+                        "scalellm:structured_output_requests_total"):
                 key = name.split(":")[1].removesuffix("_total")
                 out[key] = out.get(key, 0.0) + s.value
             elif name == "scalellm:requests_total":
@@ -217,6 +219,10 @@ class Dashboard(LiveStream):
         queries = c.get("prefix_cache_queries", 0.0) - w.get("prefix_cache_queries", 0.0)
         hits = c.get("prefix_cache_hits", 0.0) - w.get("prefix_cache_hits", 0.0)
         point["prefix_hit_rate"] = hits / queries if queries else None
+        mask_steps = c.get("grammar_mask_steps", 0.0) - r.get("grammar_mask_steps", 0.0)
+        mask_seconds = c.get("grammar_mask_seconds", 0.0) - r.get("grammar_mask_seconds", 0.0)
+        point["mask_ms_per_step"] = 1000.0 * mask_seconds / mask_steps if mask_steps else None
+        point["constrained"] = c.get("structured_output_requests", 0.0)
         point["latency"] = {}
         for k in LATENCIES:
             window = _delta_buckets(c["buckets"][k], w["buckets"][k])

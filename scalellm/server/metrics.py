@@ -63,7 +63,12 @@ class _EngineCollector:
                      "forward pass) and sampling", s["step_forward_seconds"]),
                     ("engine_step_served_seconds", "Time those steps took as served, from each step's start to "
                      "the hand-over of its output (scheduling, bookkeeping and waiting for the event loop "
-                     "included)", s["step_served_seconds"]))
+                     "included)", s["step_served_seconds"]),
+                    ("grammar_mask_seconds", "Time steps spent computing and applying grammar token masks "
+                     "(structured outputs, forced tool calls)", s.get("grammar_mask_seconds", 0.0)),
+                    ("grammar_mask_steps", "Steps that computed grammar token masks", s.get("grammar_mask_steps", 0)),
+                    ("grammars_compiled", "Distinct output constraints compiled (cache misses)",
+                     s.get("grammars_compiled", 0)))
         for name, doc, value in counters:
             family = CounterMetricFamily(f"scalellm:{name}", doc, labels=["model_name"])
             family.add_metric(label, value)
@@ -101,6 +106,9 @@ class Metrics:
                                       m + ["stage"], registry=r)
         self._stage_requests = Counter("scalellm:stage_requests", "Requests whose stages are in "
                                        "request_stage_seconds", m, registry=r)
+        self._constrained = Counter("scalellm:structured_output_requests", "Requests whose output is constrained, "
+                                    "by kind (json, json_object, regex, choice, grammar, structural_tag)",
+                                    m + ["kind"], registry=r)
         self.bind(model_name)
 
     def bind(self, model_name: str) -> None:
@@ -115,6 +123,9 @@ class Metrics:
 
     def count_finished(self, reason: str, choices: int = 1) -> None:
         self._finished.labels(self.model_name, reason).inc(choices)
+
+    def count_constrained(self, kind: str) -> None:
+        self._constrained.labels(self.model_name, kind).inc()
 
     def count_request(self, outcome: str, status: int) -> None:
         self._requests.labels(self.model_name, outcome, str(status)).inc()

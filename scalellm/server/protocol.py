@@ -15,6 +15,33 @@ class StreamOptions(Struct):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Struct, kw_only=True):
+    name: str | None = None
+    description: str | None = None
+    schema: Any = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct, kw_only=True):
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object, structural_tag."""
+    json: Any = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: Any = None
+    disable_any_whitespace: bool | None = None
+    disable_fallback: bool | None = None  # one backend here: nothing to fall back to
+    disable_additional_properties: bool | None = None
+    whitespace_pattern: str | None = None  # refused when set
+    backend: str | None = None  # accepted: llguidance serves every request
+
+
 class SamplingFields(Struct, kw_only=True):
     model: str | None = None
     n: int = 1
@@ -34,7 +61,31 @@ class SamplingFields(Struct, kw_only=True):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # accepted, no effect on the output
     user: str | None = None
+    metadata: Any = None
+    store: bool | None = None
+    service_tier: str | None = None
+    priority: int | None = None
+    # would change the output and are not implemented: refused with a 400 when given
+    best_of: Any = UNSET
+    use_beam_search: Any = UNSET
+    length_penalty: Any = UNSET
+    prompt_logprobs: Any = UNSET
+    logits_processors: Any = UNSET
+    truncate_prompt_tokens: Any = UNSET
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -42,6 +93,7 @@ class CompletionRequest(SamplingFields, kw_only=True):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    suffix: Any = UNSET
 
 
 class TextPart(Struct):
@@ -49,10 +101,34 @@ class TextPart(Struct):
     text: str | None = None
 
 
-class ChatMessage(Struct):
+class FunctionCall(Struct, kw_only=True):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class MessageToolCall(Struct, kw_only=True):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Struct, kw_only=True):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+
+
+class NamedFunction(Struct):
+    name: str
+
+
+class NamedToolChoice(Struct, kw_only=True):
+    type: str = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -62,6 +138,18 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    functions: Any = UNSET  # OpenAI's deprecated function calling: refused, use tools
+    function_call: Any = UNSET
+    chat_template: Any = UNSET
+    continue_final_message: Any = UNSET
+    documents: Any = UNSET
+    prediction: Any = UNSET
+    audio: Any = UNSET
+    modalities: Any = UNSET
 
 
 class TokenizeRequest(Struct, kw_only=True):
@@ -125,9 +213,22 @@ class ChatLogprobs(Struct):
     content: list[TokenLogprob]
 
 
+class ToolCallFunction(Struct):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(Struct):
+    id: str
+    function: ToolCallFunction
+    type: str = "function"
+
+
 class ChatResponseMessage(Struct):
     role: str
-    content: str
+    content: str | None
+    refusal: None = None
+    tool_calls: list[ToolCallOut] | UnsetType = UNSET
 
 
 class ChatChoice(Struct):
@@ -147,9 +248,22 @@ class ChatCompletionResponse(Struct):
     usage: Usage | None | UnsetType = UNSET
 
 
+class FunctionDelta(Struct):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+
+
+class ToolCallDeltaOut(Struct):
+    index: int
+    function: FunctionDelta
+    id: str | UnsetType = UNSET
+    type: str | UnsetType = UNSET
+
+
 class ChatDelta(Struct):
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[ToolCallDeltaOut] | UnsetType = UNSET
 
 
 class ChatChunkChoice(Struct):

@@ -13,16 +13,18 @@ from aiohttp import web
 from scalellm.outputs import Logprob
 from scalellm.sampling_params import SamplingParams
 from scalellm.server import protocol as P
+from scalellm.server.chat import chat_conversation, chat_message, template_options
+from scalellm.server.constraints import logits_fields, refuse_unsupported, request_constraint
 from scalellm.server.errors import APIError, bad_body, bad_value, error_body
 from scalellm.server.metrics import RequestRecord
 from scalellm.server.sse import DirectStream, Framer, sse
 from scalellm.server.streams import merged_deltas
+from scalellm.server.tool_choice import plan_tools
 
 log = logging.getLogger("scalellm.server")
 RECORD = "scalellm.record"  # a generation request's RequestRecord, kept in its aiohttp request
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 DONE = b"data: [DONE]\n\n"
-CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Choice:
     stop_reason: int | str | None = None
 
 
-def sampling_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(req, max_tokens: int | None, logprobs: int | None, constraint=None) -> SamplingParams:
     try:
         return SamplingParams(
             n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
@@ -48,7 +50,8 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None) -> Sampli
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output)
+            include_stop_str_in_output=req.include_stop_str_in_output, structured_outputs=constraint,
+            **logits_fields(req))
     except ValueError as e:
         raise bad_value(e) from None
 
@@ -66,7 +69,10 @@ class OpenAIServing:
         req, t1, stages = await self._read(request, P.completion_decoder)
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
-        params = sampling_params(req, req.max_tokens, req.logprobs)
+        refuse_unsupported(req)
+        param, constraint = request_constraint(req)
+        params = sampling_params(req, req.max_tokens, req.logprobs, constraint)
+        await self._compile(params, param)
         prompts = await self._completion_prompts(req.prompt)
         stages["tokenize"] = time.monotonic() - t1
         return await self._run(request, "completion", req, prompts, params, stages)
@@ -98,13 +104,34 @@ class OpenAIServing:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        refuse_unsupported(req)
+        tools = plan_tools(req, srv.auto_tool_parser)
+        param, constraint = request_constraint(req)
+        if tools.forced:
+            if constraint is not None:
+                raise APIError(400, f"tool_choice forces a tool call; {param} cannot constrain the same reply",
+                               param=param)
+            param, constraint = "tool_choice", tools.constraint
+        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint)
         conversation = chat_conversation(req.messages)
-        ids = await srv.run_blocking(srv.apply_chat_template, conversation, req.add_generation_prompt)
+        await self._compile(params, param)
+        ids = await srv.run_blocking(srv.apply_chat_template, conversation, req.add_generation_prompt, tools.tools,
+                                     template_options(req))
         stages["tokenize"] = time.monotonic() - t1
-        return await self._run(request, "chat", req, [(None, ids)], params, stages)
+        return await self._run(request, "chat", req, [(None, ids)], params, stages, tools)
 
     # -- shared --------------------------------------------------------------------------------
+    async def _compile(self, params: SamplingParams, param: str) -> None:
+        """Compile the request's grammar on the worker pool (cached by constraint); a 400 if invalid."""
+        if params.structured_outputs is None:
+            return
+        grammars = self.server.engine.engine.grammars
+        try:
+            params.compiled_grammar = await self.server.run_blocking(grammars.compile, params.structured_outputs, param)
+        except ValueError as e:
+            raise APIError(400, str(e), param=getattr(e, "param", None) or param) from None
+        self.server.metrics.count_constrained(params.structured_outputs.kind)
+
     async def _read(self, request: web.Request, decoder):
         """Decode the body into its Struct; returns (request, time parsed, stage times so far)."""
         self.server.check_ready()
@@ -114,7 +141,7 @@ class OpenAIServing:
         self.server.check_model(req.model)
         return req, parsed, {"parse": parsed - start}
 
-    async def _run(self, request, kind, req, prompts, params, stages) -> web.StreamResponse:
+    async def _run(self, request, kind, req, prompts, params, stages, tools=None) -> web.StreamResponse:
         srv = self.server
         for _, ids in prompts:
             try:
@@ -131,13 +158,14 @@ class OpenAIServing:
                                    record)
         try:
             if req.stream:
-                return await self._stream(request, kind, req, rid, created, prompts, params, deltas, stages, record)
-            return await self._collect(kind, req, rid, created, prompts, params, deltas)
+                return await self._stream(request, kind, req, rid, created, prompts, params, deltas, stages, record,
+                                          tools)
+            return await self._collect(kind, req, rid, created, prompts, params, deltas, tools)
         finally:
             srv.release(len(prompts))
             srv.metrics.add_stages(stages)
 
-    async def _collect(self, kind, req, rid, created, prompts, params, deltas) -> web.Response:
+    async def _collect(self, kind, req, rid, created, prompts, params, deltas, tools=None) -> web.Response:
         n = params.n
         choices = [Choice() for _ in range(len(prompts) * n)]
         async with contextlib.aclosing(deltas) as stream:
@@ -160,14 +188,17 @@ class OpenAIServing:
                 out.append(P.CompletionChoice(idx, echo + "".join(c.text), lp, c.finish_reason, c.stop_reason))
             body = P.CompletionResponse(rid, created, self.server.model_name, out, usage=usage)
         else:
-            out = [P.ChatChoice(idx, P.ChatResponseMessage("assistant", "".join(c.text)),
-                                fmt.chat_logprobs(c.logprobs) if params.logprobs is not None else None,
-                                c.finish_reason, c.stop_reason) for idx, c in enumerate(choices)]
+            new_parser = tools.new_parser if tools is not None else None
+            out = []
+            for idx, c in enumerate(choices):
+                message, finish = chat_message("".join(c.text), c.finish_reason, new_parser, tools)
+                out.append(P.ChatChoice(idx, message, fmt.chat_logprobs(c.logprobs) if params.logprobs is not None
+                                        else None, finish, c.stop_reason))
             body = P.ChatCompletionResponse(rid, created, self.server.model_name, out, usage=usage)
         return web.Response(body=P.encoder.encode(body), content_type="application/json")
 
     async def _stream(self, request, kind, req, rid, created, prompts, params, deltas, stages,
-                      record) -> web.StreamResponse:
+                      record, tools=None) -> web.StreamResponse:
         model, fmt, n = self.server.model_name, self.server.formatter, params.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         usage_field = None if include_usage else msgspec.UNSET
@@ -178,6 +209,8 @@ class OpenAIServing:
             resp.enable_chunked_encoding()
         await resp.prepare(request)
         framer = Framer(kind, rid, created, model, fmt, n, usage_field, [0] * (len(prompts) * n))
+        if tools is not None and tools.new_parser is not None:
+            framer.stream_tool_calls(tools.new_parser, tools.parallel)
         try:
             if kind == "chat":
                 first = [P.ChatChunkChoice(i, P.ChatDelta(role="assistant", content="")) for i in range(n)]
@@ -195,9 +228,11 @@ class OpenAIServing:
                 async with contextlib.aclosing(deltas) as stream:
                     async for batch in stream:
                         frames = [framer.frame(i, d) for i, d in batch]
-                        t = time.monotonic()
-                        await resp.write(frames[0] if len(frames) == 1 else b"".join(frames))
-                        stages["write"] += time.monotonic() - t
+                        data = frames[0] if len(frames) == 1 else b"".join(frames)
+                        if data:
+                            t = time.monotonic()
+                            await resp.write(data)
+                            stages["write"] += time.monotonic() - t
             if include_usage:
                 prompt_tokens = sum(len(ids) for _, ids in prompts)
                 completion_tokens = framer.completion_tokens
@@ -239,23 +274,6 @@ class OpenAIServing:
         with contextlib.suppress(ConnectionResetError):
             await resp.write(sse(body))
             await resp.write_eof()
-
-
-def chat_conversation(messages: list[P.ChatMessage]) -> list[dict]:
-    if not messages:
-        raise APIError(400, "messages must not be empty", param="messages")
-    conversation = []
-    for i, m in enumerate(messages):
-        if m.role not in CHAT_ROLES:
-            raise APIError(400, f"messages[{i}].role must be one of system, user, assistant; got {m.role!r}",
-                           param="messages")
-        content = m.content
-        if isinstance(content, list):
-            if any(part.type != "text" or part.text is None for part in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(part.text for part in content)
-        conversation.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-    return conversation
 
 
 def _decode(decoder, body: bytes):

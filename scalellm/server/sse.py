@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from msgspec import UNSET
+
 from scalellm.outputs import StreamDelta
 from scalellm.server import protocol as P
 from scalellm.server.metrics import Tracker
@@ -23,6 +25,13 @@ class Framer:
         self.usage_field = usage_field
         self.offsets = offsets  # completion text offsets per choice, for logprobs' text_offset
         self.completion_tokens = 0
+        self.new_parser = None  # chat with tools: each choice's text goes through a tool-call parser
+        self.parsers: dict = {}
+        self.called: set[int] = set()  # choices that streamed a call
+        self.parallel = True
+
+    def stream_tool_calls(self, new_parser, parallel: bool) -> None:
+        self.new_parser, self.parallel = new_parser, parallel
 
     def frame(self, i: int, d: StreamDelta) -> bytes:
         """The frame of prompt i's delta d."""
@@ -30,12 +39,41 @@ class Framer:
         self.completion_tokens += len(d.token_ids)
         if self.chat:
             lp = self.fmt.chat_logprobs(d.logprobs) if d.logprobs is not None else None
+            if self.new_parser is not None:
+                return self._tool_frame(idx, d, lp)
             choice = P.ChatChunkChoice(idx, P.ChatDelta(content=d.text), lp, d.finish_reason)
             return sse(P.ChatCompletionChunk(self.rid, self.created, self.model, [choice], usage=self.usage_field))
         lp = self.fmt.completion_logprobs(d.logprobs, self.offsets[idx]) if d.logprobs is not None else None
         self.offsets[idx] += len(d.text)
         choice = P.CompletionChoice(idx, d.text, lp, d.finish_reason, d.stop_reason)
         return sse(P.CompletionResponse(self.rid, self.created, self.model, [choice], usage=self.usage_field))
+
+
+    def _tool_frame(self, idx: int, d: StreamDelta, lp) -> bytes:
+        """A chat delta read through the choice's tool-call parser: content outside calls, then each call's
+        id and name, then its argument fragments; b"" when the parser holds everything back for now."""
+        parser = self.parsers.get(idx)
+        if parser is None:
+            parser = self.parsers[idx] = self.new_parser()
+        piece = parser.feed(d.text)
+        content, calls = piece.content, list(piece.calls)
+        if d.finish_reason is not None:
+            tail = parser.end()
+            content, calls = content + tail.content, calls + list(tail.calls)
+        if not self.parallel:
+            calls = [c for c in calls if c.index == 0]
+        if calls:
+            self.called.add(idx)
+        finish = "tool_calls" if d.finish_reason == "stop" and idx in self.called else d.finish_reason
+        if not content and not calls and finish is None and lp is None:
+            return b""
+        deltas = [P.ToolCallDeltaOut(c.index, P.FunctionDelta(UNSET if c.name is None else c.name,
+                                                              UNSET if c.arguments is None else c.arguments),
+                                     UNSET if c.id is None else c.id, UNSET if c.id is None else "function")
+                  for c in calls]
+        delta = P.ChatDelta(content=content if content else UNSET, tool_calls=deltas or UNSET)
+        choice = P.ChatChunkChoice(idx, delta, lp, finish)
+        return sse(P.ChatCompletionChunk(self.rid, self.created, self.model, [choice], usage=self.usage_field))
 
 
 class DirectStream:
@@ -68,9 +106,10 @@ class DirectStream:
         try:  # runs inside the step's hand-over: a failure ends this request, not the others' delivery
             self.tracker.observe(((0, item),), time.monotonic())
             frame = self.framer.frame(0, item)
-            t = time.monotonic()
-            transport.write(b"%x\r\n%s\r\n" % (len(frame), frame))  # one HTTP/1.1 chunk
-            self.stages["write"] += time.monotonic() - t
+            if frame:  # (an empty chunk would end the response)
+                t = time.monotonic()
+                transport.write(b"%x\r\n%s\r\n" % (len(frame), frame))  # one HTTP/1.1 chunk
+                self.stages["write"] += time.monotonic() - t
         except Exception as e:
             done.set_exception(e)
             return
