@@ -10,6 +10,7 @@ from scalellm.config import EngineConfig
 from scalellm.engine.engine import LLMEngine, Request
 from scalellm.outputs import CompletionOutput, RequestOutput
 from scalellm.sampling_params import SamplingParams
+from scalellm.server.chat_templates import tools_template
 
 Prompt = str | list[int]
 
@@ -41,22 +42,28 @@ class LLM:
         return self._run(requests, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
-        """messages: one conversation (a list of {"role", "content"} dicts) or a list of them."""
+             add_generation_prompt: bool = True, use_tqdm: bool = False, tools: list[dict] | None = None,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"} dicts) or a list of them. tools: OpenAI
+        function definitions handed to the chat template (a model whose template knows no tools gets the
+        bundled ChatML template with tools); force a call's shape with SamplingParams(structured_outputs=...)."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        prompts = [self.apply_chat_template(c, add_generation_prompt, tools, chat_template) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, chat_template: str | None = None) -> list[int]:
         if not conversation:
             raise ValueError("messages must not be empty")
         for m in conversation:
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
                 raise ValueError(f"messages: each message needs a role of system, user or assistant; got {m!r}")
-        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=True)
+        if chat_template is None and (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in conversation)):
+            chat_template = tools_template(self.tokenizer)
+        ids = self.tokenizer.apply_chat_template(conversation, tools=tools, chat_template=chat_template,
+                                                 add_generation_prompt=add_generation_prompt, tokenize=True)
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)

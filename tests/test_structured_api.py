@@ -19,7 +19,8 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "tags": {"type": "array", "maxItems": 2, "items": {"enum": ["a", "b"]}}}}
 GOOD = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 2}
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]}}}
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"],
+    "additionalProperties": False}}}
 
 
 async def _post(url, path, body):
@@ -176,3 +177,42 @@ def test_constrained_requests_counted(llama_server):
     steps = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
              if line.startswith("scalellm:grammar_mask_steps_total")]
     assert steps and steps[0] >= 1
+
+
+def _sse_chunks(server, body):
+    async def main():
+        out = []
+        async with aiohttp.ClientSession() as s:
+            async with s.post(server.url + CHAT, json={**body, "stream": True}) as r:
+                assert r.status == 200
+                async for line in r.content:
+                    line = line.strip()
+                    if line.startswith(b"data: ") and line != b"data: [DONE]":
+                        out.append(json.loads(line[6:]))
+        return out
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
+def test_forced_tool_call_whole_and_streamed(llama_server, tool_choice):
+    """The random model's call is the grammar's doing: a valid call either way, the same when streamed."""
+    body = {"messages": MESSAGES, "max_tokens": 120, "temperature": 0, "tools": [TOOL], "tool_choice": tool_choice,
+            "parallel_tool_calls": False}
+    choice = chat(llama_server, **{k: v for k, v in body.items() if k != "messages"})
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather" and call["id"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), TOOL["function"]["parameters"])
+    streamed, finish = {}, None
+    for chunk in _sse_chunks(llama_server, body):
+        for c in chunk["choices"]:
+            finish = c["finish_reason"] or finish
+            assert not c["delta"].get("content")
+            for d in c["delta"].get("tool_calls", []):
+                entry = streamed.setdefault(d["index"], {"name": None, "arguments": ""})
+                if "id" in d:
+                    entry["name"] = d["function"]["name"]
+                entry["arguments"] += d["function"].get("arguments", "")
+    assert finish == "tool_calls"
+    assert [(e["name"], json.loads(e["arguments"])) for e in streamed.values()] == \
+        [("get_weather", json.loads(call["function"]["arguments"]))]

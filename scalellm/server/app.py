@@ -22,6 +22,7 @@ from scalellm.server.formatting import LogprobFormatter
 from scalellm.server.metrics import Metrics
 from scalellm.server.request_log import log_stats, request_line, request_log
 from scalellm.server.chat import chat_conversation
+from scalellm.server.chat_templates import tools_template
 from scalellm.server.serving import RECORD, OpenAIServing, _decode
 
 log = logging.getLogger("scalellm.server")
@@ -222,16 +223,6 @@ class Server:
 _RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "tools", "tokenize", "return_dict", "padding", "truncation",
                                      "max_length", "return_tensors", "tokenizer_kwargs", "return_assistant_tokens_mask",
                                      "add_generation_prompt"})
-
-
-def tools_template(tokenizer) -> str | None:
-    """The template for conversations with tools: the model's own if it renders tools, else the ChatML
-    template with tool support that ships with the server (the bundled model's format)."""
-    own = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    if own is not None and "tools" in own:
-        return None
-    with open(os.path.join(os.path.dirname(__file__), "chat_templates", "chatml_tools.jinja")) as f:
-        return f.read()
 
 
 def model_base_name(path: str) -> str:
