@@ -216,3 +216,27 @@ def test_forced_tool_call_whole_and_streamed(llama_server, tool_choice):
     assert finish == "tool_calls"
     assert [(e["name"], json.loads(e["arguments"])) for e in streamed.values()] == \
         [("get_weather", json.loads(call["function"]["arguments"]))]
+
+
+def test_chat_template_flag_and_config(llama_folder, tmp_path):
+    from tests.checkpoints import bundled_tokenizer
+    from tests.server_utils import ServerProcess
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                        "{% if tools %}tools: {{ tools | length }}\n{% endif %}assistant:")
+    with ServerProcess("--model", llama_folder, "--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory",
+                       "64MB", "--chat-template", str(template), "--structured-outputs-config",
+                       '{"backend": "guidance", "disable_any_whitespace": false}') as server:
+        status, body = post(server, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200
+        assert bundled_tokenizer().decode(body["tokens"]) == "user: hi\nassistant:"
+        # free whitespace allowed: more of it than the only string (8 characters at most) could hold
+        text = chat(server, structured_outputs={"json": PERSON}, max_tokens=60)["message"]["content"]
+        assert sum(c.isspace() for c in text) > 8, text
+    from scalellm.server.__main__ import parse_args
+    for bad in ('{"backend": "xgrammar"}', "[1]", '{"nope": 1}'):
+        with pytest.raises(SystemExit):
+            parse_args(["--structured-outputs-config", bad])
+    with pytest.raises(SystemExit):
+        parse_args(["--enable-auto-tool-choice"])
