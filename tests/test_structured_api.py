@@ -126,6 +126,8 @@ BAD = [
     ({"structured_outputs": {"structural_tag": {"structures": []}}}, "structured_outputs"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
     ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_regex": "(a{100}){100}{100}"}, "guided_regex"),  # a lexer too costly for a step
+    ({"guided_json": {"type": "object", "description": "x" * (1 << 20)}}, "guided_json"),  # over 1 MiB
     ({"guided_whitespace_pattern": " *", "guided_json": PERSON}, "structured_outputs"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
       "tool_choice": "required"}, "tools"),

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
+import llguidance.numpy
+import numpy as np
 
 from scalellm.structured.params import StructuredOutputError, StructuredOutputsParams
 
 MAX_SOURCE_BYTES = 1 << 20  # the largest schema or grammar text accepted
+# A grammar whose first token mask takes longer is refused: masks are computed inside the batch's step,
+# so one request's costly lexer would stall every stream (a 200-property schema takes well under 1 ms).
+MAX_FIRST_MASK_SECONDS = 0.1
 # Below llguidance's defaults: a request's grammar must stay cheap for the whole batch.
 LIMITS = dict(max_grammar_size=200_000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000,
               step_max_items=50_000, max_lexer_states=100_000)
@@ -71,6 +77,7 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=limits)
         if matcher.is_error():
             raise StructuredOutputError(f"invalid {_describe(params.kind)}: {_first_line(matcher.get_error())}", param)
+        self._probe(matcher, params.kind, param)
         compiled = CompiledGrammar(key, matcher)
         with self._lock:
             self._cache[key] = compiled
@@ -78,6 +85,20 @@ class GrammarCompiler:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return compiled
+
+    def _probe(self, matcher: llguidance.LLMatcher, kind: str, param: str) -> None:
+        """Compute the first mask here, on the compiling thread: it builds the lexer states the sequences'
+        copies start from, and refuses a grammar too costly to run inside a step."""
+        mask = np.empty((1, (self.vocab_size + 31) // 32), np.int32)
+        start = time.perf_counter()
+        llguidance.numpy.fill_next_token_bitmask(matcher, mask, 0)
+        elapsed = time.perf_counter() - start
+        if matcher.is_error():
+            raise StructuredOutputError(f"invalid {_describe(kind)}: {_first_line(matcher.get_error())}", param)
+        if elapsed > MAX_FIRST_MASK_SECONDS:
+            raise StructuredOutputError(f"the {_describe(kind)} is too complex: its first token mask took "
+                                        f"{elapsed * 1000:.0f} ms (at most {MAX_FIRST_MASK_SECONDS * 1000:.0f} ms)",
+                                        param)
 
     def cached(self, params: StructuredOutputsParams) -> bool:
         with self._lock:
