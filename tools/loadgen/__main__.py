@@ -54,7 +54,8 @@ async def run(args, specs: list[RequestSpec], warm: list[RequestSpec]) -> dict:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         def body(spec: RequestSpec) -> dict:
-            return request_body(args.endpoint, args.model, spec.prompt, spec.max_tokens, args.stream, args.ignore_eos)
+            return request_body(args.endpoint, args.model, spec.prompt, spec.max_tokens, args.stream, args.ignore_eos,
+                                spec.extra)
 
         if warm:
             await asyncio.gather(*(send(session, url, body(s), chat, headers) for s in warm))
@@ -132,7 +133,8 @@ def parse_args(argv=None):
                     "prompts (default: the server's own, through its /tokenize and /detokenize)")
     wl.add_argument("--token-id-prompts", action="store_true",
                     help="send random token ids as prompts (completions only; no tokenizer needed)")
-    wl.add_argument("--prompts-file", default=None, help="JSONL with {\"prompt\", \"max_tokens\"} per line")
+    wl.add_argument("--prompts-file", default=None, help="JSONL with {\"prompt\", \"max_tokens\"} per line, and "
+                    "optionally \"body\": more request fields (e.g. response_format)")
     wl.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                     help="let requests stop at EOS (default: ignore_eos so lengths are exact)")
     wl.add_argument("--seed", type=int, default=0)

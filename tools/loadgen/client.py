@@ -19,6 +19,8 @@ class Result:
     itls: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int = 0
+    text: str | None = None  # the reply, when send() was asked to keep it
+    finish_reason: str | None = None
 
     @property
     def tpot(self) -> float | None:
@@ -27,7 +29,9 @@ class Result:
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
 
-def request_body(endpoint: str, model: str | None, prompt, max_tokens: int, stream: bool, ignore_eos: bool) -> dict:
+def request_body(endpoint: str, model: str | None, prompt, max_tokens: int, stream: bool, ignore_eos: bool,
+                 extra: dict | None = None) -> dict:
+    """`extra`: more fields (response_format, ...), merged last so they may also override the defaults."""
     body: dict = {"max_tokens": max_tokens, "temperature": 0.0, "stream": stream}
     if model:
         body["model"] = model
@@ -39,6 +43,8 @@ def request_body(endpoint: str, model: str | None, prompt, max_tokens: int, stre
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
+    if extra:
+        body.update(extra)
     return body
 
 
@@ -48,8 +54,11 @@ def _text_of(choice: dict, chat: bool) -> str:
     return choice.get("text") or ""
 
 
-async def send(session: aiohttp.ClientSession, url: str, body: dict, chat: bool, headers: dict) -> Result:
+async def send(session: aiohttp.ClientSession, url: str, body: dict, chat: bool, headers: dict,
+               keep_text: bool = False) -> Result:
+    """`keep_text`: keep the reply's text in result.text (the first choice's)."""
     result = Result(ok=False, start=time.perf_counter())
+    parts: list[str] | None = [] if keep_text else None
     start = result.start
     try:
         async with session.post(url, json=body, headers=headers) as resp:
@@ -64,6 +73,10 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict, chat: bool,
                 usage = data.get("usage") or {}
                 result.output_tokens = usage.get("completion_tokens", 0)
                 result.prompt_tokens = usage.get("prompt_tokens", 0)
+                choices = data.get("choices") or ({},)
+                result.finish_reason = choices[0].get("finish_reason")
+                if keep_text:
+                    result.text = _text_of(choices[0], chat)
                 result.ok = True
                 return result
             last = None
@@ -81,7 +94,11 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict, chat: bool,
                     result.output_tokens = usage.get("completion_tokens", 0)
                     result.prompt_tokens = usage.get("prompt_tokens", 0)
                 for choice in data.get("choices") or ():
-                    if _text_of(choice, chat):
+                    if choice.get("finish_reason"):
+                        result.finish_reason = choice["finish_reason"]
+                    if text := _text_of(choice, chat):
+                        if parts is not None and choice.get("index", 0) == 0:
+                            parts.append(text)
                         chunks_with_text += 1
                         if result.ttft is None:
                             result.ttft = now - start
@@ -89,6 +106,8 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict, chat: bool,
                             result.itls.append(now - last)
                         last = now
             result.e2e = time.perf_counter() - start
+            if parts is not None:
+                result.text = "".join(parts)
             if not result.output_tokens:
                 result.output_tokens = chunks_with_text
             result.ok = result.ttft is not None

@@ -11,6 +11,7 @@ class RequestSpec:
     prompt: str | list[int]
     max_tokens: int
     prompt_len: int | None = None
+    extra: dict | None = None  # more request-body fields (response_format, ...), merged over the defaults
 
 
 def load_tokenizer(path: str):
@@ -76,13 +77,15 @@ def random_workload(tokenizer, num: int, input_len: int, output_len: int, seed: 
 
 
 def file_workload(path: str, default_output_len: int) -> list[RequestSpec]:
-    """JSONL lines: {"prompt": "...", "max_tokens": N (optional)}."""
+    """JSONL lines: {"prompt": "...", "max_tokens": N (optional), "body": {...} (optional: more request-body
+    fields such as response_format, merged over the defaults)}."""
     specs = []
     with open(path) as f:
         for line in f:
             if line.strip():
                 row = json.loads(line)
-                specs.append(RequestSpec(row["prompt"], int(row.get("max_tokens", default_output_len))))
+                specs.append(RequestSpec(row["prompt"], int(row.get("max_tokens", default_output_len)),
+                                         extra=row.get("body")))
     if not specs:
         raise ValueError(f"no prompts in {path}")
     return specs
