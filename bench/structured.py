@@ -281,9 +281,10 @@ def big_schema(nonce: str, props: int) -> dict:
     return {"type": "object", "properties": properties, "required": list(properties)[:2], "additionalProperties": False}
 
 
-async def new_schema_phase(base: str, args, inject: bool, window: float | None, rng: random.Random) -> dict:
-    """Steady streams; after `settle` s a window opens; with `inject`, new-schema requests arrive at its start
-    and it lasts until they all finished (at least --window-min s); without, it lasts `window` s."""
+async def new_schema_phase(base: str, args, inject: str | None, window: float | None, rng: random.Random) -> dict:
+    """Steady streams; after `settle` s a window opens; with `inject` ("schema": new-schema requests; "plain":
+    the same requests without a schema, generating as many tokens), they arrive at its start and it lasts until
+    they all finished (at least --window-min s); without, it lasts `window` s."""
     url = base + "/v1/chat/completions"
 
     def steady_body() -> dict:
@@ -302,11 +303,13 @@ async def new_schema_phase(base: str, args, inject: bool, window: float | None, 
         t0 = time.perf_counter()
         injected = []
         if inject:
+            def extra() -> dict:
+                if inject == "plain":
+                    return {"ignore_eos": True}
+                return {"response_format": {"type": "json_schema", "json_schema": {
+                    "name": "form", "strict": True, "schema": big_schema(f"{rng.randrange(16 ** 8):08x}", args.props)}}}
             bodies = [request_body("chat", NAME, f"Ticket {rng.randrange(16 ** 8):08x}. Fill in the form.",
-                                   args.inject_max_tokens, True, False,
-                                   {"response_format": {"type": "json_schema", "json_schema": {
-                                       "name": "form", "strict": True,
-                                       "schema": big_schema(f"{rng.randrange(16 ** 8):08x}", args.props)}}})
+                                   args.inject_max_tokens, True, False, extra())
                       for _ in range(args.new_schema_requests)]
             injected = await asyncio.gather(*(send(session, url, b, True, {}) for b in bodies))
             t1 = max(time.perf_counter(), t0 + args.window_min)
@@ -346,11 +349,12 @@ def new_schemas(folder: str, args) -> dict:
             rng = random.Random(1000 + r)
             warm = [request_body("chat", NAME, prompt(NAMES[0], rng, rng), 8, True, False, response_format(NAMES[0]))]
             asyncio.run(closed_loop(p.url, [], warm, 1))  # compiles the steady schema
-            with_new = asyncio.run(new_schema_phase(p.url, args, True, None, rng))
-            without = asyncio.run(new_schema_phase(p.url, args, False, with_new["window_s"], rng))
+            with_new = asyncio.run(new_schema_phase(p.url, args, "schema", None, rng))
+            plain = asyncio.run(new_schema_phase(p.url, args, "plain", None, rng))
+            without = asyncio.run(new_schema_phase(p.url, args, None, with_new["window_s"], rng))
         finally:
             p.stop()
-        rep = {"with new schemas": with_new, "without": without}
+        rep = {"with new schemas": with_new, "same, no schema": plain, "without": without}
         for name, ph in rep.items():
             print(f"    {name:<17} window {ph['window_s']:5.1f} s  steady ITL p50 {ph['itl_ms']['median']:6.1f} "
                   f"p99 {ph['itl_ms']['p99']:7.1f} max {ph['itl_ms'].get('max', float('nan')):7.1f} ms "
