@@ -4,7 +4,7 @@ end-to-end serving run.
     .venv/bin/python bench/gpu.py [--concurrency 1,16,64] [--skip-tests]
 
 1. The CUDA tests (kernels on the device, the engine with --device cuda, sampling distributions).
-2. bench/kernels.py --device cuda: decode paged attention's bandwidth as a share of a large device
+2. bench/kernel_ops.py --device cuda: decode paged attention's bandwidth as a share of a large device
    copy's, the elementwise kernels, fused sampling against the same torch operations.
 3. Serving, SmolLM2-135M (bfloat16) at each concurrency, 128 tokens in and 128 out (tools/loadgen):
    our server with --device cuda, against vLLM's GPU server where `vllm` imports in this environment,
@@ -56,7 +56,7 @@ def run_tests(timeout: float) -> dict:
 
 
 def run_kernels() -> str:
-    subprocess.check_call([PY, "bench/kernels.py", "--device", "cuda"], cwd=ROOT)
+    subprocess.check_call([PY, "bench/kernel_ops.py", "--device", "cuda"], cwd=ROOT)
     with open(os.path.join(BENCH, "results", "kernels_cuda.md")) as f:
         return f.read()
 

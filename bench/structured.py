@@ -41,14 +41,7 @@ import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-
-
-def _bench_last() -> None:
-    """bench/ last on the path: its kernels.py must not shadow the installed `kernels` that transformers imports."""
-    sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in (BENCH, ROOT)] + [BENCH]
-
-
-_bench_last()
+sys.path.insert(1, ROOT)  # tools.loadgen
 
 import aiohttp  # noqa: E402
 import jsonschema  # noqa: E402
@@ -59,8 +52,6 @@ from serving import MAX_MODEL_LEN, NAME, PY, VLLM_PY, Proc, ensure_vllm  # noqa:
 from structured_report import write_report  # noqa: E402
 from tools.loadgen.client import request_body, send  # noqa: E402
 from tools.loadgen.report import summarize  # noqa: E402
-
-_bench_last()  # again: importing serving put bench/ first
 
 
 def _s(max_len: int) -> dict:

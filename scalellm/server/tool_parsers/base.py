@@ -13,6 +13,8 @@ generated piece followed by `end()`. Both give the same answer for any split of 
 """
 from __future__ import annotations
 
+import abc
+
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -171,7 +173,7 @@ class JsonEnd:
         return -1
 
 
-class ToolParser:
+class ToolParser(abc.ABC):
     """One model output's tool calls: `parse` the whole text, or `feed` deltas then `end` once."""
 
     def __init__(self):
@@ -180,8 +182,9 @@ class ToolParser:
         self._started = False  # content: something other than whitespace has been sent
         self._space = ""  # content: trailing whitespace held until more content follows
 
+    @abc.abstractmethod
     def parse(self, text: str) -> Parsed:
-        raise NotImplementedError
+        """The whole output's content and calls."""
 
     def feed(self, delta: str) -> Piece:
         self._step(delta)
@@ -192,11 +195,13 @@ class ToolParser:
         return self._take()
 
     # -- for the formats -------------------------------------------------------------------------
+    @abc.abstractmethod
     def _step(self, delta: str) -> None:
-        raise NotImplementedError
+        """Take the next piece of streamed text (emit through _content, _start_call, _args)."""
 
+    @abc.abstractmethod
     def _finish(self) -> None:
-        raise NotImplementedError
+        """The output ended: emit what was held back."""
 
     def new_id(self) -> str:
         return new_call_id()

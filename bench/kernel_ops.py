@@ -1,6 +1,6 @@
 """Time each operation at realistic sizes against the device's measured memory bandwidth.
 
-    .venv/bin/python bench/kernels.py [--device cpu|cuda]
+    .venv/bin/python bench/kernel_ops.py [--device cpu|cuda]
 
 Shapes follow Llama-3-8B (32 heads, 8 KV heads, head_dim 128, hidden 4096, intermediate 14336,
 vocab 128256); decode attention runs at batch 64 with 2,048-token contexts. Each row gives the
