@@ -32,6 +32,8 @@ class SamplingParams:
 
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
     compiled_grammar: object = field(init=False, repr=False, default=None)  # set by a server that compiled it
+    # whether the logits are changed before sampling (constraints, biases, bans): read per row every step
+    processes_logits: bool = field(init=False, repr=False, default=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -44,6 +46,8 @@ class SamplingParams:
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.validate()
+        self.processes_logits = (self.structured_outputs is not None or bool(self.logit_bias)
+                                 or self.allowed_token_ids is not None or bool(self.bad_words))
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -96,12 +100,6 @@ class SamplingParams:
             bad("bad_words", "must be a list of non-empty strings")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             bad("structured_outputs", "must be a StructuredOutputsParams")
-
-    @property
-    def processes_logits(self) -> bool:
-        """Whether the logits are changed before sampling (constraints, biases, bans)."""
-        return (self.structured_outputs is not None or bool(self.logit_bias) or self.allowed_token_ids is not None
-                or bool(self.bad_words))
 
     @property
     def max_stop_len(self) -> int:
