@@ -10,7 +10,7 @@ from scalellm.config import EngineConfig
 from scalellm.engine.engine import LLMEngine, Request
 from scalellm.outputs import CompletionOutput, RequestOutput
 from scalellm.sampling_params import SamplingParams
-from scalellm.server.chat_templates import tools_template
+from scalellm.server.chat_templates import template_for
 
 Prompt = str | list[int]
 
@@ -60,8 +60,7 @@ class LLM:
         for m in conversation:
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
                 raise ValueError(f"messages: each message needs a role of system, user or assistant; got {m!r}")
-        if chat_template is None and (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in conversation)):
-            chat_template = tools_template(self.tokenizer)
+        chat_template = chat_template or template_for(self.tokenizer, conversation, tools)
         ids = self.tokenizer.apply_chat_template(conversation, tools=tools, chat_template=chat_template,
                                                  add_generation_prompt=add_generation_prompt, tokenize=True)
         if hasattr(ids, "keys"):

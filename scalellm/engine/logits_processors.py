@@ -29,18 +29,12 @@ class RequestLogits:
 
 
 def prepare(params: SamplingParams, tokenizer, vocab_size: int) -> RequestLogits | None:
-    """Check the token ids against the vocabulary (ValueError names the field) and build the arrays."""
+    """The arrays (token ids were checked against the vocabulary by LLMEngine.validate_prompt)."""
     out = RequestLogits()
     if params.logit_bias:
-        bad = [t for t in params.logit_bias if t >= vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
         out.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
         out.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
     if params.allowed_token_ids is not None:
-        bad = [t for t in params.allowed_token_ids if t >= vocab_size]
-        if bad:
-            raise ValueError(f"allowed_token_ids has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
         out.allowed = token_mask(params.allowed_token_ids, vocab_size)
     if params.bad_words:
         seqs = set()

@@ -22,7 +22,7 @@ from scalellm.server.formatting import LogprobFormatter
 from scalellm.server.metrics import Metrics
 from scalellm.server.request_log import log_stats, request_line, request_log
 from scalellm.server.chat import chat_conversation
-from scalellm.server.chat_templates import tools_template
+from scalellm.server.chat_templates import template_for
 from scalellm.server.serving import RECORD, OpenAIServing, _decode
 
 log = logging.getLogger("scalellm.server")
@@ -152,9 +152,8 @@ class Server:
         reserved = sorted(set(options) & _RESERVED_TEMPLATE_ARGS)
         if reserved:
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
-        template = options.pop("chat_template", None) or self.chat_template
-        if template is None and (tools or any("tool_calls" in m or m["role"] == "tool" for m in conversation)):
-            template = tools_template(self.tokenizer)  # the model's own, or ours when it knows no tools
+        template = (options.pop("chat_template", None) or self.chat_template
+                    or template_for(self.tokenizer, conversation, tools))
         try:
             ids = self.tokenizer.apply_chat_template(conversation, tools=tools, chat_template=template,
                                                      add_generation_prompt=add_generation_prompt, tokenize=True,

@@ -113,7 +113,7 @@ class OpenAIServing:
                                param=param)
             param, constraint = "tool_choice", tools.constraint
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint)
-        conversation = chat_conversation(req.messages)
+        conversation = chat_conversation(req.messages)  # checked before the costlier compile
         await self._compile(params, param)
         ids = await srv.run_blocking(srv.apply_chat_template, conversation, req.add_generation_prompt, tools.tools,
                                      template_options(req))
