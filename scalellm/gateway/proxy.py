@@ -33,6 +33,8 @@ from scalellm.server.serving import _decode
 log = logging.getLogger("scalellm.gateway")
 RETRYABLE = frozenset({429, 502, 503, 504})
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+# with an API key set, the only paths answered without it (the dashboard's data routes need the key)
+PUBLIC_PATHS = frozenset({"/health", "/dashboard"})
 
 
 def prompt_text(kind: str, req) -> str:
@@ -101,7 +103,7 @@ class Gateway:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        response, _ = await respond(request, handler, self.api_key, ("/v1/", "/dashboard/"), self.max_body_bytes)
+        response, _ = await respond(request, handler, self.api_key, PUBLIC_PATHS, self.max_body_bytes)
         return response
 
     # -- small endpoints ---------------------------------------------------------------------------

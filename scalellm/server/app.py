@@ -28,7 +28,8 @@ from scalellm.server.serving import RECORD, OpenAIServing, _decode
 log = logging.getLogger("scalellm.server")
 # probes, scrapes and the dashboard: neither counted nor logged
 _UNCOUNTED = frozenset({"/health", "/metrics", "/load", "/dashboard", "/dashboard/stream", "/dashboard/snapshot"})
-_PROTECTED = ("/v1/", "/dashboard/")  # need the API key when one is set (the page itself does not)
+# with an API key set, the only paths answered without it: probes and the dashboard's page (its data needs the key)
+PUBLIC_PATHS = frozenset({"/health", "/version", "/dashboard"})
 
 
 class Server:
@@ -97,7 +98,7 @@ class Server:
         start = time.monotonic()
         status, message = 499, None  # 499: the client left before an answer (as nginx logs it)
         try:
-            response, message = await respond(request, handler, self.api_key, _PROTECTED, self.max_body_bytes)
+            response, message = await respond(request, handler, self.api_key, PUBLIC_PATHS, self.max_body_bytes)
             status = response.status
             return response
         finally:

@@ -61,11 +61,12 @@ def bad_value(e: ValueError, default_param: str | None = None) -> APIError:
     return APIError(400, message, param=m.group(1) if m else default_param)
 
 
-async def respond(request: web.Request, handler, api_key: str | None, protected: tuple[str, ...],
+async def respond(request: web.Request, handler, api_key: str | None, public: frozenset[str],
                   max_body_bytes: int) -> tuple[web.StreamResponse, str | None]:
-    """The handler's response, or the OpenAI-shaped error it raised, and that error's message; paths
-    under `protected` need `Authorization: Bearer api_key` when a key is set. (Server and gateway share it.)"""
-    if api_key and request.path.startswith(protected):
+    """The handler's response, or the OpenAI-shaped error it raised, and that error's message. When a key
+    is set every path needs `Authorization: Bearer api_key`, except those in `public` (an allow-list of
+    exact paths: a route added later is protected by default). (Server and gateway share it.)"""
+    if api_key and request.path not in public:
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
             message = "invalid or missing API key (send Authorization: Bearer KEY)"
