@@ -75,6 +75,11 @@ class LLM:
                 if delta.request_id in pending and delta.request_id not in self.engine.requests:
                     pending.discard(delta.request_id)
                     bar.update(1)
+            for request_id, stage, error in self.engine.take_failures():
+                if request_id in pending:  # the whole call fails, as any exception in it would
+                    for other in pending:
+                        self.engine.abort_request(other)
+                    raise RuntimeError(f"request {request_id} failed in {stage}: {error}") from error
         bar.close()
         return [_to_output(r) for r in requests]
 

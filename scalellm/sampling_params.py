@@ -31,6 +31,7 @@ class SamplingParams:
     bad_words: list[str] | None = None  # words never generated (their last token is banned after the rest)
 
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
+    stop_token_set: frozenset[int] = field(init=False, repr=False, default=frozenset())  # checked per token
     compiled_grammar: object = field(init=False, repr=False, default=None)  # set by a server that compiled it
     # whether the logits are changed before sampling (constraints, biases, bans): read per row every step
     processes_logits: bool = field(init=False, repr=False, default=False)
@@ -41,6 +42,7 @@ class SamplingParams:
         else:
             self.stop_list = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop_token_set = frozenset(self.stop_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         if isinstance(self.structured_outputs, dict):

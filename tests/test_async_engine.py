@@ -36,6 +36,9 @@ class CountingEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def take_failures(self) -> list:
+        return []
+
     def step(self) -> list[StreamDelta]:
         (request_id, done), = self.requests.items()
         self.seen_at_step.append(len(self.received))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -26,20 +27,47 @@ from scalellm.engine.engine import LLMEngine, set_compute_threads
 from scalellm.outputs import StreamDelta
 from scalellm.sampling_params import SamplingParams
 
+log = logging.getLogger(__name__)
 LOOP_WAIT_S = 0.05  # the most a step waits for the loop to hand out the previous step's deltas
 LONG_STEP_S = 0.02  # steps from which that wait pays
 
 
-class DeltaBuffer:
-    """Deltas (or an exception) for one request, filled on the loop by the step callback."""
-    __slots__ = ("items", "waiter")
+class RequestFailed(RuntimeError):
+    """Handling this request raised inside the engine step; the request was ended, the others go on."""
 
-    def __init__(self):
+    def __init__(self, request_id: str, stage: str, error: BaseException):
+        super().__init__(f"request {request_id} failed in {stage}: {type(error).__name__}: {error}")
+        self.request_id, self.stage = request_id, stage
+
+
+class EngineDead(RuntimeError):
+    """The engine's loop stopped: every request in flight ends with this, and no new one is taken."""
+
+
+class SlowReader(ConnectionError):
+    """The request's consumer fell too far behind its output: the request was ended."""
+
+
+class DeltaBuffer:
+    """Deltas (or an exception) for one request, filled on the loop by the step callback. With a limit,
+    more than `limit` items waiting for the consumer ends the request with SlowReader instead."""
+    __slots__ = ("items", "waiter", "limit", "overflowed")
+
+    def __init__(self, limit: int | None = None):
         self.items: list = []
         self.waiter: asyncio.Future | None = None
+        self.limit = limit
+        self.overflowed = False
 
     def push(self, item) -> None:
-        self.items.append(item)
+        items = self.items
+        if self.limit is not None and len(items) >= self.limit:
+            if self.overflowed:
+                return
+            self.overflowed = True  # what waits is dropped: the consumer's next take raises
+            items.clear()
+            item = SlowReader(f"more than {self.limit} outputs waited for the reader")
+        items.append(item)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -64,13 +92,16 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the last step fault, or what ended the loop
+        self.dead: EngineDead | None = None  # set once the loop has stopped on an error
+        self.died: asyncio.Event | None = None  # set on the loop when it has
         self._handed_over = threading.Event()
         self._wait_for_loop = engine.config.device == "cpu"
         self.served_step_seconds = 0.0  # the engine's steps as served: from each start to its hand-over
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.died = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name="scalellm-engine", daemon=True)
         self._thread.start()
 
@@ -89,9 +120,11 @@ class AsyncEngine:
                     yield delta
 
     async def generate_batches(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                               prompt: str | None = None) -> AsyncIterator[list[StreamDelta]]:
-        """Like generate, but yields every delta that arrived since the last resumption as one list."""
-        buffer = DeltaBuffer()
+                               prompt: str | None = None, max_buffered: int | None = None
+                               ) -> AsyncIterator[list[StreamDelta]]:
+        """Like generate, but yields every delta that arrived since the last resumption as one list. With
+        max_buffered, a consumer that leaves more deltas than that waiting gets SlowReader."""
+        buffer = DeltaBuffer(max_buffered)
         self.open_stream(request_id, prompt_token_ids, params, prompt, buffer)
         remaining = params.n
         try:
@@ -112,6 +145,8 @@ class AsyncEngine:
         step's hand-over itself: no task wakes per token. Pair with close_stream."""
         if self._loop is None:
             self.start()
+        if self.dead is not None:
+            raise self.dead
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.engine.validate_prompt(prompt_token_ids, params)
@@ -143,6 +178,21 @@ class AsyncEngine:
 
     # -- engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:
+            log.critical("the engine loop stopped: %s: %s", type(e).__name__, e, exc_info=e)
+            self.error = e
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                self._loop.call_soon_threadsafe(self._on_death, e)
+
+    def _on_death(self, error: BaseException) -> None:
+        """(On the loop.) Refuse new requests and end every one in flight."""
+        self.dead = EngineDead(f"the engine stopped: {type(error).__name__}: {error}")
+        self.fail_all(self.dead)
+        self.died.set()
+
+    def _serve(self) -> None:
         engine = self.engine
         set_compute_threads(engine.num_threads)  # numba's thread count is per calling thread
         while not self._stopping:
@@ -155,7 +205,8 @@ class AsyncEngine:
             try:
                 steps = engine.num_steps
                 deltas = engine.step()
-            except BaseException as e:  # a failed step fails its requests, not the process
+            except Exception as e:  # a fault no request can be blamed for alone fails them all, not the process
+                log.error("engine step failed; ending every request in it", exc_info=e)
                 self.error = e
                 self._fail_all(e)
                 continue
@@ -166,6 +217,9 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(self._dispatch, deltas, wait)
                 if wait:
                     self._handed_over.wait(LOOP_WAIT_S)
+            failures = engine.take_failures()
+            if failures:  # after the step's deltas: a consumer gets what came before its error
+                self._loop.call_soon_threadsafe(self._fail_some, failures)
             if engine.num_steps != steps:  # the step as served: bookkeeping and the hand-over included
                 self.served_step_seconds += time.perf_counter() - started
 
@@ -180,11 +234,19 @@ class AsyncEngine:
                 self.engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids)
             except ValueError as e:
                 self._loop.call_soon_threadsafe(self._deliver, request_id, e)
+            except Exception as e:  # admitting it raised: that request fails, the loop goes on
+                log.error("request %s failed in admission; ending it", request_id, exc_info=e)
+                self.engine.abort_request(request_id)
+                self._loop.call_soon_threadsafe(self._deliver, request_id, RequestFailed(request_id, "admission", e))
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self.engine.requests):
             self.engine.abort_request(request_id)
             self._loop.call_soon_threadsafe(self._deliver, request_id, RuntimeError(f"engine step failed: {error}"))
+
+    def _fail_some(self, failures: list[tuple[str, str, BaseException]]) -> None:
+        for request_id, stage, error in failures:
+            self._deliver(request_id, RequestFailed(request_id, stage, error))
 
     def _deliver(self, request_id: str, item) -> None:
         buffer = self._streams.get(request_id)

@@ -15,7 +15,7 @@ from scalellm.engine.detokenizer import Detokenizer
 from scalellm.engine.logits_processors import LogitsProcessor, prepare
 from scalellm.engine.model_runner import ModelRunner, kv_bytes_per_token
 from scalellm.engine.output_processor import append_token_id, detokenize_newest, take_delta
-from scalellm.engine.sampler import Sampler
+from scalellm.engine.sampler import SampleResult, Sampler
 from scalellm.engine.scheduler import Scheduler
 from scalellm.engine.sequence import Sequence
 from scalellm.model.loader import LoadedModel, load_model
@@ -88,6 +88,8 @@ class LLMEngine:
         # detokenize a step's tokens while the device computes the next (on the CUDA kernels by default)
         self.overlap = self.runner.cuda_kernels if config.overlap_steps is None else config.overlap_steps
         self._pending: list[Sequence] = []  # sequences whose newest token awaits its text
+        # requests a step ended because handling them raised: (request id, stage, error), until taken
+        self.failures: list[tuple[str, str, BaseException]] = []
         self.num_steps = 0  # steps that ran the model, and their time in the forward pass and sampling
         self.forward_seconds = 0.0
         self._warm_up()
@@ -192,6 +194,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work or bool(self._pending)
 
+    def take_failures(self) -> list[tuple[str, str, BaseException]]:
+        """The requests ended by a fault since the last call: (request id, stage, error)."""
+        failures, self.failures = self.failures, []
+        return failures
+
+    def _fail(self, request_id: str, stage: str, error: BaseException) -> None:
+        """End one request whose handling raised (its blocks are freed); the batch goes on without it."""
+        log.error("request %s failed in %s; ending it", request_id, stage, exc_info=error)
+        if self.abort_request(request_id):
+            self.failures.append((request_id, stage, error))
+
     # -- stepping ------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StreamDelta]:
@@ -219,6 +232,7 @@ class LLMEngine:
         self.forward_seconds += time.perf_counter() - start
 
     def _launch(self, batch) -> tuple:
+        """The forward pass (a fault there is the whole batch's), then sampling started."""
         decodes = [s for s, n in batch.items if n == 1]
         prefills = [(s, n) for s, n in batch.items if n > 1]
         logits, ready = self.runner.run(decodes, prefills)
@@ -237,17 +251,48 @@ class LLMEngine:
                 rows.extend([row] * len(children))
         if rows is not None:
             logits = logits[rows]
-        return self.sampler.launch(logits, ready)
+        try:
+            return ready, self.sampler.launch(logits, ready), None
+        except Exception:
+            return self._sample_rows_alone(logits, ready)
+
+    def _sample_rows_alone(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple:
+        """After sampling the batch raised: sample each row on its own, ending the requests whose rows
+        raise. Masks are idempotent; biases already added to a row are not added again."""
+        processor = self.logits_processor
+        processor.skip_bias = frozenset(processor.biased)
+        kept, tokens, logprobs = [], [], []
+        try:
+            for i, seq in enumerate(seqs):
+                if seq.finished:
+                    continue
+                try:
+                    result = self.sampler(logits[i:i + 1], [seq])
+                except Exception as e:
+                    self._fail(seq.request_id, "sampling", e)
+                    continue
+                kept.append(seq)
+                tokens += result.token_ids
+                logprobs += result.logprobs
+        finally:
+            processor.skip_bias = frozenset()
+        return kept, None, SampleResult(tokens, logprobs)
 
     def _collect(self, launched: tuple) -> None:
-        sampled = self.sampler.collect(launched)
+        seqs, started, sampled = launched
+        if sampled is None:
+            sampled = self.sampler.collect(started)
         eos, max_len = self.eos_token_ids, self.max_model_len
-        for seq, token, logprob in zip(launched[0], sampled.token_ids, sampled.logprobs):
+        for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
             if seq.finished:  # ended by a stop string while this step ran (overlap), or aborted
                 continue
-            append_token_id(seq, token, logprob, eos, max_len)
-            if seq.grammar is not None and seq.finish_reason in (None, "length"):
-                advance_grammar(seq, token)
+            try:
+                append_token_id(seq, token, logprob, eos, max_len)
+                if seq.grammar is not None and seq.finish_reason in (None, "length"):
+                    advance_grammar(seq, token)
+            except Exception as e:
+                self._fail(seq.request_id, "appending its token", e)
+                continue
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
             self._pending.append(seq)
@@ -258,10 +303,15 @@ class LLMEngine:
             if seq.finish_reason == "abort":
                 continue
             running = seq.finish_reason is None
-            detokenize_newest(self.detokenizer, seq)
+            try:
+                detokenize_newest(self.detokenizer, seq)
+                delta = take_delta(seq)
+            except Exception as e:
+                self._fail(seq.request_id, "detokenization", e)
+                continue
             if running and seq.finish_reason is not None:  # a stop string
                 self.scheduler.finish(seq)
-            deltas.append(take_delta(seq))
+            deltas.append(delta)
         self._pending.clear()
         for delta in deltas:
             if delta.finish_reason is not None:

@@ -55,11 +55,14 @@ class LogitsProcessor:
         self.masker: BatchMasker | None = None  # made on the first constrained step
         self.mask_seconds = 0.0  # time filling and applying grammar masks
         self.mask_steps = 0
+        self.biased: set[int] = set()  # sequences whose rows the current call added biases to
+        self.skip_bias: frozenset[int] = frozenset()  # sequences whose rows have theirs already
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Apply every row's changes to logits [rows, vocab] in place."""
         masked, masks = [], []
         grammar_rows, matchers = [], []
+        self.biased.clear()
         for i, seq in enumerate(seqs):
             if seq.grammar is not None:
                 grammar_rows.append(i)
@@ -67,9 +70,10 @@ class LogitsProcessor:
             fixed = seq.logits_changes
             if fixed is None:
                 continue
-            if fixed.bias_ids is not None:
+            if fixed.bias_ids is not None and seq.seq_id not in self.skip_bias:
                 row = logits[i]
                 row.index_add_(0, fixed.bias_ids.to(row.device), fixed.bias_values.to(row.device, row.dtype))
+                self.biased.add(seq.seq_id)
             if fixed.allowed is not None and seq.grammar is None:
                 masked.append(i)
                 masks.append(fixed.allowed)

@@ -17,7 +17,7 @@ def check_stop_token(seq: Sequence, token: int, eos_token_ids: frozenset[int], m
         if not p.ignore_eos and token in eos_token_ids:
             seq.finish_reason = "stop"
             return
-        if token in p.stop_token_ids:
+        if token in p.stop_token_set:
             seq.finish_reason, seq.stop_reason = "stop", token
             return
     if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= max_model_len:
