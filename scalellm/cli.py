@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     from scalellm.server.__main__ import main as serve
-    from scalellm.server.app import exit_process
+    from scalellm.server.lifecycle import exit_process
 
     exit_process(serve(argv[1:], prog="scalellm serve", model_positional=True))
 

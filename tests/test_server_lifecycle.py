@@ -125,8 +125,13 @@ def test_api_key(llama_folder):
                         assert (await r.json())["error"]["type"] == "authentication_error"
                 async with s.get(server.url + "/v1/models", headers={"Authorization": "Bearer s3cret"}) as r:
                     assert r.status == 200
-                for path in ("/health", "/metrics"):
+                for path in ("/health", "/version"):
                     async with s.get(server.url + path) as r:
+                        assert r.status == 200
+                for path in ("/metrics", "/load"):  # operational data is not public
+                    async with s.get(server.url + path) as r:
+                        assert r.status == 401
+                    async with s.get(server.url + path, headers={"Authorization": "Bearer s3cret"}) as r:
                         assert r.status == 200
         asyncio.run(main())
 

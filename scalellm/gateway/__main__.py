@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     add("--port", type=int, default=8080, help="port (default 8080)")
     add("--replica", action="append", default=[], metavar="URL[,pool=NAME]",
         help="a replica (repeatable); a host name resolving to several addresses is one replica per address")
-    add("--replicas-file", default=None, help="one URL[,pool=NAME] per line; re-read when it changes")
+    add("--replicas-file", default=None,
+        help="one URL[,pool=NAME] per line; re-read when it changes (a replica taken out is drained and stays out)")
     add("--launch", type=int, default=0, metavar="N",
         help="start N local scalellm.server processes (flags after -- go to each), cores split between them")
     add("--policy", default="power_of_two", choices=POLICIES, help="routing policy (default power_of_two)")
@@ -44,16 +45,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     add("--chunk-chars", type=int, default=256, help="cache_aware: characters per hashed prompt chunk (default 256)")
     add("--load-bound", type=int, default=8,
         help="cache_aware: most extra in-flight requests a replica may have over the least loaded (default 8)")
-    add("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (also sent to replicas)")
+    add("--api-key", default=None,
+        help="require 'Authorization: Bearer KEY' from the gateway's clients on every path but /health and "
+             "/dashboard (never sent to replicas)")
+    add("--upstream-api-key", default=None, metavar="KEY",
+        help="sent to the replicas as 'Authorization: Bearer KEY' (requests, health checks); with --launch, "
+             "each launched server requires it")
     add("--max-in-flight", type=int, default=1024, help="requests forwarded at once (default 1024)")
     add("--max-queue", type=int, default=1024, help="requests waiting beyond that before 503 (default 1024)")
     add("--max-body-bytes", type=int, default=8 << 20, help="largest accepted request body (default 8 MiB)")
-    add("--retries", type=int, default=2, help="other replicas tried before the first byte (default 2)")
-    add("--health-interval", type=float, default=2.0, help="seconds between health checks (default 2)")
-    add("--eject-after", type=int, default=3, help="consecutive 5xx answers that eject a replica (default 3)")
+    add("--retries", type=int, default=2,
+        help="other replicas tried when one provably did not run the request: connection refused or lost before "
+             "any byte of the answer, 503 with Retry-After, 429 (default 2)")
+    add("--health-interval", type=float, default=2.0,
+        help="seconds between health checks, each also reading the replica's models (default 2)")
+    add("--eject-after", type=int, default=3,
+        help="consecutive failures (5xx answers, connections lost) that eject a replica; a refused connection "
+             "ejects at once, a timeout never (default 3)")
     add("--eject-seconds", type=float, default=5.0, help="seconds before an ejected replica is probed (default 5)")
     add("--dns-interval", type=float, default=10.0, help="seconds between DNS lookups of replica names (default 10)")
-    add("--request-timeout", type=float, default=600.0, help="most seconds between bytes from a replica (default 600)")
+    add("--request-timeout", type=float, default=600.0,
+        help="most seconds between bytes from a replica; beyond, the client gets 504 (mid-stream an error "
+             "event) and the request is not re-sent (default 600)")
     add("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM (default 30)")
     add("--launch-log-dir", default=None, help="where launched replicas log (default: a temporary folder)")
     add("--disable-log-requests", action="store_true", help="no log line per request")
@@ -63,10 +76,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         ap.error("give --replica URL, --replicas-file PATH or --launch N")
     if server_args and not args.launch:
         ap.error("flags after -- are for launched servers: add --launch N")
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in server_args):
+        ap.error("give launched servers their key with --upstream-api-key KEY (the gateway sends it), not after --")
     return args, server_args
 
 
-async def run(args, server_args: list[str]) -> int:
+def build(args, server_args: list[str]):
+    """The replica set, gateway and launcher (None without --launch) the flags describe; nothing started."""
     from scalellm.gateway.launcher import Launcher
     from scalellm.gateway.proxy import Gateway
     from scalellm.gateway.replicas import ReplicaSet
@@ -74,17 +90,21 @@ async def run(args, server_args: list[str]) -> int:
 
     replicas = ReplicaSet(args.replica, args.replicas_file, args.health_interval, args.eject_after,
                           args.eject_seconds, args.dns_interval)
-    if args.api_key:
-        replicas.headers["Authorization"] = f"Bearer {args.api_key}"
     router = Router(args.policy, args.pool_threshold, args.chunk_chars, args.load_bound)
     gateway = Gateway(replicas, router, args.api_key, args.max_in_flight, args.max_queue, args.max_body_bytes,
-                      args.retries, args.session_header, args.request_timeout, not args.disable_log_requests)
+                      args.retries, args.session_header, args.request_timeout, not args.disable_log_requests,
+                      upstream_api_key=args.upstream_api_key)
     launcher = None
     if args.launch:
         import tempfile
 
-        launch_args = [*server_args, *(["--api-key", args.api_key] if args.api_key else [])]
-        launcher = Launcher(args.launch, launch_args, args.launch_log_dir or tempfile.mkdtemp(prefix="scalellm-"))
+        launcher = Launcher(args.launch, server_args, args.launch_log_dir or tempfile.mkdtemp(prefix="scalellm-"),
+                            api_key=args.upstream_api_key)
+    return replicas, gateway, launcher
+
+
+async def run(args, server_args: list[str]) -> int:
+    replicas, gateway, launcher = build(args, server_args)
     runner = web.AppRunner(gateway.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:

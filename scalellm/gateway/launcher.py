@@ -1,5 +1,6 @@
 """`--launch N`: N local `scalellm.server` processes behind the gateway, the cores split between them
-(each pinned to its share and given that many compute threads), and one that dies started again."""
+(each pinned to its share and given that many compute threads), and one that dies started again. With
+an `api_key` (the gateway's --upstream-api-key) each server requires it; without, none is given one."""
 from __future__ import annotations
 
 import asyncio
@@ -35,10 +36,12 @@ def split_cores(n: int) -> list[list[int]]:
 
 
 class Launched:
-    def __init__(self, index: int, cores: list[int], server_args: list[str], log_dir: str):
+    def __init__(self, index: int, cores: list[int], server_args: list[str], log_dir: str,
+                 api_key: str | None = None):
         self.index = index
         self.cores = cores
         self.server_args = server_args
+        self.api_key = api_key
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(log_dir, f"replica-{index}.log")
@@ -46,12 +49,15 @@ class Launched:
         self.restarts = 0
         self.next_start = 0.0
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "scalellm.server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--num-threads", str(len(self.cores)), *self.server_args,
+                *(["--api-key", self.api_key] if self.api_key else [])]
+
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "scalellm.server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--num-threads", str(len(self.cores)), *self.server_args]
         cores = set(self.cores)
         with open(self.log_path, "a") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                          preexec_fn=(lambda: os.sched_setaffinity(0, cores))
                                          if hasattr(os, "sched_setaffinity") else None)
         log.info("replica %d: %s on cores %s (pid %d, log %s)", self.index, self.url, self.cores, self.proc.pid,
@@ -64,9 +70,9 @@ class Launched:
 
 
 class Launcher:
-    def __init__(self, n: int, server_args: list[str], log_dir: str):
+    def __init__(self, n: int, server_args: list[str], log_dir: str, api_key: str | None = None):
         os.makedirs(log_dir, exist_ok=True)
-        self.children = [Launched(i, cores, server_args, log_dir) for i, cores in enumerate(split_cores(n))]
+        self.children = [Launched(i, cores, server_args, log_dir, api_key) for i, cores in enumerate(split_cores(n))]
         self._task: asyncio.Task | None = None
 
     def start(self, replicas) -> None:

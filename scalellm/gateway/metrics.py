@@ -1,14 +1,32 @@
-"""The gateway's Prometheus metrics: its own requests by replica and status, and each replica's state
-and load read at scrape time."""
+"""The gateway's Prometheus metrics: its own requests by replica, model and status; the latency its
+clients see (end to end, time to first token, gaps between streamed events) by replica and model; and
+each replica's state and load read at scrape time.
+
+Label values are bounded: `replica` is the replica's configured name (Replica.name), `model` one of the
+replicas' model ids or "other" (no model, or one no replica serves), `status` a common status code or
+its class ("4xx"); nothing a client or an upstream answer sends becomes a label as is.
+"""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+from scalellm.server.metrics import ITL_BUCKETS, LATENCY_BUCKETS  # the server's buckets: the two sides compare bucket by bucket
 
 disable_created_metrics()
 
+OTHER = "other"
+NO_REPLICA = "-"  # answered by the gateway itself (bad input, unknown model, no replica, at capacity)
+_STATUSES = frozenset({200, 400, 401, 403, 404, 408, 413, 422, 429, 499, 500, 502, 503, 504})
+
+
+def status_label(status: int) -> str:
+    return str(status) if status in _STATUSES else f"{status // 100}xx"
+
 
 class _ReplicaCollector:
+    """Gauges of the replicas known now (by address: a replica that leaves leaves these series too)."""
+
     def __init__(self, gateway):
         self.gateway = gateway
 
@@ -30,15 +48,24 @@ class _ReplicaCollector:
 
 class GatewayMetrics:
     def __init__(self, gateway):
-        self.registry = CollectorRegistry()
-        self.registry.register(_ReplicaCollector(gateway))
-        self.requests = Counter("scalellm_gateway:requests", "Requests by the replica that answered and status",
-                                ["replica", "status"], registry=self.registry)
-        self.retries = Counter("scalellm_gateway:retries", "Requests sent again to another replica",
-                               registry=self.registry)
+        self.registry = r = CollectorRegistry()
+        r.register(_ReplicaCollector(gateway))
+        labels = ["replica", "model"]
+        self.requests = Counter("scalellm_gateway:requests", "Requests by the replica that answered, model and status",
+                                [*labels, "status"], registry=r)
+        self.retries = Counter("scalellm_gateway:retries", "Requests sent again to another replica", registry=r)
+        self.e2e = Histogram("scalellm_gateway:e2e_request_latency_seconds",
+                             "Generation requests from arrival at the gateway to their last byte",
+                             labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("scalellm_gateway:time_to_first_token_seconds",
+                              "From arrival at the gateway to the first token forwarded (a whole answer's "
+                              "first byte when not streamed)", labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("scalellm_gateway:inter_token_latency_seconds",
+                             "Gaps between the stream chunks forwarded after the first token",
+                             labels, buckets=ITL_BUCKETS, registry=r)
 
-    def count(self, replica: str, status: int) -> None:
-        self.requests.labels(replica, str(status)).inc()
+    def count(self, replica: str, model: str, status: int) -> None:
+        self.requests.labels(replica, model, status_label(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

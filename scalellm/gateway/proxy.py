@@ -3,17 +3,17 @@
 A generation request's body is read once (size-limited) and validated with the server's own msgspec
 structs, so malformed input gets the server's OpenAI error from the gateway and never reaches a
 replica. It is then admitted (a cap on requests in flight and a bounded queue; 503 with Retry-After
-beyond), routed, and forwarded as the same bytes. Before the first byte reaches the client, a refused
-connection or a 502/503/504/429 answer is retried on another replica with backoff (429 and 503 honour
-Retry-After); after it, never: a stream cut by its replica ends with an OpenAI-style error event.
-Answers pass through unparsed, SSE bytes as they arrive. A client that leaves closes its upstream
-connection, so the replica aborts the request and frees its KV blocks. `x-request-id` is propagated
-(or made) and logged.
+beyond), routed, and forwarded as the same bytes (upstream.py: sent again only where the replica
+provably did not run it). A client that leaves closes its upstream connection, so the replica aborts
+the request and frees its KV blocks. `x-request-id` is propagated (or made) and logged.
+
+Keys: `api_key` is what the gateway's own clients must send (on every path but PUBLIC_PATHS);
+`upstream_api_key` is what the gateway sends to the replicas. The client's Authorization header never
+goes upstream.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -23,16 +23,15 @@ import aiohttp
 from aiohttp import web
 
 from scalellm.gateway.dashboard import GatewayDashboard
-from scalellm.gateway.metrics import GatewayMetrics
+from scalellm.gateway.metrics import NO_REPLICA, OTHER, GatewayMetrics
 from scalellm.gateway.replicas import Replica, ReplicaSet
 from scalellm.gateway.routing import Router
+from scalellm.gateway.upstream import Exchange, Upstream
 from scalellm.server import protocol as P
-from scalellm.server.errors import APIError, error_body, respond
+from scalellm.server.errors import APIError, respond
 from scalellm.server.serving import _decode
 
 log = logging.getLogger("scalellm.gateway")
-RETRYABLE = frozenset({429, 502, 503, 504})
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 # with an API key set, the only paths answered without it (the dashboard's data routes need the key)
 PUBLIC_PATHS = frozenset({"/health", "/dashboard"})
 
@@ -56,10 +55,13 @@ def prompt_text(kind: str, req) -> str:
 class Gateway:
     def __init__(self, replicas: ReplicaSet, router: Router, api_key: str | None = None, max_in_flight: int = 1024,
                  max_queue: int = 1024, max_body_bytes: int = 8 << 20, retries: int = 2,
-                 session_header: str = "x-session-id", request_timeout: float = 600.0, log_requests: bool = True):
+                 session_header: str = "x-session-id", request_timeout: float = 600.0, log_requests: bool = True,
+                 upstream_api_key: str | None = None):
         self.replicas = replicas
         self.router = router
         self.api_key = api_key
+        self.upstream_headers = {"Authorization": f"Bearer {upstream_api_key}"} if upstream_api_key else {}
+        replicas.headers.update(self.upstream_headers)  # health checks and dashboard snapshots too
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
         self.max_body_bytes = max_body_bytes
@@ -72,6 +74,7 @@ class Gateway:
         self._queue: deque[asyncio.Future] = deque()
         self.metrics = GatewayMetrics(self)
         self.dashboard = GatewayDashboard(self)
+        self.upstream = Upstream(self)
         self.session: aiohttp.ClientSession | None = None
 
     def make_app(self) -> web.Application:
@@ -86,7 +89,7 @@ class Gateway:
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/replicas", self.replicas_handler)
         app.router.add_get("/dashboard", self.dashboard.page)
-        app.router.add_get("/dashboard/stream", self.dashboard.stream)
+        app.router.add_get("/dashboard/stream", self.dashboard.stream, allow_head=False)  # an endless stream
         app.router.add_get("/dashboard/snapshot", self.dashboard.snapshot)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
@@ -147,28 +150,29 @@ class Gateway:
         decoder = P.tokenize_decoder if request.path == "/tokenize" else P.detokenize_decoder
         body = await request.read()
         req = _decode(decoder, body)
-        return await self._dispatch(request, body, req.model, None, None)
+        return await self._dispatch(request, body, req.model)
 
     async def _generate(self, request: web.Request, kind: str, decoder) -> web.StreamResponse:
         body = await request.read()
         req = _decode(decoder, body)
         text = prompt_text(kind, req) if self.router.policy == "cache_aware" else None
         session = request.headers.get(self.session_header)
-        return await self._dispatch(request, body, req.model, text, session)
+        return await self._dispatch(request, body, req.model, text, session, kind)
 
-    async def _dispatch(self, request, body: bytes, model: str | None, text: str | None,
-                        session: str | None) -> web.StreamResponse:
-        if self.draining:
-            raise APIError(503, "the gateway is shutting down", headers={"Retry-After": "1"})
-        if model is not None and model not in self.replicas.known_models():
-            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        start = time.monotonic()
-        status, replica_url, admitted = 499, "-", False  # 499: the client left first
+    async def _dispatch(self, request, body: bytes, model: str | None, text: str | None = None,
+                        session: str | None = None, kind: str | None = None) -> web.StreamResponse:
+        known = self.replicas.known_models()
+        ex = Exchange(request.headers.get("x-request-id") or uuid.uuid4().hex, time.monotonic(), model,
+                      model if model in known else OTHER, text, session, kind)
+        status, admitted = 499, False  # 499: the client left first
         try:
+            if self.draining:
+                raise APIError(503, "the gateway is shutting down", headers={"Retry-After": "1"})
+            if model is not None and model not in known:
+                raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
             await self._admit()
             admitted = True
-            response, replica_url = await self._forward(request, body, model, text, session, rid)
+            response = await self.upstream.forward(request, body, ex)
             status = response.status
             return response
         except APIError as e:
@@ -177,10 +181,17 @@ class Gateway:
         finally:
             if admitted:
                 self._release()
-            self.metrics.count(replica_url, status)
-            if self.log_requests:
-                log.info("%s %s %s -> %s %s in %.3f s", rid, request.method, request.path, replica_url, status,
-                         time.monotonic() - start)
+            self._account(request, ex, status)
+
+    def _account(self, request, ex: Exchange, status: int) -> None:
+        elapsed = time.monotonic() - ex.start
+        name = ex.replica.name if ex.replica is not None else NO_REPLICA
+        self.metrics.count(name, ex.label, status)
+        if ex.kind is not None and ex.replica is not None and status < 400:
+            self.metrics.e2e.labels(name, ex.label).observe(elapsed)
+        if self.log_requests:
+            log.info("%s %s %s -> %s %s in %.3f s", ex.rid, request.method, request.path,
+                     ex.replica.url if ex.replica is not None else NO_REPLICA, status, elapsed)
 
     async def _admit(self) -> None:
         if self.in_flight < self.max_in_flight and not self._queue:
@@ -208,102 +219,12 @@ class Gateway:
                 return
         self.in_flight -= 1
 
-    def _pick(self, model: str | None, tried: set[str], text: str | None, session: str | None) -> Replica:
-        candidates = [r for r in self.replicas.routable(model) if r.url not in tried]
+    def pick(self, ex: Exchange, tried: set[str]) -> Replica:
+        candidates = [r for r in self.replicas.routable(ex.model) if r.url not in tried]
         if not candidates:
             raise APIError(503, "no replica is available to serve this request", code="no_replica",
                            headers={"Retry-After": "1"})
-        return self.router.choose(candidates, self.in_flight, text, session)
+        return self.router.choose(candidates, self.in_flight, ex.text, ex.session)
 
-    async def _forward(self, request, body, model, text, session, rid) -> tuple[web.StreamResponse, str]:
-        headers = {"Content-Type": "application/json", "x-request-id": rid}
-        if "Authorization" in request.headers:
-            headers["Authorization"] = request.headers["Authorization"]
-        tried: set[str] = set()
-        for attempt in range(self.retries + 1):
-            replica = self._pick(model, tried, text, session)
-            tried.add(replica.url)
-            replica.in_flight += 1
-            replica.requests += 1
-            try:
-                last = attempt == self.retries or not self._has_other(model, tried)
-                try:
-                    upstream = await self.session.post(replica.url + request.path, data=body, headers=headers)
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    self.replicas.report(replica, ok=False, connection_error=True)
-                    if last:
-                        raise APIError(502, f"the replica could not be reached: {e}", code="replica_unreachable")
-                    self.metrics.retries.inc()
-                    await asyncio.sleep(0.02 * 2 ** attempt)
-                    continue
-                if upstream.status in RETRYABLE and not last:
-                    backoff = 0.02 * 2 ** attempt  # another replica: its own Retry-After only on 429
-                    wait = _retry_after(upstream, backoff) if upstream.status == 429 else backoff
-                    upstream.release()
-                    # a replica at capacity (429, or 503 with Retry-After) is busy, not broken
-                    busy = upstream.status == 429 or "Retry-After" in upstream.headers
-                    self.replicas.report(replica, ok=busy)
-                    self.metrics.retries.inc()
-                    await asyncio.sleep(wait)
-                    continue
-                return await self._relay(request, upstream, replica, rid), replica.url
-            finally:
-                replica.in_flight -= 1
-        raise AssertionError("unreachable")
-
-    def _has_other(self, model: str | None, tried: set[str]) -> bool:
+    def has_other(self, model: str | None, tried: set[str]) -> bool:
         return any(r.url not in tried for r in self.replicas.routable(model))
-
-    async def _relay(self, request, upstream: aiohttp.ClientResponse, replica: Replica, rid: str) -> web.StreamResponse:
-        try:
-            if not upstream.content_type == "text/event-stream":
-                try:
-                    data = await upstream.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    self.replicas.report(replica, ok=False, connection_error=True)
-                    raise APIError(502, f"the replica failed while answering: {e}", code="replica_failed") from None
-                busy = upstream.status == 429 or "Retry-After" in upstream.headers
-                self.replicas.report(replica, ok=upstream.status < 500 or busy)
-                return web.Response(status=upstream.status, body=data, headers={
-                    "Content-Type": upstream.headers.get("Content-Type", "application/json"), "x-request-id": rid,
-                    **({"Retry-After": upstream.headers["Retry-After"]} if "Retry-After" in upstream.headers else {})})
-            resp = web.StreamResponse(status=upstream.status, headers={**SSE_HEADERS, "x-request-id": rid})
-            await resp.prepare(request)
-            chunks = upstream.content.iter_any().__aiter__()
-            ended_frame = True  # whether what the client got so far ends on an event boundary
-            while True:
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # the replica failed mid-stream
-                    self.replicas.report(replica, ok=False, connection_error=True)
-                    log.warning("%s: replica %s failed mid-stream: %s", rid, replica.url, e)
-                    err = error_body(502, "the replica serving this request failed mid-stream; retry the request",
-                                     code="replica_failed")
-                    with contextlib.suppress(ConnectionResetError):
-                        await resp.write((b"" if ended_frame else b"\n\n") + b"data: " + P.encoder.encode(err) + b"\n\n")
-                        await resp.write_eof()
-                    return resp
-                try:
-                    await resp.write(chunk)
-                except ConnectionResetError:  # the client left (not the replica's fault)
-                    upstream.close()
-                    return resp
-                ended_frame = chunk.endswith(b"\n\n")
-            self.replicas.report(replica, ok=True)
-            with contextlib.suppress(ConnectionResetError):
-                await resp.write_eof()
-            return resp
-        except asyncio.CancelledError:
-            upstream.close()  # the client left: closing the connection makes the replica abort the request
-            raise
-        finally:
-            upstream.release()
-
-
-def _retry_after(upstream: aiohttp.ClientResponse, default: float) -> float:
-    try:
-        return min(2.0, max(default, float(upstream.headers.get("Retry-After", default))))
-    except ValueError:
-        return default

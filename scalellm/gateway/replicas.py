@@ -3,14 +3,20 @@
 A replica is routable when its last health check answered 200 and it is not ejected. Health checks
 run every `interval` seconds against /health (503 with status "draining" or "loading": not routable;
 `down_after` consecutive failures, each a refused connection or no answer within `check_timeout`, take
-a healthy replica out) and learn the replica's models from /v1/models. Passive checks: a connection error ejects a replica
-at once, `eject_after` consecutive 5xx answers eject it; an ejected replica is probed again after
-`eject_seconds` (half-open) and re-admitted when its health check passes.
+a healthy replica out) and read the replica's models from /v1/models on each check that passes, so a
+replica that starts serving another model is routed by its new list. Passive checks: a refused
+connection ejects a replica at once, `eject_after` consecutive failures (5xx answers, connections lost)
+eject it; an ejected replica is probed again after `eject_seconds` (half-open) and re-admitted when its
+health check passes.
 
 Sources: `--replica URL[,pool=NAME]` (a host name that resolves to several addresses becomes one
 replica per address, re-resolved every `dns_interval` seconds: a Kubernetes headless Service), and a
-replicas file (one `URL[,pool=NAME]` per line, re-read when it changes). A replica that leaves its
-source is drained: it gets nothing new and is forgotten once its requests are done.
+replicas file (one `URL[,pool=NAME]` per line, re-read when it changes). A replica that no source lists
+any more is drained: it gets nothing new, is forgotten once its requests are done, and only a source
+listing it again brings it back (never a health check or probe that was under way).
+
+Each replica has a `name` for metric labels: the URL as configured (for a host name that expands to
+several addresses, that name's URL), so label values never come from DNS answers or clients.
 """
 from __future__ import annotations
 
@@ -32,7 +38,8 @@ log = logging.getLogger("scalellm.gateway")
 class Replica:
     url: str
     pool: str | None = None
-    source: str = "flag"  # flag | file | dns | launch
+    name: str = ""  # the metric label: the URL as configured (defaults to url)
+    sources: set = field(default_factory=set)  # flag | file | dns:HOST | launch: every source listing it
     state: str = "unknown"  # unknown | healthy | loading | draining | down | ejected | removed
     cards: dict = field(default_factory=dict)  # model id -> its /v1/models card
     in_flight: int = 0
@@ -43,6 +50,13 @@ class Replica:
     errors: int = 0
     last_check: float = 0.0
     pid: int | None = None  # a replica the gateway launched
+
+    def __post_init__(self):
+        self.name = self.name or self.url
+
+    @property
+    def source(self) -> str:
+        return ",".join(sorted(self.sources))
 
     @property
     def routable(self) -> bool:
@@ -104,16 +118,17 @@ class ReplicaSet:
         self.headers: dict[str, str] = {}  # sent with health checks (the replicas' API key)
 
     # -- membership ------------------------------------------------------------------------------
-    def add(self, url: str, pool: str | None, source: str) -> Replica:
+    def add(self, url: str, pool: str | None, source: str, name: str | None = None) -> Replica:
         replica = self.replicas.get(url)
         if replica is None:
-            replica = self.replicas[url] = Replica(url, pool, source)
+            replica = self.replicas[url] = Replica(url, pool, name or url)
             log.info("replica added: %s%s (%s)", url, f" pool={pool}" if pool else "", source)
-        elif replica.state == "removed" or replica.pool != pool or replica.source != source:
-            if replica.state == "removed":  # back before it was forgotten: keep its in-flight count
-                replica.state = "unknown"
-                log.info("replica added again: %s (%s)", url, source)
-            replica.pool, replica.source = pool, source
+        elif replica.state == "removed":  # back before it was forgotten: keep its in-flight count
+            replica.state = "unknown"
+            replica.sources.clear()
+            log.info("replica added again: %s (%s)", url, source)
+        replica.sources.add(source)
+        replica.pool = pool
         return replica
 
     def remove(self, url: str) -> None:
@@ -128,33 +143,36 @@ class ReplicaSet:
     def known_models(self) -> set[str]:
         return {m for r in self.replicas.values() if r.state not in ("removed",) for m in r.models}
 
-    def _sync(self, source: str, wanted: dict[str, str | None]) -> None:
-        for url, pool in wanted.items():
-            self.add(url, pool, source)
+    def _sync(self, source: str, wanted: dict[str, tuple[str | None, str]]) -> None:
+        """`wanted`: url -> (pool, name), everything `source` lists now."""
+        for url, (pool, name) in wanted.items():
+            self.add(url, pool, source, name)
         for url, replica in list(self.replicas.items()):
-            if replica.source == source and url not in wanted:
-                self.remove(url)
+            if source in replica.sources and url not in wanted:
+                replica.sources.discard(source)
+                if not replica.sources:
+                    self.remove(url)
 
     async def refresh_dns(self) -> None:
         """Replicas named by IP address (or localhost) as given; each other host name as one replica
         per address it resolves to (a failed lookup keeps the replicas it gave last time)."""
-        static: dict[str, str | None] = {}
+        static: dict[str, tuple[str | None, str]] = {}
         by_name: dict[str, list] = {}
         for url, pool in self.specs:
             parts = urlsplit(url)
             if _is_ip(parts.hostname) or parts.hostname == "localhost":
-                static[url] = pool
+                static[url] = (pool, url)
             else:
-                by_name.setdefault(f"dns:{parts.hostname}", []).append((parts, pool))
+                by_name.setdefault(f"dns:{parts.hostname}", []).append((url, parts, pool))
         self._sync("flag", static)
         for source, entries in by_name.items():
-            wanted: dict[str, str | None] = {}
+            wanted: dict[str, tuple[str | None, str]] = {}
             try:
-                for parts, pool in entries:
+                for spec_url, parts, pool in entries:
                     for address in await self.resolver(parts.hostname, parts.port or 80):
                         host = f"[{address}]" if ":" in address else address
                         netloc = f"{host}:{parts.port}" if parts.port else host
-                        wanted[urlunsplit((parts.scheme, netloc, parts.path, "", ""))] = pool
+                        wanted[urlunsplit((parts.scheme, netloc, parts.path, "", ""))] = (pool, spec_url)
             except OSError as e:
                 log.warning("cannot resolve %s: %s (keeping its replicas)", source[4:], e)
                 continue
@@ -176,7 +194,7 @@ class ReplicaSet:
         if version == self._file_mtime:
             return
         self._file_mtime = version
-        wanted: dict[str, str | None] = {}
+        wanted: dict[str, tuple[str | None, str]] = {}
         for line in text.splitlines():
             line = line.split("#", 1)[0].strip()
             if line:
@@ -185,7 +203,7 @@ class ReplicaSet:
                 except ValueError as e:
                     log.warning("%s: %s", self.replicas_file, e)
                     continue
-                wanted[url] = pool
+                wanted[url] = (pool, url)
         log.info("replicas file %s: %d replica(s)", self.replicas_file, len(wanted))
         self._sync("file", wanted)
 
@@ -197,27 +215,36 @@ class ReplicaSet:
         replica.last_check = now
         await self._check(replica, now)
 
+    def _current(self, replica: Replica) -> bool:
+        """False once the replica left its sources (or was forgotten) while a check of it ran."""
+        return replica.state != "removed" and self.replicas.get(replica.url) is replica
+
+    async def _probe(self, replica: Replica) -> tuple[int, dict, dict | None]:
+        """/health's status and body, and the /v1/models cards when it is serving."""
+        async with self._session.get(replica.url + "/health") as r:
+            status = r.status
+            body = await r.json(content_type=None) if r.status == 503 else {}
+        if status != 200:
+            return status, body if isinstance(body, dict) else {}, None
+        async with self._session.get(replica.url + "/v1/models", headers=self.headers) as r:
+            if r.status != 200:
+                raise ValueError(f"/v1/models answered {r.status}")
+            return status, body, {m["id"]: m for m in (await r.json())["data"]}
+
     async def _check(self, replica: Replica, now: float) -> None:
         try:
-            async with self._session.get(replica.url + "/health") as r:
-                status = r.status
-                body = await r.json(content_type=None) if r.status == 503 else {}
-            if status == 200 and not replica.cards:
-                async with self._session.get(replica.url + "/v1/models", headers=self.headers) as r:
-                    replica.cards = {m["id"]: m for m in (await r.json())["data"]}
+            status, body, cards = await self._probe(replica)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as e:
-            replica.failed_checks += 1
-            if replica.state == "ejected":
-                replica.ejected_until = now + self.eject_seconds
-            elif replica.failed_checks >= self.down_after or replica.state != "healthy":
-                if replica.state != "down":
-                    log.warning("replica %s is down (%d failed health check(s): %s)", replica.url,
-                                replica.failed_checks, e.__class__.__name__)
-                replica.state = "down"
+            if self._current(replica):
+                self._check_failed(replica, now, e)
             return
         replica.failed_checks = 0
-        if replica.state == "removed" or self.replicas.get(replica.url) is not replica:
-            return  # dropped from its source while the check ran
+        if not self._current(replica):
+            return
+        if cards is not None and cards.keys() != replica.cards.keys() and replica.cards:
+            log.info("replica %s now serves %s", replica.url, ", ".join(sorted(cards)))
+        if cards is not None:
+            replica.cards = cards
         if replica.state == "ejected" and replica.ejected_until > now:
             return  # a request failed on it while the check ran: the ejection stands
         if status == 200:
@@ -225,10 +252,20 @@ class ReplicaSet:
                 log.info("replica %s is healthy (models: %s)", replica.url, ", ".join(sorted(replica.models)))
             replica.state, replica.failures = "healthy", 0
         else:
-            replica.state = body.get("status", "down") if isinstance(body, dict) else "down"
+            replica.state = body.get("status", "down")
+
+    def _check_failed(self, replica: Replica, now: float, e: Exception) -> None:
+        replica.failed_checks += 1
+        if replica.state == "ejected":
+            replica.ejected_until = now + self.eject_seconds
+        elif replica.failed_checks >= self.down_after or replica.state != "healthy":
+            if replica.state != "down":
+                log.warning("replica %s is down (%d failed health check(s): %s %s)", replica.url,
+                            replica.failed_checks, e.__class__.__name__, e)
+            replica.state = "down"
 
     def report(self, replica: Replica, ok: bool, connection_error: bool = False) -> None:
-        """Passive health: a request's outcome on this replica."""
+        """Passive health: a request's outcome on this replica (`connection_error`: it refused the connection)."""
         if ok:
             replica.failures = 0
             return
@@ -237,7 +274,7 @@ class ReplicaSet:
         if replica.state == "healthy" and (connection_error or replica.failures >= self.eject_after):
             replica.state = "ejected"
             replica.ejected_until = time.monotonic() + self.eject_seconds
-            why = "connection failed" if connection_error else f"{replica.failures} consecutive errors"
+            why = "connection refused" if connection_error else f"{replica.failures} consecutive errors"
             log.warning("replica %s ejected (%s); probing again in %.0f s", replica.url, why, self.eject_seconds)
 
     async def _health_loop(self) -> None:

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from scalellm.config import EngineConfig
+from scalellm.server.limits import RequestLimits
 
 TOOL_PARSERS = ("hermes", "llama3_json", "mistral")
 
@@ -61,6 +62,21 @@ def build_parser(prog: str = "python -m scalellm.server", model_positional: bool
     ap.add_argument("--max-queue-len", type=int, default=256,
                     help="requests that may wait beyond --max-num-seqs before new ones get 503")
     ap.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest accepted request body")
+    lim = RequestLimits()
+    ap.add_argument("--max-n", type=int, default=lim.max_n, help="most samples (n) per prompt")
+    ap.add_argument("--max-prompts-per-request", type=int, default=lim.max_prompts_per_request,
+                    help="most prompts in one /v1/completions prompt list")
+    ap.add_argument("--max-logprobs", type=int, default=lim.max_logprobs,
+                    help="most logprobs / top_logprobs a request may ask for")
+    ap.add_argument("--max-stop-sequences", type=int, default=lim.max_stop_sequences,
+                    help="most stop strings per request")
+    ap.add_argument("--max-stop-length", type=int, default=lim.max_stop_chars,
+                    help="most characters in one stop string")
+    ap.add_argument("--max-stop-token-ids", type=int, default=lim.max_stop_token_ids,
+                    help="most stop_token_ids per request")
+    ap.add_argument("--max-stream-buffer-bytes", type=int, default=1 << 20,
+                    help="unread bytes a stream may leave waiting; a client further behind is disconnected and "
+                         "its request aborted")
     ap.add_argument("--shutdown-grace", type=float, default=30.0,
                     help="seconds in-flight requests get to finish after SIGTERM/SIGINT; then they are aborted")
     ap.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
@@ -86,6 +102,11 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m scalellm.se
     args = ap.parse_args(argv)
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         ap.error("--enable-auto-tool-choice needs --tool-call-parser")
+    if not 0 <= args.max_logprobs <= 20:
+        ap.error("--max-logprobs must be in [0, 20] (the sampling kernels return at most 20)")
+    for flag in ("max_n", "max_prompts_per_request", "max_stop_length", "max_stream_buffer_bytes"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1")
     args.compact_json = structured_outputs_config(ap, args.structured_outputs_config)
     if args.chat_template is not None:
         try:
@@ -101,6 +122,12 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m scalellm.se
             ap.error(f"two models given: {positional} and --model {args.model}")
         args.model = positional
     return args
+
+
+def request_limits(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(max_n=args.max_n, max_stop_sequences=args.max_stop_sequences,
+                         max_stop_chars=args.max_stop_length, max_stop_token_ids=args.max_stop_token_ids,
+                         max_prompts_per_request=args.max_prompts_per_request, max_logprobs=args.max_logprobs)
 
 
 def structured_outputs_config(ap: argparse.ArgumentParser, text: str | None) -> bool:
@@ -143,7 +170,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
         print(f"error: {e}", file=sys.stderr)
         return 2
     from scalellm.engine.engine import LLMEngine
-    from scalellm.server.app import Server, serve
+    from scalellm.server.app import Server
+    from scalellm.server.lifecycle import serve
 
     try:
         import uvloop
@@ -155,7 +183,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
                     max_queue_len=args.max_queue_len, max_body_bytes=args.max_body_bytes,
                     log_requests=not args.disable_log_requests, model_path=model_path,
                     chat_template=args.chat_template_text, tool_call_parser=args.tool_call_parser,
-                    enable_auto_tool_choice=args.enable_auto_tool_choice)
+                    enable_auto_tool_choice=args.enable_auto_tool_choice, limits=request_limits(args),
+                    stream_buffer_bytes=args.max_stream_buffer_bytes)
     server.flags = {k: v for k, v in vars(args).items() if k not in ("api_key", "model_arg", "chat_template_text")}
     return asyncio.run(serve(server, lambda: LLMEngine(config), args.host, args.port, args.shutdown_grace,
                              stats_interval=args.log_stats_interval))
@@ -163,6 +192,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
 
 if __name__ == "__main__":
     code = main()
-    from scalellm.server.app import exit_process
+    from scalellm.server.lifecycle import exit_process
 
     exit_process(code)

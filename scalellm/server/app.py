@@ -1,13 +1,11 @@
-"""The aiohttp application: lifecycle, auth, admission control, and the small endpoints."""
+"""The aiohttp application: auth, admission control, and the small endpoints (the process around it:
+lifecycle.py)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,13 +17,16 @@ from scalellm.server import protocol as P
 from scalellm.server.dashboard import Dashboard
 from scalellm.server.errors import APIError, respond
 from scalellm.server.formatting import LogprobFormatter
+from scalellm.server.limits import RequestLimits, longest_token_chars
 from scalellm.server.metrics import Metrics
-from scalellm.server.request_log import log_stats, request_line, request_log
+from scalellm.server.openapi import openapi_document, openapi_handler
+from scalellm.server.request_log import request_line, request_log
 from scalellm.server.chat import chat_conversation
 from scalellm.server.chat_templates import template_for
 from scalellm.server.serving import RECORD, OpenAIServing, _decode
 
 log = logging.getLogger("scalellm.server")
+TOKENIZE_BACKLOG_CHARS = 8 << 20  # prompt characters being tokenized at once before new requests get 503
 # probes, scrapes and the dashboard: neither counted nor logged
 _UNCOUNTED = frozenset({"/health", "/metrics", "/load", "/dashboard", "/dashboard/stream", "/dashboard/snapshot"})
 # with an API key set, the only paths answered without it: probes and the dashboard's page (its data needs the key)
@@ -36,8 +37,15 @@ class Server:
     def __init__(self, api_key: str | None = None, served_model_name: str | None = None,
                  max_queue_len: int = 256, max_body_bytes: int = 8 << 20, log_requests: bool = True,
                  model_path: str | None = None, chat_template: str | None = None, tool_call_parser: str | None = None,
-                 enable_auto_tool_choice: bool = False):
+                 enable_auto_tool_choice: bool = False, limits: RequestLimits | None = None,
+                 stream_buffer_bytes: int = 1 << 20):
         self.api_key = api_key
+        self.limits = limits or RequestLimits()
+        # a stream whose client leaves more than this unread is disconnected (its request aborted)
+        self.stream_buffer_bytes = stream_buffer_bytes
+        self.stream_backlog = max(64, stream_buffer_bytes // 256)  # the same in deltas, where frames wait unmade
+        self.longest_token_chars = 0  # known once loaded: bounds a text's tokens before tokenizing it
+        self.tokenizing_chars = 0  # characters of prompt text in the tokenizer pool now
         self.chat_template = chat_template  # --chat-template's text: replaces the model's own
         # tool_choice "auto" reads calls with this parser; None: "auto" is refused
         self.auto_tool_parser = tool_call_parser if enable_auto_tool_choice else None
@@ -52,7 +60,7 @@ class Server:
         # The name metrics carry while loading (requests are refused then): the same as once loaded.
         self.model_name = served_model_name or (model_base_name(model_path) if model_path else "")
         self.model_aliases: set[str] = set()
-        self.in_flight = 0  # prompts admitted and not yet answered
+        self.in_flight = 0  # sequences (prompts x n) admitted and not yet answered
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scalellm-tokenize")
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine else None, self.model_name)
         self.serving = OpenAIServing(self)
@@ -70,6 +78,7 @@ class Server:
         self.model_name = self.served_model_name or base
         self.model_aliases = {self.model_name, path, base}
         self.metrics.bind(self.model_name)
+        self.longest_token_chars = longest_token_chars(self.tokenizer)
         with contextlib.suppress(Exception):  # compile the chat template now, not on the first chat request
             self.apply_chat_template([{"role": "user", "content": "hi"}])
         engine.start()
@@ -87,10 +96,11 @@ class Server:
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/load", self.load)
         app.router.add_get("/dashboard", self.dashboard.page)
-        app.router.add_get("/dashboard/stream", self.dashboard.stream)
+        app.router.add_get("/dashboard/stream", self.dashboard.stream, allow_head=False)  # an endless stream
         app.router.add_get("/dashboard/snapshot", self.dashboard.snapshot)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/openapi.json", openapi_handler(lambda: openapi_document(bool(self.api_key), PUBLIC_PATHS)))
         return app
 
     @web.middleware
@@ -118,7 +128,8 @@ class Server:
             outcome = "ok"
         self.metrics.count_request(outcome, status)
         if self.log_requests and (record is not None or status >= 400):  # generation requests and errors
-            request_log.info(request_line(request.method, request.path, status, outcome, seconds, record, message))
+            request_log.info(request_line(request.method, request.path, status, outcome, seconds, record, message,
+                                                  request.headers.get("x-request-id")))
 
     # -- helpers used by the handlers ----------------------------------------------------------
     def check_ready(self) -> None:
@@ -132,7 +143,12 @@ class Server:
             raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
     def admit(self, count: int) -> None:
+        """Take `count` sequences (prompts x n) of the server's capacity, or refuse: 503 while it is full,
+        400 for a request that could never fit."""
         limit = self.engine.engine.config.max_num_seqs + self.max_queue_len
+        if count > limit:
+            raise APIError(400, f"this request asks for {count} sequences (prompts x n); the server holds at most "
+                                f"{limit} at once", param="n")
         if self.in_flight + count > limit:
             raise APIError(503, "the server is at capacity; retry shortly", code="server_overloaded",
                            headers={"Retry-After": "1"})
@@ -140,6 +156,35 @@ class Server:
 
     def release(self, count: int) -> None:
         self.in_flight -= count
+
+    @contextlib.contextmanager
+    def admitted(self, count: int):
+        self.admit(count)
+        try:
+            yield
+        finally:
+            self.release(count)
+
+    @contextlib.contextmanager
+    def tokenizing(self, chars: int):
+        """Hold `chars` of the tokenizer pool's backlog while a request's text is tokenized: past
+        TOKENIZE_BACKLOG_CHARS a request waits for nothing, it gets a 503 at once."""
+        if self.tokenizing_chars and self.tokenizing_chars + chars > TOKENIZE_BACKLOG_CHARS:
+            raise APIError(503, "the server is busy tokenizing; retry shortly", code="server_overloaded",
+                           headers={"Retry-After": "1"})
+        self.tokenizing_chars += chars
+        try:
+            yield
+        finally:
+            self.tokenizing_chars -= chars
+
+    def check_fits(self, chars: int, param: str) -> None:
+        """A 400 for a prompt of `chars` characters: too long for the context window whatever its tokens
+        (checked before tokenizing)."""
+        bound = self.engine.engine.max_model_len * self.longest_token_chars
+        if chars > bound:
+            raise APIError(400, f"the {param} is longer than the model's context of {self.engine.engine.max_model_len}"
+                                f" tokens can hold", param=param)
 
     async def run_blocking(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -165,6 +210,8 @@ class Server:
 
     # -- small endpoints -----------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
+        if self.engine is not None and self.engine.dead is not None:
+            return web.json_response({"status": "failed", "error": str(self.engine.dead)}, status=503)
         if self.state != "serving":
             return web.json_response({"status": self.state}, status=503)
         return web.json_response({"status": "ok"})
@@ -229,118 +276,3 @@ def model_base_name(path: str) -> str:
     """What a model is called by default: its folder's name, or its GGUF file's up to the first dot."""
     base = os.path.basename(path.rstrip("/"))
     return base.split(".")[0] if base.endswith(".gguf") else base
-
-
-def exit_process(code: int) -> None:
-    """Flush the logs and leave at once: the interpreter's own teardown (torch, numba) takes seconds."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _in_daemon_thread(fn) -> asyncio.Future:
-    """fn() on a daemon thread; unlike asyncio.to_thread, leaving the event loop never waits for it."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(result, error) -> None:
-        if not future.done():
-            future.set_exception(error) if error is not None else future.set_result(result)
-
-    def run() -> None:
-        try:
-            result, error = fn(), None
-        except BaseException as e:
-            result, error = None, e
-        with contextlib.suppress(RuntimeError):  # the loop may be closed by now
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name="scalellm-load", daemon=True).start()
-    return future
-
-
-async def serve(server: Server, engine_factory, host: str, port: int, shutdown_grace: float,
-                ready: asyncio.Event | None = None, stop: asyncio.Event | None = None,
-                stats_interval: float = 10.0) -> int:
-    """Listen at once (health says 503 while loading), load the engine on a thread, serve until
-    SIGTERM or SIGINT, then drain: refuse new work and give in-flight requests the grace period to
-    finish; past it, abort them and exit. A second signal exits at once."""
-    import signal
-
-    loop = asyncio.get_running_loop()
-    stop = stop or asyncio.Event()
-
-    def on_signal(signum: int) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():
-            log.warning("%s while shutting down: exiting now", name)
-            exit_process(1)
-        log.info("%s: shutting down", name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, on_signal, sig)
-    # On cleanup a handler still running gets this long before it is cancelled, which aborts its
-    # requests; the grace period itself is waited for below.
-    runner = web.AppRunner(server.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    try:
-        await site.start()
-    except OSError as e:
-        reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror or e}"
-        log.error("%s:%d %s; choose another with --port or --host", host, port, reason)
-        await runner.cleanup()
-        return 1
-    url = f"http://{host}:{port}"
-    log.info("listening on %s (loading the model)", url)
-    loading = _in_daemon_thread(engine_factory)
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if not loading.done():
-        log.info("stopped while loading the model")
-        await runner.cleanup()
-        return 0
-    try:
-        engine = loading.result()
-    except Exception as e:
-        log.error("could not load the model: %s", e)
-        stopping.cancel()
-        await runner.cleanup()
-        return 1
-    server.attach(AsyncEngine(engine))
-    e = engine
-    log.info("serving %s as %r on %s: device=%s dtype=%s threads=%d max_model_len=%d KV cache=%d blocks "
-             "(%d tokens)", e.loaded.path, server.model_name, url, e.config.device,
-             str(e.loaded.dtype).replace("torch.", ""), e.num_threads, e.max_model_len, e.block_manager.num_blocks,
-             e.kv_capacity_tokens)
-    stats_task = asyncio.create_task(log_stats(server, stats_interval)) if stats_interval > 0 else None
-    if ready is not None:
-        ready.set()
-    await stopping
-    if stats_task is not None:
-        stats_task.cancel()
-    server.state = "draining"
-    log.info("draining: %d request(s) in flight, up to %.0f s", server.in_flight, shutdown_grace)
-    deadline = loop.time() + shutdown_grace
-    while server.in_flight and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    if server.in_flight:
-        log.warning("grace period over: aborting %d request(s) still in flight", server.in_flight)
-        server.engine.fail_all(APIError(503, "the server shut down before this request finished",
-                                        code="server_shutdown"))
-        answered_by = loop.time() + 1.0  # each handler sends its error (a 503, or a stream's error event)
-        while server.in_flight and loop.time() < answered_by:
-            await asyncio.sleep(0.02)
-    await runner.cleanup()
-    idle_by = loop.time() + 2.0  # the engine thread frees the aborted requests' blocks on its next turn
-    while engine.has_unfinished() and loop.time() < idle_by:
-        await asyncio.sleep(0.02)
-    stats = engine.stats()
-    await server.engine.stop()
-    server.pool.shutdown(wait=False)
-    log.info("stopped: %d request(s) left in the engine, %d KV blocks in use",
-             stats["num_running"] + stats["num_waiting"], stats["kv_blocks_used"])
-    return 0

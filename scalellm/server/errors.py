@@ -13,7 +13,7 @@ from scalellm.server.protocol import ErrorBody, ErrorResponse, encoder
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          500: "internal_server_error", 503: "service_unavailable"}
+          500: "internal_server_error", 502: "bad_gateway", 503: "service_unavailable", 504: "timeout"}
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING = re.compile(r"missing required field `(\w+)`")
 _FIELD = re.compile(r"^([a-z_]+)\b")
@@ -67,7 +67,7 @@ async def respond(request: web.Request, handler, api_key: str | None, public: fr
     is set every path needs `Authorization: Bearer api_key`, except those in `public` (an allow-list of
     exact paths: a route added later is protected by default). (Server and gateway share it.)"""
     if api_key and request.path not in public:
-        given = request.headers.get("Authorization", "").encode()
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
             message = "invalid or missing API key (send Authorization: Bearer KEY)"
             return error_response(401, message, code="invalid_api_key"), message

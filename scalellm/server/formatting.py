@@ -5,6 +5,14 @@ from scalellm.outputs import Logprob
 from scalellm.server import protocol as P
 
 
+# what OpenAI answers for a token that could not be sampled (-inf is not JSON: msgspec would write null)
+MIN_LOGPROB = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
 class LogprobFormatter:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -26,8 +34,8 @@ class LogprobFormatter:
         for lp in logprobs:
             text = self.token_text(lp.token_id)
             tokens.append(text)
-            values.append(lp.logprob)
-            tops.append({self.token_text(t): v for t, v in lp.top})
+            values.append(_finite(lp.logprob))
+            tops.append({self.token_text(t): _finite(v) for t, v in lp.top})
             offsets.append(offset)
             offset += len(text)
         return P.CompletionLogprobs(tokens, values, tops, offsets)
@@ -36,6 +44,7 @@ class LogprobFormatter:
         content = []
         for lp in logprobs:
             text = self.token_text(lp.token_id)
-            top = [P.TopLogprob(self.token_text(t), v, list(self.token_text(t).encode())) for t, v in lp.top]
-            content.append(P.TokenLogprob(text, lp.logprob, list(text.encode()), top))
+            top = [P.TopLogprob(self.token_text(t), _finite(v), list(self.token_text(t).encode()))
+                   for t, v in lp.top]
+            content.append(P.TokenLogprob(text, _finite(lp.logprob), list(text.encode()), top))
         return P.ChatLogprobs(content)

@@ -13,9 +13,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 disable_created_metrics()  # no `_created` series beside every counter and histogram
 
-_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
             20.0, 40.0, 80.0)
-_ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
 STAGES = ("parse", "tokenize", "queue", "prefill", "decode", "detokenize", "write")
@@ -87,14 +87,14 @@ class Metrics:
         r = self.registry
         m = ["model_name"]
         r.register(_EngineCollector(stats, lambda: self.model_name))
-        self._ttft = Histogram("scalellm:time_to_first_token_seconds", "Time to first token", m, buckets=_LATENCY,
+        self._ttft = Histogram("scalellm:time_to_first_token_seconds", "Time to first token", m, buckets=LATENCY_BUCKETS,
                                registry=r)
         self._itl = Histogram("scalellm:inter_token_latency_seconds", "Time between streamed tokens", m,
-                              buckets=_ITL, registry=r)
+                              buckets=ITL_BUCKETS, registry=r)
         self._e2e = Histogram("scalellm:e2e_request_latency_seconds", "End-to-end request latency", m,
-                              buckets=_LATENCY, registry=r)
+                              buckets=LATENCY_BUCKETS, registry=r)
         self._queue = Histogram("scalellm:request_queue_time_seconds", "Time from arrival to first schedule", m,
-                                buckets=_LATENCY, registry=r)
+                                buckets=LATENCY_BUCKETS, registry=r)
         self._prompt_tokens = Counter("scalellm:prompt_tokens", "Prompt tokens processed", m, registry=r)
         self._generation_tokens = Counter("scalellm:generation_tokens", "Tokens generated", m, registry=r)
         self._finished = Counter("scalellm:request_success", "Finished choices (sequences) by finish reason "
@@ -109,6 +109,10 @@ class Metrics:
         self._constrained = Counter("scalellm:structured_output_requests", "Requests whose output is constrained, "
                                     "by kind (json, json_object, regex, choice, grammar, structural_tag)",
                                     m + ["kind"], registry=r)
+        self._slow_readers = Counter("scalellm:slow_readers_disconnected", "Streams whose client fell too far "
+                                     "behind reading: disconnected and their requests aborted", m, registry=r)
+        self._engine_failures = Counter("scalellm:engine_request_failures", "Requests ended because handling "
+                                        "them raised in the engine step, by stage", m + ["stage"], registry=r)
         self.bind(model_name)
 
     def bind(self, model_name: str) -> None:
@@ -126,6 +130,12 @@ class Metrics:
 
     def count_constrained(self, kind: str) -> None:
         self._constrained.labels(self.model_name, kind).inc()
+
+    def count_slow_reader(self) -> None:
+        self._slow_readers.labels(self.model_name).inc()
+
+    def count_engine_failure(self, stage: str) -> None:
+        self._engine_failures.labels(self.model_name, stage).inc()
 
     def count_request(self, outcome: str, status: int) -> None:
         self._requests.labels(self.model_name, outcome, str(status)).inc()

@@ -13,10 +13,13 @@ stats_log = logging.getLogger("scalellm.stats")
 
 
 def request_line(method: str, path: str, status: int, outcome: str, seconds: float,
-                 record: RequestRecord | None, message: str | None) -> str:
+                 record: RequestRecord | None, message: str | None, client_id: str | None = None) -> str:
     """`POST /v1/completions 200 finished cmpl-...: prompt 12, output 16 tokens, finish length, TTFT
-    0.105 s, E2E 0.523 s`; an error adds its message."""
+    0.105 s, E2E 0.523 s`; an error adds its message, a client's (or gateway's) x-request-id its
+    `[x-request-id ID]` (a router's retries of one request share it)."""
     head = f"{method} {path} {status} {outcome}"
+    if client_id:
+        head += f" [x-request-id {client_id[:100]}]"
     if record is not None:
         ttft = f"{record.ttft:.3f} s" if record.ttft is not None else "-"
         finish = ",".join(sorted(set(record.finish_reasons))) or "-"

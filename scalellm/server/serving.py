@@ -15,7 +15,9 @@ from scalellm.sampling_params import SamplingParams
 from scalellm.server import protocol as P
 from scalellm.server.chat import chat_conversation, chat_message, template_options
 from scalellm.server.constraints import logits_fields, refuse_unsupported, request_constraint
+from scalellm.engine.async_engine import EngineDead, RequestFailed, SlowReader
 from scalellm.server.errors import APIError, bad_body, bad_value, error_body
+from scalellm.server.limits import chat_chars, prompt_count, text_chars
 from scalellm.server.metrics import RequestRecord
 from scalellm.server.sse import DirectStream, Framer, sse
 from scalellm.server.streams import merged_deltas
@@ -25,6 +27,7 @@ log = logging.getLogger("scalellm.server")
 RECORD = "scalellm.record"  # a generation request's RequestRecord, kept in its aiohttp request
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 DONE = b"data: [DONE]\n\n"
+ENGINE_ERRORS = (RequestFailed, EngineDead)
 
 
 @dataclass
@@ -66,16 +69,21 @@ class OpenAIServing:
 
     # -- completions ---------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        srv = self.server
         req, t1, stages = await self._read(request, P.completion_decoder)
-        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-            raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
+        num_prompts = prompt_count(req.prompt)
+        srv.limits.check(req, num_prompts, req.logprobs, "logprobs")
         refuse_unsupported(req)
         param, constraint = request_constraint(req)
         params = sampling_params(req, req.max_tokens, req.logprobs, constraint)
-        await self._compile(params, param)
-        prompts = await self._completion_prompts(req.prompt)
-        stages["tokenize"] = time.monotonic() - t1
-        return await self._run(request, "completion", req, prompts, params, stages)
+        texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
+        srv.check_fits(max(map(len, texts), default=0), "prompt")
+        with srv.admitted(num_prompts * params.n):  # before the costly part: compiling, tokenizing
+            await self._compile(params, param)
+            with srv.tokenizing(text_chars(req.prompt)):
+                prompts = await self._completion_prompts(req.prompt)
+            stages["tokenize"] = time.monotonic() - t1
+            return await self._run(request, "completion", req, prompts, params, stages)
 
     async def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
         if isinstance(prompt, str):
@@ -99,8 +107,7 @@ class OpenAIServing:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         srv = self.server
         req, t1, stages = await self._read(request, P.chat_decoder)
-        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
-            raise APIError(400, f"top_logprobs must be in [0, 20], got {req.top_logprobs}", param="top_logprobs")
+        srv.limits.check(req, 1, req.top_logprobs, "top_logprobs")
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -114,11 +121,14 @@ class OpenAIServing:
             param, constraint = "tool_choice", tools.constraint
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint)
         conversation = chat_conversation(req.messages)  # checked before the costlier compile
-        await self._compile(params, param)
-        ids = await srv.run_blocking(srv.apply_chat_template, conversation, req.add_generation_prompt, tools.tools,
-                                     template_options(req))
-        stages["tokenize"] = time.monotonic() - t1
-        return await self._run(request, "chat", req, [(None, ids)], params, stages, tools)
+        srv.check_fits(chat_chars(conversation), "messages")
+        with srv.admitted(params.n):
+            await self._compile(params, param)
+            with srv.tokenizing(chat_chars(conversation)):
+                ids = await srv.run_blocking(srv.apply_chat_template, conversation, req.add_generation_prompt,
+                                             tools.tools, template_options(req))
+            stages["tokenize"] = time.monotonic() - t1
+            return await self._run(request, "chat", req, [(None, ids)], params, stages, tools)
 
     # -- shared --------------------------------------------------------------------------------
     async def _compile(self, params: SamplingParams, param: str) -> None:
@@ -148,21 +158,21 @@ class OpenAIServing:
                 srv.engine.engine.validate_prompt(ids, params)
             except ValueError as e:
                 raise bad_value(e, "prompt") from None
-        srv.admit(len(prompts))
         prefix = "cmpl" if kind == "completion" else "chatcmpl"
         rid = f"{prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
         stages.update(write=0.0)
         record = request[RECORD] = RequestRecord(rid)
-        deltas = srv.metrics.track(merged_deltas(srv.engine, rid, prompts, params), len(prompts) * params.n, stages,
+        deltas = srv.metrics.track(merged_deltas(srv.engine, rid, prompts, params, srv.stream_backlog if req.stream else None), len(prompts) * params.n, stages,
                                    record)
         try:
             if req.stream:
                 return await self._stream(request, kind, req, rid, created, prompts, params, deltas, stages, record,
                                           tools)
             return await self._collect(kind, req, rid, created, prompts, params, deltas, tools)
+        except ENGINE_ERRORS as e:
+            raise self._engine_error(e) from None
         finally:
-            srv.release(len(prompts))
             srv.metrics.add_stages(stages)
 
     async def _collect(self, kind, req, rid, created, prompts, params, deltas, tools=None) -> web.Response:
@@ -241,6 +251,13 @@ class OpenAIServing:
                 await resp.write(sse(cls(rid, created, model, [], usage=usage)))
             await resp.write(DONE)
             await resp.write_eof()
+        except SlowReader as e:
+            record.outcome = "aborted"
+            self.server.metrics.count_slow_reader()
+            log.warning("%s: the client reads too slowly (%s); disconnecting it", rid, e)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
         except ConnectionResetError:
             record.outcome = "aborted"
             return resp  # the client left; closing the stream above aborted its requests
@@ -253,7 +270,7 @@ class OpenAIServing:
         """Run one prompt with its frames written by a DirectStream; returns once every choice finished."""
         engine = self.server.engine
         tracker = self.server.metrics.tracker(params.n, stages, record)
-        sink = DirectStream(request.transport, framer, tracker, params.n, stages)
+        sink = DirectStream(request.transport, framer, tracker, params.n, stages, self.server.stream_buffer_bytes)
         text, ids = prompt
         finished = False
         try:
@@ -264,8 +281,16 @@ class OpenAIServing:
             engine.close_stream(rid, finished)
             tracker.close()
 
-    @staticmethod
-    async def _end_stream_with_error(resp: web.StreamResponse, e: Exception) -> None:
+    def _engine_error(self, e: Exception) -> APIError:
+        """What a client is told when the engine ended its request (the traceback is in the server's log)."""
+        if isinstance(e, RequestFailed):
+            self.server.metrics.count_engine_failure(e.stage)
+        code = "engine_dead" if isinstance(e, EngineDead) else "engine_error"
+        return APIError(500, f"{e}; the request was ended", code=code)
+
+    async def _end_stream_with_error(self, resp: web.StreamResponse, e: Exception) -> None:
+        if isinstance(e, ENGINE_ERRORS):
+            e = self._engine_error(e)
         if isinstance(e, APIError):
             body = error_body(e.status, e.message, e.param, e.code)
         else:
@@ -279,7 +304,7 @@ class OpenAIServing:
 def _decode(decoder, body: bytes):
     try:
         return decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as e:
         raise bad_body(e) from None
 
 

@@ -7,6 +7,7 @@ import time
 
 from msgspec import UNSET
 
+from scalellm.engine.async_engine import SlowReader
 from scalellm.outputs import StreamDelta
 from scalellm.server import protocol as P
 from scalellm.server.metrics import Tracker
@@ -82,12 +83,13 @@ class DirectStream:
     step hands it over. `done` resolves when all n choices finished, or with the error that ended the
     request (ConnectionResetError once the client left).
 
-    Writes go to the transport's buffer without waiting for the client to drain it: a client that stops
-    reading holds at most its own request's remaining frames."""
+    Writes go to the transport's buffer without waiting for the client to drain it; once more than
+    max_buffer_bytes wait there, `done` fails with SlowReader (the handler disconnects the client)."""
 
     def __init__(self, transport: asyncio.Transport, framer: Framer, tracker: Tracker, n: int,
-                 stages: dict[str, float]):
+                 stages: dict[str, float], max_buffer_bytes: int = 1 << 20):
         self.transport, self.framer, self.tracker = transport, framer, tracker
+        self.max_buffer_bytes = max_buffer_bytes
         self.remaining = n
         self.stages = stages
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -110,6 +112,9 @@ class DirectStream:
                 t = time.monotonic()
                 transport.write(b"%x\r\n%s\r\n" % (len(frame), frame))  # one HTTP/1.1 chunk
                 self.stages["write"] += time.monotonic() - t
+                if transport.get_write_buffer_size() > self.max_buffer_bytes:
+                    done.set_exception(SlowReader(f"more than {self.max_buffer_bytes} bytes waited for the reader"))
+                    return
         except Exception as e:
             done.set_exception(e)
             return

@@ -11,16 +11,18 @@ from scalellm.sampling_params import SamplingParams
 
 
 async def merged_deltas(engine: AsyncEngine, base_id: str, prompts: list[tuple[str | None, list[int]]],
-                        params: SamplingParams) -> AsyncIterator[list[tuple[int, StreamDelta]]]:
+                        params: SamplingParams, max_buffered: int | None = None
+                        ) -> AsyncIterator[list[tuple[int, StreamDelta]]]:
     """Yields lists of (prompt index, delta): everything that arrived since the consumer last resumed.
-    Closing the iterator early aborts every request in it."""
+    Closing the iterator early aborts every request in it. More than max_buffered deltas waiting for
+    the consumer raises SlowReader."""
     if len(prompts) == 1:
         text, ids = prompts[0]
-        async with contextlib.aclosing(engine.generate_batches(base_id, ids, params, text)) as gen:
+        async with contextlib.aclosing(engine.generate_batches(base_id, ids, params, text, max_buffered)) as gen:
             async for batch in gen:
                 yield [(0, delta) for delta in batch]
         return
-    merged = DeltaBuffer()
+    merged = DeltaBuffer(max_buffered)
 
     async def pump(i: int, text: str | None, ids: list[int]) -> None:
         try:
@@ -37,7 +39,10 @@ async def merged_deltas(engine: AsyncEngine, base_id: str, prompts: list[tuple[s
         remaining = len(tasks)
         while remaining:
             out = []
-            for i, item in await merged.take():
+            for entry in await merged.take():
+                if isinstance(entry, BaseException):  # the buffer's own SlowReader
+                    raise entry
+                i, item = entry
                 if item is None:
                     remaining -= 1
                 elif isinstance(item, Exception):
