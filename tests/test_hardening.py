@@ -359,13 +359,14 @@ def open_unread_stream(url: str, body: dict):
     return sock
 
 
-@pytest.mark.parametrize("n", [1, 2])  # n=1 streams from the step's hand-over; n=2 through the request's task
-def test_a_slow_reader_is_disconnected_and_its_request_aborted(llama_long_folder, n):
+@pytest.mark.parametrize("prompts", [1, 2])  # one prompt streams from the step's hand-over; two through a task
+def test_a_slow_reader_is_disconnected_and_its_request_aborted(llama_long_folder, prompts):
     with ServerProcess("--model", llama_long_folder, "--dtype", "float32", "--max-model-len", "65536",
                        "--kv-cache-memory", "64MB", "--block-size", "16", "--num-threads", "1",
                        "--max-stream-buffer-bytes", "65536") as server:
-        sock = open_unread_stream(server.url, {"prompt": "the weather is", "max_tokens": 60000, "n": n,
-                                               "ignore_eos": True, "logprobs": 20, "stream": True})
+        prompt = "the weather is" if prompts == 1 else ["the weather is"] * prompts
+        sock = open_unread_stream(server.url, {"prompt": prompt, "max_tokens": 60000, "n": 2, "ignore_eos": True,
+                                               "logprobs": 20, "stream": True})
         try:
             async def others():  # a normal client meanwhile is served in full
                 async with aiohttp.ClientSession() as session:

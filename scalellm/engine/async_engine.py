@@ -50,14 +50,16 @@ class SlowReader(ConnectionError):
 
 class DeltaBuffer:
     """Deltas (or an exception) for one request, filled on the loop by the step callback. With a limit,
-    more than `limit` items waiting for the consumer ends the request with SlowReader instead."""
-    __slots__ = ("items", "waiter", "limit", "overflowed")
+    more than `limit` items waiting for the consumer ends the request with SlowReader instead, and
+    on_overflow(error) is called at once (a consumer blocked elsewhere, on its client, would not see it)."""
+    __slots__ = ("items", "waiter", "limit", "overflowed", "on_overflow")
 
-    def __init__(self, limit: int | None = None):
+    def __init__(self, limit: int | None = None, on_overflow=None):
         self.items: list = []
         self.waiter: asyncio.Future | None = None
         self.limit = limit
         self.overflowed = False
+        self.on_overflow = on_overflow
 
     def push(self, item) -> None:
         items = self.items
@@ -67,6 +69,8 @@ class DeltaBuffer:
             self.overflowed = True  # what waits is dropped: the consumer's next take raises
             items.clear()
             item = SlowReader(f"more than {self.limit} outputs waited for the reader")
+            if self.on_overflow is not None:
+                self.on_overflow(item)
         items.append(item)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -120,11 +124,11 @@ class AsyncEngine:
                     yield delta
 
     async def generate_batches(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                               prompt: str | None = None, max_buffered: int | None = None
+                               prompt: str | None = None, max_buffered: int | None = None, on_overflow=None
                                ) -> AsyncIterator[list[StreamDelta]]:
         """Like generate, but yields every delta that arrived since the last resumption as one list. With
-        max_buffered, a consumer that leaves more deltas than that waiting gets SlowReader."""
-        buffer = DeltaBuffer(max_buffered)
+        max_buffered, a consumer that leaves more deltas than that waiting gets SlowReader (see DeltaBuffer)."""
+        buffer = DeltaBuffer(max_buffered, on_overflow)
         self.open_stream(request_id, prompt_token_ids, params, prompt, buffer)
         remaining = params.n
         try:

@@ -29,7 +29,7 @@ class RequestRecord:
     output_tokens: int = 0
     ttft: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
-    outcome: str = "finished"  # finished | aborted (the client left) | error (ended by a server error)
+    outcome: str = "finished"  # finished | aborted (the client left) | slow_reader (disconnected) | error
 
 
 class _EngineCollector:
@@ -99,7 +99,7 @@ class Metrics:
         self._generation_tokens = Counter("scalellm:generation_tokens", "Tokens generated", m, registry=r)
         self._finished = Counter("scalellm:request_success", "Finished choices (sequences) by finish reason "
                                  "(stop, length, abort)", m + ["finished_reason"], registry=r)
-        self._requests = Counter("scalellm:requests", "HTTP requests by outcome (finished, aborted, error, "
+        self._requests = Counter("scalellm:requests", "HTTP requests by outcome (finished, aborted, slow_reader, error, "
                                  "rejected, ok) and status", m + ["outcome", "status"], registry=r)
         self._stage_seconds = Counter("scalellm:request_stage_seconds", "Request time spent in each stage "
                                       "(parse, tokenize, queue, prefill, decode, detokenize, write)",

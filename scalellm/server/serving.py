@@ -163,8 +163,13 @@ class OpenAIServing:
         created = int(time.time())
         stages.update(write=0.0)
         record = request[RECORD] = RequestRecord(rid)
-        deltas = srv.metrics.track(merged_deltas(srv.engine, rid, prompts, params, srv.stream_backlog if req.stream else None), len(prompts) * params.n, stages,
-                                   record)
+        if req.stream:
+            def on_overflow(e):
+                self._drop_slow_reader(request, record, e)
+            merged = merged_deltas(srv.engine, rid, prompts, params, srv.stream_backlog, on_overflow)
+        else:
+            merged = merged_deltas(srv.engine, rid, prompts, params)
+        deltas = srv.metrics.track(merged, len(prompts) * params.n, stages, record)
         try:
             if req.stream:
                 return await self._stream(request, kind, req, rid, created, prompts, params, deltas, stages, record,
@@ -252,11 +257,7 @@ class OpenAIServing:
             await resp.write(DONE)
             await resp.write_eof()
         except SlowReader as e:
-            record.outcome = "aborted"
-            self.server.metrics.count_slow_reader()
-            log.warning("%s: the client reads too slowly (%s); disconnecting it", rid, e)
-            if request.transport is not None:
-                request.transport.abort()
+            self._drop_slow_reader(request, record, e)
             return resp
         except ConnectionResetError:
             record.outcome = "aborted"
@@ -280,6 +281,17 @@ class OpenAIServing:
         finally:
             engine.close_stream(rid, finished)
             tracker.close()
+
+    def _drop_slow_reader(self, request: web.Request, record: RequestRecord, e: SlowReader) -> None:
+        """Disconnect a stream's client that fell too far behind (the handler, blocked writing to it or
+        not, then ends and aborts its requests); counted once."""
+        if record.outcome == "slow_reader":
+            return
+        record.outcome = "slow_reader"
+        self.server.metrics.count_slow_reader()
+        log.warning("%s: the client reads too slowly (%s); disconnecting it", record.request_id, e)
+        if request.transport is not None:
+            request.transport.abort()
 
     def _engine_error(self, e: Exception) -> APIError:
         """What a client is told when the engine ended its request (the traceback is in the server's log)."""

@@ -11,18 +11,19 @@ from scalellm.sampling_params import SamplingParams
 
 
 async def merged_deltas(engine: AsyncEngine, base_id: str, prompts: list[tuple[str | None, list[int]]],
-                        params: SamplingParams, max_buffered: int | None = None
+                        params: SamplingParams, max_buffered: int | None = None, on_overflow=None
                         ) -> AsyncIterator[list[tuple[int, StreamDelta]]]:
     """Yields lists of (prompt index, delta): everything that arrived since the consumer last resumed.
     Closing the iterator early aborts every request in it. More than max_buffered deltas waiting for
-    the consumer raises SlowReader."""
+    the consumer raises SlowReader, after calling on_overflow(error) at once."""
     if len(prompts) == 1:
         text, ids = prompts[0]
-        async with contextlib.aclosing(engine.generate_batches(base_id, ids, params, text, max_buffered)) as gen:
+        async with contextlib.aclosing(engine.generate_batches(base_id, ids, params, text, max_buffered,
+                                                                       on_overflow)) as gen:
             async for batch in gen:
                 yield [(0, delta) for delta in batch]
         return
-    merged = DeltaBuffer(max_buffered)
+    merged = DeltaBuffer(max_buffered, on_overflow)
 
     async def pump(i: int, text: str | None, ids: list[int]) -> None:
         try:
