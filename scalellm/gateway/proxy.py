@@ -29,7 +29,7 @@ from scalellm.gateway.routing import Router
 from scalellm.gateway.upstream import Exchange, Upstream
 from scalellm.server import protocol as P
 from scalellm.server.errors import APIError, respond
-from scalellm.server.serving import _decode
+from scalellm.server.serving import decode_body
 
 log = logging.getLogger("scalellm.gateway")
 # with an API key set, the only paths answered without it (the dashboard's data routes need the key)
@@ -149,12 +149,12 @@ class Gateway:
     async def forward_small(self, request: web.Request) -> web.StreamResponse:
         decoder = P.tokenize_decoder if request.path == "/tokenize" else P.detokenize_decoder
         body = await request.read()
-        req = _decode(decoder, body)
+        req = decode_body(decoder, body)
         return await self._dispatch(request, body, req.model)
 
     async def _generate(self, request: web.Request, kind: str, decoder) -> web.StreamResponse:
         body = await request.read()
-        req = _decode(decoder, body)
+        req = decode_body(decoder, body)
         text = prompt_text(kind, req) if self.router.policy == "cache_aware" else None
         session = request.headers.get(self.session_header)
         return await self._dispatch(request, body, req.model, text, session, kind)

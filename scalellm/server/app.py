@@ -23,7 +23,7 @@ from scalellm.server.openapi import openapi_document, openapi_handler
 from scalellm.server.request_log import request_line, request_log
 from scalellm.server.chat import chat_conversation
 from scalellm.server.chat_templates import template_for
-from scalellm.server.serving import RECORD, OpenAIServing, _decode
+from scalellm.server.serving import RECORD, OpenAIServing, decode_body
 
 log = logging.getLogger("scalellm.server")
 TOKENIZE_BACKLOG_CHARS = 8 << 20  # prompt characters being tokenized at once before new requests get 503
@@ -243,7 +243,7 @@ class Server:
 
     async def tokenize(self, request: web.Request) -> web.Response:
         self.check_ready()
-        req = _decode(P.tokenize_decoder, await request.read())
+        req = decode_body(P.tokenize_decoder, await request.read())
         self.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
@@ -258,7 +258,7 @@ class Server:
 
     async def detokenize(self, request: web.Request) -> web.Response:
         self.check_ready()
-        req = _decode(P.detokenize_decoder, await request.read())
+        req = decode_body(P.detokenize_decoder, await request.read())
         self.check_model(req.model)
         vocab = self.engine.engine.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in req.tokens):

@@ -24,7 +24,7 @@ from scalellm.server.streams import merged_deltas
 from scalellm.server.tool_choice import plan_tools
 
 log = logging.getLogger("scalellm.server")
-RECORD = "scalellm.record"  # a generation request's RequestRecord, kept in its aiohttp request
+RECORD = web.RequestKey("scalellm.record", RequestRecord)  # a generation request's record, kept in its aiohttp request
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 DONE = b"data: [DONE]\n\n"
 ENGINE_ERRORS = (RequestFailed, EngineDead)
@@ -146,7 +146,7 @@ class OpenAIServing:
         """Decode the body into its Struct; returns (request, time parsed, stage times so far)."""
         self.server.check_ready()
         start = time.monotonic()
-        req = _decode(decoder, await request.read())
+        req = decode_body(decoder, await request.read())
         parsed = time.monotonic()
         self.server.check_model(req.model)
         return req, parsed, {"parse": parsed - start}
@@ -313,7 +313,7 @@ class OpenAIServing:
             await resp.write_eof()
 
 
-def _decode(decoder, body: bytes):
+def decode_body(decoder, body: bytes):
     try:
         return decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as e:
