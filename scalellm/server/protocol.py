@@ -73,6 +73,7 @@ class SamplingFields(Struct, kw_only=True):
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    return_token_ids: bool = False  # vLLM's: each choice carries its token ids (streamed: each chunk's)
     # accepted, no effect on the output
     user: str | None = None
     metadata: Any = None
@@ -185,6 +186,8 @@ class CompletionChoice(Struct):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | UnsetType = UNSET  # with return_token_ids
+    token_ids: list[int] | UnsetType = UNSET
 
 
 class CompletionResponse(Struct):
@@ -237,6 +240,7 @@ class ChatChoice(Struct):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | UnsetType = UNSET  # with return_token_ids
 
 
 class ChatCompletionResponse(Struct):
@@ -246,6 +250,7 @@ class ChatCompletionResponse(Struct):
     choices: list[ChatChoice]
     object: str = "chat.completion"
     usage: Usage | None | UnsetType = UNSET
+    prompt_token_ids: list[int] | UnsetType = UNSET  # with return_token_ids
 
 
 class FunctionDelta(Struct):
@@ -271,6 +276,7 @@ class ChatChunkChoice(Struct):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | UnsetType = UNSET  # with return_token_ids
 
 
 class ChatCompletionChunk(Struct):
@@ -280,6 +286,7 @@ class ChatCompletionChunk(Struct):
     choices: list[ChatChunkChoice]
     object: str = "chat.completion.chunk"
     usage: Usage | None | UnsetType = UNSET
+    prompt_token_ids: list[int] | UnsetType = UNSET  # with return_token_ids: on the first chunk
 
 
 class ModelCard(Struct):

@@ -200,7 +200,10 @@ class OpenAIServing:
                 text, ids = prompts[idx // n]
                 echo = (text if text is not None else fmt.decode(ids)) if req.echo else ""
                 lp = fmt.completion_logprobs(c.logprobs, len(echo)) if params.logprobs is not None else None
-                out.append(P.CompletionChoice(idx, echo + "".join(c.text), lp, c.finish_reason, c.stop_reason))
+                choice = P.CompletionChoice(idx, echo + "".join(c.text), lp, c.finish_reason, c.stop_reason)
+                if req.return_token_ids:
+                    choice.prompt_token_ids, choice.token_ids = prompts[idx // n][1], c.token_ids
+                out.append(choice)
             body = P.CompletionResponse(rid, created, self.server.model_name, out, usage=usage)
         else:
             new_parser = tools.new_parser if tools is not None else None
@@ -208,8 +211,11 @@ class OpenAIServing:
             for idx, c in enumerate(choices):
                 message, finish = chat_message("".join(c.text), c.finish_reason, new_parser, tools)
                 out.append(P.ChatChoice(idx, message, fmt.chat_logprobs(c.logprobs) if params.logprobs is not None
-                                        else None, finish, c.stop_reason))
+                                        else None, finish, c.stop_reason,
+                                        c.token_ids if req.return_token_ids else msgspec.UNSET))
             body = P.ChatCompletionResponse(rid, created, self.server.model_name, out, usage=usage)
+            if req.return_token_ids:
+                body.prompt_token_ids = prompts[0][1]
         return web.Response(body=P.encoder.encode(body), content_type="application/json")
 
     async def _stream(self, request, kind, req, rid, created, prompts, params, deltas, stages,
@@ -226,10 +232,14 @@ class OpenAIServing:
         framer = Framer(kind, rid, created, model, fmt, n, usage_field, [0] * (len(prompts) * n))
         if tools is not None and tools.new_parser is not None:
             framer.stream_tool_calls(tools.new_parser, tools.parallel)
+        if req.return_token_ids:
+            framer.return_token_ids([ids for _, ids in prompts])
         try:
             if kind == "chat":
                 first = [P.ChatChunkChoice(i, P.ChatDelta(role="assistant", content="")) for i in range(n)]
-                await resp.write(sse(P.ChatCompletionChunk(rid, created, model, first, usage=usage_field)))
+                prompt_ids = prompts[0][1] if req.return_token_ids else msgspec.UNSET
+                await resp.write(sse(P.ChatCompletionChunk(rid, created, model, first, usage=usage_field,
+                                                           prompt_token_ids=prompt_ids)))
             elif req.echo:
                 for idx in range(len(prompts) * n):
                     text, ids = prompts[idx // n]

@@ -30,6 +30,11 @@ class Framer:
         self.parsers: dict = {}
         self.called: set[int] = set()  # choices that streamed a call
         self.parallel = True
+        self.prompt_ids: list[list[int]] | None = None  # return_token_ids: each prompt's ids, and each delta's
+        self.prompt_sent: set[int] = set()  # completion choices whose first chunk carried its prompt's ids
+
+    def return_token_ids(self, prompt_ids: list[list[int]]) -> None:
+        self.prompt_ids = prompt_ids
 
     def stream_tool_calls(self, new_parser, parallel: bool) -> None:
         self.new_parser, self.parallel = new_parser, parallel
@@ -38,19 +43,24 @@ class Framer:
         """The frame of prompt i's delta d."""
         idx = i * self.n + d.index
         self.completion_tokens += len(d.token_ids)
+        ids = UNSET if self.prompt_ids is None else d.token_ids
         if self.chat:
             lp = self.fmt.chat_logprobs(d.logprobs) if d.logprobs is not None else None
             if self.new_parser is not None:
-                return self._tool_frame(idx, d, lp)
-            choice = P.ChatChunkChoice(idx, P.ChatDelta(content=d.text), lp, d.finish_reason)
+                return self._tool_frame(idx, d, lp, ids)
+            choice = P.ChatChunkChoice(idx, P.ChatDelta(content=d.text), lp, d.finish_reason, ids)
             return sse(P.ChatCompletionChunk(self.rid, self.created, self.model, [choice], usage=self.usage_field))
         lp = self.fmt.completion_logprobs(d.logprobs, self.offsets[idx]) if d.logprobs is not None else None
         self.offsets[idx] += len(d.text)
-        choice = P.CompletionChoice(idx, d.text, lp, d.finish_reason, d.stop_reason)
+        prompt = UNSET
+        if self.prompt_ids is not None and idx not in self.prompt_sent:
+            self.prompt_sent.add(idx)
+            prompt = self.prompt_ids[i]
+        choice = P.CompletionChoice(idx, d.text, lp, d.finish_reason, d.stop_reason, prompt, ids)
         return sse(P.CompletionResponse(self.rid, self.created, self.model, [choice], usage=self.usage_field))
 
 
-    def _tool_frame(self, idx: int, d: StreamDelta, lp) -> bytes:
+    def _tool_frame(self, idx: int, d: StreamDelta, lp, ids) -> bytes:
         """A chat delta read through the choice's tool-call parser: content outside calls, then each call's
         id and name, then its argument fragments; b"" when the parser holds everything back for now."""
         parser = self.parsers.get(idx)
@@ -66,14 +76,14 @@ class Framer:
         if calls:
             self.called.add(idx)
         finish = "tool_calls" if d.finish_reason == "stop" and idx in self.called else d.finish_reason
-        if not content and not calls and finish is None and lp is None:
+        if not content and not calls and finish is None and lp is None and ids is UNSET:
             return b""
         deltas = [P.ToolCallDeltaOut(c.index, P.FunctionDelta(UNSET if c.name is None else c.name,
                                                               UNSET if c.arguments is None else c.arguments),
                                      UNSET if c.id is None else c.id, UNSET if c.id is None else "function")
                   for c in calls]
         delta = P.ChatDelta(content=content if content else UNSET, tool_calls=deltas or UNSET)
-        choice = P.ChatChunkChoice(idx, delta, lp, finish)
+        choice = P.ChatChunkChoice(idx, delta, lp, finish, ids)
         return sse(P.ChatCompletionChunk(self.rid, self.created, self.model, [choice], usage=self.usage_field))
 
 
