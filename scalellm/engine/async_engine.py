@@ -246,7 +246,7 @@ class AsyncEngine:
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self.engine.requests):
             self.engine.abort_request(request_id)
-            self._loop.call_soon_threadsafe(self._deliver, request_id, RuntimeError(f"engine step failed: {error}"))
+            self._loop.call_soon_threadsafe(self._deliver, request_id, RequestFailed(request_id, "a batch step", error))
 
     def _fail_some(self, failures: list[tuple[str, str, BaseException]]) -> None:
         for request_id, stage, error in failures:

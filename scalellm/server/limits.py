@@ -50,15 +50,6 @@ def prompt_count(prompt) -> int:
     return 1
 
 
-def text_chars(prompt) -> int:
-    """The characters of a completion request's text prompts (token-id prompts count 0)."""
-    if isinstance(prompt, str):
-        return len(prompt)
-    if isinstance(prompt, list):
-        return sum(len(p) for p in prompt if isinstance(p, str))
-    return 0
-
-
 def chat_chars(conversation: list[dict]) -> int:
     return sum(len(m["content"]) for m in conversation if isinstance(m.get("content"), str))
 
@@ -66,10 +57,6 @@ def chat_chars(conversation: list[dict]) -> int:
 def longest_token_chars(tokenizer) -> int:
     """An upper bound on the characters one token stands for: a text of c characters is at least
     c / this many tokens, known before tokenizing it."""
-    vocab = tokenizer.get_vocab()
-    longest = max((len(piece) for piece in vocab), default=1)
-    try:  # byte-level vocabularies spell each byte as one character, so the pieces bound the text
-        added = max((len(t) for t in tokenizer.get_added_vocab()), default=0)
-    except Exception:
-        added = 0
-    return max(longest, added, 1)
+    # byte-level vocabularies spell each byte as one character, so the pieces bound the text; get_vocab
+    # includes the added (special) tokens
+    return max((len(piece) for piece in tokenizer.get_vocab()), default=1)

@@ -12,12 +12,12 @@ from aiohttp import web
 
 from scalellm.outputs import Logprob
 from scalellm.sampling_params import SamplingParams
+from scalellm.engine.async_engine import EngineDead, RequestFailed, SlowReader
 from scalellm.server import protocol as P
 from scalellm.server.chat import chat_conversation, chat_message, template_options
 from scalellm.server.constraints import logits_fields, refuse_unsupported, request_constraint
-from scalellm.engine.async_engine import EngineDead, RequestFailed, SlowReader
 from scalellm.server.errors import APIError, bad_body, bad_value, error_body
-from scalellm.server.limits import chat_chars, prompt_count, text_chars
+from scalellm.server.limits import chat_chars, prompt_count
 from scalellm.server.metrics import RequestRecord
 from scalellm.server.sse import DirectStream, Framer, sse
 from scalellm.server.streams import merged_deltas
@@ -76,11 +76,12 @@ class OpenAIServing:
         refuse_unsupported(req)
         param, constraint = request_constraint(req)
         params = sampling_params(req, req.max_tokens, req.logprobs, constraint)
-        texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
-        srv.check_fits(max(map(len, texts), default=0), "prompt")
+        lengths = [len(req.prompt)] if isinstance(req.prompt, str) else [len(p) for p in req.prompt
+                                                                          if isinstance(p, str)]
+        srv.check_fits(max(lengths, default=0), "prompt")
         with srv.admitted(num_prompts * params.n):  # before the costly part: compiling, tokenizing
             await self._compile(params, param)
-            with srv.tokenizing(text_chars(req.prompt)):
+            with srv.tokenizing(sum(lengths)):
                 prompts = await self._completion_prompts(req.prompt)
             stages["tokenize"] = time.monotonic() - t1
             return await self._run(request, "completion", req, prompts, params, stages)
@@ -121,10 +122,11 @@ class OpenAIServing:
             param, constraint = "tool_choice", tools.constraint
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint)
         conversation = chat_conversation(req.messages)  # checked before the costlier compile
-        srv.check_fits(chat_chars(conversation), "messages")
+        chars = chat_chars(conversation)
+        srv.check_fits(chars, "messages")
         with srv.admitted(params.n):
             await self._compile(params, param)
-            with srv.tokenizing(chat_chars(conversation)):
+            with srv.tokenizing(chars):
                 ids = await srv.run_blocking(srv.apply_chat_template, conversation, req.add_generation_prompt,
                                              tools.tools, template_options(req))
             stages["tokenize"] = time.monotonic() - t1

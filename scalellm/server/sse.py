@@ -122,13 +122,13 @@ class DirectStream:
                 t = time.monotonic()
                 transport.write(b"%x\r\n%s\r\n" % (len(frame), frame))  # one HTTP/1.1 chunk
                 self.stages["write"] += time.monotonic() - t
-                if transport.get_write_buffer_size() > self.max_buffer_bytes:
-                    done.set_exception(SlowReader(f"more than {self.max_buffer_bytes} bytes waited for the reader"))
-                    return
         except Exception as e:
             done.set_exception(e)
             return
         if item.finish_reason is not None:
             self.remaining -= 1
             if not self.remaining:
-                done.set_result(None)
+                done.set_result(None)  # all written: a reader still behind gets the rest as it reads
+                return
+        if transport.get_write_buffer_size() > self.max_buffer_bytes:
+            done.set_exception(SlowReader(f"more than {self.max_buffer_bytes} bytes waited for the reader"))
