@@ -200,10 +200,11 @@ class Tracker:
                 record.finish_reasons.append(d.finish_reason)
                 m.count_finished(d.finish_reason)
                 if d.timings is not None:
+                    # a request's choices run side by side: its time in a stage is its slowest choice's
                     t, stages = d.timings, self.stages
                     for name, value in (("queue", t.queue), ("prefill", t.prefill), ("decode", t.decode),
                                         ("detokenize", t.detokenize)):
-                        stages[name] = stages.get(name, 0.0) + value
+                        stages[name] = max(stages.get(name, 0.0), value)
 
     def close(self) -> None:
         m = self.metrics
