@@ -55,3 +55,4 @@ class StreamDelta:
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first schedule, on a sample's first delta
     timings: StageTimes | None = None  # on the final delta only
+    replayed: bool = False  # a continuation's earlier output, replayed to rebuild state: not new

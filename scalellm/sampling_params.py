@@ -29,6 +29,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
     bad_words: list[str] | None = None  # words never generated (their last token is banned after the rest)
+    # a generation resumed here: per choice, the tokens it already produced elsewhere (they count as its
+    # output), or None for a choice that already finished (not run again)
+    continuation: list[list[int] | None] | None = None
 
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
     stop_token_set: frozenset[int] = field(init=False, repr=False, default=frozenset())  # checked per token
@@ -102,6 +105,18 @@ class SamplingParams:
             bad("bad_words", "must be a list of non-empty strings")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             bad("structured_outputs", "must be a StructuredOutputsParams")
+        if self.continuation is not None and (
+                not isinstance(self.continuation, list) or len(self.continuation) != self.n
+                or any(c is not None and (not isinstance(c, list) or any(not isinstance(t, int) or t < 0 for t in c))
+                       for c in self.continuation)):
+            bad("continuation", f"must hold n={self.n} entries, each a list of token ids or None")
+
+    @property
+    def num_to_run(self) -> int:
+        """How many of the n choices the engine runs (a continuation leaves out the finished ones)."""
+        if self.continuation is None:
+            return self.n
+        return sum(c is not None for c in self.continuation)
 
     @property
     def max_stop_len(self) -> int:

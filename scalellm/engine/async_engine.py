@@ -130,7 +130,7 @@ class AsyncEngine:
         max_buffered, a consumer that leaves more deltas than that waiting gets SlowReader (see DeltaBuffer)."""
         buffer = DeltaBuffer(max_buffered, on_overflow)
         self.open_stream(request_id, prompt_token_ids, params, prompt, buffer)
-        remaining = params.n
+        remaining = params.num_to_run
         try:
             while remaining:
                 batch = await buffer.take()

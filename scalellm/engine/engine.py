@@ -11,6 +11,7 @@ import torch
 
 from scalellm.config import EngineConfig
 from scalellm.engine.block_manager import BlockManager
+from scalellm.engine.continuation import resumed_sequences, validate_continuation
 from scalellm.engine.detokenizer import Detokenizer
 from scalellm.engine.logits_processors import LogitsProcessor, prepare
 from scalellm.engine.model_runner import ModelRunner, kv_bytes_per_token
@@ -55,7 +56,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs) and len(self.seqs) == self.params.n
+        return all(s.finished for s in self.seqs) and len(self.seqs) == self.params.num_to_run
 
 
 class LLMEngine:
@@ -88,6 +89,7 @@ class LLMEngine:
         # detokenize a step's tokens while the device computes the next (on the CUDA kernels by default)
         self.overlap = self.runner.cuda_kernels if config.overlap_steps is None else config.overlap_steps
         self._pending: list[Sequence] = []  # sequences whose newest token awaits its text
+        self._replayed: list[StreamDelta] = []  # continuations' replayed deltas, out with the next step's
         # requests a step ended because handling them raised: (request id, stage, error), until taken
         self.failures: list[tuple[str, str, BaseException]] = []
         self.num_steps = 0  # steps that ran the model, and their time in the forward pass and sampling
@@ -145,6 +147,8 @@ class LLMEngine:
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds the "
                              f"model's context length of {self.max_model_len}")
+        if params.continuation is not None:
+            validate_continuation(params, n, vocab, self.max_model_len)
         for name in ("logit_bias", "allowed_token_ids"):
             ids = getattr(params, name) or ()
             if any(t >= vocab for t in ids):
@@ -169,16 +173,36 @@ class LLMEngine:
                 raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         self.validate_prompt(prompt_token_ids, params)
         changes = prepare(params, self.tokenizer, self.model_config.vocab_size) if params.processes_logits else None
-        grammar = None
+        compiled = None
         if params.structured_outputs is not None:  # compiled already by a server; else here (cached)
             compiled = params.compiled_grammar or self.grammars.compile(params.structured_outputs)
-            grammar = compiled.new_matcher()
         now = time.monotonic()
+        if params.continuation is not None:
+            return self._add_continuation(request_id, prompt, prompt_token_ids, params, compiled, changes, now)
+        grammar = compiled.new_matcher() if compiled is not None else None
         seq = Sequence(next(self._seq_ids), request_id, 0, list(prompt_token_ids), len(prompt_token_ids),
                        params, now, pending_forks=params.n - 1, grammar=grammar, logits_changes=changes)
         request = Request(request_id, prompt, list(prompt_token_ids), params, [seq], now)
         self.requests[request_id] = request
         self.scheduler.add(seq)
+        return request
+
+    def _add_continuation(self, request_id, prompt, prompt_token_ids, params, compiled, changes, now) -> Request:
+        """A generation resumed from its choices' earlier output (engine/continuation.py)."""
+        def new_sequence(index: int) -> Sequence:
+            return Sequence(next(self._seq_ids), request_id, index, list(prompt_token_ids), len(prompt_token_ids),
+                            params, now, grammar=compiled.new_matcher() if compiled is not None else None,
+                            logits_changes=changes)
+
+        seqs, replayed = resumed_sequences(new_sequence, params, self.detokenizer, self.eos_token_ids,
+                                           self.max_model_len, advance_grammar)
+        request = Request(request_id, prompt, list(prompt_token_ids), params, seqs, now)
+        self._replayed += replayed
+        if not request.finished:
+            self.requests[request_id] = request
+        for seq in seqs:
+            if not seq.finished:
+                self.scheduler.add(seq)
         return request
 
     def abort_request(self, request_id: str) -> bool:
@@ -192,7 +216,7 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work or bool(self._pending)
+        return self.scheduler.has_work or bool(self._pending) or bool(self._replayed)
 
     def take_failures(self) -> list[tuple[str, str, BaseException]]:
         """The requests ended by a fault since the last call: (request id, stage, error)."""
@@ -212,6 +236,7 @@ class LLMEngine:
         before the next step is scheduled; its text comes after. With overlap on, a step's tokens are
         detokenized during the next step, while the device computes it: their deltas come one step
         later, and a stop string ends its sequence one step later (the extra token is dropped)."""
+        replayed, self._replayed = self._replayed, []
         batch = self.scheduler.schedule()
         start = time.perf_counter()
         launched = self._launch(batch) if batch.items else None
@@ -220,11 +245,12 @@ class LLMEngine:
             if launched is not None:
                 self._collect(launched)
                 self._count_step(start)
-            return deltas
-        if launched is not None:
-            self._collect(launched)
-            self._count_step(start)
-        return self._detokenize_pending()
+        else:
+            if launched is not None:
+                self._collect(launched)
+                self._count_step(start)
+            deltas = self._detokenize_pending()
+        return replayed + deltas if replayed else deltas
 
     def _count_step(self, start: float) -> None:
         """The forward pass and sampling of one step (with overlap, the detokenizing done meanwhile too)."""

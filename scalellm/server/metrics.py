@@ -180,6 +180,8 @@ class Tracker:
     def observe(self, batch, now: float) -> None:
         m, record, last = self.metrics, self.record, self.last
         for i, d in batch:
+            if d.replayed:  # generated elsewhere before a resume
+                continue
             key = (i, d.index)
             previous = last.get(key)
             if previous is not None:

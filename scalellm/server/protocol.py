@@ -15,6 +15,20 @@ class StreamOptions(Struct):
     include_usage: bool = False
 
 
+class ResumedChoice(Struct, kw_only=True):
+    index: int
+    token_ids: list[int]  # what the choice generated before the cut (its text, as streamed, follows from them)
+    finished: bool = False  # its last chunk was sent: not run again, its tokens count in usage
+
+
+class Resume(Struct, kw_only=True):
+    """A streamed generation cut mid-way (its server died), continued here: the stream goes on under
+    its id, after what its client got. Choices not listed start from their first token."""
+    id: str
+    created: int
+    choices: list[ResumedChoice] = []
+
+
 class JsonSchemaFormat(Struct, kw_only=True):
     name: str | None = None
     description: str | None = None
@@ -74,6 +88,7 @@ class SamplingFields(Struct, kw_only=True):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     return_token_ids: bool = False  # vLLM's: each choice carries its token ids (streamed: each chunk's)
+    resume: Resume | None = None  # continue a stream cut elsewhere (server/resume.py)
     # accepted, no effect on the output
     user: str | None = None
     metadata: Any = None

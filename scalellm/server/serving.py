@@ -19,6 +19,7 @@ from scalellm.server.constraints import logits_fields, refuse_unsupported, reque
 from scalellm.server.errors import APIError, bad_body, bad_value, error_body
 from scalellm.server.limits import chat_chars, prompt_count
 from scalellm.server.metrics import RequestRecord
+from scalellm.server.resume import TOKEN_IDS_HEADER, continuation, finished_tokens
 from scalellm.server.sse import DirectStream, Framer, sse
 from scalellm.server.streams import merged_deltas
 from scalellm.server.tool_choice import plan_tools
@@ -40,7 +41,9 @@ class Choice:
     stop_reason: int | str | None = None
 
 
-def sampling_params(req, max_tokens: int | None, logprobs: int | None, constraint=None) -> SamplingParams:
+def sampling_params(req, max_tokens: int | None, logprobs: int | None, constraint=None,
+                    num_prompts: int = 1) -> SamplingParams:
+    resumed = continuation(req, req.n, num_prompts)
     try:
         return SamplingParams(
             n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
@@ -54,7 +57,7 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None, constrain
             seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output, structured_outputs=constraint,
-            **logits_fields(req))
+            continuation=resumed, **logits_fields(req))
     except ValueError as e:
         raise bad_value(e) from None
 
@@ -75,7 +78,7 @@ class OpenAIServing:
         srv.limits.check(req, num_prompts, req.logprobs, "logprobs")
         refuse_unsupported(req)
         param, constraint = request_constraint(req)
-        params = sampling_params(req, req.max_tokens, req.logprobs, constraint)
+        params = sampling_params(req, req.max_tokens, req.logprobs, constraint, num_prompts)
         lengths = [len(req.prompt)] if isinstance(req.prompt, str) else [len(p) for p in req.prompt
                                                                           if isinstance(p, str)]
         srv.check_fits(max(lengths, default=0), "prompt")
@@ -160,9 +163,11 @@ class OpenAIServing:
                 srv.engine.engine.validate_prompt(ids, params)
             except ValueError as e:
                 raise bad_value(e, "prompt") from None
-        prefix = "cmpl" if kind == "completion" else "chatcmpl"
-        rid = f"{prefix}-{uuid.uuid4().hex}"
-        created = int(time.time())
+        if req.resume is not None:  # the stream goes on under its id
+            rid, created = req.resume.id, req.resume.created
+        else:
+            rid = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
+            created = int(time.time())
         stages.update(write=0.0)
         record = request[RECORD] = RequestRecord(rid)
         if req.stream:
@@ -171,7 +176,7 @@ class OpenAIServing:
             merged = merged_deltas(srv.engine, rid, prompts, params, srv.stream_backlog, on_overflow)
         else:
             merged = merged_deltas(srv.engine, rid, prompts, params)
-        deltas = srv.metrics.track(merged, len(prompts) * params.n, stages, record)
+        deltas = srv.metrics.track(merged, len(prompts) * params.num_to_run, stages, record)
         try:
             if req.stream:
                 return await self._stream(request, kind, req, rid, created, prompts, params, deltas, stages, record,
@@ -236,20 +241,26 @@ class OpenAIServing:
             framer.stream_tool_calls(tools.new_parser, tools.parallel)
         if req.return_token_ids:
             framer.return_token_ids([ids for _, ids in prompts])
+        framer.token_events = request.headers.get(TOKEN_IDS_HEADER) == "1"
+        resumed = req.resume is not None  # its client has the opening chunks already
+        framer.completion_tokens += finished_tokens(req)
         try:
-            if kind == "chat":
+            if kind == "chat" and not resumed:
                 first = [P.ChatChunkChoice(i, P.ChatDelta(role="assistant", content="")) for i in range(n)]
                 prompt_ids = prompts[0][1] if req.return_token_ids else msgspec.UNSET
                 await resp.write(sse(P.ChatCompletionChunk(rid, created, model, first, usage=usage_field,
                                                            prompt_token_ids=prompt_ids)))
-            elif req.echo:
+            elif kind == "completion" and req.echo:
                 for idx in range(len(prompts) * n):
                     text, ids = prompts[idx // n]
                     echo = text if text is not None else fmt.decode(ids)
                     framer.offsets[idx] = len(echo)
-                    choice = P.CompletionChoice(idx, echo)
-                    await resp.write(sse(P.CompletionResponse(rid, created, model, [choice], usage=usage_field)))
-            if direct:
+                    if not resumed:
+                        choice = P.CompletionChoice(idx, echo)
+                        await resp.write(sse(P.CompletionResponse(rid, created, model, [choice], usage=usage_field)))
+            if not params.num_to_run:  # every choice had finished: what is left is the usage and [DONE]
+                await deltas.aclose()
+            elif direct:
                 await self._stream_direct(request, prompts[0], params, rid, framer, stages, record)
             else:
                 async with contextlib.aclosing(deltas) as stream:
@@ -282,8 +293,9 @@ class OpenAIServing:
     async def _stream_direct(self, request, prompt, params, rid, framer, stages, record) -> None:
         """Run one prompt with its frames written by a DirectStream; returns once every choice finished."""
         engine = self.server.engine
-        tracker = self.server.metrics.tracker(params.n, stages, record)
-        sink = DirectStream(request.transport, framer, tracker, params.n, stages, self.server.stream_buffer_bytes)
+        tracker = self.server.metrics.tracker(params.num_to_run, stages, record)
+        sink = DirectStream(request.transport, framer, tracker, params.num_to_run, stages,
+                            self.server.stream_buffer_bytes)
         text, ids = prompt
         finished = False
         try:

@@ -11,6 +11,7 @@ from scalellm.engine.async_engine import SlowReader
 from scalellm.outputs import StreamDelta
 from scalellm.server import protocol as P
 from scalellm.server.metrics import Tracker
+from scalellm.server.resume import event_id
 
 
 def sse(obj) -> bytes:
@@ -32,6 +33,7 @@ class Framer:
         self.parallel = True
         self.prompt_ids: list[list[int]] | None = None  # return_token_ids: each prompt's ids, and each delta's
         self.prompt_sent: set[int] = set()  # completion choices whose first chunk carried its prompt's ids
+        self.token_events = False  # each event led by its token ids' id line (server/resume.py)
 
     def return_token_ids(self, prompt_ids: list[list[int]]) -> None:
         self.prompt_ids = prompt_ids
@@ -40,7 +42,16 @@ class Framer:
         self.new_parser, self.parallel = new_parser, parallel
 
     def frame(self, i: int, d: StreamDelta) -> bytes:
-        """The frame of prompt i's delta d."""
+        """The frame of prompt i's delta d: b"" for a replayed one, which only advances the stream's state."""
+        data = self._frame(i, d)
+        if d.replayed:
+            return b""
+        if self.token_events:
+            head = event_id(i * self.n + d.index, d.token_ids, d.finish_reason)
+            return head + data if data else head + b"\n"
+        return data
+
+    def _frame(self, i: int, d: StreamDelta) -> bytes:
         idx = i * self.n + d.index
         self.completion_tokens += len(d.token_ids)
         ids = UNSET if self.prompt_ids is None else d.token_ids
@@ -66,6 +77,7 @@ class Framer:
         parser = self.parsers.get(idx)
         if parser is None:
             parser = self.parsers[idx] = self.new_parser()
+            parser.id_seed = f"{self.rid}:{idx}"
         piece = parser.feed(d.text)
         content, calls = piece.content, list(piece.calls)
         if d.finish_reason is not None:

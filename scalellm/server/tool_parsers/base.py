@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 
+import hashlib
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -181,6 +182,9 @@ class ToolParser(abc.ABC):
         self._count = 0  # calls started so far
         self._started = False  # content: something other than whitespace has been sent
         self._space = ""  # content: trailing whitespace held until more content follows
+        # streamed: call ids derived from this (the stream's id and choice) and the call's number, so
+        # a stream resumed elsewhere names its calls as the first server did
+        self.id_seed: str | None = None
 
     @abc.abstractmethod
     def parse(self, text: str) -> Parsed:
@@ -204,7 +208,9 @@ class ToolParser(abc.ABC):
         """The output ended: emit what was held back."""
 
     def new_id(self) -> str:
-        return new_call_id()
+        if self.id_seed is None:
+            return new_call_id()
+        return "call_" + hashlib.blake2b(f"{self.id_seed}:{self._count}".encode(), digest_size=12).hexdigest()
 
     def _parsed(self, parts: list[str], calls: list[tuple[str, str]]) -> Parsed:
         content = "".join(parts).strip() or None
