@@ -158,10 +158,8 @@ def test_a_killed_replica_is_ejected_and_readmitted(llama_folder):
                         after.append(r.status)
                 return results, after
         results, after = asyncio.run(main())
-        finished = sum(events[-1] == b"data: [DONE]\n" for _, events in results)
-        cut = [json.loads(events[-1][6:]) for _, events in results if events[-1] != b"data: [DONE]\n"]
-        assert finished + len(cut) == 24 and finished >= 12
-        assert all(e["error"]["code"] == "replica_failed" for e in cut)  # a cut stream ends with an error event
+        # the victim's streams go on elsewhere (tests/test_gateway_resume.py): every stream finishes whole
+        assert all(status == 200 and events[-1] == b"data: [DONE]\n" and len(events) == 201 for status, events in results)
         assert after == [200] * 9  # requests after the kill all succeed on the others
         states = {r["url"]: r["state"] for r in gateway.replicas()}
         assert states[victim.url] in ("ejected", "down")

@@ -60,6 +60,11 @@ class GatewayMetrics:
         self.ttft = Histogram("scalellm_gateway:time_to_first_token_seconds",
                               "From arrival at the gateway to the first token forwarded (a whole answer's "
                               "first byte when not streamed)", labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.resumed = Counter("scalellm_gateway:streams_resumed", "Streams continued on another replica after "
+                               "theirs failed mid-stream, by the replica that failed", labels, registry=r)
+        self.resume_gap = Histogram("scalellm_gateway:resume_gap_seconds", "The pause a resumed stream's client "
+                                    "saw: from its last event before the cut to the first after, by the replica "
+                                    "that took over", labels, buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("scalellm_gateway:inter_token_latency_seconds",
                              "Gaps between the stream chunks forwarded after the first token",
                              labels, buckets=ITL_BUCKETS, registry=r)

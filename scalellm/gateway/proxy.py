@@ -157,13 +157,24 @@ class Gateway:
         req = decode_body(decoder, body)
         text = prompt_text(kind, req) if self.router.policy == "cache_aware" else None
         session = request.headers.get(self.session_header)
-        return await self._dispatch(request, body, req.model, text, session, kind)
+        stream = None
+        if req.stream:
+            single = kind == "chat" or isinstance(req.prompt, str) or (
+                isinstance(req.prompt, list) and (len(req.prompt) == 1 or all(isinstance(t, int) for t in req.prompt)))
+            stream = (req.n, bool(req.stream_options and req.stream_options.include_usage),
+                      single and req.resume is None)
+        return await self._dispatch(request, body, req.model, text, session, kind, stream)
 
     async def _dispatch(self, request, body: bytes, model: str | None, text: str | None = None,
-                        session: str | None = None, kind: str | None = None) -> web.StreamResponse:
+                        session: str | None = None, kind: str | None = None,
+                        stream: tuple[int, bool, bool] | None = None) -> web.StreamResponse:
+        """stream: (n, include_usage, resumable) for a streamed generation."""
         known = self.replicas.known_models()
         ex = Exchange(request.headers.get("x-request-id") or uuid.uuid4().hex, time.monotonic(), model,
                       model if model in known else OTHER, text, session, kind)
+        if stream is not None:
+            ex.stream = True
+            ex.n, ex.include_usage, ex.resumable = stream
         status, admitted = 499, False  # 499: the client left first
         try:
             if self.draining:

@@ -13,16 +13,15 @@ provably did not run it:
 Nothing else is re-sent, as the request may have run: 5xx answers are relayed as they are (each one
 failure toward ejection), no byte within the read timeout is a 504 `replica_timeout` (not a failure: a
 slow replica is alive, and the health checks take out a hung one), a connection lost while the answer
-came a 502 `replica_failed`. Mid-stream the same errors end the stream as an OpenAI-style SSE error event.
+came a 502 `replica_failed`. Streams take their own path (streams.py), on the same rules, and go on
+on another replica when theirs dies mid-stream.
 
 Every attempt carries the same `x-request-id`, and the gateway's own upstream key, never the client's
-Authorization. Answers pass through unparsed, SSE bytes as they arrive; the stream loop's only extra
-work per chunk is one clock read and one histogram observation.
+Authorization. Whole answers pass through unparsed.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ import aiohttp
 from aiohttp import web
 
 from scalellm.gateway.replicas import Replica
-from scalellm.server import protocol as P
-from scalellm.server.errors import APIError, error_body
+from scalellm.gateway.streams import StreamForwarder
+from scalellm.server.errors import APIError
 
 log = logging.getLogger("scalellm.gateway")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -49,6 +48,10 @@ class Exchange:
     text: str | None = None  # what cache-aware routing hashes
     session: str | None = None
     kind: str | None = None  # "completion" | "chat" for generation requests
+    stream: bool = False
+    n: int = 1  # choices in the stream
+    include_usage: bool = False
+    resumable: bool = False  # a stream of one prompt: it can go on elsewhere if its replica dies
     replica: Replica | None = None  # the one sent it last
 
 
@@ -77,16 +80,13 @@ def _retry_after(upstream: aiohttp.ClientResponse, default: float) -> float:
         return default
 
 
-def _role_only(chunk: bytes) -> bool:
-    """A chat stream's opening chunk: one event with the assistant's role and no token yet."""
-    return chunk.count(b"data: ") == 1 and b'"role"' in chunk
-
-
 class Upstream:
     def __init__(self, gateway):
         self.gw = gateway
 
     async def forward(self, request: web.Request, body: bytes, ex: Exchange) -> web.StreamResponse:
+        if ex.stream:
+            return await StreamForwarder(self, request, body, ex).run()
         gw = self.gw
         headers = {"Content-Type": "application/json", "x-request-id": ex.rid, **gw.upstream_headers}
         tried: set[str] = set()
@@ -133,7 +133,7 @@ class Upstream:
             raise APIError(502, f"the replica failed before answering: {e}", code="replica_failed")
         log.info("%s: replica %s %s (%s); trying another", ex.rid, replica.url, kind, e.__class__.__name__)
 
-    def _answer_failed(self, replica: Replica, e: Exception, ex: Exchange, mid_stream: bool) -> APIError:
+    def answer_failed(self, replica: Replica, e: Exception, ex: Exchange, mid_stream: bool) -> APIError:
         """The client's error for an answer cut after its head arrived (never re-sent)."""
         where = "mid-stream" if mid_stream else "while answering"
         if isinstance(e, asyncio.TimeoutError):
@@ -150,8 +150,6 @@ class Upstream:
     async def _relay(self, request, upstream: aiohttp.ClientResponse, replica: Replica,
                      ex: Exchange) -> web.StreamResponse:
         try:
-            if upstream.content_type == "text/event-stream":
-                return await self._relay_stream(request, upstream, replica, ex)
             return await self._relay_whole(upstream, replica, ex)
         except asyncio.CancelledError:
             upstream.close()  # the client left: closing the connection makes the replica abort the request
@@ -163,7 +161,7 @@ class Upstream:
         try:
             data = await upstream.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise self._answer_failed(replica, e, ex, mid_stream=False) from None
+            raise self.answer_failed(replica, e, ex, mid_stream=False) from None
         self.gw.replicas.report(replica, ok=upstream.status < 500 or is_refusal(upstream))
         if ex.kind is not None and upstream.status == 200:
             self.gw.metrics.ttft.labels(replica.name, ex.label).observe(time.monotonic() - ex.start)
@@ -171,45 +169,3 @@ class Upstream:
         if "Retry-After" in upstream.headers:
             headers["Retry-After"] = upstream.headers["Retry-After"]
         return web.Response(status=upstream.status, body=data, headers=headers)
-
-    async def _relay_stream(self, request, upstream: aiohttp.ClientResponse, replica: Replica,
-                            ex: Exchange) -> web.StreamResponse:
-        resp = web.StreamResponse(status=upstream.status, headers={**SSE_HEADERS, "x-request-id": ex.rid})
-        await resp.prepare(request)
-        ttft = self.gw.metrics.ttft.labels(replica.name, ex.label)
-        itl = self.gw.metrics.itl.labels(replica.name, ex.label)
-        chunks = upstream.content.iter_any().__aiter__()
-        ended_frame = True  # whether what the client got so far ends on an event boundary
-        seen_token, preamble, last = False, ex.kind == "chat", ex.start
-        while True:
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                break
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                err = self._answer_failed(replica, e, ex, mid_stream=True)
-                frame = b"data: " + P.encoder.encode(error_body(err.status, err.message, code=err.code)) + b"\n\n"
-                with contextlib.suppress(ConnectionResetError):
-                    await resp.write(frame if ended_frame else b"\n\n" + frame)
-                    await resp.write_eof()
-                return resp
-            try:
-                await resp.write(chunk)
-            except ConnectionResetError:  # the client left (not the replica's fault)
-                upstream.close()
-                return resp
-            ended_frame = chunk.endswith(b"\n\n")
-            now = time.monotonic()
-            if seen_token:
-                itl.observe(now - last)
-            elif preamble and _role_only(chunk):
-                preamble = False
-                continue
-            else:
-                ttft.observe(now - last)
-                seen_token = True
-            last = now
-        self.gw.replicas.report(replica, ok=True)
-        with contextlib.suppress(ConnectionResetError):
-            await resp.write_eof()
-        return resp

@@ -230,7 +230,8 @@ class OpenAIServing:
         model, fmt, n = self.server.model_name, self.server.formatter, params.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         usage_field = None if include_usage else msgspec.UNSET
-        resp = web.StreamResponse(headers=SSE_HEADERS)
+        token_events = request.headers.get(TOKEN_IDS_HEADER) == "1"
+        resp = web.StreamResponse(headers={**SSE_HEADERS, TOKEN_IDS_HEADER: "1"} if token_events else SSE_HEADERS)
         # one prompt streams straight from the step's hand-over (DirectStream), in HTTP/1.1's chunks
         direct = len(prompts) == 1 and request.version >= (1, 1)
         if direct:
@@ -241,7 +242,7 @@ class OpenAIServing:
             framer.stream_tool_calls(tools.new_parser, tools.parallel)
         if req.return_token_ids:
             framer.return_token_ids([ids for _, ids in prompts])
-        framer.token_events = request.headers.get(TOKEN_IDS_HEADER) == "1"
+        framer.token_events = token_events
         resumed = req.resume is not None  # its client has the opening chunks already
         framer.completion_tokens += finished_tokens(req)
         try:

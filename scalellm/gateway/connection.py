@@ -1,0 +1,165 @@
+"""A bare HTTP/1.1 connection to a replica for one streamed answer, on asyncio's protocol callbacks.
+
+A stream's events are forwarded from the callback that receives them (StreamRelay.feed), with no task
+woken per event: that is most of what a proxied token costs. The request goes out as bytes with
+`Connection: close`; the answer's head is parsed once, then its body (chunked, sized, or up to the
+end of the connection) is handed on as it arrives, de-chunked.
+"""
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+
+class ConnectFailed(ConnectionError):
+    """No connection could be made (nothing was sent)."""
+
+
+class Lost(ConnectionError):
+    """The connection ended before the answer did."""
+
+
+class ReplicaConnection(asyncio.Protocol):
+    def __init__(self):
+        self.transport: asyncio.Transport | None = None
+        self.head: asyncio.Future = asyncio.get_running_loop().create_future()  # (status, headers)
+        self.ended: asyncio.Future = asyncio.get_running_loop().create_future()  # None, or raises Lost
+        self.on_body = None  # called with each piece of the body; set once the head is in
+        self.received_any = False
+        self.last_data = asyncio.get_running_loop().time()  # of the last bytes received (or the start)
+        self._buf = bytearray()
+        self._mode = "head"  # head, chunked, sized, eof, done
+        self._left = 0  # sized: bytes still to come
+        self._pending: list[bytes] = []  # body pieces that came with the head, before on_body was set
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.received_any = True
+        self.last_data = asyncio.get_running_loop().time()
+        mode = self._mode
+        if mode == "chunked":
+            self._buf += data
+            self._dechunk()
+        elif mode == "head":
+            self._buf += data
+            self._parse_head()
+        elif mode == "sized":
+            piece = data[:self._left]
+            self._left -= len(piece)
+            self._emit(piece)
+            if not self._left:
+                self._finish()
+        elif mode == "eof":
+            self._emit(data)
+
+    def eof_received(self):
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc) -> None:
+        if self._mode == "eof":
+            self._finish()
+        error = Lost(str(exc) if exc else "the replica closed the connection")
+        if not self.head.done():
+            self.head.set_exception(error)
+        if not self.ended.done():
+            self.ended.set_exception(error)
+
+    # -- use -----------------------------------------------------------------------------------
+    def listen(self, on_body) -> None:
+        """Hand the body to on_body from now on (what came with the head first)."""
+        self.on_body = on_body
+        pending, self._pending = self._pending, []
+        for piece in pending:
+            on_body(piece)
+        if self._mode == "done" and not self.ended.done():
+            self.ended.set_result(None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- parsing -------------------------------------------------------------------------------
+    def _emit(self, piece: bytes) -> None:
+        if not piece:
+            return
+        if self.on_body is not None:
+            self.on_body(piece)
+        else:
+            self._pending.append(piece)
+
+    def _finish(self) -> None:
+        self._mode = "done"
+        if self.on_body is not None and not self.ended.done():
+            self.ended.set_result(None)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _parse_head(self) -> None:
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        lines = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
+        rest = bytes(self._buf[end + 4:])
+        self._buf.clear()
+        try:
+            status = int(lines[0].split(" ", 2)[1])
+        except (IndexError, ValueError):
+            self.head.set_exception(Lost(f"a malformed status line: {lines[0]!r}"))
+            self.close()
+            return
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            self._mode = "chunked"
+        elif "content-length" in headers:
+            self._mode, self._left = "sized", int(headers["content-length"])
+        else:
+            self._mode = "eof"
+        self.head.set_result((status, headers))
+        if self._mode == "sized" and not self._left:
+            self._finish()
+        elif rest:
+            self.data_received(rest)
+
+    def _dechunk(self) -> None:
+        buf, pos, pieces = self._buf, 0, []
+        while True:
+            line_end = buf.find(b"\r\n", pos)
+            if line_end < 0:
+                break
+            size = int(bytes(buf[pos:line_end]).split(b";", 1)[0], 16)
+            if size == 0:
+                pos = len(buf)
+                self._mode = "done"
+                break
+            start = line_end + 2
+            if len(buf) < start + size + 2:
+                break
+            pieces.append(bytes(buf[start:start + size]))
+            pos = start + size + 2
+        del buf[:pos]
+        if pieces:
+            self._emit(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        if self._mode == "done":
+            self._finish()
+
+
+async def open_stream(url: str, path: str, body: bytes, headers: dict[str, str], connect_timeout: float
+                      ) -> ReplicaConnection:
+    """Connect to the replica at url and send the request; ConnectFailed if no connection was made."""
+    parts = urlsplit(url)
+    loop = asyncio.get_running_loop()
+    try:
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(ReplicaConnection, parts.hostname, parts.port or 80), connect_timeout)
+    except (OSError, asyncio.TimeoutError) as e:
+        raise ConnectFailed(f"cannot connect to {url}: {e}") from None
+    lines = [f"POST {parts.path.rstrip('/')}{path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close",
+             f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+    conn.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body)
+    return conn
