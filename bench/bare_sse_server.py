@@ -32,11 +32,20 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return web.json_response({"id": "cmpl-bare", "object": "text_completion", "model": "bare",
                                   "choices": [{"index": 0, "text": " tok" * body.max_tokens,
                                                "finish_reason": "length"}], "usage": usage})
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    # asked for token events (a resuming gateway): each frame names its token, as a scalellm server does
+    token_events = request.headers.get("x-stream-token-ids") == "1"
+    headers = {"Content-Type": "text/event-stream"}
+    if token_events:
+        headers["x-stream-token-ids"] = "1"
+    resp = web.StreamResponse(headers=headers)
     await resp.prepare(request)
     pause = request.app["itl"]
-    for _ in range(body.max_tokens):
-        await resp.write(CHUNK)
+    for i in range(body.max_tokens):
+        if token_events:
+            last = b":length" if i == body.max_tokens - 1 else b""
+            await resp.write(b"id: 0:%d%s\n%s" % (100 + i, last, CHUNK))
+        else:
+            await resp.write(CHUNK)
         if pause:
             await asyncio.sleep(pause)
     final = {"id": "cmpl-bare", "object": "text_completion", "model": "bare", "choices": [], "usage": usage}

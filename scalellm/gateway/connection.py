@@ -1,13 +1,17 @@
-"""A bare HTTP/1.1 connection to a replica for one streamed answer, on asyncio's protocol callbacks.
+"""Bare HTTP/1.1 connections to the replicas for streamed answers, on asyncio's protocol callbacks, kept
+alive between requests.
 
 A stream's events are forwarded from the callback that receives them (StreamRelay.feed), with no task
-woken per event: that is most of what a proxied token costs. The request goes out as bytes with
-`Connection: close`; the answer's head is parsed once, then its body (chunked, sized, or up to the
-end of the connection) is handed on as it arrives, de-chunked.
+woken per event: that is most of what a proxied token costs. A request goes out as bytes; the answer's
+head is parsed once, then its body (chunked, sized, or up to the end of the connection) is handed on
+as it arrives, de-chunked. A connection whose answer ended cleanly goes back to its replica's idle
+list for the next request (a stale one, closed by the replica meanwhile, fails before any byte of the
+answer: the "lost" case, which is safe to send again).
 """
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 from urllib.parse import urlsplit
 
 
@@ -19,14 +23,28 @@ class Lost(ConnectionError):
     """The connection ended before the answer did."""
 
 
+class TimedOut(Lost):
+    """Nothing arrived for the quiet limit; the connection was closed."""
+
+
 class ReplicaConnection(asyncio.Protocol):
     def __init__(self):
         self.transport: asyncio.Transport | None = None
-        self.head: asyncio.Future = asyncio.get_running_loop().create_future()  # (status, headers)
-        self.ended: asyncio.Future = asyncio.get_running_loop().create_future()  # None, or raises Lost
+        self.closed = False
+        self.reused = False  # served an earlier request: if it fails before any byte it was stale
+        self._loop = asyncio.get_running_loop()
+        self.reset()
+
+    def reset(self) -> None:
+        """Ready for the next request's answer."""
+        loop = self._loop
+        self.head: asyncio.Future = loop.create_future()  # (status, headers)
+        self.ended: asyncio.Future = loop.create_future()  # None, or raises Lost
         self.on_body = None  # called with each piece of the body; set once the head is in
         self.received_any = False
-        self.last_data = asyncio.get_running_loop().time()  # of the last bytes received (or the start)
+        self.last_data = loop.time()  # of the last bytes received (or the request)
+        self.keep_alive = True
+        self.timed_out = False
         self._buf = bytearray()
         self._mode = "head"  # head, chunked, sized, eof, done
         self._left = 0  # sized: bytes still to come
@@ -38,9 +56,19 @@ class ReplicaConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
-        self.last_data = asyncio.get_running_loop().time()
+        self.last_data = self._loop.time()
         mode = self._mode
         if mode == "chunked":
+            if not self._buf:  # mostly one whole chunk
+                line_end = data.find(b"\r\n")
+                if line_end > 0:
+                    try:
+                        size = int(data[:line_end], 16)
+                    except ValueError:
+                        size = 0
+                    if size and len(data) == line_end + size + 4:
+                        self._emit(data[line_end + 2:line_end + 2 + size])
+                        return
             self._buf += data
             self._dechunk()
         elif mode == "head":
@@ -59,9 +87,10 @@ class ReplicaConnection(asyncio.Protocol):
         return False  # close our side too; connection_lost follows
 
     def connection_lost(self, exc) -> None:
+        self.closed = True
         if self._mode == "eof":
             self._finish()
-        error = Lost(str(exc) if exc else "the replica closed the connection")
+        error = (TimedOut if self.timed_out else Lost)(str(exc) if exc else "the replica closed the connection")
         if not self.head.done():
             self.head.set_exception(error)
         if not self.ended.done():
@@ -81,6 +110,30 @@ class ReplicaConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    @property
+    def complete(self) -> bool:
+        """The whole answer arrived."""
+        return self._mode == "done"
+
+    async def wait(self, future: asyncio.Future, quiet_limit: float):
+        """Await head or ended; nothing received for quiet_limit seconds closes the connection and
+        raises TimedOut. One timer per wait, moved on only when it fires."""
+        loop = asyncio.get_running_loop()
+
+        def check():
+            nonlocal timer
+            if loop.time() - self.last_data >= quiet_limit:
+                self.timed_out = True
+                self.close()
+            else:
+                timer = loop.call_at(self.last_data + quiet_limit, check)
+
+        timer = loop.call_at(self.last_data + quiet_limit, check)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
     # -- parsing -------------------------------------------------------------------------------
     def _emit(self, piece: bytes) -> None:
         if not piece:
@@ -94,8 +147,6 @@ class ReplicaConnection(asyncio.Protocol):
         self._mode = "done"
         if self.on_body is not None and not self.ended.done():
             self.ended.set_result(None)
-        if self.transport is not None:
-            self.transport.close()
 
     def _parse_head(self) -> None:
         end = self._buf.find(b"\r\n\r\n")
@@ -114,12 +165,13 @@ class ReplicaConnection(asyncio.Protocol):
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+        self.keep_alive = headers.get("connection", "").lower() != "close"
         if "chunked" in headers.get("transfer-encoding", "").lower():
             self._mode = "chunked"
         elif "content-length" in headers:
             self._mode, self._left = "sized", int(headers["content-length"])
         else:
-            self._mode = "eof"
+            self._mode, self.keep_alive = "eof", False
         self.head.set_result((status, headers))
         if self._mode == "sized" and not self._left:
             self._finish()
@@ -133,7 +185,7 @@ class ReplicaConnection(asyncio.Protocol):
             if line_end < 0:
                 break
             size = int(bytes(buf[pos:line_end]).split(b";", 1)[0], 16)
-            if size == 0:
+            if size == 0:  # the last chunk (no trailers are sent to us)
                 pos = len(buf)
                 self._mode = "done"
                 break
@@ -149,17 +201,49 @@ class ReplicaConnection(asyncio.Protocol):
             self._finish()
 
 
-async def open_stream(url: str, path: str, body: bytes, headers: dict[str, str], connect_timeout: float
-                      ) -> ReplicaConnection:
-    """Connect to the replica at url and send the request; ConnectFailed if no connection was made."""
-    parts = urlsplit(url)
-    loop = asyncio.get_running_loop()
-    try:
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(ReplicaConnection, parts.hostname, parts.port or 80), connect_timeout)
-    except (OSError, asyncio.TimeoutError) as e:
-        raise ConnectFailed(f"cannot connect to {url}: {e}") from None
-    lines = [f"POST {parts.path.rstrip('/')}{path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close",
-             f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
-    conn.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body)
-    return conn
+class ConnectionPool:
+    """Idle keep-alive connections per replica address."""
+
+    def __init__(self, max_idle: int = 256):
+        self.max_idle = max_idle
+        self.idle: dict[str, list[ReplicaConnection]] = defaultdict(list)
+
+    async def send(self, url: str, path: str, body: bytes, headers: dict[str, str], connect_timeout: float
+                   ) -> ReplicaConnection:
+        """Send the request on an idle connection to url, or a new one; ConnectFailed if none could be made."""
+        parts = urlsplit(url)
+        idle = self.idle.get(url)
+        conn = None
+        while idle:
+            candidate = idle.pop()
+            if not candidate.closed and not candidate.transport.is_closing():
+                conn = candidate
+                conn.reset()
+                conn.reused = True
+                break
+        if conn is None:
+            loop = asyncio.get_running_loop()
+            try:
+                _, conn = await asyncio.wait_for(
+                    loop.create_connection(ReplicaConnection, parts.hostname, parts.port or 80), connect_timeout)
+            except (OSError, asyncio.TimeoutError) as e:
+                raise ConnectFailed(f"cannot connect to {url}: {e}") from None
+        lines = [f"POST {parts.path.rstrip('/')}{path} HTTP/1.1", f"Host: {parts.netloc}",
+                 f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+        conn.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body)
+        return conn
+
+    def release(self, url: str, conn: ReplicaConnection) -> None:
+        """A connection whose answer ended cleanly: kept for the next request, or closed."""
+        idle = self.idle[url]
+        if conn.complete and conn.keep_alive and not conn.closed and len(idle) < self.max_idle:
+            conn.on_body = None
+            idle.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        for idle in self.idle.values():
+            for conn in idle:
+                conn.close()
+        self.idle.clear()

@@ -8,8 +8,12 @@ its class ("4xx"); nothing a client or an upstream answer sends becomes a label 
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from bisect import bisect_left
+from itertools import accumulate
+
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from scalellm.server.metrics import ITL_BUCKETS, LATENCY_BUCKETS  # the server's buckets: the two sides compare bucket by bucket
 
@@ -22,6 +26,42 @@ _STATUSES = frozenset({200, 400, 401, 403, 404, 408, 413, 422, 429, 499, 500, 50
 
 def status_label(status: int) -> str:
     return str(status) if status in _STATUSES else f"{status // 100}xx"
+
+
+class _Series:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: list[float]):
+        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class LoopHistogram:
+    """A labeled histogram observed from the event loop's thread alone: an observation is a bisect and
+    two additions (prometheus_client's Histogram takes a lock per call; this one runs per streamed event)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str], buckets, registry):
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.bounds = [b for b in buckets if b != float("inf")]
+        self.series: dict[tuple[str, ...], _Series] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Series:
+        series = self.series.get(values)
+        if series is None:
+            series = self.series[values] = _Series(self.bounds)
+        return series
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, s in list(self.series.items()):
+            cumulative = list(accumulate(s.counts))
+            buckets = [(floatToGoString(b), n) for b, n in zip(self.bounds, cumulative)]
+            family.add_metric(list(values), buckets + [("+Inf", cumulative[-1])], s.sum)
+        yield family
 
 
 class _ReplicaCollector:
@@ -54,20 +94,20 @@ class GatewayMetrics:
         self.requests = Counter("scalellm_gateway:requests", "Requests by the replica that answered, model and status",
                                 [*labels, "status"], registry=r)
         self.retries = Counter("scalellm_gateway:retries", "Requests sent again to another replica", registry=r)
-        self.e2e = Histogram("scalellm_gateway:e2e_request_latency_seconds",
+        self.e2e = LoopHistogram("scalellm_gateway:e2e_request_latency_seconds",
                              "Generation requests from arrival at the gateway to their last byte",
-                             labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("scalellm_gateway:time_to_first_token_seconds",
+                             labels, LATENCY_BUCKETS, r)
+        self.ttft = LoopHistogram("scalellm_gateway:time_to_first_token_seconds",
                               "From arrival at the gateway to the first token forwarded (a whole answer's "
-                              "first byte when not streamed)", labels, buckets=LATENCY_BUCKETS, registry=r)
+                              "first byte when not streamed)", labels, LATENCY_BUCKETS, r)
         self.resumed = Counter("scalellm_gateway:streams_resumed", "Streams continued on another replica after "
                                "theirs failed mid-stream, by the replica that failed", labels, registry=r)
-        self.resume_gap = Histogram("scalellm_gateway:resume_gap_seconds", "The pause a resumed stream's client "
+        self.resume_gap = LoopHistogram("scalellm_gateway:resume_gap_seconds", "The pause a resumed stream's client "
                                     "saw: from its last event before the cut to the first after, by the replica "
-                                    "that took over", labels, buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("scalellm_gateway:inter_token_latency_seconds",
+                                    "that took over", labels, LATENCY_BUCKETS, r)
+        self.itl = LoopHistogram("scalellm_gateway:inter_token_latency_seconds",
                              "Gaps between the stream chunks forwarded after the first token",
-                             labels, buckets=ITL_BUCKETS, registry=r)
+                             labels, ITL_BUCKETS, r)
 
     def count(self, replica: str, model: str, status: int) -> None:
         self.requests.labels(replica, model, status_label(status)).inc()

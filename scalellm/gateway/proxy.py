@@ -22,6 +22,7 @@ from collections import deque
 import aiohttp
 from aiohttp import web
 
+from scalellm.gateway.connection import ConnectionPool
 from scalellm.gateway.dashboard import GatewayDashboard
 from scalellm.gateway.metrics import NO_REPLICA, OTHER, GatewayMetrics
 from scalellm.gateway.replicas import Replica, ReplicaSet
@@ -75,6 +76,7 @@ class Gateway:
         self.metrics = GatewayMetrics(self)
         self.dashboard = GatewayDashboard(self)
         self.upstream = Upstream(self)
+        self.pool = ConnectionPool()  # keep-alive connections for streams (gateway/connection.py)
         self.session: aiohttp.ClientSession | None = None
 
     def make_app(self) -> web.Application:
@@ -101,6 +103,7 @@ class Gateway:
                                              auto_decompress=False)
 
     async def _close(self, app) -> None:
+        self.pool.close()
         if self.session is not None:
             await self.session.close()
 

@@ -25,8 +25,9 @@ class StreamRelay:
         self.resumable = False  # the replica answered with token events (its x-stream-token-ids header)
         self.n = n
         self.include_usage = include_usage
-        self.tokens: dict[int, list[int]] = {}  # each choice's tokens forwarded so far
-        self.finished: set[int] = set()
+        # each choice's tokens forwarded so far, as the id lines named them (index -> comma-separated runs)
+        self.tokens: dict[bytes, list[bytes]] = {}
+        self.finished: set[bytes] = set()
         self.first_event: bytes | None = None  # the first data forwarded (it names the stream's id)
         self.forwarded = False  # an event went to the client
         self.token_events = False  # an id line came: what follows an event without one is not opening
@@ -42,20 +43,50 @@ class StreamRelay:
         self.ttft = self.itl = None  # the replica's histograms (labels bound)
         self.seen_token = False
         self._buf = bytearray()
+        self.steady = False  # feed's shortcut applies: a running token stream, written directly
+        self.direct = False  # events go straight to the client's connection (after the first write)
+        self.pending: list[bytes] = []  # events for the handler to write
+        self.pending_tokens = False
+        self.wake: asyncio.Future | None = None  # set when something is pending
 
     def attach(self, conn, resumable: bool, ttft, itl) -> None:
         self.conn, self.resumable, self.ttft, self.itl = conn, resumable, ttft, itl
         self._buf.clear()  # a part-event of the previous replica is dropped: the client never got it
+        self.steady = False
 
     # -- the data callback -----------------------------------------------------------------------
     def feed(self, piece: bytes) -> None:
-        buf = self._buf
-        buf += piece
-        end = buf.rfind(b"\n\n")
-        if end < 0 or self.ended or self.client_gone:
+        if self.steady and not self._buf and piece.startswith(b"id: "):
+            # the steady state, most of a stream: one token event of a running choice, straight through
+            line_end = piece.find(b"\n")
+            size = len(piece) - line_end - 1
+            if size > 2 and piece.find(b"\n\n") == len(piece) - 2:
+                index, _, rest = piece[4:line_end].partition(b":")
+                ids, finish, _ = rest.partition(b":")
+                runs = self.tokens.get(index)
+                transport = self.transport
+                if not finish and runs is not None and not transport.is_closing():
+                    runs.append(ids)
+                    transport.write(b"%x\r\n%s\r\n" % (size, piece[line_end + 1:]))
+                    now = time.monotonic()
+                    self.itl.observe(now - self.last)
+                    self.last = self.last_event = now
+                    if transport.get_write_buffer_size() > HIGH_WATER:
+                        self._pause()
+                    return
+        self.steady = False
+        if self.ended or self.client_gone:
             return
-        block = bytes(buf[:end + 2])
-        del buf[:end + 2]
+        buf = self._buf
+        if not buf and piece.endswith(b"\n\n"):  # whole events, as they mostly come
+            block = piece
+        else:
+            buf += piece
+            end = buf.rfind(b"\n\n")
+            if end < 0:
+                return
+            block = bytes(buf[:end + 2])
+            del buf[:end + 2]
         if self.resumable:
             out, tokens = self._events(block)
         else:  # no token events to read (a replica that sends none): forward as it is
@@ -66,6 +97,13 @@ class StreamRelay:
                 self.done = self.ended = True
         if not out:
             return
+        if not self.direct or self.ended:  # for the handler to write: the first with the response's head,
+            self.pending.append(out)  # the last with the end of the body (one write each, not two)
+            self.pending_tokens = self.pending_tokens or tokens
+            wake = self.wake
+            if wake is not None and not wake.done():
+                wake.set_result(None)
+            return
         transport = self.transport
         if transport is None or transport.is_closing():
             self.client_gone = True
@@ -73,12 +111,39 @@ class StreamRelay:
             return
         transport.write(b"%x\r\n%s\r\n" % (len(out), out))
         self._forwarded(tokens)
+        self.steady = (self.resumable and self.seen_token and self.gap_start is None and self.itl is not None
+                       and not self.ended and not self.cut)
         if transport.get_write_buffer_size() > HIGH_WATER:
-            self.conn.transport.pause_reading()
-            asyncio.get_running_loop().call_later(0.01, self._resume_reading)
+            self._pause()
+
+    def _pause(self) -> None:
+        """The client reads slower than the replica writes: stop reading the replica until it catches up."""
+        self.conn.transport.pause_reading()
+        asyncio.get_running_loop().call_later(0.01, self._resume_reading)
+
+    def take_pending(self) -> bytes:
+        """What waits for the handler to write (it writes it now), counted as forwarded."""
+        if not self.pending:
+            return b""
+        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        self.pending.clear()
+        self._forwarded(self.pending_tokens)
+        self.pending_tokens = False
+        return data
 
     def _events(self, block: bytes) -> tuple[bytes, bool]:
         """The block's events as the client gets them, and whether any carried tokens."""
+        if block.startswith(b"id: "):  # mostly one token event: `id: ...\ndata: ...\n\n`
+            line_end = block.find(b"\n")
+            if block.find(b"\n\n") == len(block) - 2:
+                self._note(block[4:line_end])
+                self.token_events = True
+                if line_end == len(block) - 2:
+                    return b"", True  # tokens whose text is held back: nothing for the client yet
+                event = block[line_end + 1:]
+                if self.first_event is None:
+                    self.first_event = event[:-2]
+                return event, True
         out, tokens = [], False
         for event in block.split(b"\n\n")[:-1]:
             if event.startswith(b"id: "):
@@ -108,12 +173,14 @@ class StreamRelay:
         return b"".join(out), tokens
 
     def _note(self, line: bytes) -> None:
-        index, ids, *finish = line.split(b":")
-        index = int(index)
+        """An id line, `<choice>:<ids>[:<finish>]`: kept as it is, read only if the stream is resumed."""
+        index, _, rest = line.partition(b":")
+        ids, finish, _ = rest.partition(b":")
+        runs = self.tokens.get(index)
+        if runs is None:
+            runs = self.tokens[index] = []
         if ids:
-            self.tokens.setdefault(index, []).extend(map(int, ids.split(b",")))
-        else:
-            self.tokens.setdefault(index, [])
+            runs.append(ids)
         if finish:
             self.finished.add(index)
 
@@ -164,7 +231,8 @@ class StreamRelay:
         if not self.forwarded:
             return body
         first = msgspec.json.decode(self.first_event[len(b"data: "):])
-        choices = [{"index": i, "token_ids": ids, "finished": i in self.finished} for i, ids in self.tokens.items()]
+        choices = [{"index": int(i), "token_ids": [int(t) for run in runs for t in run.split(b",")],
+                    "finished": i in self.finished} for i, runs in self.tokens.items()]
         resume = msgspec.json.encode({"id": first["id"], "created": first.get("created", 0), "choices": choices})
         end = body.rstrip().rfind(b"}")
         return body[:end] + b',"resume":' + resume + b"}"

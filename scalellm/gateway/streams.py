@@ -17,7 +17,7 @@ import logging
 
 from aiohttp import web
 
-from scalellm.gateway.connection import ConnectFailed, Lost, ReplicaConnection, open_stream
+from scalellm.gateway.connection import ConnectFailed, Lost, ReplicaConnection, TimedOut
 from scalellm.gateway.relay import StreamRelay
 from scalellm.server import protocol as P
 from scalellm.server.errors import APIError, error_body
@@ -25,6 +25,12 @@ from scalellm.server.resume import TOKEN_IDS_HEADER
 
 log = logging.getLogger("scalellm.gateway")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+class HeadWithFirstWrite(web.StreamResponse):
+    """A stream whose head goes out with its first events in one write, as aiohttp's web.Response
+    sends its head with its body (a write less per request)."""
+    _send_headers_immediately = False
 
 
 class StreamForwarder:
@@ -85,7 +91,7 @@ class StreamForwarder:
         gw, relay = self.gw, self.relay
         body = relay.resume_body(self.body) if self.resp is not None else self.body
         try:
-            conn = await open_stream(replica.url, self.request.path, body, self.headers, 5.0)
+            conn = await gw.pool.send(replica.url, self.request.path, body, self.headers, 5.0)
         except ConnectFailed as e:
             gw.replicas.report(replica, ok=False, connection_error=True)
             if last:
@@ -94,7 +100,8 @@ class StreamForwarder:
         try:
             status, headers = await self._wait(conn, conn.head)
         except Lost as e:
-            gw.replicas.report(replica, ok=False)
+            if not conn.reused:  # a kept-alive connection the replica had closed is no fault of it
+                gw.replicas.report(replica, ok=False)
             if last:
                 raise APIError(502, f"the replica failed before answering: {e}", code="replica_failed") from None
             return "retry"
@@ -106,16 +113,29 @@ class StreamForwarder:
         ttft = gw.metrics.ttft.labels(replica.name, self.ex.label)
         itl = gw.metrics.itl.labels(replica.name, self.ex.label)
         if self.resp is None:
-            self.resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": self.ex.rid})
+            self.resp = HeadWithFirstWrite(status=200, headers={**SSE_HEADERS, "x-request-id": self.ex.rid})
             self.resp.enable_chunked_encoding()
             await self.resp.prepare(self.request)
         relay.attach(conn, headers.get(TOKEN_IDS_HEADER) == "1", ttft, itl)
         gap_from = relay.gap_start
+        wake = relay.wake = asyncio.get_running_loop().create_future()
+        conn.ended.add_done_callback(lambda _: wake.done() or wake.set_result(None))
         conn.listen(relay.feed)
         try:
+            if not relay.direct:  # the first events go out with the response's head, in one write
+                await self._wait(conn, wake)
+                first = relay.take_pending()
+                if first and not relay.ended:
+                    await self.resp.write(first)
+                    relay.direct = True
+                elif first:
+                    relay.pending.append(first)
             await self._wait(conn, conn.ended)
         except Lost:
             pass
+        except ConnectionResetError:  # the client left
+            relay.client_gone = True
+            conn.close()
         except BaseException:
             conn.close()
             raise
@@ -124,28 +144,29 @@ class StreamForwarder:
                 gw.metrics.resume_gap.labels(replica.name, self.ex.label).observe(relay.last_event - gap_from)
         if relay.client_gone:
             return "answered"
-        if relay.ended:
+        if relay.ended:  # the last events go out with the end of the body, in one write
             gw.replicas.report(replica, ok=True)
-            await self._end(b"")
+            gw.pool.release(replica.url, conn)
+            await self._end(relay.take_pending())
             return "answered"
         gw.replicas.report(replica, ok=False)
+        before_cut = relay.take_pending()
+        if before_cut:  # the client gets what came before the cut, then the continuation
+            with contextlib.suppress(ConnectionResetError):
+                await self.resp.write(before_cut)
+                relay.direct = True
         return "cut"
 
     async def _wait(self, conn: ReplicaConnection, future: asyncio.Future):
         """Await a connection's future; nothing received for request_timeout seconds is a 504 (not a
         failure of the replica: the health checks take a hung one out)."""
         timeout = self.gw.request_timeout
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                return await asyncio.wait_for(asyncio.shield(future), max(0.0, timeout - (loop.time() - conn.last_data)))
-            except asyncio.TimeoutError:
-                if loop.time() - conn.last_data < timeout:
-                    continue
-                conn.close()
-                where = "mid-stream" if self.resp is not None else "before answering"
-                log.warning("%s: replica sent nothing for %g s %s", self.ex.rid, timeout, where)
-                raise APIError(504, f"the replica sent nothing for {timeout:g} s", code="replica_timeout") from None
+        try:
+            return await conn.wait(future, timeout)
+        except TimedOut:
+            where = "mid-stream" if self.resp is not None else "before answering"
+            log.warning("%s: replica sent nothing for %g s %s", self.ex.rid, timeout, where)
+            raise APIError(504, f"the replica sent nothing for {timeout:g} s", code="replica_timeout") from None
 
     async def _whole(self, conn: ReplicaConnection, replica, status: int, headers: dict, last: bool) -> str:
         """An answer that is not a stream (an error, a refusal): relayed whole, or retried if a refusal."""
@@ -155,6 +176,7 @@ class StreamForwarder:
             await self._wait(conn, conn.ended)
         except Lost as e:
             raise self.up.answer_failed(replica, e, self.ex, mid_stream=False) from None
+        self.gw.pool.release(replica.url, conn)
         refusal = status == 429 or (status == 503 and "retry-after" in headers)
         if refusal and not last:
             self.gw.replicas.report(replica, ok=True)
@@ -171,11 +193,10 @@ class StreamForwarder:
 
     async def _end(self, tail: bytes) -> web.StreamResponse:
         with contextlib.suppress(ConnectionResetError):
-            if tail:
-                await self.resp.write(tail)
-            await self.resp.write_eof()
+            await self.resp.write_eof(tail)
         return self.resp
 
     async def _fail(self, e: APIError) -> web.StreamResponse:
         """End the stream with an OpenAI-style error event (the client has its head already)."""
-        return await self._end(b"data: " + P.encoder.encode(error_body(e.status, e.message, code=e.code)) + b"\n\n")
+        event = b"data: " + P.encoder.encode(error_body(e.status, e.message, code=e.code)) + b"\n\n"
+        return await self._end(self.relay.take_pending() + event)
