@@ -116,7 +116,7 @@ def analyse(raw: dict, cfg: dict) -> dict:
     unclear_list = [evidence(r) for r in recs if r["outcome"] == Outcome.UNCLEAR]
 
     # streams a kill broke: streamed requests in flight at a kill moment that then failed, and that
-    # the gateway had sent to the killed replica (when its log says where it went)
+    # the gateway had sent to the killed replica (when its log says where it went, last or before a resume)
     for k in raw["kills"]:
         failed = []
         for r in recs:
@@ -125,10 +125,14 @@ def analyse(raw: dict, cfg: dict) -> dict:
             if not (r["start"] <= k["t"] + 0.5 and r["end"] >= k["t"]):
                 continue
             g = gw.get(r["id"], {})
-            if g.get("replica") not in (None, "-", k["url"]):
+            went = {g.get("replica"), *(x["replica"] for x in g.get("resumed", ()))}
+            if not went & {None, "-", k["url"]}:
                 continue
             failed.append({"id": r["id"], "outcome": r["outcome"], "kind": r["kind"]})
         k["streams_failed"] = failed
+        until = k["t"] + (k.get("restart_s") or 0.0) + 2.0
+        k["streams_resumed"] = sum(1 for g in gw.values() for x in g.get("resumed", ())
+                                   if x["replica"] == k["url"] and k["t"] - 0.5 <= x["t"] <= until)
         k["in_flight_streams"] = sum(1 for r in recs if r["stream"] and r["start"] <= k["t"] <= r["end"])
         # requests the gateway sent elsewhere after this replica went away (its own log's words)
         until = k["t"] + (k.get("restart_s") or 0.0) + 2.0
@@ -181,7 +185,11 @@ def analyse(raw: dict, cfg: dict) -> dict:
         "rss_slope_below_5_mb_per_min": bool(judged) and all(p["slope_mb_per_min"] < RSS_SLOPE_LIMIT
                                                              for p in judged.values()),
         "burst_503_p50_below_50ms": p50_503 is not None and p50_503 < BURST_503_P50_LIMIT,
+        "no_stream_failed_by_a_kill": not any(k["streams_failed"] for k in raw["kills"]),
     }
+    # the pause a resumed stream's client saw: its longest wait between two events
+    resumed = [r for r in recs if r["stream"] and gw.get(r["id"], {}).get("resumed")]
+    gaps = [r["max_gap_s"] for r in resumed if r.get("max_gap_s") is not None and r["outcome"] == Outcome.OK]
     return {
         "config": cfg, "duration_s": raw["duration_s"], "load_end_s": raw["load_end_s"],
         "requests": len(recs), "completed": outcomes[Outcome.OK], "outcomes": dict(outcomes),
@@ -200,6 +208,10 @@ def analyse(raw: dict, cfg: dict) -> dict:
                       "by_message": {m: {"count": len(v), "p50_s": percentile(v, 0.5), "p99_s": percentile(v, 0.99)}
                                      for m, v in sorted(by_source.items(), key=lambda kv: -len(kv[1]))}},
         "streams_failed_by_kills": sum(len(k["streams_failed"]) for k in raw["kills"]),
+        "streams_resumed": {"count": len(resumed), "ok": sum(r["outcome"] == Outcome.OK for r in resumed),
+                            "outcomes": dict(collections.Counter(r["outcome"] for r in resumed)),
+                            "client_gap_p50_s": percentile(gaps, 0.5), "client_gap_p99_s": percentile(gaps, 0.99),
+                            "client_gap_max_s": max(gaps, default=None)},
         "rss_slopes": slopes,
         "cpu_cores": cores, "loadavg_1min": {"start": raw["loadavg"][0][0], "end": raw["loadavg"][-1][0]},
         "timeline": {"bin_s": bin_s, "bins": {str(b * bin_s): dict(c) for b, c in sorted(timeline.items())}},

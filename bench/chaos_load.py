@@ -51,6 +51,8 @@ class SSE:
 
     def __init__(self):
         self.events = 0
+        self.max_gap = 0.0  # the longest wait between two content events (a resumed stream's pause)
+        self._last: float | None = None
         self.done = False
         self.error: str | None = None
         self._buf = b""
@@ -71,6 +73,10 @@ class SSE:
                 self.error = "stream " + (error_kind(200, obj) or "error event without a message").split(" ", 1)[1]
             elif isinstance(obj, dict) and obj.get("choices") is not None:
                 self.events += 1
+                now = time.monotonic()
+                if self._last is not None:
+                    self.max_gap = max(self.max_gap, now - self._last)
+                self._last = now
 
 
 def dechunk(data: bytes) -> tuple[bytes, bool]:
@@ -179,7 +185,7 @@ class Load:
                         return
                     async for data in r.content.iter_any():
                         sse.feed(data)
-                        rec["events"] = sse.events
+                        rec["events"], rec["max_gap_s"] = sse.events, sse.max_gap
                         if close_after_events is not None and sse.events >= close_after_events and not sse.done:
                             r.close()  # the client leaves mid-stream
                             rec.update(outcome=Outcome.DISCONNECT, kind="client disconnect",

@@ -14,6 +14,7 @@ _REQ_LINE = re.compile(_TS + r"\w+ scalellm\.requests: (\w+) (\S+) (\d+) (\w+)(?
 _GW_LINE = re.compile(_TS + r"\w+ scalellm\.gateway: (\S+) (\w+) (\S+) -> (\S+) (\d+) in ([\d.]+) s")
 _GW_RETRY = re.compile(_TS + r"\w+ scalellm\.gateway: (\S+): replica (\S+) (\w+) \((\w+)\); trying another")
 _GW_MIDSTREAM = re.compile(_TS + r"\w+ scalellm\.gateway: (\S+): replica (\S+) failed mid-stream: (.*)")
+_GW_RESUMED = re.compile(_TS + r"\w+ scalellm\.gateway: (\S+): replica (\S+) failed mid-stream; resuming on another")
 _SLOW_READER = re.compile(_TS + r"\w+ scalellm\.server: (\S+): the client reads too slowly \((.*)\); disconnecting it")
 
 
@@ -79,7 +80,8 @@ def duplicated_work(lines: list[dict], tolerance: float = 0.005) -> tuple[list[d
 
 
 def gateway_lines(services: dict, t0: float) -> dict[str, dict]:
-    """The gateway's final line per x-request-id (replica, status, seconds), and mid-stream failures."""
+    """The gateway's final line per x-request-id (replica, status, seconds), mid-stream failures, and the
+    streams it resumed elsewhere (from which replica, when)."""
     out: dict[str, dict] = {}
     for inc in services["gateway"]["incarnations"]:
         with open(inc["log"], errors="replace") as f:
@@ -88,6 +90,11 @@ def gateway_lines(services: dict, t0: float) -> dict[str, dict]:
                 if m:
                     out.setdefault(m.group(2), {}).update(replica=m.group(5), status=int(m.group(6)),
                                                           seconds=float(m.group(7)), end=_ts(m.group(1)) - t0)
+                    continue
+                m = _GW_RESUMED.match(line)
+                if m:
+                    out.setdefault(m.group(2), {}).setdefault("resumed", []).append(
+                        {"t": _ts(m.group(1)) - t0, "replica": m.group(3)})
                     continue
                 m = _GW_MIDSTREAM.match(line)
                 if m:

@@ -153,8 +153,12 @@ def markdown(s: dict, png: str) -> str:
         f"{rss_measured} | {_pf(must['rss_slope_below_5_mb_per_min'])} |",
         f"| time to a 503 during bursts, p50 (p99) | p50 < 50 ms | {_ms(b503['p50_s'])} ms ({_ms(b503['p99_s'])} ms), "
         f"{b503['count']} 503s | {_pf(must['burst_503_p50_below_50ms'])} |",
+        f"| streamed requests failed by a kill (the gateway resumes them on another replica) | 0 | "
+        f"{s['streams_failed_by_kills']} ({s['streams_resumed']['count']} resumed; client gap p50 "
+        f"{_ms(s['streams_resumed']['client_gap_p50_s'])} ms, p99 {_ms(s['streams_resumed']['client_gap_p99_s'])} ms) "
+        f"| {_pf(must['no_stream_failed_by_a_kill'])} |",
         "",
-        f"Streamed requests failed by a kill: {s['streams_failed_by_kills']} (below, per kill).",
+        "Per kill below.",
         "",
         "## Requests",
         "",
@@ -201,10 +205,11 @@ def markdown(s: dict, png: str) -> str:
               "work in flight.", "",
               "The last column counts the gateway's log lines `ID: replica URL <what> (<error>); trying another` for the "
               "killed replica until it was ready again: requests sent to another replica after this one went away "
-              "(`lost` after the request reached it, `refused` before).", "",
+              "(`lost` after the request reached it, `refused` before). Streams the killed replica was serving "
+              "are resumed on another (the gateway's `failed mid-stream; resuming on another` lines).", "",
               "| at s | replica | running on it | pid -> new pid | ready again after s | streams in flight (all replicas) "
-              "| streams failed by the kill | gateway retries elsewhere |",
-              "|---:|---|---:|---|---:|---:|---|---|"]
+              "| streams resumed elsewhere | streams failed by the kill | gateway retries elsewhere |",
+              "|---:|---|---:|---|---:|---:|---:|---|---|"]
     for k in s["kills"]:
         kinds: dict[str, int] = {}
         for f in k["streams_failed"]:
@@ -215,9 +220,13 @@ def markdown(s: dict, png: str) -> str:
         retries = ", ".join(f"{v} {w}" for w, v in k.get("gateway_retries", {}).items()) or "0"
         lines.append(f"| {k['t']:.1f} | {k['replica']} | {k.get('running_at_kill', '?')} | {k['pid']} -> "
                      f"{k.get('new_pid', '-')} | {restart} | "
-                     f"{k['in_flight_streams']} | {failed} | {retries} |")
+                     f"{k['in_flight_streams']} | {k.get('streams_resumed', 0)} | {failed} | {retries} |")
     if not s["kills"]:
-        lines.append("| - | none | | | | | | |")
+        lines.append("| - | none | | | | | | | |")
+    sr = s["streams_resumed"]
+    lines += ["", f"Streams resumed: **{sr['count']}** ({', '.join(f'{v} {k}' for k, v in sr['outcomes'].items()) or 'none'}). "
+              f"The pause their clients saw (each stream's longest wait between two events): p50 "
+              f"{_ms(sr['client_gap_p50_s'])} ms, p99 {_ms(sr['client_gap_p99_s'])} ms, max {_ms(sr['client_gap_max_s'])} ms."]
     lines += ["", "## Bursts", "", "| at s | size | ok | 503 | other | 503 p50 ms | 503 p99 ms | ok p50 ms |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b in s["bursts"]:

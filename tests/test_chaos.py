@@ -95,4 +95,5 @@ def test_chaos_one_minute(llama_folder, tmp_path):
     assert must["no_duplicated_work"], (s["duplicated"][:5], s["replica_lines_without_id"], where)
     assert must["every_failure_has_a_clear_error"], (s["unclear_by_kind"], s["unclear"][:5], where)
     assert must["replicas_idle_at_end"], ({n: e for n, e in s["end_state"].items() if n != "gateway"}, where)
+    assert must["no_stream_failed_by_a_kill"], ([k["streams_failed"] for k in s["kills"]], where)
     assert s["rss_slopes"]["processes"], where
