@@ -12,7 +12,7 @@ from bisect import bisect_left
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from scalellm.server.metrics import ITL_BUCKETS, LATENCY_BUCKETS  # the server's buckets: the two sides compare bucket by bucket
@@ -64,6 +64,37 @@ class LoopHistogram:
         yield family
 
 
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LoopCounter:
+    """A labeled counter incremented from the event loop's thread alone (no lock per increment)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str], registry):
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.series: dict[tuple[str, ...], _Count] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Count:
+        series = self.series.get(values)
+        if series is None:
+            series = self.series[values] = _Count()
+        return series
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, c in list(self.series.items()):
+            family.add_metric(list(values), c.value)
+        yield family
+
+
 class _ReplicaCollector:
     """Gauges of the replicas known now (by address: a replica that leaves leaves these series too)."""
 
@@ -91,8 +122,8 @@ class GatewayMetrics:
         self.registry = r = CollectorRegistry()
         r.register(_ReplicaCollector(gateway))
         labels = ["replica", "model"]
-        self.requests = Counter("scalellm_gateway:requests", "Requests by the replica that answered, model and status",
-                                [*labels, "status"], registry=r)
+        self.requests = LoopCounter("scalellm_gateway:requests", "Requests by the replica that answered, model and "
+                                    "status", [*labels, "status"], r)
         self.retries = Counter("scalellm_gateway:retries", "Requests sent again to another replica", registry=r)
         self.e2e = LoopHistogram("scalellm_gateway:e2e_request_latency_seconds",
                              "Generation requests from arrival at the gateway to their last byte",
@@ -100,8 +131,8 @@ class GatewayMetrics:
         self.ttft = LoopHistogram("scalellm_gateway:time_to_first_token_seconds",
                               "From arrival at the gateway to the first token forwarded (a whole answer's "
                               "first byte when not streamed)", labels, LATENCY_BUCKETS, r)
-        self.resumed = Counter("scalellm_gateway:streams_resumed", "Streams continued on another replica after "
-                               "theirs failed mid-stream, by the replica that failed", labels, registry=r)
+        self.resumed = LoopCounter("scalellm_gateway:streams_resumed", "Streams continued on another replica after "
+                                   "theirs failed mid-stream, by the replica that failed", labels, r)
         self.resume_gap = LoopHistogram("scalellm_gateway:resume_gap_seconds", "The pause a resumed stream's client "
                                     "saw: from its last event before the cut to the first after, by the replica "
                                     "that took over", labels, LATENCY_BUCKETS, r)

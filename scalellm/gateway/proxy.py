@@ -14,9 +14,10 @@ goes upstream.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections import deque
 
 import aiohttp
@@ -71,6 +72,7 @@ class Gateway:
         self.request_timeout = request_timeout
         self.log_requests = log_requests
         self.in_flight = 0
+        self._rid_prefix, self._rids = secrets.token_hex(8), itertools.count()  # request ids made here
         self.draining = False  # after SIGTERM: /health 503 and no new requests
         self._queue: deque[asyncio.Future] = deque()
         self.metrics = GatewayMetrics(self)
@@ -173,7 +175,7 @@ class Gateway:
                         stream: tuple[int, bool, bool] | None = None) -> web.StreamResponse:
         """stream: (n, include_usage, resumable) for a streamed generation."""
         known = self.replicas.known_models()
-        ex = Exchange(request.headers.get("x-request-id") or uuid.uuid4().hex, time.monotonic(), model,
+        ex = Exchange(request.headers.get("x-request-id") or f"{self._rid_prefix}{next(self._rids):x}", time.monotonic(), model,
                       model if model in known else OTHER, text, session, kind)
         if stream is not None:
             ex.stream = True
