@@ -228,7 +228,10 @@ class StreamRelay:
     def resume_body(self, body: bytes) -> bytes:
         """The original request with `resume` added: what the client has of each choice. Before any
         event went out it is the original request (the stream starts afresh, under a new id)."""
-        if not self.forwarded:
+        if not self.forwarded:  # the client has nothing yet: what the replica sent before is forgotten
+            self.tokens.clear()
+            self.finished.clear()
+            self.token_events, self.first_event = False, None
             return body
         first = msgspec.json.decode(self.first_event[len(b"data: "):])
         choices = [{"index": int(i), "token_ids": [int(t) for run in runs for t in run.split(b",")],
