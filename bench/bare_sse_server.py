@@ -48,6 +48,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             await resp.write(CHUNK)
         if pause:
             await asyncio.sleep(pause)
+        elif request.app["yield"]:  # let the other streams and new requests in between frames, as an engine does
+            await asyncio.sleep(0)
     final = {"id": "cmpl-bare", "object": "text_completion", "model": "bare", "choices": [], "usage": usage}
     await resp.write(b"data: " + msgspec.json.encode(final) + b"\n\ndata: [DONE]\n\n")
     return resp
@@ -66,6 +68,9 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8100)
     ap.add_argument("--itl-ms", type=float, default=0.0, help="pause between streamed frames")
+    ap.add_argument("--yield-frames", action="store_true",
+                    help="without a pause, still give the event loop a turn between frames (by default one stream "
+                         "writes all its frames before any other request runs)")
     args = ap.parse_args()
     try:
         import uvloop
@@ -75,6 +80,7 @@ def main() -> None:
         pass
     app = web.Application()
     app["itl"] = args.itl_ms / 1000.0
+    app["yield"] = args.yield_frames
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
