@@ -47,7 +47,6 @@ class StreamRelay:
         self.direct = False  # events go straight to the client's connection (after the first write)
         self.pending: list[bytes] = []  # events for the handler to write
         self.pending_tokens = False
-        self.wake: asyncio.Future | None = None  # set when something is pending
 
     def attach(self, conn, resumable: bool, ttft, itl) -> None:
         self.conn, self.resumable, self.ttft, self.itl = conn, resumable, ttft, itl
@@ -100,9 +99,6 @@ class StreamRelay:
         if not self.direct or self.ended:  # for the handler to write: the first with the response's head,
             self.pending.append(out)  # the last with the end of the body (one write each, not two)
             self.pending_tokens = self.pending_tokens or tokens
-            wake = self.wake
-            if wake is not None and not wake.done():
-                wake.set_result(None)
             return
         transport = self.transport
         if transport is None or transport.is_closing():

@@ -118,18 +118,13 @@ class StreamForwarder:
             await self.resp.prepare(self.request)
         relay.attach(conn, headers.get(TOKEN_IDS_HEADER) == "1", ttft, itl)
         gap_from = relay.gap_start
-        wake = relay.wake = asyncio.get_running_loop().create_future()
-        conn.ended.add_done_callback(lambda _: wake.done() or wake.set_result(None))
-        conn.listen(relay.feed)
+        conn.listen(relay.feed)  # what came with the replica's head is pending now
         try:
-            if not relay.direct:  # the first events go out with the response's head, in one write
-                await self._wait(conn, wake)
-                first = relay.take_pending()
-                if first and not relay.ended:
-                    await self.resp.write(first)
-                    relay.direct = True
-                elif first:
-                    relay.pending.append(first)
+            if not relay.direct and not relay.ended:
+                # the head goes out now, with the events that came along (one write), and every later
+                # event straight from the connection's callback: no wake-up of this task per event
+                await self.resp.write(relay.take_pending())
+                relay.direct = True
             await self._wait(conn, conn.ended)
         except Lost:
             pass
