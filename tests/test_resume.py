@@ -173,3 +173,15 @@ def test_token_events_only_when_asked_and_bad_resumes_are_400s(llama_server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 400
+
+
+def test_one_stream_resumed_twice_at_once(llama_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = llama_server.url
+    body = {"model": MODEL, "prompt": "Twice", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+    full = stream(url, "/v1/completions", body)
+    resume = resume_of(full[:3])
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda _: stream(url, "/v1/completions", {**body, "resume": resume}), range(2))
+    assert client_view(a) == client_view(b) == client_view(full)[3:]

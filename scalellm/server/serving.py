@@ -163,24 +163,25 @@ class OpenAIServing:
                 srv.engine.engine.validate_prompt(ids, params)
             except ValueError as e:
                 raise bad_value(e, "prompt") from None
-        if req.resume is not None:  # the stream goes on under its id
+        if req.resume is not None:  # the stream goes on under its id (the engine's own id stays unique)
             rid, created = req.resume.id, req.resume.created
+            engine_rid = f"{rid}-resumed-{uuid.uuid4().hex[:12]}"
         else:
-            rid = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
+            rid = engine_rid = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
             created = int(time.time())
         stages.update(write=0.0)
         record = request[RECORD] = RequestRecord(rid)
         if req.stream:
             def on_overflow(e):
                 self._drop_slow_reader(request, record, e)
-            merged = merged_deltas(srv.engine, rid, prompts, params, srv.stream_backlog, on_overflow)
+            merged = merged_deltas(srv.engine, engine_rid, prompts, params, srv.stream_backlog, on_overflow)
         else:
-            merged = merged_deltas(srv.engine, rid, prompts, params)
+            merged = merged_deltas(srv.engine, engine_rid, prompts, params)
         deltas = srv.metrics.track(merged, len(prompts) * params.num_to_run, stages, record)
         try:
             if req.stream:
                 return await self._stream(request, kind, req, rid, created, prompts, params, deltas, stages, record,
-                                          tools)
+                                          tools, engine_rid)
             return await self._collect(kind, req, rid, created, prompts, params, deltas, tools)
         except ENGINE_ERRORS as e:
             raise self._engine_error(e) from None
@@ -226,7 +227,7 @@ class OpenAIServing:
         return web.Response(body=P.encoder.encode(body), content_type="application/json")
 
     async def _stream(self, request, kind, req, rid, created, prompts, params, deltas, stages,
-                      record, tools=None) -> web.StreamResponse:
+                      record, tools=None, engine_rid=None) -> web.StreamResponse:
         model, fmt, n = self.server.model_name, self.server.formatter, params.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         usage_field = None if include_usage else msgspec.UNSET
@@ -262,7 +263,7 @@ class OpenAIServing:
             if not params.num_to_run:  # every choice had finished: what is left is the usage and [DONE]
                 await deltas.aclose()
             elif direct:
-                await self._stream_direct(request, prompts[0], params, rid, framer, stages, record)
+                await self._stream_direct(request, prompts[0], params, engine_rid or rid, framer, stages, record)
             else:
                 async with contextlib.aclosing(deltas) as stream:
                     async for batch in stream:
