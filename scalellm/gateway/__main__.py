@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import contextlib
 import errno
 import logging
@@ -110,10 +109,6 @@ async def run(args, server_args: list[str]) -> int:
     await runner.setup()
     try:
         await web.TCPSite(runner, args.host, args.port).start()
-        # what exists now lives as long as the process: out of the collector's way, and fewer collections
-        # of the young objects each request makes (a streamed token costs microseconds here)
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 20)
     except OSError as e:
         why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror or e}"
         log.error("%s:%d %s; choose another with --port or --host", args.host, args.port, why)

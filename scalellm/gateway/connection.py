@@ -41,7 +41,6 @@ class ReplicaConnection(asyncio.Protocol):
         self.head: asyncio.Future = loop.create_future()  # (status, headers)
         self.ended: asyncio.Future = loop.create_future()  # None, or raises Lost
         self.on_body = None  # called with each piece of the body; set once the head is in
-        self.received_any = False
         self.last_data = loop.time()  # of the last bytes received (or the request)
         self.keep_alive = True
         self.timed_out = False
@@ -55,7 +54,6 @@ class ReplicaConnection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.received_any = True
         self.last_data = self._loop.time()
         mode = self._mode
         if mode == "chunked":

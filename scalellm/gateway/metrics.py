@@ -126,19 +126,19 @@ class GatewayMetrics:
                                     "status", [*labels, "status"], r)
         self.retries = Counter("scalellm_gateway:retries", "Requests sent again to another replica", registry=r)
         self.e2e = LoopHistogram("scalellm_gateway:e2e_request_latency_seconds",
-                             "Generation requests from arrival at the gateway to their last byte",
-                             labels, LATENCY_BUCKETS, r)
+                                 "Generation requests from arrival at the gateway to their last byte",
+                                 labels, LATENCY_BUCKETS, r)
         self.ttft = LoopHistogram("scalellm_gateway:time_to_first_token_seconds",
-                              "From arrival at the gateway to the first token forwarded (a whole answer's "
-                              "first byte when not streamed)", labels, LATENCY_BUCKETS, r)
+                                  "From arrival at the gateway to the first token forwarded (a whole answer's "
+                                  "first byte when not streamed)", labels, LATENCY_BUCKETS, r)
         self.resumed = LoopCounter("scalellm_gateway:streams_resumed", "Streams continued on another replica after "
                                    "theirs failed mid-stream, by the replica that failed", labels, r)
-        self.resume_gap = LoopHistogram("scalellm_gateway:resume_gap_seconds", "The pause a resumed stream's client "
-                                    "saw: from its last event before the cut to the first after, by the replica "
-                                    "that took over", labels, LATENCY_BUCKETS, r)
+        self.resume_gap = LoopHistogram("scalellm_gateway:resume_gap_seconds", "The pause a resumed stream's "
+                                        "client saw: from its last event before the cut to the first after, by the "
+                                        "replica that took over", labels, LATENCY_BUCKETS, r)
         self.itl = LoopHistogram("scalellm_gateway:inter_token_latency_seconds",
-                             "Gaps between the stream chunks forwarded after the first token",
-                             labels, ITL_BUCKETS, r)
+                                 "Gaps between the stream chunks forwarded after the first token",
+                                 labels, ITL_BUCKETS, r)
 
     def count(self, replica: str, model: str, status: int) -> None:
         self.requests.labels(replica, model, status_label(status)).inc()

@@ -175,8 +175,8 @@ class Gateway:
                         stream: tuple[int, bool, bool] | None = None) -> web.StreamResponse:
         """stream: (n, include_usage, resumable) for a streamed generation."""
         known = self.replicas.known_models()
-        ex = Exchange(request.headers.get("x-request-id") or f"{self._rid_prefix}{next(self._rids):x}", time.monotonic(), model,
-                      model if model in known else OTHER, text, session, kind)
+        rid = request.headers.get("x-request-id") or f"{self._rid_prefix}{next(self._rids):x}"
+        ex = Exchange(rid, time.monotonic(), model, model if model in known else OTHER, text, session, kind)
         if stream is not None:
             ex.stream = True
             ex.n, ex.include_usage, ex.resumable = stream

@@ -32,7 +32,6 @@ class StreamRelay:
         self.forwarded = False  # an event went to the client
         self.token_events = False  # an id line came: what follows an event without one is not opening
         self.usage_sent = False
-        self.done = False  # [DONE] went out
         self.ended = False  # the stream ended for good: [DONE] or an error event forwarded
         self.cut = False  # the replica reported its own death in-band (engine_dead): resume
         self.client_gone = False
@@ -65,7 +64,8 @@ class StreamRelay:
                 runs = self.tokens.get(index)
                 transport = self.transport
                 if not finish and runs is not None and not transport.is_closing():
-                    runs.append(ids)
+                    if ids:
+                        runs.append(ids)
                     transport.write(b"%x\r\n%s\r\n" % (size, piece[line_end + 1:]))
                     now = time.monotonic()
                     self.itl.observe(now - self.last)
@@ -93,7 +93,7 @@ class StreamRelay:
             tokens = self.forwarded or not self.chat or block.count(b"data: ") != 1 or b'"role"' not in block
             out = block
             if block.endswith(DONE + b"\n\n"):
-                self.done = self.ended = True
+                self.ended = True
         if not out:
             return
         if not self.direct or self.ended:  # for the handler to write: the first with the response's head,
@@ -129,17 +129,6 @@ class StreamRelay:
 
     def _events(self, block: bytes) -> tuple[bytes, bool]:
         """The block's events as the client gets them, and whether any carried tokens."""
-        if block.startswith(b"id: "):  # mostly one token event: `id: ...\ndata: ...\n\n`
-            line_end = block.find(b"\n")
-            if block.find(b"\n\n") == len(block) - 2:
-                self._note(block[4:line_end])
-                self.token_events = True
-                if line_end == len(block) - 2:
-                    return b"", True  # tokens whose text is held back: nothing for the client yet
-                event = block[line_end + 1:]
-                if self.first_event is None:
-                    self.first_event = event[:-2]
-                return event, True
         out, tokens = [], False
         for event in block.split(b"\n\n")[:-1]:
             if event.startswith(b"id: "):
@@ -151,7 +140,7 @@ class StreamRelay:
                     continue  # tokens whose text is held back: nothing for the client yet
                 event = event[line_end + 1:]
             elif event == DONE:
-                self.done = self.ended = True
+                self.ended = True
             elif self.all_finished:
                 self.usage_sent = True
             elif self.token_events:
