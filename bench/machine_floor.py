@@ -4,13 +4,14 @@ Measures this machine's best bfloat16 GEMM time for every projection shape of a 
 gate_up, down, lm_head) at M = 1, 16, 64, 128 and 512 tokens (the best of torch's plain linear and
 oneDNN with the weight packed once, each on 1 and on all threads; each call takes the next of one
 weight copy per layer, so the weights come from cache or memory as in a real step) and its memory
-bandwidth (a large copy, bytes read plus written). A workload of c concurrent requests (input_len tokens in, output_len
-out) then costs, at those best rates:
+bandwidth (a large copy, bytes read plus written; and a large read alone, what KV-cache reads get).
+A workload of c concurrent requests (input_len tokens in, output_len out) then costs, at those best
+rates:
   - prefill: every prompt token through the projections in steps of up to 512 tokens (the LM head
     only for each prompt's last token), plus causal attention arithmetic at the same GEMM rate;
   - decode: output_len - 1 steps at batch c: the projections and LM head at M = c, plus attention
-    over the context (arithmetic at the GEMM rate, or reading the KV cache at full bandwidth,
-    whichever is slower).
+    over the context (arithmetic at the GEMM rate, or reading the KV cache at the measured read
+    bandwidth, whichever is slower).
 Output tokens / total time is the floor's token rate. Nothing else (norms, rotary, sampling, HTTP)
 is charged, so a real server stays below it.
 
@@ -82,6 +83,17 @@ def copy_bandwidth(threads: list[int], size: int = 256 << 20) -> float:
     return best
 
 
+def read_bandwidth(threads: list[int], size: int = 512 << 20) -> float:
+    """Bytes per second for reading a large bfloat16 tensor once (a reduction): what the KV cache's and the
+    weights' reads get (a copy's rate counts its writes too, which those reads do not have)."""
+    src = torch.ones(size // 2, dtype=torch.bfloat16)
+    best = 0.0
+    for t in threads:
+        torch.set_num_threads(t)
+        best = max(best, size / _best_time(lambda: src.max(), min_time=1.0))
+    return best
+
+
 def model_shapes(config) -> dict[str, tuple[int, int]]:
     c = config
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -106,9 +118,10 @@ def measure(folder: str) -> dict:
             print(f"  {name:8s} {n:6d}x{k:<5d} M={m:<4d} {seconds * 1e6:10.1f} us  "
                   f"{table[f'{name}@{m}']['gflops']:7.1f} GFLOP/s  ({way})", flush=True)
     bandwidth = copy_bandwidth(threads)
-    print(f"  copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    reads = read_bandwidth(threads)
+    print(f"  copy bandwidth {bandwidth / 1e9:.1f} GB/s, read bandwidth {reads / 1e9:.1f} GB/s", flush=True)
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {"gemm": table, "bandwidth": bandwidth, "layers": config.num_hidden_layers,
+    return {"gemm": table, "bandwidth": bandwidth, "read_bandwidth": reads, "layers": config.num_hidden_layers,
             "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads, "head_dim": hd,
             "shapes": shapes}
 
@@ -145,7 +158,8 @@ def workload_floor(floor: dict, c: int, input_len: int, output_len: int, budget:
     decode = 0.0
     for step in range(output_len - 1):
         context = input_len + step + 1
-        attention = max(c * 4 * L * H * D * context / peak, c * context * kv_bytes_per_token / floor["bandwidth"])
+        reads = floor.get("read_bandwidth", floor["bandwidth"])
+        attention = max(c * 4 * L * H * D * context / peak, c * context * kv_bytes_per_token / reads)
         decode += _proj_time(floor, c, c) + attention
     total = prefill + decode
     step_ms = 1000 * decode / max(1, output_len - 1)

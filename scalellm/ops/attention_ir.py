@@ -11,11 +11,13 @@ value accumulation to a load and a store of the accumulator per cached position.
 Both read each position's row for all KV heads before the next position: the cache in memory order,
 which measured faster than a pass per KV head (strided) once the cache does not fit in the CPU caches.
 bfloat16 widens to float32 exactly (a shift), so the products are the float32 products numba computes;
-only the summation order differs. The IR is generic LLVM vector code (no instruction set named).
+only the summation order differs. That IR is generic LLVM vector code (no instruction set named); the
+*_dot variants do the same on AVX512-BF16's bfloat16 dot products (K and V not widened; V taken two
+positions per product, their rows interleaved), for the CPUs that have them.
 """
 from __future__ import annotations
 
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -72,7 +74,7 @@ def _fold(builder, a, b, level: int):
 
 
 def make_scores(dim: int, group: int, kv_heads: int):
-    """scores(q, k, k_stride, n, out, out_stride, maxes): for positions 0..n-1 (n <= 16), every query
+    """scores(q, k, k_stride, n, out, out_stride, maxes, scale): for positions 0..n-1 (n <= 16), every query
     head's score q_h . k_p against its KV head's key. q: float32 address of [kv_heads * group, dim]
     (already scaled); k: bfloat16 address of position 0's row of all KV heads, position p at k + p *
     k_stride elements; out: float32 address of head 0's score for position 0, head h's at out + h *
@@ -83,8 +85,8 @@ def make_scores(dim: int, group: int, kv_heads: int):
     chunks = dim // 16
     heads = kv_heads * group
 
-    def scores(typingctx, q, k, k_stride, n, out, out_stride, maxes):
-        sig = types.void(*([types.intp] * 7))
+    def scores(typingctx, q, k, k_stride, n, out, out_stride, maxes, scale):
+        sig = types.void(*([types.intp] * 7), types.float32)  # scale unused: q comes scaled
 
         def codegen(context, builder, signature, args):
             q_p = builder.inttoptr(args[0], _F32.as_pointer())
@@ -165,3 +167,194 @@ def make_accumulate(dim: int, group: int, kv_heads: int):
         return sig, codegen
     accumulate.__name__ = accumulate.__qualname__ = f"accumulate_{dim}_{group}_{kv_heads}"
     return intrinsic(accumulate)
+
+
+# bfloat16 dot products (AVX512-BF16's vdpbf16ps: each float32 lane += a[2i] * b[2i] + a[2i + 1] * b[2i + 1],
+# the products exact, accumulated in float32), for CPUs that have them (DOT_BF16). LLVM has the instruction
+# as an intrinsic over a bfloat vector type llvmlite cannot spell, so it is emitted as inline assembly.
+_V32S = ir.VectorType(_I16, 32)
+binding.initialize_native_asmparser()  # numba's JIT reads inline assembly only with it
+
+
+def _dot_bf16(builder, acc, a, b):
+    """acc (16 x float) + the pairwise dot products of a and b (32 bfloat16 each, as 16 x i32)."""
+    return builder.asm(ir.FunctionType(_V16F, [_V16I, _V16I, _V16F]), "vdpbf16ps $2, $1, $0", "=v,v,v,0",
+                       [a, b, acc], False, name="dot")
+
+
+PREFETCH = 16  # positions ahead that the dot kernels ask the memory for (0: none)
+
+
+def _prefetch_row(builder, base, index, row_bytes: int):
+    """Ask for the cache lines of the row at base + index (i16 elements) ahead of their use."""
+    if not PREFETCH:
+        return
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [
+        ir.IntType(8).as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0")
+    ptr = builder.bitcast(builder.gep(base, [index]), ir.IntType(8).as_pointer())
+    for line in range(0, row_bytes, 64):
+        at = builder.gep(ptr, [ir.Constant(_I64, line)])
+        builder.call(fn, [at, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+def _bf16_pairs(builder, base, index, dim: int):
+    """The bfloat16 row at base + index (elements, i16*) as dim / 32 vectors of bfloat16 pairs."""
+    ptr = builder.gep(base, [index])
+    return [builder.load(builder.bitcast(builder.gep(ptr, [ir.Constant(_I64, 32 * c)]), _V16I.as_pointer()),
+                         align=2) for c in range(dim // 32)]
+
+
+def _q_pairs(builder, q_p, dim: int):
+    """A float32 query row that holds bfloat16 values (exactly) -> dim / 32 vectors of bfloat16 pairs."""
+    out = []
+    for c in range(dim // 32):
+        halves = []
+        for half in range(2):
+            v = builder.load(builder.bitcast(builder.gep(q_p, [ir.Constant(_I64, 32 * c + 16 * half)]),
+                                             _V16F.as_pointer()), align=4)
+            bits = builder.lshr(builder.bitcast(v, _V16I), ir.Constant(_V16I, [16] * 16))
+            halves.append(builder.trunc(bits, ir.VectorType(_I16, 16)))
+        out.append(builder.bitcast(builder.shuffle_vector(halves[0], halves[1], _lanes(range(32))), _V16I))
+    return out
+
+
+def make_scores_dot(dim: int, group: int, kv_heads: int):
+    """make_scores' contract on bfloat16 dot products, with two differences: q holds the query's own
+    (bfloat16) values unscaled, and scale (float32) multiplies the scores (so the products stay exact
+    whatever the scale). dim: a multiple of 32."""
+    chunks = dim // 32
+    heads = kv_heads * group
+
+    def scores(typingctx, q, k, k_stride, n, out, out_stride, maxes, scale):
+        sig = types.void(*([types.intp] * 7), types.float32)
+
+        def codegen(context, builder, signature, args):
+            q_p = builder.inttoptr(args[0], _F32.as_pointer())
+            k_p = builder.inttoptr(args[1], _I16.as_pointer())
+            k_stride, n, out_stride = args[2], args[3], args[5]
+            out_p = builder.inttoptr(args[4], _F32.as_pointer())
+            max_p = builder.inttoptr(args[6], _F32.as_pointer())
+            qs = [_q_pairs(builder, builder.gep(q_p, [ir.Constant(_I64, h * dim)]), dim) for h in range(heads)]
+            zero = ir.Constant(_V16F, [0.0] * 16)
+            stacks = [[] for _ in range(heads)]
+            for p in range(TILE):
+                slots = [cgutils.alloca_once_value(builder, zero) for _ in range(heads)]
+                with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, p), n)):
+                    at = builder.mul(k_stride, ir.Constant(_I64, p))
+                    _prefetch_row(builder, k_p, builder.add(at, builder.mul(k_stride, ir.Constant(_I64, PREFETCH))),
+                                  2 * kv_heads * dim)
+                    for kh in range(kv_heads):
+                        row = _bf16_pairs(builder, k_p, builder.add(at, ir.Constant(_I64, kh * dim)), dim)
+                        for h in range(kh * group, (kh + 1) * group):
+                            acc = zero
+                            for c in range(chunks):
+                                acc = _dot_bf16(builder, acc, qs[h][c], row[c])
+                            builder.store(acc, slots[h])
+                for h in range(heads):
+                    level, v = 0, builder.load(slots[h])
+                    stack = stacks[h]
+                    while stack and stack[-1][0] == level:
+                        v = _fold(builder, stack.pop()[1], v, level)
+                        level += 1
+                    stack.append((level, v))
+            lanes = builder.icmp_signed("<", _lanes(range(TILE)), _splat(builder, builder.trunc(n, _I32), _V16I))
+            low = ir.Constant(_V16F, [float("-inf")] * 16)
+            scale = _splat(builder, args[7])
+            for h in range(heads):
+                (_, v), = stacks[h]
+                v = builder.fmul(v, scale)
+                dst = builder.gep(out_p, [builder.mul(out_stride, ir.Constant(_I64, h))])
+                builder.store(v, builder.bitcast(dst, _V16F.as_pointer()), align=4)
+                running = builder.bitcast(builder.gep(max_p, [ir.Constant(_I64, h * TILE)]), _V16F.as_pointer())
+                top = _maxnum(builder, builder.load(running, align=4), builder.select(lanes, v, low))
+                builder.store(top, running, align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    scores.__name__ = scores.__qualname__ = f"scores_dot_{dim}_{group}_{kv_heads}"
+    return intrinsic(scores)
+
+
+# vpunpcklwd / vpunpckhwd of two rows' 32 bfloat16 values: each 128-bit lane's low (high) four pairs
+_UNPACK = ([x for lane in range(4) for j in range(4) for x in (8 * lane + j, 32 + 8 * lane + j)],
+           [x for lane in range(4) for j in range(4, 8) for x in (8 * lane + j, 32 + 8 * lane + j)])
+
+
+def accumulator_dims(dim: int) -> list[int]:
+    """Which value dimension each float32 lane of make_accumulate_dot's accumulator holds (the unpack order),
+    lane by lane over its dim / 16 vectors."""
+    out = []
+    for c in range(dim // 32):
+        for half in range(2):
+            out += [32 * c + 8 * lane + 4 * half + j for lane in range(4) for j in range(4)]
+    return out
+
+
+def make_accumulate_dot(dim: int, group: int, kv_heads: int):
+    """accumulate(p, p_stride, v, v_stride, n, acc) on bfloat16 dot products, two positions per product:
+    p: bfloat16 (i16) address of head 0's weight for position 0 (head h's at p + h * p_stride), the weights
+    of positions n and n + 1 readable (a weight past n is not used); acc: float32 [kv_heads * group, dim]
+    in accumulator_dims order, read once and written once. dim: a multiple of 32."""
+    chunks = dim // 32
+    heads = kv_heads * group
+
+    def accumulate(typingctx, p, p_stride, v, v_stride, n, acc):
+        sig = types.void(*([types.intp] * 6))
+
+        def codegen(context, builder, signature, args):
+            p_p = builder.inttoptr(args[0], _I16.as_pointer())
+            v_p = builder.inttoptr(args[2], _I16.as_pointer())
+            p_stride, v_stride, n = args[1], args[3], args[4]
+            acc_p = builder.inttoptr(args[5], _F32.as_pointer())
+            rows = [builder.gep(acc_p, [ir.Constant(_I64, h * dim)]) for h in range(heads)]
+            accs = [[cgutils.alloca_once_value(builder, v) for v in _f32_vectors(builder, rows[h], 2 * chunks)]
+                    for h in range(heads)]
+            zero_row = ir.Constant(_V32S, [0] * 32)
+            pairs = builder.sdiv(builder.add(n, ir.Constant(_I64, 1)), ir.Constant(_I64, 2))
+            with cgutils.for_range(builder, pairs) as loop:
+                i = builder.mul(loop.index, ir.Constant(_I64, 2))
+                has_second = builder.icmp_signed("<", builder.add(i, ir.Constant(_I64, 1)), n)
+                first_at = builder.mul(v_stride, i)
+                second_at = builder.add(first_at, v_stride)
+                for ahead in (PREFETCH, PREFETCH + 1):
+                    _prefetch_row(builder, v_p, builder.add(first_at, builder.mul(v_stride, ir.Constant(_I64, ahead))),
+                                  2 * kv_heads * dim)
+                for kh in range(kv_heads):
+                    a_ptr = builder.gep(v_p, [builder.add(first_at, ir.Constant(_I64, kh * dim))])
+                    b_ptr = builder.gep(v_p, [builder.add(second_at, ir.Constant(_I64, kh * dim))])
+                    mixed = []
+                    for c in range(chunks):
+                        a = builder.load(builder.bitcast(builder.gep(a_ptr, [ir.Constant(_I64, 32 * c)]),
+                                                         _V32S.as_pointer()), align=2)
+                        b_at = builder.bitcast(builder.gep(b_ptr, [ir.Constant(_I64, 32 * c)]), _V32S.as_pointer())
+                        b = _load_or(builder, has_second, b_at, zero_row)
+                        mixed += [builder.bitcast(builder.shuffle_vector(a, b, _lanes(m)), _V16I) for m in _UNPACK]
+                    for h in range(kh * group, (kh + 1) * group):
+                        where = builder.add(builder.mul(p_stride, ir.Constant(_I64, h)), i)
+                        w = builder.load(builder.bitcast(builder.gep(p_p, [where]), _I32.as_pointer()), align=2)
+                        w = builder.select(has_second, w, builder.and_(w, ir.Constant(_I32, 0xFFFF)))
+                        w = _splat(builder, w, _V16I)
+                        for x in range(2 * chunks):
+                            builder.store(_dot_bf16(builder, builder.load(accs[h][x]), w, mixed[x]), accs[h][x])
+            for h in range(heads):
+                for x in range(2 * chunks):
+                    dst = builder.gep(rows[h], [ir.Constant(_I64, 16 * x)])
+                    builder.store(builder.load(accs[h][x]), builder.bitcast(dst, _V16F.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    accumulate.__name__ = accumulate.__qualname__ = f"accumulate_dot_{dim}_{group}_{kv_heads}"
+    return intrinsic(accumulate)
+
+
+def _load_or(builder, condition, ptr, default):
+    """*ptr where condition holds, else default (the load is not made otherwise: past a row's end the
+    memory may not be mapped)."""
+    with builder.if_else(condition) as (then, otherwise):
+        with then:
+            block_then = builder.block
+            loaded = builder.load(ptr, align=2)
+        with otherwise:
+            block_else = builder.block
+    phi = builder.phi(default.type)
+    phi.add_incoming(loaded, block_then)
+    phi.add_incoming(default, block_else)
+    return phi

@@ -3,8 +3,11 @@
 bfloat16 caches with head_dim a multiple of 16 (the models' case) take the vector-IR kernel: scores
 sixteen cached positions per call with each K row widened once for the whole query group, softmax in
 float32, values accumulated in registers over each block (attention_ir.py), every KV head taken at
-each position so the cache is read in memory order. Other caches
-(float32: the token-identity tests' dtype) take the plain kernel: each key row read once for the group,
+each position so the cache is read in memory order. On CPUs with AVX512-BF16 it multiplies in
+bfloat16 (vdpbf16ps: exact products summed in float32, no widening of K and V; the softmax weights
+rounded to bfloat16 for the values' products, as GPU flash attention does): ~10-20% less time than
+float32 products, as reading the KV cache from memory bounds both (bench/results/step_profile.md).
+Other caches (float32: the token-identity tests' dtype) take the plain kernel: each key row read once for the group,
 the accumulator in memory. Both walk each row's blocks in order, the threads taking runs of rows of
 about equal work (balanced_parts); small batches run serial builds (a parallel launch costs more than
 their work). The kernels release the GIL. bfloat16 prefill tokens take the IR kernel too, each as a
@@ -19,13 +22,15 @@ import types
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm
 import torch
 from numba import njit, prange
 
 from scalellm.ops import attention_ir
-from scalellm.ops.attention_ir import TILE, make_accumulate, make_scores
+from scalellm.ops.attention_ir import (TILE, accumulator_dims, make_accumulate, make_accumulate_dot, make_scores,
+                                       make_scores_dot)
 from scalellm.ops.cpu_kernels import FAST, renamed, twin
-from scalellm.ops.numba_util import as_numba, exp_f32, keep_alive, load, store
+from scalellm.ops.numba_util import as_numba, bits_to_f32, exp_f32, f32_to_bits, keep_alive, load, store
 
 PARALLEL_SEQS = 4  # sequences from which the parallel build runs
 # The IR kernel unrolls every query head's 16-lane vectors (heads x head_dim / 16 of q, and as many
@@ -41,6 +46,16 @@ IR_PREFILL = True
 # kernels' cached names carry a hash of that file
 _IR = hashlib.sha1(inspect.getsource(attention_ir).encode()).hexdigest()[:10]
 _SCORES = _ACCUMULATE = None  # the intrinsics, bound per (head_dim, group, kv_heads) build by _ir_kernel
+_DOT, _DIMS = False, np.zeros(0, np.int64)  # bound by _ir_kernel too: dot products; the accumulator's order
+# bfloat16 dot products for the scores and the values where the CPU has them (AVX512-BF16): about twice the
+# float32 path's rate; the values' weights are rounded to bfloat16 (tests bound the error). False: float32.
+USE_DOT = True
+_HOST_DOT = bool(llvm.get_host_cpu_features().get("avx512bf16", False))
+
+
+def uses_dot(head_dim: int) -> bool:
+    """Whether the bfloat16 kernel for this head_dim runs on bfloat16 dot products."""
+    return USE_DOT and _HOST_DOT and head_dim % 32 == 0
 
 
 @njit(inline="always", nogil=True, fastmath=FAST)
@@ -73,6 +88,20 @@ def _exp_rows(scores, maxes, rows, length, sums):
             e = exp_f32(scores[h, t] - m)
             scores[h, t] = e
             total += e
+        sums[h] = total
+
+
+@njit(inline="always", nogil=True, fastmath=FAST)
+def _round_weights(scores, weights, rows, length, sums):
+    """The softmax weights rounded to bfloat16 (nearest even) for the dot-product accumulation, and each
+    row's sum taken again over the rounded weights, so the weights used are the weights divided by."""
+    for h in range(rows):
+        total = np.float32(0.0)
+        for t in range(length):
+            bits = f32_to_bits(scores[h, t])
+            bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            weights[h, t] = np.uint16(bits)
+            total += bits_to_f32(bits << np.uint32(16))
         sums[h] = total
 
 
@@ -138,14 +167,16 @@ def _bf16_decode_kernel(q, k_cache, v_cache, block_tables, context_starts, conte
         acc = np.empty((num_heads, head_dim), np.float32)
         maxes = np.empty((num_heads, TILE), np.float32)
         sums = np.empty(num_heads, np.float32)
+        weights = np.zeros((num_heads, width + 2) if _DOT else (1, 1), np.uint16)  # + 2: a pair read past the end
         q_at, s_at, a_at, m_at = qs.ctypes.data, scores.ctypes.data, acc.ctypes.data, maxes.ctypes.data
+        w_at = weights.ctypes.data
         for b in range(parts[part], parts[part + 1]):
             start = context_starts[b]
             end = context_lens[b]
             length = end - start
             for h in range(num_heads):
                 for d in range(head_dim):
-                    qs[h, d] = load(q[b, h, d]) * scale
+                    qs[h, d] = load(q[b, h, d]) * (np.float32(1.0) if _DOT else scale)
                     acc[h, d] = 0.0
                 for i in range(TILE):
                     maxes[h, i] = -np.inf
@@ -155,17 +186,22 @@ def _bf16_decode_kernel(q, k_cache, v_cache, block_tables, context_starts, conte
                 at = (block_tables[b, j] * block_size + lo - j * block_size) * row
                 for p in range(lo, hi, TILE):
                     _SCORES(q_at, k_base + 2 * (at + (p - lo) * row), row, min(TILE, hi - p), s_at + 4 * (p - start),
-                            width, m_at)
+                            width, m_at, scale)
             _exp_rows(scores, maxes, num_heads, length, sums)
+            if _DOT:
+                _round_weights(scores, weights, num_heads, length, sums)
             for j in range(first, last):
                 lo, hi = max(start, j * block_size), min(end, (j + 1) * block_size)
                 at = (block_tables[b, j] * block_size + lo - j * block_size) * row
-                _ACCUMULATE(s_at + 4 * (lo - start), width, v_base + 2 * at, row, hi - lo, a_at)
+                if _DOT:
+                    _ACCUMULATE(w_at + 2 * (lo - start), width + 2, v_base + 2 * at, row, hi - lo, a_at)
+                else:
+                    _ACCUMULATE(s_at + 4 * (lo - start), width, v_base + 2 * at, row, hi - lo, a_at)
             for h in range(num_heads):
                 inv = np.float32(1.0) / sums[h]
                 for d in range(head_dim):
-                    store(out, (b, h, d), acc[h, d] * inv)
-        keep_alive(qs, scores, acc) + maxes.shape[0]  # maxes too: read through its address
+                    store(out, (b, h, _DIMS[d]), acc[h, d] * inv)
+        keep_alive(qs, scores, acc) + maxes.shape[0] + weights.shape[0]  # read through their addresses
 
 
 _IR_KERNELS: dict = {}
@@ -173,15 +209,19 @@ _IR_KERNELS: dict = {}
 
 def _ir_kernel(head_dim: int, group: int, kv_heads: int, parallel: bool):
     """The bfloat16 kernel built for one (head_dim, group, kv_heads), serial or parallel, compiled on
-    first use."""
-    key = (head_dim, group, kv_heads, parallel)
+    first use: on bfloat16 dot products where the CPU has them (uses_dot), else on float32 products."""
+    dot = uses_dot(head_dim)
+    key = (head_dim, group, kv_heads, parallel, dot)
     if key not in _IR_KERNELS:
         fn = _bf16_decode_kernel
-        scope = {**fn.__globals__, "_SCORES": make_scores(head_dim, group, kv_heads),
-                 "_ACCUMULATE": make_accumulate(head_dim, group, kv_heads)}
+        made = (make_scores_dot, make_accumulate_dot) if dot else (make_scores, make_accumulate)
+        dims = accumulator_dims(head_dim) if dot else range(head_dim)
+        scope = {**fn.__globals__, "_SCORES": made[0](head_dim, group, kv_heads),
+                 "_ACCUMULATE": made[1](head_dim, group, kv_heads), "_DOT": dot,
+                 "_DIMS": np.array(dims, np.int64)}
         copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
         copy.__qualname__ = fn.__qualname__
-        name = f"{head_dim}_{group}_{kv_heads}_{'parallel_' if parallel else ''}{_IR}"
+        name = f"{head_dim}_{group}_{kv_heads}_{'dot_' if dot else ''}{'parallel_' if parallel else ''}{_IR}"
         _IR_KERNELS[key] = njit(nogil=True, cache=True, fastmath=FAST, parallel=parallel)(renamed(copy, name))
     return _IR_KERNELS[key]
 
