@@ -67,8 +67,9 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--json", required=True)
+    ap.add_argument("--kv-cache-memory", default="1GiB")
     args = ap.parse_args()
-    llm = LLM(args.model, dtype="bfloat16", kv_cache_memory="1GiB")
+    llm = LLM(args.model, dtype="bfloat16", kv_cache_memory=args.kv_cache_memory)
     floor(llm, 2, args.input_len, 8)  # warm-up (compiles the attention kernel)
     out = {}
     for c in (int(x) for x in args.concurrency.split(",")):

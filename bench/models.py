@@ -64,7 +64,33 @@ def tiny_llama() -> str:
     return folder
 
 
-MODELS = {"smollm2-135m": smollm2_bf16, "tiny-llama": tiny_llama}
+def smollm2_1_7b_shape() -> str:
+    """SmolLM2-1.7B's shapes (hidden 2048, 24 layers of 32 heads, intermediate 8192, tied 49,152-token
+    embedding) with random bfloat16 weights and the bundled model's tokenizer: a 1B-class compute load
+    (its text is noise; the benchmark ignores EOS)."""
+    folder = os.path.join(CACHE, "smollm2-1.7b-shape-bf16")
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return folder
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    small = smollm2_bf16()
+    config = AutoConfig.from_pretrained(small)
+    config.update(dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                       num_key_value_heads=32, head_dim=64, rope_parameters={"rope_theta": 130000.0,
+                                                                             "rope_type": "default"}))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(small).save_pretrained(folder)
+    for name in ("generation_config.json", "chat_template.jinja"):
+        if os.path.exists(os.path.join(small, name)):
+            with open(os.path.join(small, name)) as src, open(os.path.join(folder, name), "w") as dst:
+                dst.write(src.read())
+    return folder
+
+
+KV_CACHE_GIB = {"smollm2-1.7b-shape": 4}  # KV space for both servers where 2 GiB would not hold 64 x 256 tokens
+MODELS = {"smollm2-135m": smollm2_bf16, "tiny-llama": tiny_llama, "smollm2-1.7b-shape": smollm2_1_7b_shape}
 
 if __name__ == "__main__":
     for name, build in MODELS.items():

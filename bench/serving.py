@@ -29,7 +29,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
-from models import MODELS  # noqa: E402
+from models import KV_CACHE_GIB, MODELS  # noqa: E402
 from serving_report import write_report  # noqa: E402
 
 # The project's environment; elsewhere (a GPU machine with its own packages) the interpreter running this.
@@ -146,7 +146,8 @@ def drive(p: Proc, folder: str, args) -> dict[int, dict]:
 def run_scalellm(folder: str, args, flags: tuple[str, ...] = (), viewer: bool = False) -> dict[int, dict]:
     """Our server under the workload; `viewer`: with a dashboard page's stream open throughout."""
     p = Proc("scalellm", [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}", "--dtype", "bfloat16",
-                          "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN), *flags])
+                          "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN),
+                          "--kv-cache-memory", f"{args.kv_gib}GiB", *flags])
     watcher = subprocess.Popen(["curl", "-sN", p.url + "/dashboard/stream"], stdout=subprocess.DEVNULL) if viewer else None
     try:
         return drive(p, folder, args)
@@ -158,7 +159,7 @@ def run_scalellm(folder: str, args, flags: tuple[str, ...] = (), viewer: bool = 
 
 
 def run_vllm(folder: str, bind: str, args) -> dict[int, dict]:
-    env = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}
     if bind != "default":
         env["VLLM_CPU_OMP_THREADS_BIND"] = bind
     cmd = [VLLM_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port", "{port}",
@@ -192,7 +193,8 @@ def run_compute_floor(folder: str, args) -> dict[int, dict]:
     out = os.path.join(LOGS, "compute_floor.json")
     subprocess.check_call([PY, os.path.join(BENCH, "compute_floor.py"), folder, "--concurrency",
                            ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
-                           "--output-len", str(args.output_len), "--json", out], cwd=ROOT)
+                           "--output-len", str(args.output_len), "--json", out,
+                           "--kv-cache-memory", f"{args.kv_gib}GiB"], cwd=ROOT)
     with open(out) as f:
         return {int(k): v for k, v in json.load(f).items()}
 
@@ -217,12 +219,13 @@ def cross_check(folder: str, vllm_bind: str, args) -> dict[str, dict]:
     c = max(args.concurrency)
     results = {}
     p = Proc("scalellm-xcheck", [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}",
-                                 "--dtype", "bfloat16", "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN)])
+                                 "--dtype", "bfloat16", "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN),
+                                 "--kv-cache-memory", f"{args.kv_gib}GiB"])
     try:
         results["ScaleLLM"] = vllm_bench_serve(p.url, folder, c, args)
     finally:
         p.stop()
-    env = {"VLLM_CPU_KVCACHE_SPACE": "2", **({"VLLM_CPU_OMP_THREADS_BIND": vllm_bind} if vllm_bind != "default" else {})}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib), **({"VLLM_CPU_OMP_THREADS_BIND": vllm_bind} if vllm_bind != "default" else {})}
     p = Proc("vllm-xcheck", [VLLM_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port",
                              "{port}", "--host", "127.0.0.1", "--dtype", "bfloat16", "--served-model-name", NAME,
                              "--max-model-len", str(MAX_MODEL_LEN)], env=env, timeout=600)
@@ -235,6 +238,7 @@ def cross_check(folder: str, vllm_bind: str, args) -> dict[str, dict]:
 
 def bench_model(name: str, args, vllm_version: str) -> dict:
     folder = MODELS[name]()
+    args.kv_gib = KV_CACHE_GIB.get(name, 2)  # the same KV space for both servers
     data: dict = {"model": name, "folder": folder, "vllm_version": vllm_version, "repeats": [],
                   "config": {"input_len": args.input_len, "output_len": args.output_len,
                              "concurrency": args.concurrency, "max_model_len": MAX_MODEL_LEN}}
