@@ -18,12 +18,12 @@ def _metric(run: dict, key: str) -> float:
     return run[name][stat]
 
 
-def _mean_spread(data: dict, system: str, c: int, key: str) -> tuple[float, float] | None:
+def _median_spread(data: dict, system: str, c: int, key: str) -> tuple[float, float] | None:
     values = [_metric(_at(rep[system], c), key) for rep in data["repeats"] if system in rep and _at(rep[system], c)
               and (key in ("output_throughput", "request_throughput") or key.rsplit(".", 1)[0] in _at(rep[system], c))]
     if not values:
         return None
-    return statistics.fmean(values), max(values) - min(values)
+    return statistics.median(values), max(values) - min(values)
 
 
 def _at(runs: dict, c: int):
@@ -34,8 +34,8 @@ def _at(runs: dict, c: int):
 def _cell(ms) -> str:
     if ms is None:
         return "–"
-    mean, spread = ms
-    return f"{mean:.1f} ±{spread / 2:.1f}" if spread else f"{mean:.1f}"
+    middle, spread = ms
+    return f"{middle:.1f} ±{spread / 2:.1f}" if spread else f"{middle:.1f}"
 
 
 def cpu_flags() -> str:
@@ -64,7 +64,7 @@ def write_report(data: dict, out_dir: str) -> str:
          f"Client: tools/loadgen. Machine floor: the best measured GEMM rates and memory bandwidth of this "
          f"machine turned into the token rate a perfect server would reach (bench/machine_floor.py); bare "
          f"forward: our own forward passes timed without a server (bench/compute_floor.py). "
-         f"Each number is the mean of {n} repeats; ± is half the spread between repeats.", "",
+         f"Each number is the median of {n} interleaved repeats; ± is half the spread (largest - smallest) between them.", "",
          "| concurrency | system | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | "
          "ITL p50 ms | ITL p99 ms | E2E p50 ms | E2E p99 ms |",
          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -72,11 +72,11 @@ def write_report(data: dict, out_dir: str) -> str:
             "tpot_ms.p99", "itl_ms.median", "itl_ms.p99", "e2e_ms.median", "e2e_ms.p99")
     for c in cs:
         for system in SYSTEMS:
-            if _mean_spread(data, system, c, "output_throughput") is None:
+            if _median_spread(data, system, c, "output_throughput") is None:
                 continue
             cells = []
             for k in keys:
-                ms = _mean_spread(data, system, c, k)
+                ms = _median_spread(data, system, c, k)
                 cells.append(f"{ms[0]:.2f}" if k == "request_throughput" and ms else _cell(ms))
             L.append(f"| {c} | {system} | " + " | ".join(cells) + " |")
     L += ["", "## Ratios", "",
@@ -86,9 +86,9 @@ def write_report(data: dict, out_dir: str) -> str:
           "ScaleLLM share of machine floor | vLLM share of machine floor |",
           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cs:
-        ours = {k: _mean_spread(data, "ScaleLLM", c, k) for k in keys}
-        peer = {k: _mean_spread(data, "vLLM", c, k) for k in keys}
-        fl = _mean_spread(data, "machine floor", c, "output_throughput")
+        ours = {k: _median_spread(data, "ScaleLLM", c, k) for k in keys}
+        peer = {k: _median_spread(data, "vLLM", c, k) for k in keys}
+        fl = _median_spread(data, "machine floor", c, "output_throughput")
 
         def ratio(k, inverse=False):
             if not ours[k] or not peer[k] or not ours[k][0] or not peer[k][0]:
@@ -109,7 +109,7 @@ def write_report(data: dict, out_dir: str) -> str:
         for system in ("ScaleLLM", "vLLM"):
             vals = [_at(rep[system], c).get("cpu_ms_per_token") for rep in data["repeats"] if system in rep]
             vals = [v for v in vals if v is not None]
-            cells.append(_cell((statistics.fmean(vals), max(vals) - min(vals))) if vals else "–")
+            cells.append(_cell((statistics.median(vals), max(vals) - min(vals))) if vals else "–")
         used = sorted({str(_at(rep["vllm_bind"], c)) for rep in data["repeats"] if isinstance(rep.get("vllm_bind"), dict)})
         L.append(f"| {c} | {cells[0]} | {cells[1]} | {', '.join(used) or '–'} |")
     L += ["", "## Output tok/s in each repeat", "", "| concurrency | system | " +
@@ -136,7 +136,7 @@ def write_report(data: dict, out_dir: str) -> str:
         per_rep = [r.get("stages_ms") or {} for r in runs]
         stages = {k: statistics.fmean([st.get(k, float("nan")) for st in per_rep]) for k in STAGES}
         served = stages["decode"] / max(1, out_len - 1)
-        bare = _mean_spread(data, "bare forward", c, "tpot_ms.median")
+        bare = _median_spread(data, "bare forward", c, "tpot_ms.median")
         rel = f"{served / bare[0]:.2f}" if bare and bare[0] else "–"
         steps = [r["step_ms"] for r in runs if r.get("step_ms")]
         if steps:
@@ -179,10 +179,10 @@ def _plot(data: dict, path: str) -> None:
     cs = data["config"]["concurrency"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for system in SYSTEMS:
-        if _mean_spread(data, system, cs[0], "output_throughput") is None:
+        if _median_spread(data, system, cs[0], "output_throughput") is None:
             continue
         for ax, key in zip(axes, ("ttft_ms.median", "ttft_ms.p99", "output_throughput")):
-            ax.plot(cs, [_mean_spread(data, system, c, key)[0] for c in cs], marker="o", label=system)
+            ax.plot(cs, [_median_spread(data, system, c, key)[0] for c in cs], marker="o", label=system)
     for ax, title in zip(axes, ("TTFT p50 (ms)", "TTFT p99 (ms)", "output tokens/s")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(cs, [str(c) for c in cs])

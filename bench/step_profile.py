@@ -7,7 +7,7 @@ attention call timed on its own. The rest of the step (embedding, attention inpu
 write, sampling, Python) is the remainder. Variants are one boolean flag in scalellm.ops (A: False, B:
 True), interleaved over the repeats so drift hits both alike.
 
-    .venv/bin/python bench/step_profile.py [--flag cpu_attention.USE_DOT] [--repeats 3]
+    .venv/bin/python bench/step_profile.py [--model smollm2-135m] [--flag cpu_attention.USE_DOT] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(BENCH))
 sys.path.insert(0, BENCH)
 
-from models import smollm2_bf16  # noqa: E402
+from models import MODELS  # noqa: E402
 from scalellm import LLM, ops  # noqa: E402
 
 ROLES = ("qkv", "o_proj", "gate_up", "down")
@@ -109,11 +109,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--flag", default="cpu_attention.USE_DOT", help="MODULE.NAME in scalellm.ops (A False, B True)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
     ap.add_argument("--out", default=os.path.join(BENCH, "results", "step_profile.md"))
     args = ap.parse_args()
     module_name, attr = args.flag.rsplit(".", 1)
     module = importlib.import_module(f"scalellm.ops.{module_name}")
-    llm = LLM(smollm2_bf16(), dtype="bfloat16", kv_cache_memory="1GiB")
+    llm = LLM(MODELS[args.model](), dtype="bfloat16", kv_cache_memory="4GiB")
     timers = Timers(llm.engine.runner.model)
     shapes = ["decode batch 1", "decode batch 16", "decode batch 64", "prefill 4x128"]
     results = collections.defaultdict(list)
@@ -132,10 +133,10 @@ def write(args, shapes, results) -> None:
     import platform
 
     from serving_report import cpu_flags
-    lines = ["# Forward step profile: GEMMs, attention and the rest (SmolLM2-135M bfloat16)", "",
+    lines = [f"# Forward step profile: GEMMs, attention and the rest ({args.model}, bfloat16)", "",
              f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
              f"CPU flags: {cpu_flags()}. Command: `.venv/bin/python bench/step_profile.py "
-             f"--flag {args.flag} --repeats {args.repeats}`. Decode steps at context 192 (every row), prefill: "
+             f"--model {args.model} --flag {args.flag} --repeats {args.repeats}`. Decode steps at context 192 (every row), prefill: "
              f"four 128-token prompts in one step. Median of {args.repeats} interleaved repeats (range in brackets), "
              f"ms per step. GEMMs include their prologue (RMSNorm / SiLU-mul) and residual epilogue; the rest is "
              f"embedding, rotary and KV write, sampling and Python. Variant A: `{args.flag} = False`, B: `True`.", "",
