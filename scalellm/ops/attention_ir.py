@@ -82,11 +82,16 @@ def make_scores(dim: int, group: int, kv_heads: int):
     16. maxes: float32 address of [heads, 16], each head's running lane-wise maximum over the tiles
     scored so far (lanes from n on left out), so the softmax needs no scalar pass for its maximum.
     Each position's row is read whole, in memory order."""
-    chunks = dim // 16
+    return _scores_intrinsic(f"scores_{dim}_{group}_{kv_heads}", dim, group, kv_heads, dot=False)
+
+
+def _scores_intrinsic(name: str, dim: int, group: int, kv_heads: int, dot: bool):
+    """make_scores (dot False) or make_scores_dot (dot True): the same tiles, folds and maxima; the dot
+    variant multiplies bfloat16 pairs, prefetches the rows ahead and scales the scores at the end."""
     heads = kv_heads * group
 
     def scores(typingctx, q, k, k_stride, n, out, out_stride, maxes, scale):
-        sig = types.void(*([types.intp] * 7), types.float32)  # scale unused: q comes scaled
+        sig = types.void(*([types.intp] * 7), types.float32)  # scale: used by the dot variant only
 
         def codegen(context, builder, signature, args):
             q_p = builder.inttoptr(args[0], _F32.as_pointer())
@@ -94,20 +99,22 @@ def make_scores(dim: int, group: int, kv_heads: int):
             k_stride, n, out_stride = args[2], args[3], args[5]
             out_p = builder.inttoptr(args[4], _F32.as_pointer())
             max_p = builder.inttoptr(args[6], _F32.as_pointer())
-            qs = [_f32_vectors(builder, builder.gep(q_p, [ir.Constant(_I64, h * dim)]), chunks) for h in range(heads)]
+            q_rows = [builder.gep(q_p, [ir.Constant(_I64, h * dim)]) for h in range(heads)]
+            qs = [_q_pairs(builder, r, dim) if dot else _f32_vectors(builder, r, dim // 16) for r in q_rows]
             zero = ir.Constant(_V16F, [0.0] * 16)
             stacks = [[] for _ in range(heads)]  # per head: (level, vector) of folds not yet paired
             for p in range(TILE):
                 slots = [cgutils.alloca_once_value(builder, zero) for _ in range(heads)]
                 with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, p), n)):
                     at = builder.mul(k_stride, ir.Constant(_I64, p))
+                    if dot:
+                        ahead = builder.add(at, builder.mul(k_stride, ir.Constant(_I64, PREFETCH)))
+                        _prefetch_row(builder, k_p, ahead, 2 * kv_heads * dim)
                     for kh in range(kv_heads):
-                        row = _bf16_row(builder, k_p, builder.add(at, ir.Constant(_I64, kh * dim)), dim)
+                        index = builder.add(at, ir.Constant(_I64, kh * dim))
+                        row = _bf16_pairs(builder, k_p, index, dim) if dot else _bf16_row(builder, k_p, index, dim)
                         for h in range(kh * group, (kh + 1) * group):
-                            acc = builder.fmul(qs[h][0], row[0])
-                            for c in range(1, chunks):
-                                acc = _fma(builder, qs[h][c], row[c], acc)
-                            builder.store(acc, slots[h])
+                            builder.store(_row_dot(builder, qs[h], row, dot), slots[h])
                 for h in range(heads):
                     level, v = 0, builder.load(slots[h])
                     stack = stacks[h]
@@ -119,6 +126,7 @@ def make_scores(dim: int, group: int, kv_heads: int):
             low = ir.Constant(_V16F, [float("-inf")] * 16)
             for h in range(heads):
                 (_, v), = stacks[h]
+                v = builder.fmul(v, _splat(builder, args[7])) if dot else v
                 dst = builder.gep(out_p, [builder.mul(out_stride, ir.Constant(_I64, h))])
                 builder.store(v, builder.bitcast(dst, _V16F.as_pointer()), align=4)
                 running = builder.bitcast(builder.gep(max_p, [ir.Constant(_I64, h * TILE)]), _V16F.as_pointer())
@@ -126,8 +134,35 @@ def make_scores(dim: int, group: int, kv_heads: int):
                 builder.store(top, running, align=4)
             return context.get_dummy_value()
         return sig, codegen
-    scores.__name__ = scores.__qualname__ = f"scores_{dim}_{group}_{kv_heads}"
+    scores.__name__ = scores.__qualname__ = name
     return intrinsic(scores)
+
+
+def _row_dot(builder, q, row, dot: bool):
+    """One head's 16-lane partial sums of q . row: float32 multiply-adds, or bfloat16 pair products."""
+    if dot:
+        acc = ir.Constant(_V16F, [0.0] * 16)
+        for qc, rc in zip(q, row):
+            acc = _dot_bf16(builder, acc, qc, rc)
+        return acc
+    acc = builder.fmul(q[0], row[0])
+    for qc, rc in zip(q[1:], row[1:]):
+        acc = _fma(builder, qc, rc, acc)
+    return acc
+
+
+def _accumulators(builder, acc_p, heads: int, dim: int):
+    """Each head's accumulator row in acc_p [heads, dim] (float32), and its dim / 16 vectors held in
+    stack slots (registers once optimized) for the loop."""
+    rows = [builder.gep(acc_p, [ir.Constant(_I64, h * dim)]) for h in range(heads)]
+    return rows, [[cgutils.alloca_once_value(builder, v) for v in _f32_vectors(builder, r, dim // 16)] for r in rows]
+
+
+def _store_accumulators(builder, rows, accs) -> None:
+    for row, slots in zip(rows, accs):
+        for c, slot in enumerate(slots):
+            dst = builder.gep(row, [ir.Constant(_I64, 16 * c)])
+            builder.store(builder.load(slot), builder.bitcast(dst, _V16F.as_pointer()), align=4)
 
 
 def make_accumulate(dim: int, group: int, kv_heads: int):
@@ -147,9 +182,7 @@ def make_accumulate(dim: int, group: int, kv_heads: int):
             v_p = builder.inttoptr(args[2], _I16.as_pointer())
             p_stride, v_stride, n = args[1], args[3], args[4]
             acc_p = builder.inttoptr(args[5], _F32.as_pointer())
-            rows = [builder.gep(acc_p, [ir.Constant(_I64, h * dim)]) for h in range(heads)]
-            accs = [[cgutils.alloca_once_value(builder, v) for v in _f32_vectors(builder, rows[h], chunks)]
-                    for h in range(heads)]
+            rows, accs = _accumulators(builder, acc_p, heads, dim)
             with cgutils.for_range(builder, n) as loop:
                 at = builder.mul(v_stride, loop.index)
                 for kh in range(kv_heads):
@@ -159,10 +192,7 @@ def make_accumulate(dim: int, group: int, kv_heads: int):
                         w = _splat(builder, builder.load(builder.gep(p_p, [where])))
                         for c in range(chunks):
                             builder.store(_fma(builder, w, row[c], builder.load(accs[h][c])), accs[h][c])
-            for h in range(heads):
-                for c in range(chunks):
-                    dst = builder.gep(rows[h], [ir.Constant(_I64, 16 * c)])
-                    builder.store(builder.load(accs[h][c]), builder.bitcast(dst, _V16F.as_pointer()), align=4)
+            _store_accumulators(builder, rows, accs)
             return context.get_dummy_value()
         return sig, codegen
     accumulate.__name__ = accumulate.__qualname__ = f"accumulate_{dim}_{group}_{kv_heads}"
@@ -222,56 +252,7 @@ def make_scores_dot(dim: int, group: int, kv_heads: int):
     """make_scores' contract on bfloat16 dot products, with two differences: q holds the query's own
     (bfloat16) values unscaled, and scale (float32) multiplies the scores (so the products stay exact
     whatever the scale). dim: a multiple of 32."""
-    chunks = dim // 32
-    heads = kv_heads * group
-
-    def scores(typingctx, q, k, k_stride, n, out, out_stride, maxes, scale):
-        sig = types.void(*([types.intp] * 7), types.float32)
-
-        def codegen(context, builder, signature, args):
-            q_p = builder.inttoptr(args[0], _F32.as_pointer())
-            k_p = builder.inttoptr(args[1], _I16.as_pointer())
-            k_stride, n, out_stride = args[2], args[3], args[5]
-            out_p = builder.inttoptr(args[4], _F32.as_pointer())
-            max_p = builder.inttoptr(args[6], _F32.as_pointer())
-            qs = [_q_pairs(builder, builder.gep(q_p, [ir.Constant(_I64, h * dim)]), dim) for h in range(heads)]
-            zero = ir.Constant(_V16F, [0.0] * 16)
-            stacks = [[] for _ in range(heads)]
-            for p in range(TILE):
-                slots = [cgutils.alloca_once_value(builder, zero) for _ in range(heads)]
-                with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, p), n)):
-                    at = builder.mul(k_stride, ir.Constant(_I64, p))
-                    _prefetch_row(builder, k_p, builder.add(at, builder.mul(k_stride, ir.Constant(_I64, PREFETCH))),
-                                  2 * kv_heads * dim)
-                    for kh in range(kv_heads):
-                        row = _bf16_pairs(builder, k_p, builder.add(at, ir.Constant(_I64, kh * dim)), dim)
-                        for h in range(kh * group, (kh + 1) * group):
-                            acc = zero
-                            for c in range(chunks):
-                                acc = _dot_bf16(builder, acc, qs[h][c], row[c])
-                            builder.store(acc, slots[h])
-                for h in range(heads):
-                    level, v = 0, builder.load(slots[h])
-                    stack = stacks[h]
-                    while stack and stack[-1][0] == level:
-                        v = _fold(builder, stack.pop()[1], v, level)
-                        level += 1
-                    stack.append((level, v))
-            lanes = builder.icmp_signed("<", _lanes(range(TILE)), _splat(builder, builder.trunc(n, _I32), _V16I))
-            low = ir.Constant(_V16F, [float("-inf")] * 16)
-            scale = _splat(builder, args[7])
-            for h in range(heads):
-                (_, v), = stacks[h]
-                v = builder.fmul(v, scale)
-                dst = builder.gep(out_p, [builder.mul(out_stride, ir.Constant(_I64, h))])
-                builder.store(v, builder.bitcast(dst, _V16F.as_pointer()), align=4)
-                running = builder.bitcast(builder.gep(max_p, [ir.Constant(_I64, h * TILE)]), _V16F.as_pointer())
-                top = _maxnum(builder, builder.load(running, align=4), builder.select(lanes, v, low))
-                builder.store(top, running, align=4)
-            return context.get_dummy_value()
-        return sig, codegen
-    scores.__name__ = scores.__qualname__ = f"scores_dot_{dim}_{group}_{kv_heads}"
-    return intrinsic(scores)
+    return _scores_intrinsic(f"scores_dot_{dim}_{group}_{kv_heads}", dim, group, kv_heads, dot=True)
 
 
 # vpunpcklwd / vpunpckhwd of two rows' 32 bfloat16 values: each 128-bit lane's low (high) four pairs
@@ -305,9 +286,7 @@ def make_accumulate_dot(dim: int, group: int, kv_heads: int):
             v_p = builder.inttoptr(args[2], _I16.as_pointer())
             p_stride, v_stride, n = args[1], args[3], args[4]
             acc_p = builder.inttoptr(args[5], _F32.as_pointer())
-            rows = [builder.gep(acc_p, [ir.Constant(_I64, h * dim)]) for h in range(heads)]
-            accs = [[cgutils.alloca_once_value(builder, v) for v in _f32_vectors(builder, rows[h], 2 * chunks)]
-                    for h in range(heads)]
+            rows, accs = _accumulators(builder, acc_p, heads, dim)
             zero_row = ir.Constant(_V32S, [0] * 32)
             pairs = builder.sdiv(builder.add(n, ir.Constant(_I64, 1)), ir.Constant(_I64, 2))
             with cgutils.for_range(builder, pairs) as loop:
@@ -335,10 +314,7 @@ def make_accumulate_dot(dim: int, group: int, kv_heads: int):
                         w = _splat(builder, w, _V16I)
                         for x in range(2 * chunks):
                             builder.store(_dot_bf16(builder, builder.load(accs[h][x]), w, mixed[x]), accs[h][x])
-            for h in range(heads):
-                for x in range(2 * chunks):
-                    dst = builder.gep(rows[h], [ir.Constant(_I64, 16 * x)])
-                    builder.store(builder.load(accs[h][x]), builder.bitcast(dst, _V16F.as_pointer()), align=4)
+            _store_accumulators(builder, rows, accs)
             return context.get_dummy_value()
         return sig, codegen
     accumulate.__name__ = accumulate.__qualname__ = f"accumulate_dot_{dim}_{group}_{kv_heads}"
