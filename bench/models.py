@@ -89,7 +89,8 @@ def smollm2_1_7b_shape() -> str:
     return folder
 
 
-KV_CACHE_GIB = {"smollm2-1.7b-shape": 4}  # KV space for both servers where 2 GiB would not hold 64 x 256 tokens
+DEFAULT_KV_GIB = 2  # KV space (GiB) for both servers in the serving benchmark
+KV_CACHE_GIB = {"smollm2-1.7b-shape": 4}  # where 2 GiB would not hold 64 x 256 tokens
 MODELS = {"smollm2-135m": smollm2_bf16, "tiny-llama": tiny_llama, "smollm2-1.7b-shape": smollm2_1_7b_shape}
 
 if __name__ == "__main__":

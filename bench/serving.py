@@ -29,7 +29,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
-from models import KV_CACHE_GIB, MODELS  # noqa: E402
+from models import DEFAULT_KV_GIB, KV_CACHE_GIB, MODELS  # noqa: E402
 from serving_report import write_report  # noqa: E402
 
 # The project's environment; elsewhere (a GPU machine with its own packages) the interpreter running this.
@@ -143,11 +143,30 @@ def drive(p: Proc, folder: str, args) -> dict[int, dict]:
     return results
 
 
-def run_scalellm(folder: str, args, flags: tuple[str, ...] = (), viewer: bool = False) -> dict[int, dict]:
+def scalellm_cmd(folder: str, kv_gib: int, *flags: str) -> list[str]:
+    return [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}", "--dtype", "bfloat16",
+            "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory",
+            f"{kv_gib}GiB", *flags]
+
+
+def vllm_cmd(folder: str) -> list[str]:
+    return [VLLM_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port", "{port}",
+            "--host", "127.0.0.1", "--dtype", "bfloat16", "--served-model-name", NAME,
+            "--max-model-len", str(MAX_MODEL_LEN)]
+
+
+def vllm_env(bind: str, kv_gib: int) -> dict[str, str]:
+    """The same KV space as ours; the OpenMP thread binding unless `default`."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    if bind != "default":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    return env
+
+
+def run_scalellm(folder: str, args, flags: tuple[str, ...] = (), viewer: bool = False,
+                 kv_gib: int = DEFAULT_KV_GIB) -> dict[int, dict]:
     """Our server under the workload; `viewer`: with a dashboard page's stream open throughout."""
-    p = Proc("scalellm", [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}", "--dtype", "bfloat16",
-                          "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN),
-                          "--kv-cache-memory", f"{args.kv_gib}GiB", *flags])
+    p = Proc("scalellm", scalellm_cmd(folder, kv_gib, *flags))
     watcher = subprocess.Popen(["curl", "-sN", p.url + "/dashboard/stream"], stdout=subprocess.DEVNULL) if viewer else None
     try:
         return drive(p, folder, args)
@@ -158,14 +177,8 @@ def run_scalellm(folder: str, args, flags: tuple[str, ...] = (), viewer: bool = 
         p.stop()
 
 
-def run_vllm(folder: str, bind: str, args) -> dict[int, dict]:
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib)}
-    if bind != "default":
-        env["VLLM_CPU_OMP_THREADS_BIND"] = bind
-    cmd = [VLLM_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port", "{port}",
-           "--host", "127.0.0.1", "--dtype", "bfloat16", "--served-model-name", NAME,
-           "--max-model-len", str(MAX_MODEL_LEN)]
-    p = Proc(f"vllm-{bind}", cmd, env=env, timeout=600)
+def run_vllm(folder: str, bind: str, args, kv_gib: int = DEFAULT_KV_GIB) -> dict[int, dict]:
+    p = Proc(f"vllm-{bind}", vllm_cmd(folder), env=vllm_env(bind, kv_gib), timeout=600)
     try:
         return drive(p, folder, args)
     finally:
@@ -189,12 +202,12 @@ def run_machine_floor(folder: str, args) -> dict[int, dict]:
         return {int(k): v for k, v in json.load(f)["workload"].items()}
 
 
-def run_compute_floor(folder: str, args) -> dict[int, dict]:
+def run_compute_floor(folder: str, args, kv_gib: int = DEFAULT_KV_GIB) -> dict[int, dict]:
     out = os.path.join(LOGS, "compute_floor.json")
     subprocess.check_call([PY, os.path.join(BENCH, "compute_floor.py"), folder, "--concurrency",
                            ",".join(map(str, args.concurrency)), "--input-len", str(args.input_len),
                            "--output-len", str(args.output_len), "--json", out,
-                           "--kv-cache-memory", f"{args.kv_gib}GiB"], cwd=ROOT)
+                           "--kv-cache-memory", f"{kv_gib}GiB"], cwd=ROOT)
     with open(out) as f:
         return {int(k): v for k, v in json.load(f).items()}
 
@@ -215,20 +228,15 @@ def vllm_bench_serve(url: str, folder: str, concurrency: int, args) -> dict:
     return {k: float(m.group(1)) for k, m in found.items() if m}
 
 
-def cross_check(folder: str, vllm_bind: str, args) -> dict[str, dict]:
+def cross_check(folder: str, vllm_bind: str, args, kv_gib: int = DEFAULT_KV_GIB) -> dict[str, dict]:
     c = max(args.concurrency)
     results = {}
-    p = Proc("scalellm-xcheck", [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}",
-                                 "--dtype", "bfloat16", "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN),
-                                 "--kv-cache-memory", f"{args.kv_gib}GiB"])
+    p = Proc("scalellm-xcheck", scalellm_cmd(folder, kv_gib))
     try:
         results["ScaleLLM"] = vllm_bench_serve(p.url, folder, c, args)
     finally:
         p.stop()
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib), **({"VLLM_CPU_OMP_THREADS_BIND": vllm_bind} if vllm_bind != "default" else {})}
-    p = Proc("vllm-xcheck", [VLLM_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port",
-                             "{port}", "--host", "127.0.0.1", "--dtype", "bfloat16", "--served-model-name", NAME,
-                             "--max-model-len", str(MAX_MODEL_LEN)], env=env, timeout=600)
+    p = Proc("vllm-xcheck", vllm_cmd(folder), env=vllm_env(vllm_bind, kv_gib), timeout=600)
     try:
         results["vLLM"] = vllm_bench_serve(p.url, folder, c, args)
     finally:
@@ -238,7 +246,7 @@ def cross_check(folder: str, vllm_bind: str, args) -> dict[str, dict]:
 
 def bench_model(name: str, args, vllm_version: str) -> dict:
     folder = MODELS[name]()
-    args.kv_gib = KV_CACHE_GIB.get(name, 2)  # the same KV space for both servers
+    kv_gib = KV_CACHE_GIB.get(name, DEFAULT_KV_GIB)  # the same KV space for both servers
     data: dict = {"model": name, "folder": folder, "vllm_version": vllm_version, "repeats": [],
                   "config": {"input_len": args.input_len, "output_len": args.output_len,
                              "concurrency": args.concurrency, "max_model_len": MAX_MODEL_LEN}}
@@ -246,12 +254,12 @@ def bench_model(name: str, args, vllm_version: str) -> dict:
         print(f"== {name}: repeat {r + 1}/{args.repeats}", flush=True)
         rep: dict = {}
         print("  ScaleLLM", flush=True)
-        rep["ScaleLLM"] = run_scalellm(folder, args)
+        rep["ScaleLLM"] = run_scalellm(folder, args, kv_gib=kv_gib)
         if not args.skip_vllm:
             vllm_runs = {}
             for bind in args.vllm_binds:
                 print(f"  vLLM (thread binding: {bind})", flush=True)
-                vllm_runs[bind] = run_vllm(folder, bind, args)
+                vllm_runs[bind] = run_vllm(folder, bind, args, kv_gib)
             # the peer at each concurrency is vLLM under the binding that did best there
             best = {c: max(vllm_runs, key=lambda b: vllm_runs[b][c]["output_throughput"]) for c in args.concurrency}
             rep["vLLM"] = {c: vllm_runs[best[c]][c] for c in args.concurrency}
@@ -260,14 +268,14 @@ def bench_model(name: str, args, vllm_version: str) -> dict:
         print("  HTTP floor", flush=True)
         rep["HTTP floor"] = run_http_floor(folder, args)
         print("  bare forward", flush=True)
-        rep["bare forward"] = run_compute_floor(folder, args)
+        rep["bare forward"] = run_compute_floor(folder, args, kv_gib)
         print("  machine floor", flush=True)
         rep["machine floor"] = run_machine_floor(folder, args)
         data["repeats"].append(rep)
     if not args.skip_vllm and not args.skip_cross_check:
         c = max(args.concurrency)
         print("  cross-check with vllm bench serve", flush=True)
-        data["cross_check"] = cross_check(folder, data["repeats"][-1]["vllm_bind"][c], args)
+        data["cross_check"] = cross_check(folder, data["repeats"][-1]["vllm_bind"][c], args, kv_gib)
     return data
 
 

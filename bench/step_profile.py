@@ -15,6 +15,7 @@ import argparse
 import collections
 import importlib
 import os
+import platform
 import statistics
 import sys
 import time
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(BENCH))
 sys.path.insert(0, BENCH)
 
 from models import MODELS  # noqa: E402
+from serving_report import cpu_flags  # noqa: E402
 from scalellm import LLM, ops  # noqa: E402
 
 ROLES = ("qkv", "o_proj", "gate_up", "down")
@@ -110,8 +112,11 @@ def main() -> None:
     ap.add_argument("--flag", default="cpu_attention.USE_DOT", help="MODULE.NAME in scalellm.ops (A False, B True)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
-    ap.add_argument("--out", default=os.path.join(BENCH, "results", "step_profile.md"))
+    ap.add_argument("--out", help="default: bench/results/step_profile.md for SmolLM2-135M, "
+                    "step_profile_<model>.md for the others")
     args = ap.parse_args()
+    name = "step_profile.md" if args.model == "smollm2-135m" else f"step_profile_{args.model}.md"
+    args.out = args.out or os.path.join(BENCH, "results", name)
     module_name, attr = args.flag.rsplit(".", 1)
     module = importlib.import_module(f"scalellm.ops.{module_name}")
     llm = LLM(MODELS[args.model](), dtype="bfloat16", kv_cache_memory="4GiB")
@@ -130,16 +135,14 @@ def main() -> None:
 
 
 def write(args, shapes, results) -> None:
-    import platform
-
-    from serving_report import cpu_flags
     lines = [f"# Forward step profile: GEMMs, attention and the rest ({args.model}, bfloat16)", "",
              f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
              f"CPU flags: {cpu_flags()}. Command: `.venv/bin/python bench/step_profile.py "
-             f"--model {args.model} --flag {args.flag} --repeats {args.repeats}`. Decode steps at context 192 (every row), prefill: "
-             f"four 128-token prompts in one step. Median of {args.repeats} interleaved repeats (range in brackets), "
-             f"ms per step. GEMMs include their prologue (RMSNorm / SiLU-mul) and residual epilogue; the rest is "
-             f"embedding, rotary and KV write, sampling and Python. Variant A: `{args.flag} = False`, B: `True`.", "",
+             f"--model {args.model} --flag {args.flag} --repeats {args.repeats}`. Decode steps at context 192 "
+             f"(every row), prefill: four 128-token prompts in one step. Median of {args.repeats} interleaved "
+             f"repeats (range in brackets), ms per step. GEMMs include their prologue (RMSNorm / SiLU-mul) and "
+             f"residual epilogue; the rest is embedding, rotary and KV write, sampling and Python. "
+             f"Variant A: `{args.flag} = False`, B: `True`.", "",
              "| step | variant | step ms | GEMMs ms | attention ms | rest ms | non-GEMM share |",
              "|---|---|---:|---:|---:|---:|---:|"]
 

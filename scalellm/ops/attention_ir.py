@@ -200,8 +200,8 @@ def make_accumulate(dim: int, group: int, kv_heads: int):
 
 
 # bfloat16 dot products (AVX512-BF16's vdpbf16ps: each float32 lane += a[2i] * b[2i] + a[2i + 1] * b[2i + 1],
-# the products exact, accumulated in float32), for CPUs that have them (DOT_BF16). LLVM has the instruction
-# as an intrinsic over a bfloat vector type llvmlite cannot spell, so it is emitted as inline assembly.
+# the products exact, accumulated in float32), for CPUs that have them (cpu_attention.uses_dot). LLVM has
+# the instruction as an intrinsic over a bfloat vector type llvmlite cannot spell: inline assembly here.
 _V32S = ir.VectorType(_I16, 32)
 binding.initialize_native_asmparser()  # numba's JIT reads inline assembly only with it
 

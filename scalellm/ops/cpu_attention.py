@@ -5,12 +5,12 @@ sixteen cached positions per call with each K row widened once for the whole que
 float32, values accumulated in registers over each block (attention_ir.py), every KV head taken at
 each position so the cache is read in memory order. On CPUs with AVX512-BF16 it multiplies in
 bfloat16 (vdpbf16ps: exact products summed in float32, no widening of K and V; the softmax weights
-rounded to bfloat16 for the values' products, as GPU flash attention does): ~10-20% less time than
+rounded to bfloat16 for the values' products, as GPU flash attention does): ~5-10% less time than
 float32 products, as reading the KV cache from memory bounds both (bench/results/step_profile.md).
 Other caches (float32: the token-identity tests' dtype) take the plain kernel: each key row read once
-for the group, the accumulator in memory. Both walk each row's blocks in order, the threads taking runs of rows of
-about equal work (balanced_parts); small batches run serial builds (a parallel launch costs more than
-their work). The kernels release the GIL. bfloat16 prefill tokens take the IR kernel too, each as a
+for the group, the accumulator in memory. Both walk each row's blocks in order, the threads taking runs
+of rows of about equal work (balanced_parts); small batches run serial builds (a parallel launch costs
+more than their work). The kernels release the GIL. bfloat16 prefill tokens take the IR kernel too, each as a
 decode row over its own causal context, in the same call as the step's decodes
 (attention_metadata.prefill_as_decode; routed in ops.paged_attention).
 """
@@ -48,7 +48,7 @@ _IR = hashlib.sha1(inspect.getsource(attention_ir).encode()).hexdigest()[:10]
 _SCORES = _ACCUMULATE = None  # the intrinsics, bound per (head_dim, group, kv_heads) build by _ir_kernel
 _DOT, _DIMS = False, np.zeros(0, np.int64)  # bound by _ir_kernel too: dot products; the accumulator's order
 # bfloat16 dot products for the scores and the values where the CPU has them (AVX512-BF16): ~10% less time
-# with the cache in the CPU's caches, ~5-10% from memory; the values' weights are rounded to bfloat16
+# with the cache in the CPU's caches, ~5-10% reading it from memory; the values' weights are rounded to bfloat16
 # (tests bound the error). False: float32 products.
 USE_DOT = True
 _HOST_DOT = bool(llvm.get_host_cpu_features().get("avx512bf16", False))

@@ -227,7 +227,7 @@ class OpenAIServing:
         return web.Response(body=P.encoder.encode(body), content_type="application/json")
 
     async def _stream(self, request, kind, req, rid, created, prompts, params, deltas, stages,
-                      record, tools=None, engine_rid=None) -> web.StreamResponse:
+                      record, tools, engine_rid: str) -> web.StreamResponse:
         model, fmt, n = self.server.model_name, self.server.formatter, params.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         usage_field = None if include_usage else msgspec.UNSET
@@ -263,7 +263,7 @@ class OpenAIServing:
             if not params.num_to_run:  # every choice had finished: what is left is the usage and [DONE]
                 await deltas.aclose()
             elif direct:
-                await self._stream_direct(request, prompts[0], params, engine_rid or rid, framer, stages, record)
+                await self._stream_direct(request, prompts[0], params, engine_rid, framer, stages, record)
             else:
                 async with contextlib.aclosing(deltas) as stream:
                     async for batch in stream:
