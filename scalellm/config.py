@@ -65,6 +65,7 @@ class EngineConfig:
     cuda_graph_max_batch: int = 64  # decode batches up to this size replay CUDA graphs (cuda); 0: never
     overlap_steps: bool | None = None  # detokenize a step's tokens during the next; None: on the CUDA kernels
     compact_json: bool = True  # JSON constraints allow no free whitespace unless a request asks for it
+    speculative_config: str | dict | None = None  # vLLM's JSON form (engine/spec_decode/config.py)
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
@@ -87,3 +88,6 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
         self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        from scalellm.engine.spec_decode.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

@@ -187,13 +187,13 @@ def poison_sampling(monkeypatch, engine, poisoned: str) -> None:
 
 
 def poison_detokenizing(monkeypatch, engine, poisoned: str) -> None:
-    detokenize = engine_module.detokenize_newest
+    detokenize = engine_module.detokenize_new
 
     def poisoned_detokenize(detokenizer, seq):
         if seq.request_id == poisoned and seq.num_output_tokens >= 3:
             raise UnicodeError("injected detokenizer fault")
         return detokenize(detokenizer, seq)
-    monkeypatch.setattr(engine_module, "detokenize_newest", poisoned_detokenize)
+    monkeypatch.setattr(engine_module, "detokenize_new", poisoned_detokenize)
 
 
 @pytest.mark.parametrize("stage,poison", [("sampling", poison_sampling), ("detokenization", poison_detokenizing)])

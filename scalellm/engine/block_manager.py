@@ -89,6 +89,15 @@ class BlockManager:
             seq.block_table.append(self._take())
         return True
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the sequence's blocks past those its first num_tokens tokens need (rejected drafts')."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+
     def share_prefix(self, parent: Sequence, child: Sequence, num_blocks: int) -> None:
         """Let a forked sample reuse the parent's first num_blocks (full) blocks."""
         for block in parent.block_table[:num_blocks]:

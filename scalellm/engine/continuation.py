@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from scalellm.engine.detokenizer import Detokenizer
-from scalellm.engine.output_processor import append_token_id, detokenize_newest, take_delta
+from scalellm.engine.output_processor import append_token_id, detokenize_new, take_delta
 from scalellm.engine.sequence import Sequence
 from scalellm.outputs import StreamDelta
 from scalellm.sampling_params import SamplingParams
@@ -36,7 +36,7 @@ def resumed_sequences(new_sequence: Callable[[int], Sequence], params: SamplingP
             append_token_id(seq, token, None, eos_token_ids, max_model_len)
             if seq.grammar is not None and seq.finish_reason in (None, "length"):
                 advance_grammar(seq, token)
-            detokenize_newest(detokenizer, seq)
+            detokenize_new(detokenizer, seq)
             delta = take_delta(seq)
             delta.timings = None
             if seq.finish_reason is not None:

@@ -71,17 +71,18 @@ class Detokenizer:
             pad = [b""] * max(0, vocab_size - len(self.tables[0]))
             self.tables = (self.tables[0] + pad, self.tables[1] + pad)
 
-    def step(self, seq: Sequence) -> str:
-        """Text added by the sequence's newest token ("" while a character is incomplete)."""
+    def step(self, seq: Sequence, i: int = -1) -> str:
+        """Text added by the sequence's token i, the one after those already decoded (by default the
+        newest); "" while a character is incomplete."""
         if self.tokenizer is None:
             return ""
         if self.tables is None:
-            return self._window_step(seq)
+            return self._window_step(seq, len(seq.token_ids) if i == -1 else i + 1)
         utf8 = seq.utf8
         if utf8 is None:
             utf8 = seq.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         table = self.tables[0] if seq.params.skip_special_tokens else self.tables[1]
-        return utf8.decode(table[seq.token_ids[-1]])
+        return utf8.decode(table[seq.token_ids[i]])
 
     def flush(self, seq: Sequence) -> str:
         """At the end of a sequence: what a character left incomplete decodes to (U+FFFD), or ""."""
@@ -89,11 +90,11 @@ class Detokenizer:
             return ""
         return seq.utf8.decode(b"", True)
 
-    def _window_step(self, seq: Sequence) -> str:
-        """Decodes a short window of recent tokens and waits while it ends inside a multi-byte
-        character (shown by U+FFFD), so deltas are always whole characters."""
+    def _window_step(self, seq: Sequence, end: int) -> str:
+        """Decodes a short window of recent tokens (up to end) and waits while it ends inside a
+        multi-byte character (shown by U+FFFD), so deltas are always whole characters."""
         skip = seq.params.skip_special_tokens
-        ids = seq.token_ids
+        ids = seq.token_ids[:end] if end < len(seq.token_ids) else seq.token_ids
         prefix_text = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
         new_text = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):

@@ -15,10 +15,11 @@ from scalellm.engine.continuation import resumed_sequences, validate_continuatio
 from scalellm.engine.detokenizer import Detokenizer
 from scalellm.engine.logits_processors import LogitsProcessor, prepare
 from scalellm.engine.model_runner import ModelRunner, kv_bytes_per_token
-from scalellm.engine.output_processor import append_token_id, detokenize_newest, take_delta
+from scalellm.engine.output_processor import append_token_id, detokenize_new, take_delta
 from scalellm.engine.sampler import SampleResult, Sampler
 from scalellm.engine.scheduler import Scheduler
 from scalellm.engine.sequence import Sequence
+from scalellm.engine.spec_decode import DraftRow, SpeculativeConfig, Speculator, num_accepted, sampler_rows
 from scalellm.model.loader import LoadedModel, load_model
 from scalellm.ops import jit
 from scalellm.outputs import StreamDelta
@@ -84,6 +85,7 @@ class LLMEngine:
         self.logits_processor = LogitsProcessor(vocab)
         self.sampler = Sampler(sorted(self.eos_token_ids), self.runner.device if self.runner.cuda_kernels else None,
                                self.logits_processor)
+        self.speculator = self._speculator(SpeculativeConfig.parse(config.speculative_config))
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         # detokenize a step's tokens while the device computes the next (on the CUDA kernels by default)
@@ -97,6 +99,14 @@ class LLMEngine:
         self._warm_up()
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size,
                  num_blocks * config.block_size)
+
+    def _speculator(self, config: SpeculativeConfig | None) -> Speculator | None:
+        if config is None:
+            return None
+        # Rows a step can verify nearly for free: on the CPU a decode step costs about the same up to
+        # ~32 rows (the weights are read once either way); a GPU has far more.
+        rows = 32 if self.runner.device.type == "cpu" else 256
+        return Speculator(config, self.max_model_len, rows)
 
     def _fresh_scheduler(self) -> None:
         c = self.config
@@ -124,6 +134,8 @@ class LLMEngine:
         self.runner.kv_cache.zero_()
         self._fresh_scheduler()
         self.num_steps, self.forward_seconds = 0, 0.0
+        if self.speculator is not None:  # counters from zero
+            self.speculator = self._speculator(self.speculator.config)
         log.info("warm-up took %.1f s: %s", time.perf_counter() - start, jit.summary(first))
 
     @property
@@ -237,7 +249,11 @@ class LLMEngine:
         detokenized during the next step, while the device computes it: their deltas come one step
         later, and a stop string ends its sequence one step later (the extra token is dropped)."""
         replayed, self._replayed = self._replayed, []
+        if self.speculator is not None:
+            self.speculator.plan(self.scheduler.running)
         batch = self.scheduler.schedule()
+        if self.speculator is not None:
+            self.speculator.fill([s for s, _ in batch.items])
         start = time.perf_counter()
         launched = self._launch(batch) if batch.items else None
         if self.overlap:
@@ -264,9 +280,12 @@ class LLMEngine:
         logits, ready = self.runner.run(decodes, prefills)
         bs = self.block_manager.block_size
         for seq, n in batch.items:
+            if seq.draft:  # it moves by what is accepted (_collect_verified)
+                continue
             seq.num_computed += n
             if seq.num_computed // bs > len(seq.block_hashes):
                 self.block_manager.register_full_blocks(seq)
+        ready = sampler_rows(ready)  # a verifying sequence's rows are DraftRows
         rows = None  # logits row of each ready sequence, once forks share their parent's row
         num_ready = len(ready)
         for row in range(num_ready):
@@ -309,11 +328,22 @@ class LLMEngine:
         if sampled is None:
             sampled = self.sampler.collect(started)
         eos, max_len = self.eos_token_ids, self.max_model_len
-        for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
+        tokens, logprobs = sampled.token_ids, sampled.logprobs
+        i = 0
+        while i < len(seqs):
+            seq = seqs[i]
+            if isinstance(seq, DraftRow):  # k + 1 rows of one sequence verifying k drafts
+                seq = seq.seq
+                n = len(seq.draft) + 1
+                self._collect_verified(seq, tokens[i:i + n], logprobs[i:i + n])
+                i += n
+                continue
+            i += 1
             if seq.finished:  # ended by a stop string while this step ran (overlap), or aborted
                 continue
+            token = tokens[i - 1]
             try:
-                append_token_id(seq, token, logprob, eos, max_len)
+                append_token_id(seq, token, logprobs[i - 1], eos, max_len)
                 if seq.grammar is not None and seq.finish_reason in (None, "length"):
                     advance_grammar(seq, token)
             except Exception as e:
@@ -323,6 +353,34 @@ class LLMEngine:
                 self.scheduler.finish(seq)
             self._pending.append(seq)
 
+    def _collect_verified(self, seq: Sequence, tokens: list[int], logprobs: list) -> None:
+        """Append the accepted drafts and the target's own next token, each through the stops; then the
+        sequence's computed length covers its accepted tokens only, and the rejected drafts' blocks go."""
+        draft, seq.draft = seq.draft, []
+        if seq.finished:
+            return
+        accepted = num_accepted(draft, tokens)
+        self.speculator.count(seq, accepted, len(draft))
+        try:
+            for token, logprob in zip(tokens[:accepted + 1], logprobs[:accepted + 1]):
+                append_token_id(seq, token, logprob, self.eos_token_ids, self.max_model_len)
+                if seq.grammar is not None and seq.finish_reason in (None, "length"):
+                    advance_grammar(seq, token)
+                if seq.finish_reason is not None:
+                    break
+        except Exception as e:
+            self._fail(seq.request_id, "appending its tokens", e)
+            return
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+        else:
+            seq.num_computed = seq.num_tokens - 1
+            bm = self.block_manager
+            if seq.num_computed // bm.block_size > len(seq.block_hashes):
+                bm.register_full_blocks(seq)
+            bm.trim(seq, seq.num_tokens)
+        self._pending.append(seq)
+
     def _detokenize_pending(self) -> list[StreamDelta]:
         deltas = []
         for seq in self._pending:
@@ -330,7 +388,7 @@ class LLMEngine:
                 continue
             running = seq.finish_reason is None
             try:
-                detokenize_newest(self.detokenizer, seq)
+                detokenize_new(self.detokenizer, seq)
                 delta = take_delta(seq)
             except Exception as e:
                 self._fail(seq.request_id, "detokenization", e)
@@ -385,6 +443,7 @@ class LLMEngine:
             "grammar_mask_seconds": self.logits_processor.mask_seconds,
             "grammar_mask_steps": self.logits_processor.mask_steps,
             "grammars_compiled": self.grammars.num_compiled,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         }
 
 

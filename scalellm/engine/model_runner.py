@@ -108,9 +108,11 @@ class ModelRunner:
         self.tables.release(seq)
 
     def run(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """One forward pass: every decode sequence's next token, then each prefill chunk (sequence, tokens).
+        """One forward pass: every decode sequence's next token, then each chunk (sequence, tokens): a
+        prompt's next tokens, or a sequence's newest token and its drafts (seq.draft) to verify.
         Returns the logits (in the model's dtype) of the sequences whose tokens are now all computed, and
-        those sequences."""
+        those sequences: one row each, in order, except that a sequence verifying k drafts has k + 1 rows
+        (the target's logits after its newest token and after each draft)."""
         bs = self.block_size
         nd = len(decodes)
         ids_parts, pos_parts, slot_parts = [], [], []
@@ -132,12 +134,16 @@ class ModelRunner:
             start = seq.num_computed
             pos = np.arange(start, start + n, dtype=np.int64)
             table = np.asarray(seq.block_table, dtype=np.int64)
-            ids_parts.append(np.asarray(seq.token_ids[start:start + n], dtype=np.int64))
+            ids = seq.token_ids[start:start + n] if not seq.draft else seq.token_ids[start:] + seq.draft
+            ids_parts.append(np.asarray(ids, dtype=np.int64))
             pos_parts.append(pos)
             slot_parts.append(table[pos // bs] * bs + pos % bs)
             specs.append((offset, n, start + n, seq.block_table))
             offset += n
-            if start + n == seq.num_tokens:
+            if seq.draft:
+                ready.append(seq)
+                rows_out.extend(range(offset - n, offset))
+            elif start + n == seq.num_tokens:
                 ready.append(seq)
                 rows_out.append(offset - 1)
         meta = ops.build_attention_metadata(bs, _cat(slot_parts), tables if nd else [], lens if nd else [], specs,

@@ -47,15 +47,27 @@ def append_token_id(seq: Sequence, token: int, logprob: Logprob | None, eos_toke
     check_stop_token(seq, token, eos_token_ids, max_model_len)
 
 
-def detokenize_newest(detokenizer: Detokenizer, seq: Sequence) -> None:
-    """Text for the newest token and the stop strings, which outrank a length stop at the same token
-    (EOS and stop ids outrank them); at the end, what an incomplete character decodes to."""
+def detokenize_new(detokenizer: Detokenizer, seq: Sequence) -> None:
+    """Text for the tokens appended since the last call (one, or several after a speculative step),
+    token by token, and the stop strings, which outrank a length stop at the same token (EOS and stop
+    ids outrank them); a stop string inside the new tokens drops those after it. At the end, what an
+    incomplete character decodes to."""
     start = time.monotonic()
-    delta = detokenizer.step(seq)
-    seq.text += delta
     p = seq.params
-    if seq.finish_reason in (None, "length") and p.stop_list and seq.num_output_tokens >= p.min_tokens:
-        _truncate_at_stop_string(seq, len(delta))
+    end = len(seq.token_ids)
+    while seq.num_detokenized < end:
+        i = seq.num_detokenized
+        seq.num_detokenized += 1
+        delta = detokenizer.step(seq, i)
+        seq.text += delta
+        last = i + 1 == end
+        if (p.stop_list and (not last or seq.finish_reason in (None, "length"))
+                and i + 1 - seq.prompt_len >= p.min_tokens and _truncate_at_stop_string(seq, len(delta))):
+            if not last:
+                del seq.token_ids[i + 1:]
+                if seq.logprobs is not None:
+                    del seq.logprobs[i + 1 - seq.prompt_len:]
+            break
     if seq.finish_reason is not None and not isinstance(seq.stop_reason, str):
         seq.text += detokenizer.flush(seq)  # a character left incomplete at the end
     seq.detokenize_seconds += time.monotonic() - start
@@ -65,7 +77,7 @@ def append_token(detokenizer: Detokenizer, seq: Sequence, token: int, logprob: L
                  eos_token_ids: frozenset[int], max_model_len: int) -> None:
     """Both halves at once."""
     append_token_id(seq, token, logprob, eos_token_ids, max_model_len)
-    detokenize_newest(detokenizer, seq)
+    detokenize_new(detokenizer, seq)
 
 
 def take_delta(seq: Sequence) -> StreamDelta:

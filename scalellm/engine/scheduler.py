@@ -1,7 +1,8 @@
 """Continuous batching with chunked prefill and preemption by recompute.
 
-Each step gets a token budget. Running sequences go first (decodes cost one token each, an
-unfinished prompt continues with its next chunk), then waiting sequences are admitted in arrival
+Each step gets a token budget. Running sequences go first (decodes cost one token each, plus their
+speculative drafts, which shrink or go before anyone is preempted; an unfinished prompt continues with
+its next chunk), then waiting sequences are admitted in arrival
 order while budget, blocks and the max_num_seqs limit allow. When blocks run out, the most recently
 admitted sequence is preempted: its blocks are freed and it returns to the front of the queue, to be
 recomputed later (the prefix cache usually gives most of its blocks back).
@@ -54,7 +55,12 @@ class Scheduler:
         idx = 0
         while idx < len(running) and budget > 0:
             seq = running[idx]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            if len(seq.draft) >= budget:  # drafts fit the budget or shrink
+                del seq.draft[budget - 1:]
+            n = min(seq.num_tokens - seq.num_computed + len(seq.draft), budget)
+            if seq.draft and not self.bm.ensure(seq, seq.num_computed + n):
+                seq.draft = []  # drafts give way before anyone is preempted
+                n = min(seq.num_tokens - seq.num_computed, budget)
             while not self.bm.ensure(seq, seq.num_computed + n):
                 victim = running.pop()
                 self._preempt(victim)
@@ -87,6 +93,7 @@ class Scheduler:
         return batch
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.draft = []
         self.bm.free_sequence(seq)
         self.on_release(seq)
         seq.prefix_looked_up = False

@@ -38,10 +38,15 @@ class Sequence:
     first_token_time: float | None = None
     detokenize_seconds: float = 0.0
     num_preemptions: int = 0
+    # speculative decoding: this step's draft tokens (verified after the newest token), and the recent
+    # mean of drafts accepted per step, which sizes the next drafts
+    draft: list[int] = field(default_factory=list)
+    spec_accept_avg: float = 16.0
     # detokenization and output state
     utf8: codecs.IncrementalDecoder | None = None  # byte-level tokenizers: the text decoder so far
     prefix_offset: int = 0
     read_offset: int = 0
+    num_detokenized: int = 0  # tokens whose text is in `text`
     text: str = ""
     emitted_text_len: int = 0
     emitted_tokens: int = 0
@@ -57,7 +62,7 @@ class Sequence:
         if not self.seed:
             seed = self.params.seed
             self.seed = (random.getrandbits(64) if seed is None else seed) % (1 << 64)
-        self.read_offset = self.prompt_len
+        self.read_offset = self.num_detokenized = self.prompt_len
         self.prefix_offset = max(self.prompt_len - 5, 0)
         if self.params.logprobs is not None:
             self.logprobs = []

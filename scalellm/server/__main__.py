@@ -92,6 +92,10 @@ def build_parser(prog: str = "python -m scalellm.server", model_positional: bool
                     help='structured outputs settings as JSON, in vLLM\'s keys: {"backend": "auto"|"guidance", '
                          '"disable_any_whitespace": true}; JSON constraints are compact (no free whitespace) '
                          'unless disable_any_whitespace is false')
+    ap.add_argument("--speculative-config", default=None, metavar="JSON",
+                    help='speculative decoding, in vLLM\'s form: {"method": "ngram", "num_speculative_tokens": 4, '
+                         '"prompt_lookup_min": 2, "prompt_lookup_max": 5} or a draft model of the same tokenizer: '
+                         '{"model": PATH, "num_speculative_tokens": 4}; optional "disable_by_batch_size": N')
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     return ap
 
@@ -164,7 +168,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
                               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                               kv_cache_memory=args.kv_cache_memory,
                               enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
-                              cuda_graph_max_batch=args.cuda_graph_max_batch, compact_json=args.compact_json)
+                              cuda_graph_max_batch=args.cuda_graph_max_batch, compact_json=args.compact_json,
+                              speculative_config=args.speculative_config)
         model_path = args.model or default_model_path()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -42,7 +42,8 @@ def read_counters(registry) -> dict:
                         "scalellm:stage_requests_total", "scalellm:prefix_cache_queries_total",
                         "scalellm:prefix_cache_hits_total", "scalellm:num_preemptions_total",
                         "scalellm:grammar_mask_seconds_total", "scalellm:grammar_mask_steps_total",
-                        "scalellm:structured_output_requests_total"):
+                        "scalellm:structured_output_requests_total", "vllm:spec_decode_num_drafts_total",
+                        "vllm:spec_decode_num_accepted_tokens_total"):
                 key = name.split(":")[1].removesuffix("_total")
                 out[key] = out.get(key, 0.0) + s.value
             elif name == "scalellm:requests_total":
@@ -223,6 +224,9 @@ class Dashboard(LiveStream):
         mask_seconds = c.get("grammar_mask_seconds", 0.0) - r.get("grammar_mask_seconds", 0.0)
         point["mask_ms_per_step"] = 1000.0 * mask_seconds / mask_steps if mask_steps else None
         point["constrained"] = c.get("structured_output_requests", 0.0)
+        drafts = c.get("spec_decode_num_drafts", 0.0) - w.get("spec_decode_num_drafts", 0.0)
+        accepted = c.get("spec_decode_num_accepted_tokens", 0.0) - w.get("spec_decode_num_accepted_tokens", 0.0)
+        point["spec_acceptance_length"] = 1.0 + accepted / drafts if drafts else None
         point["latency"] = {}
         for k in LATENCIES:
             window = _delta_buckets(c["buckets"][k], w["buckets"][k])

@@ -73,11 +73,29 @@ class _EngineCollector:
             family = CounterMetricFamily(f"scalellm:{name}", doc, labels=["model_name"])
             family.add_metric(label, value)
             yield family
+        if "spec_num_drafts" in s:
+            yield from _spec_decode_counters(s, label)
         for prefix in ("scalellm", "vllm"):  # the KV cache's shape, as vLLM's cache_config_info reports it
             family = GaugeMetricFamily(f"{prefix}:cache_config_info", "KV-cache configuration (in the labels)",
                                        labels=["model_name", "block_size", "num_gpu_blocks"])
             family.add_metric([*label, str(s["block_size"]), str(s["num_blocks"])], 1.0)
             yield family
+
+
+def _spec_decode_counters(s: dict, label: list[str]):
+    """Speculative decoding's counters, in vLLM's names (mean acceptance length: 1 + accepted / drafts)."""
+    for name, doc, key in (("num_drafts", "Steps in which a sequence verified drafts", "spec_num_drafts"),
+                           ("num_draft_tokens", "Draft tokens proposed and verified", "spec_num_draft_tokens"),
+                           ("num_accepted_tokens", "Draft tokens the target model accepted",
+                            "spec_num_accepted_tokens")):
+        family = CounterMetricFamily(f"vllm:spec_decode_{name}", doc, labels=["model_name"])
+        family.add_metric(label, s[key])
+        yield family
+    family = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                 "Draft tokens accepted, by their position in the draft", labels=["model_name", "position"])
+    for position, value in enumerate(s["spec_accepted_per_pos"]):
+        family.add_metric([*label, str(position)], value)
+    yield family
 
 
 class Metrics:

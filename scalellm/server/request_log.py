@@ -38,6 +38,7 @@ async def log_stats(server, interval: float) -> None:
     metrics = server.metrics
     last_prompt, last_generated = metrics.totals()
     last_time = time.monotonic()
+    last_spec = (0, 0, 0)
     while True:
         await asyncio.sleep(interval)
         if server.engine is None:
@@ -55,4 +56,13 @@ async def log_stats(server, interval: float) -> None:
                            s["num_running"], s["num_waiting"], (prompt - last_prompt) / dt,
                            (generated - last_generated) / dt, 100.0 * s["kv_cache_usage"], hit_rate,
                            s["num_preemptions"])
+            if "spec_num_drafts" in s:
+                drafts = s["spec_num_drafts"] - last_spec[0]
+                accepted = s["spec_num_accepted_tokens"] - last_spec[2]
+                proposed = s["spec_num_draft_tokens"] - last_spec[1]
+                stats_log.info("speculative decoding: mean acceptance length %.2f, accepted %d of %d draft "
+                               "tokens (%.1f%%) in %d drafts", 1 + accepted / drafts if drafts else 1.0, accepted,
+                               proposed, 100.0 * accepted / proposed if proposed else 0.0, drafts)
+        if "spec_num_drafts" in s:
+            last_spec = (s["spec_num_drafts"], s["spec_num_draft_tokens"], s["spec_num_accepted_tokens"])
         last_prompt, last_generated, last_time = prompt, generated, now

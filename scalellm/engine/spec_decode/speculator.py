@@ -1,0 +1,86 @@
+"""Which running sequences draft this step, how many tokens each, and how many of them the target
+accepted (the counters behind vllm:spec_decode_* metrics).
+
+Drafting is throttled so it never costs throughput: verifying k drafts adds k rows to the step, which
+is nearly free while the batch is small (the step reads the weights once either way) and not once the
+GEMMs are compute-bound. So a step gets drafts for at most `max_step_rows` rows in all (decodes plus
+drafts), none at `disable_by_batch_size` running sequences or more, and each sequence drafts about as
+many tokens as it has lately had accepted, plus one.
+"""
+from __future__ import annotations
+
+from scalellm.engine.sequence import Sequence
+from scalellm.engine.spec_decode import ngram
+from scalellm.engine.spec_decode.config import SpeculativeConfig
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, max_step_rows: int, draft_model=None):
+        self.config = config
+        self.k = config.num_speculative_tokens
+        self.max_model_len = max_model_len
+        self.max_step_rows = max_step_rows
+        self.draft_model = draft_model  # spec_decode.draft_model.DraftModel, or None for n-gram
+        self.num_drafts = 0  # sequences' steps that verified drafts
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.accepted_per_pos = [0] * self.k
+
+    def plan(self, running: list[Sequence]) -> None:
+        """Set each running sequence's drafts for the coming step (n-gram: the tokens; a draft model:
+        placeholders that fill() replaces once the step is scheduled)."""
+        decodes = []
+        for seq in running:
+            seq.draft = []
+            if seq.num_computed == seq.num_tokens - 1 and not seq.pending_forks:
+                decodes.append(seq)
+        limit = self.config.disable_by_batch_size
+        if limit is not None and len(running) >= limit:
+            return
+        budget = self.max_step_rows - len(decodes)
+        c = self.config
+        for seq in decodes:
+            if budget <= 0:
+                break
+            if seq.grammar is not None:  # a constrained request does not speculate
+                continue
+            k = min(self.k, int(seq.spec_accept_avg) + 1, budget, self.max_model_len - seq.num_tokens - 1)
+            if seq.params.max_tokens is not None:
+                k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
+            if k <= 0:
+                continue
+            if self.draft_model is None:
+                seq.draft = ngram.propose(seq.token_ids, k, c.prompt_lookup_min, c.prompt_lookup_max)
+            else:
+                seq.draft = [0] * k
+            budget -= len(seq.draft)
+
+    def fill(self, seqs: list[Sequence]) -> None:
+        """A draft model's tokens for the scheduled sequences that draft."""
+        if self.draft_model is not None:
+            drafting = [s for s in seqs if s.draft]
+            if drafting:
+                self.draft_model.propose(drafting)
+
+    def count(self, seq: Sequence, accepted: int, num_draft: int) -> None:
+        """accepted: how many of the sequence's num_draft drafts the target confirmed (a prefix)."""
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += accepted
+        for i in range(accepted):
+            self.accepted_per_pos[i] += 1
+        seq.spec_accept_avg = 0.5 * seq.spec_accept_avg + 0.5 * accepted
+
+    def stats(self) -> dict:
+        return {"spec_num_drafts": self.num_drafts, "spec_num_draft_tokens": self.num_draft_tokens,
+                "spec_num_accepted_tokens": self.num_accepted_tokens,
+                "spec_accepted_per_pos": list(self.accepted_per_pos)}
+
+
+def num_accepted(draft: list[int], sampled: list[int]) -> int:
+    """How many drafts the target's own tokens confirm: the longest prefix where each draft equals the
+    token the target sampled (or chose greedily) at its position, given the drafts before it."""
+    j = 0
+    while j < len(draft) and sampled[j] == draft[j]:
+        j += 1
+    return j
