@@ -157,3 +157,46 @@ def model_greedy(model, prompt: list[int], max_new_tokens: int, chunk: int = 24,
         hidden = model.forward(torch.tensor(out[-1:]), torch.tensor([p]), cache, meta)
         out.append(int(model.logits(hidden).argmax()))
     return out
+
+
+def deepened_checkpoint(folder: str, dest: str, extra_layers: int, seed: int = 0) -> str:
+    """The checkpoint with extra decoder layers appended whose o_proj and down_proj are zero: the same
+    outputs at a higher cost (a target a smaller draft model predicts exactly)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    layers = model.model.layers
+    for _ in range(extra_layers):
+        layer = copy.deepcopy(layers[len(layers) % len(layers) - 1])
+        for name, param in layer.named_parameters():
+            with torch.no_grad():
+                param.normal_(0.0, 0.05) if param.dim() > 1 else param.uniform_(0.5, 1.5)
+        layer.self_attn.o_proj.weight.data.zero_()
+        layer.mlp.down_proj.weight.data.zero_()
+        layer.self_attn.layer_idx = len(layers)
+        layers.append(layer)
+    model.config.num_hidden_layers = len(layers)
+    if hasattr(model.config, "layer_types") and model.config.layer_types is not None:
+        model.config.layer_types = [model.config.layer_types[0]] * len(layers)
+    model.save_pretrained(dest)
+    bundled_tokenizer().save_pretrained(dest)
+    return dest
+
+
+def perturbed_checkpoint(folder: str, dest: str, scale: float, seed: int = 0) -> str:
+    """The checkpoint with seeded noise of `scale` times each weight's spread added: a model that agrees
+    with the original on some tokens and not on others (a draft model of partial acceptance)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.add_(torch.randn_like(param) * param.std() * scale)
+    model.save_pretrained(dest)
+    bundled_tokenizer().save_pretrained(dest)
+    return dest

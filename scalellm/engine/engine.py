@@ -19,7 +19,8 @@ from scalellm.engine.output_processor import append_token_id, detokenize_new, ta
 from scalellm.engine.sampler import SampleResult, Sampler
 from scalellm.engine.scheduler import Scheduler
 from scalellm.engine.sequence import Sequence
-from scalellm.engine.spec_decode import DraftRow, SpeculativeConfig, Speculator, num_accepted, sampler_rows
+from scalellm.engine.spec_decode import DraftRow, SpeculativeConfig, Speculator, num_accepted, rejection, sampler_rows
+from scalellm.engine.spec_decode.draft_model import DraftModel, load_draft_model
 from scalellm.model.loader import LoadedModel, load_model
 from scalellm.ops import jit
 from scalellm.outputs import StreamDelta
@@ -73,10 +74,15 @@ class LLMEngine:
         self.model_config = loaded.config
         context = loaded.config.max_position_embeddings  # a sliding window limits attention, not the context
         self.max_model_len = min(config.max_model_len or context, context)
+        spec = config.speculative_config
+        draft = load_draft_model(spec, config, loaded) if spec is not None and spec.model else None
         per_block = kv_bytes_per_token(loaded.model) * config.block_size
+        if draft is not None:  # the draft's pages beside the target's, under the same block ids
+            per_block += kv_bytes_per_token(draft.model) * config.block_size
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory // per_block)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.max_model_len,
                                   config.cuda_graph_max_batch)
+        self.draft_model = DraftModel(draft, num_blocks, config.block_size, self.max_model_len) if draft else None
         self._fresh_scheduler()
         self.detokenizer = Detokenizer(self.tokenizer, loaded.config.vocab_size)
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
@@ -85,7 +91,7 @@ class LLMEngine:
         self.logits_processor = LogitsProcessor(vocab)
         self.sampler = Sampler(sorted(self.eos_token_ids), self.runner.device if self.runner.cuda_kernels else None,
                                self.logits_processor)
-        self.speculator = self._speculator(SpeculativeConfig.parse(config.speculative_config))
+        self.speculator = self._speculator(spec)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         # detokenize a step's tokens while the device computes the next (on the CUDA kernels by default)
@@ -106,13 +112,18 @@ class LLMEngine:
         # Rows a step can verify nearly for free: on the CPU a decode step costs about the same up to
         # ~32 rows (the weights are read once either way); a GPU has far more.
         rows = 32 if self.runner.device.type == "cpu" else 256
-        return Speculator(config, self.max_model_len, rows)
+        return Speculator(config, self.max_model_len, rows, self.draft_model)
 
     def _fresh_scheduler(self) -> None:
         c = self.config
         self.block_manager = BlockManager(self.runner.kv_cache.shape[2], c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens)
-        self.scheduler.on_release = self.runner.release
+        self.scheduler.on_release = self._release
+
+    def _release(self, seq: Sequence) -> None:
+        self.runner.release(seq)
+        if self.draft_model is not None:
+            self.draft_model.release(seq)
 
     def _warm_up(self) -> None:
         """Compile (or load from the cache) every kernel a request can reach, before serving: the
@@ -121,6 +132,8 @@ class LLMEngine:
         start, first = time.perf_counter(), len(jit.compiles())
         with jit.warming_up():
             self.runner.warm_up()
+            if self.draft_model is not None:
+                self.draft_model.warm_up()
             prompt = [t % self.model_config.vocab_size for t in range(1, min(10, self.max_model_len - 3))]
             everything = SamplingParams(n=2, max_tokens=3, min_tokens=1, temperature=0.8, top_k=5, top_p=0.9,
                                         min_p=0.05, presence_penalty=0.5, frequency_penalty=0.5,
@@ -297,9 +310,21 @@ class LLMEngine:
         if rows is not None:
             logits = logits[rows]
         try:
-            return ready, self.sampler.launch(logits, ready), None
+            started = self.sampler.launch(logits, ready)
         except Exception:
             return self._sample_rows_alone(logits, ready)
+        if self.draft_model is not None:
+            self._rejection_sample(logits, ready)
+        return ready, started, None
+
+    def _rejection_sample(self, logits: torch.Tensor, rows: list) -> None:
+        """Verdicts on a draft model's sampled drafts, from the target's logits (as the sampler changed
+        them: masks and biases) and the draft's distributions."""
+        for i, row in enumerate(rows):
+            if isinstance(row, DraftRow) and row.j == 0 and row.seq.draft_probs is not None:
+                seq = row.seq
+                seq.spec_verdict = rejection.verify(logits[i:i + len(seq.draft) + 1].float(), seq, seq.draft,
+                                                    seq.draft_probs)
 
     def _sample_rows_alone(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple:
         """After sampling the batch raised: sample each row on its own, ending the requests whose rows
@@ -357,12 +382,19 @@ class LLMEngine:
         """Append the accepted drafts and the target's own next token, each through the stops; then the
         sequence's computed length covers its accepted tokens only, and the rejected drafts' blocks go."""
         draft, seq.draft = seq.draft, []
+        verdict, seq.spec_verdict = seq.spec_verdict, None
         if seq.finished:
             return
-        accepted = num_accepted(draft, tokens)
-        self.speculator.count(seq, accepted, len(draft))
+        if verdict is None:  # the target's own tokens decide
+            accepted = num_accepted(draft, tokens)
+            tokens, logprobs = tokens[:accepted + 1], logprobs[:accepted + 1]
+        else:  # rejection sampling's
+            accepted, replacement = verdict
+            tokens = draft[:accepted] + [tokens[accepted] if replacement is None else replacement]
+            logprobs = [None] * len(tokens)
+        self.speculator.count(seq, accepted, len(draft), seq.num_tokens)
         try:
-            for token, logprob in zip(tokens[:accepted + 1], logprobs[:accepted + 1]):
+            for token, logprob in zip(tokens, logprobs):
                 append_token_id(seq, token, logprob, self.eos_token_ids, self.max_model_len)
                 if seq.grammar is not None and seq.finish_reason in (None, "length"):
                     advance_grammar(seq, token)

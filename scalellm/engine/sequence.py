@@ -42,6 +42,9 @@ class Sequence:
     # mean of drafts accepted per step, which sizes the next drafts
     draft: list[int] = field(default_factory=list)
     spec_accept_avg: float = 16.0
+    draft_computed: int = 0  # a draft model's: tokens whose K/V are in its cache
+    draft_probs: Any = None  # a draft model's: the distributions its sampled drafts were drawn from
+    spec_verdict: tuple[int, int | None] | None = None  # rejection sampling's (accepted, replacement)
     # detokenization and output state
     utf8: codecs.IncrementalDecoder | None = None  # byte-level tokenizers: the text decoder so far
     prefix_offset: int = 0

@@ -44,6 +44,8 @@ class Speculator:
                 break
             if seq.grammar is not None:  # a constrained request does not speculate
                 continue
+            if self.draft_model is not None and not _draft_model_can_sample(seq):
+                continue
             k = min(self.k, int(seq.spec_accept_avg) + 1, budget, self.max_model_len - seq.num_tokens - 1)
             if seq.params.max_tokens is not None:
                 k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
@@ -62,8 +64,11 @@ class Speculator:
             if drafting:
                 self.draft_model.propose(drafting)
 
-    def count(self, seq: Sequence, accepted: int, num_draft: int) -> None:
-        """accepted: how many of the sequence's num_draft drafts the target confirmed (a prefix)."""
+    def count(self, seq: Sequence, accepted: int, num_draft: int, num_tokens_before: int) -> None:
+        """accepted: how many of the sequence's num_draft drafts the target confirmed (a prefix), when it
+        had num_tokens_before tokens."""
+        if self.draft_model is not None:
+            self.draft_model.accepted(seq, num_tokens_before, accepted)
         self.num_drafts += 1
         self.num_draft_tokens += num_draft
         self.num_accepted_tokens += accepted
@@ -75,6 +80,16 @@ class Speculator:
         return {"spec_num_drafts": self.num_drafts, "spec_num_draft_tokens": self.num_draft_tokens,
                 "spec_num_accepted_tokens": self.num_accepted_tokens,
                 "spec_accepted_per_pos": list(self.accepted_per_pos)}
+
+
+def _draft_model_can_sample(seq: Sequence) -> bool:
+    """Greedy requests, and sampled ones whose distribution rejection.py reproduces: no penalties, no
+    min_tokens still to go, no logprobs."""
+    p = seq.params
+    if p.temperature == 0:
+        return True
+    return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty and p.logprobs is None
+            and seq.num_output_tokens >= p.min_tokens)
 
 
 def num_accepted(draft: list[int], sampled: list[int]) -> int:
