@@ -165,6 +165,33 @@ def test_rejected_drafts_release_their_blocks(llama_folder, monkeypatch):
     assert engine.block_manager.num_used_blocks == 0
 
 
+def oracle_drafts(prompts: list[list[int]], expected: list[list[int]], right: int = 2):
+    """A proposer that knows each prompt's greedy continuation: `right` correct drafts, then wrong ones,
+    so every step verifies, accepts and rejects whatever the model (random weights rarely repeat)."""
+    def propose_(token_ids, k, lo, hi):
+        for prompt, out in zip(prompts, expected):
+            if token_ids[:len(prompt)] == prompt:
+                n = len(token_ids) - len(prompt)
+                nxt = (out + [0] * k)[n:n + k]
+                return [t if i < right else (t + 1) % 1000 for i, t in enumerate(nxt)]
+        raise AssertionError("a sequence of no known prompt")
+    return propose_
+
+
+def test_every_step_verifying_matches_transformers(llama_folder):
+    """Drafts on every step of every sequence (staggered, preempted, prefixes reused): still exact."""
+    shared = repetitive_prompts(3, [40])[0]
+    prompts = [shared + p for p in repetitive_prompts(4, [5, 20, 1, 33, 12, 8])]
+    expected, _ = hf_greedy(llama_folder, prompts, MAX_NEW)
+    engine = engine_for(llama_folder, num_kv_blocks=14, max_num_batched_tokens=96)
+    check_blocks_after_each_step(engine)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ngram, "propose", oracle_drafts(prompts, expected))
+        assert [g[0][0] for g in outputs(engine, prompts, greedy(), every=1)] == expected
+    assert engine.scheduler.num_preemptions > 0 and engine.block_manager.prefix_hits > 0
+    assert_speculated(engine)
+
+
 SAMPLED = [
     SamplingParams(temperature=0.9, seed=11, max_tokens=MAX_NEW, ignore_eos=True),
     SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=3, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2,
