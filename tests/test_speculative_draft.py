@@ -161,3 +161,16 @@ def test_refuses_a_draft_with_another_vocabulary(llama_folder, tmp_path):
         engine_with_draft(llama_folder, other)
 
 
+
+
+def test_draft_model_from_a_quantized_gguf(llama_folder, draft_folder, tmp_path):
+    """The draft read from a GGUF file (Q8_0 projections, served as stored), the target from safetensors."""
+    from tests.test_gguf_checkpoints import write_gguf
+
+    path = write_gguf(draft_folder, str(tmp_path / "draft.gguf"), lambda name: "q8_0" if "blk." in name else None)
+    prompts = repetitive_prompts(6, [9, 30])
+    expected, _ = hf_greedy(llama_folder, prompts, MAX_NEW)
+    engine = engine_with_draft(llama_folder, path)
+    assert engine.draft_model.loaded.model.weight_bytes < engine.loaded.model.weight_bytes
+    assert [g[0][0] for g in outputs(engine, prompts, greedy())] == expected
+    assert engine.stats()["spec_num_accepted_tokens"] > 0

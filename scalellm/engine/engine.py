@@ -11,16 +11,18 @@ import torch
 
 from scalellm.config import EngineConfig
 from scalellm.engine.block_manager import BlockManager
-from scalellm.engine.continuation import resumed_sequences, validate_continuation
+from scalellm.engine.continuation import resumed_sequences
 from scalellm.engine.detokenizer import Detokenizer
 from scalellm.engine.logits_processors import LogitsProcessor, prepare
 from scalellm.engine.model_runner import ModelRunner, kv_bytes_per_token
 from scalellm.engine.output_processor import append_token_id, detokenize_new, take_delta
-from scalellm.engine.sampler import SampleResult, Sampler
+from scalellm.engine.sampler import Sampler
 from scalellm.engine.scheduler import Scheduler
 from scalellm.engine.sequence import Sequence
-from scalellm.engine.spec_decode import DraftRow, SpeculativeConfig, Speculator, num_accepted, rejection, sampler_rows
+from scalellm.engine.spec_decode import DraftRow, SpeculativeConfig, Speculator, sampler_rows
 from scalellm.engine.spec_decode.draft_model import DraftModel, load_draft_model
+from scalellm.engine.threads import default_compute_threads, set_compute_threads  # noqa: F401 (re-exported)
+from scalellm.engine.validation import validate_prompt
 from scalellm.model.loader import LoadedModel, load_model
 from scalellm.ops import jit
 from scalellm.outputs import StreamDelta
@@ -28,23 +30,6 @@ from scalellm.sampling_params import SamplingParams
 from scalellm.structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
-
-
-def default_compute_threads(model) -> int:
-    """One thread per core. Leaving a core to the event loop measured slower for every model size here
-    once the kernels share one OpenMP runtime (tiny Llama at concurrency 64: 4683 tok/s on two threads
-    against 3248 on one; equal at concurrency 1)."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def set_compute_threads(n: int) -> None:
-    import numba
-
-    # numba first: starting its OpenMP pool resets the calling thread's OpenMP thread count
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    torch.set_num_threads(n)
 
 
 @dataclass
@@ -160,28 +145,8 @@ class LLMEngine:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt contains token ids outside the vocabulary [0, {vocab})")
-        if n >= self.max_model_len:
-            raise ValueError(f"prompt has {n} tokens, which leaves no room in the model's context "
-                             f"length of {self.max_model_len}")
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise ValueError(f"max_tokens={params.max_tokens} plus the prompt's {n} tokens exceeds the "
-                             f"model's context length of {self.max_model_len}")
-        if params.continuation is not None:
-            validate_continuation(params, n, vocab, self.max_model_len)
-        for name in ("logit_bias", "allowed_token_ids"):
-            ids = getattr(params, name) or ()
-            if any(t >= vocab for t in ids):
-                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab})")
-        total = n + (params.max_tokens or self.max_model_len - n)
-        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
-            raise ValueError(f"prompt plus max_tokens ({total} tokens) exceeds the KV cache capacity of "
-                             f"{self.kv_capacity_tokens} tokens")
+        validate_prompt(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len,
+                        self.block_manager)
 
     def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams,
                     prompt_token_ids: list[int] | None = None) -> Request:
@@ -312,41 +277,10 @@ class LLMEngine:
         try:
             started = self.sampler.launch(logits, ready)
         except Exception:
-            return self._sample_rows_alone(logits, ready)
+            return self.sampler.sample_rows_alone(logits, ready, self._fail)
         if self.draft_model is not None:
-            self._rejection_sample(logits, ready)
+            self.speculator.rejection_sample(logits, ready)
         return ready, started, None
-
-    def _rejection_sample(self, logits: torch.Tensor, rows: list) -> None:
-        """Verdicts on a draft model's sampled drafts, from the target's logits (as the sampler changed
-        them: masks and biases) and the draft's distributions."""
-        for i, row in enumerate(rows):
-            if isinstance(row, DraftRow) and row.j == 0 and row.seq.draft_probs is not None:
-                seq = row.seq
-                seq.spec_verdict = rejection.verify(logits[i:i + len(seq.draft) + 1].float(), seq, seq.draft,
-                                                    seq.draft_probs)
-
-    def _sample_rows_alone(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple:
-        """After sampling the batch raised: sample each row on its own, ending the requests whose rows
-        raise. Masks are idempotent; biases already added to a row are not added again."""
-        processor = self.logits_processor
-        processor.skip_bias = frozenset(processor.biased)
-        kept, tokens, logprobs = [], [], []
-        try:
-            for i, seq in enumerate(seqs):
-                if seq.finished:
-                    continue
-                try:
-                    result = self.sampler(logits[i:i + 1], [seq])
-                except Exception as e:
-                    self._fail(seq.request_id, "sampling", e)
-                    continue
-                kept.append(seq)
-                tokens += result.token_ids
-                logprobs += result.logprobs
-        finally:
-            processor.skip_bias = frozenset()
-        return kept, None, SampleResult(tokens, logprobs)
 
     def _collect(self, launched: tuple) -> None:
         seqs, started, sampled = launched
@@ -381,18 +315,10 @@ class LLMEngine:
     def _collect_verified(self, seq: Sequence, tokens: list[int], logprobs: list) -> None:
         """Append the accepted drafts and the target's own next token, each through the stops; then the
         sequence's computed length covers its accepted tokens only, and the rejected drafts' blocks go."""
-        draft, seq.draft = seq.draft, []
-        verdict, seq.spec_verdict = seq.spec_verdict, None
         if seq.finished:
+            seq.draft, seq.spec_verdict = [], None
             return
-        if verdict is None:  # the target's own tokens decide
-            accepted = num_accepted(draft, tokens)
-            tokens, logprobs = tokens[:accepted + 1], logprobs[:accepted + 1]
-        else:  # rejection sampling's
-            accepted, replacement = verdict
-            tokens = draft[:accepted] + [tokens[accepted] if replacement is None else replacement]
-            logprobs = [None] * len(tokens)
-        self.speculator.count(seq, accepted, len(draft), seq.num_tokens)
+        tokens, logprobs = self.speculator.accept(seq, tokens, logprobs)
         try:
             for token, logprob in zip(tokens, logprobs):
                 append_token_id(seq, token, logprob, self.eos_token_ids, self.max_model_len)

@@ -115,6 +115,29 @@ class Sampler:
             batch = SamplingBatch(**self.transfer({f.name: getattr(batch, f.name).numpy() for f in fields(batch)}))
         return seqs, *ops.fused_sample(logits, batch, max_top)
 
+    def sample_rows_alone(self, logits: torch.Tensor, seqs: list, fail) -> tuple:
+        """After sampling the batch raised: sample each row on its own; a row that raises ends its request
+        (fail(request_id, stage, error)). Masks are idempotent; biases already added to a row are not
+        added again. Returns what the engine collects: (rows kept, None, their SampleResult)."""
+        processor = self.logits_processor
+        processor.skip_bias = frozenset(processor.biased)
+        kept, tokens, logprobs = [], [], []
+        try:
+            for i, seq in enumerate(seqs):
+                if seq.finished:
+                    continue
+                try:
+                    result = self(logits[i:i + 1], [seq])
+                except Exception as e:
+                    fail(seq.request_id, "sampling", e)
+                    continue
+                kept.append(seq)
+                tokens += result.token_ids
+                logprobs += result.logprobs
+        finally:
+            processor.skip_bias = frozenset()
+        return kept, None, SampleResult(tokens, logprobs)
+
     def collect(self, launched: tuple) -> SampleResult:
         """The sampled tokens on the host (one copy; the logprobs, when asked for, in three more)."""
         seqs, tokens, *logprob_parts = launched

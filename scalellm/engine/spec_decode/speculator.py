@@ -9,8 +9,11 @@ many tokens as it has lately had accepted, plus one.
 """
 from __future__ import annotations
 
+import torch
+
 from scalellm.engine.sequence import Sequence
-from scalellm.engine.spec_decode import ngram
+from scalellm.engine.spec_decode import ngram, rejection
+from scalellm.engine.spec_decode.rows import DraftRow
 from scalellm.engine.spec_decode.config import SpeculativeConfig
 
 
@@ -63,6 +66,30 @@ class Speculator:
             drafting = [s for s in seqs if s.draft]
             if drafting:
                 self.draft_model.propose(drafting)
+
+    def rejection_sample(self, logits: torch.Tensor, rows: list) -> None:
+        """Verdicts on a draft model's sampled drafts (seq.spec_verdict), from the target's logits as the
+        sampler changed them (masks, biases) and the draft's distributions; rows: the sampler's rows."""
+        for i, row in enumerate(rows):
+            if isinstance(row, DraftRow) and row.j == 0 and row.seq.draft_probs is not None:
+                seq = row.seq
+                seq.spec_verdict = rejection.verify(logits[i:i + len(seq.draft) + 1].float(), seq, seq.draft,
+                                                    seq.draft_probs)
+
+    def accept(self, seq: Sequence, tokens: list[int], logprobs: list) -> tuple[list[int], list]:
+        """The tokens (and logprobs) a verifying sequence gains from its k + 1 rows' sampled tokens: the
+        drafts the target confirmed and the token after them. Clears the sequence's drafts and counts."""
+        draft, seq.draft = seq.draft, []
+        verdict, seq.spec_verdict = seq.spec_verdict, None
+        if verdict is None:  # the target's own tokens decide
+            accepted = num_accepted(draft, tokens)
+            tokens, logprobs = tokens[:accepted + 1], logprobs[:accepted + 1]
+        else:  # rejection sampling's
+            accepted, replacement = verdict
+            tokens = draft[:accepted] + [tokens[accepted] if replacement is None else replacement]
+            logprobs = [None] * len(tokens)
+        self.count(seq, accepted, len(draft), seq.num_tokens)
+        return tokens, logprobs
 
     def count(self, seq: Sequence, accepted: int, num_draft: int, num_tokens_before: int) -> None:
         """accepted: how many of the sequence's num_draft drafts the target confirmed (a prefix), when it
