@@ -89,9 +89,61 @@ def smollm2_1_7b_shape() -> str:
     return folder
 
 
+DEEP_EXTRA_LAYERS = 45  # 30 + 45 = 75 decoder layers: 294M parameters against 135M
+
+
+def smollm2_deep(extra_layers: int = DEEP_EXTRA_LAYERS) -> str:
+    """SmolLM2-135M-Instruct (bfloat16, from smollm2_bf16()) with `extra_layers` decoder layers appended
+    that compute but change nothing: each has random q/k/v/gate/up weights and norms (fixed seed, each
+    tensor scaled like the same tensor of an original layer) and all-zero o_proj and down_proj, so it adds
+    exactly 0 to the residual stream and the model's logits are the original's (float32 transformers: max
+    abs difference 0.0). A target with the 135M model's tokenizer and outputs at 2.2x its weights (2.25x
+    its time per token on ScaleLLM at c=1), for which the 135M model drafts with full agreement
+    (bench/speculative.py --draft)."""
+    folder = os.path.join(CACHE, f"smollm2-135m-deep{30 + extra_layers}-bf16")
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return folder
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    small = smollm2_bf16()
+    with open(os.path.join(small, "config.json")) as f:
+        config = json.load(f)
+    n = config["num_hidden_layers"]
+    tensors = load_file(os.path.join(small, "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    zeroed = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+    for i in range(n, n + extra_layers):
+        src = f"model.layers.{(i - n) % n}."
+        for key in [k for k in tensors if k.startswith(src)]:
+            part = key[len(src):]
+            like = tensors[key].float()
+            if part in zeroed:
+                new = torch.zeros_like(like)
+            elif part.endswith("norm.weight"):
+                new = like.mean() + like.std() * torch.randn(like.shape, generator=gen)
+            else:
+                new = like.std() * torch.randn(like.shape, generator=gen)
+            tensors[f"model.layers.{i}.{part}"] = new.to(torch.bfloat16).contiguous()
+    os.makedirs(folder + ".tmp", exist_ok=True)
+    save_file(tensors, os.path.join(folder + ".tmp", "model.safetensors"), metadata={"format": "pt"})
+    config["num_hidden_layers"] = n + extra_layers
+    with open(os.path.join(folder + ".tmp", "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in os.listdir(small):
+        if name not in ("model.safetensors", "config.json"):
+            shutil.copy(os.path.join(small, name), os.path.join(folder + ".tmp", name))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(folder + ".tmp", folder)
+    return folder
+
+
 DEFAULT_KV_GIB = 2  # KV space (GiB) for both servers in the serving benchmark
 KV_CACHE_GIB = {"smollm2-1.7b-shape": 4}  # where 2 GiB would not hold 64 x 256 tokens
-MODELS = {"smollm2-135m": smollm2_bf16, "tiny-llama": tiny_llama, "smollm2-1.7b-shape": smollm2_1_7b_shape}
+MODELS = {"smollm2-135m": smollm2_bf16, "tiny-llama": tiny_llama, "smollm2-1.7b-shape": smollm2_1_7b_shape,
+          "smollm2-135m-deep": smollm2_deep}
 
 if __name__ == "__main__":
     for name, build in MODELS.items():

@@ -118,12 +118,13 @@ class Proc:
         self.log.close()
 
 
-def loadgen(url: str, folder: str, concurrency: int, num: int, args) -> dict:
+def loadgen(url: str, folder: str, concurrency: int, num: int, args, extra: tuple[str, ...] = ()) -> dict:
+    """`extra`: more tools.loadgen flags, after the defaults (a repeated flag overrides: --warmup 0, ...)."""
     out = os.path.join(LOGS, "loadgen.json")
     cmd = [PY, "-m", "tools.loadgen", "--url", url, "--model", NAME, "--tokenizer", folder,
            "--concurrency", str(concurrency), "--num-requests", str(num), "--warmup", str(min(concurrency, 4)),
            "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--json", out, "--quiet",
-           "--seed", str(concurrency)]  # fresh prompts per run: no prefix-cache hits carried across runs
+           "--seed", str(concurrency), *extra]  # fresh prompts per run: no prefix-cache hits carried across runs
     subprocess.check_call(cmd, cwd=ROOT)
     with open(out) as f:
         return json.load(f)
