@@ -228,7 +228,7 @@ class LLMEngine:
         later, and a stop string ends its sequence one step later (the extra token is dropped)."""
         replayed, self._replayed = self._replayed, []
         if self.speculator is not None:
-            self.speculator.plan(self.scheduler.running)
+            self.speculator.plan(self.scheduler.running, len(self.scheduler.waiting))
         batch = self.scheduler.schedule()
         if self.speculator is not None:
             self.speculator.fill([s for s, _ in batch.items])

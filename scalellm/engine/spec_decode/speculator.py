@@ -4,10 +4,12 @@ accepted (the counters behind vllm:spec_decode_* metrics).
 Drafting is throttled so it never costs throughput: verifying k drafts adds k rows to the step, which
 is nearly free while the batch is small (the step reads the weights once either way) and not once the
 GEMMs are compute-bound. So a step gets drafts for at most `max_step_rows` rows in all (decodes plus
-drafts), none at `disable_by_batch_size` running sequences or more, and each sequence drafts about as
-many tokens as it has lately had accepted, plus one.
+drafts), none while prompts wait or are computed, none at `disable_by_batch_size` running sequences or
+more, and each sequence drafts about as many tokens as it has lately had accepted, plus one.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -29,16 +31,18 @@ class Speculator:
         self.num_accepted_tokens = 0
         self.accepted_per_pos = [0] * self.k
 
-    def plan(self, running: list[Sequence]) -> None:
+    def plan(self, running: list[Sequence], num_waiting: int = 0) -> None:
         """Set each running sequence's drafts for the coming step (n-gram: the tokens; a draft model:
-        placeholders that fill() replaces once the step is scheduled)."""
-        decodes = []
+        placeholders that fill() replaces once the step is scheduled). No drafts while prompts wait or
+        are being computed: those steps are busy already, and drafts would take their token budget."""
+        decodes, pending = [], 0
         for seq in running:
             seq.draft = []
+            pending += seq.num_tokens - seq.num_computed
             if seq.num_computed == seq.num_tokens - 1 and not seq.pending_forks:
                 decodes.append(seq)
         limit = self.config.disable_by_batch_size
-        if limit is not None and len(running) >= limit:
+        if num_waiting or pending > len(decodes) or (limit is not None and len(running) >= limit):
             return
         budget = self.max_step_rows - len(decodes)
         c = self.config
@@ -49,7 +53,7 @@ class Speculator:
                 continue
             if self.draft_model is not None and not _draft_model_can_sample(seq):
                 continue
-            k = min(self.k, int(seq.spec_accept_avg) + 1, budget, self.max_model_len - seq.num_tokens - 1)
+            k = min(self.k, math.ceil(seq.spec_accept_avg) + 1, budget, self.max_model_len - seq.num_tokens - 1)
             if seq.params.max_tokens is not None:
                 k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
             if k <= 0:
