@@ -314,3 +314,15 @@ def run_check(name: str, dtype=torch.float32) -> None:
         return
     with ops.cuda_kernels_on_cpu():
         KERNEL_CHECKS[name](dtype)
+
+
+def engines_on_cuda(monkeypatch) -> None:
+    """Every EngineConfig made from here on runs with --device cuda."""
+    from scalellm.config import EngineConfig
+
+    init = EngineConfig.__post_init__
+
+    def on_cuda(self):
+        self.device = "cuda"
+        init(self)
+    monkeypatch.setattr(EngineConfig, "__post_init__", on_cuda)

@@ -14,7 +14,7 @@ from scalellm.engine.cuda_graphs import DecodeGraphs, batch_sizes
 from scalellm.ops import cuda_host
 from tests import test_correctness as scenarios
 from tests.checkpoints import build_checkpoint
-from tests.cuda_kernel_checks import HAS_GPU, gpu, host
+from tests.cuda_kernel_checks import HAS_GPU, engines_on_cuda, gpu, host
 WIDE = {arch: dict(hidden_size=256, head_dim=64) for arch in ("llama", "qwen2", "qwen3")}
 KERNELS = ["rms_norm", "rotary", "kv_write", "silu_mul", "prefill_attention", "paged_attention_decode",
            "fused_sample"]
@@ -59,12 +59,7 @@ def test_moe_engine_on_host_built_cuda_kernels_matches_transformers(tmp_path):
 @gpu
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_engine_on_gpu_matches_transformers(wide_checkpoint, scenario, monkeypatch):
-    init = EngineConfig.__post_init__
-
-    def on_cuda(self):
-        self.device = "cuda"
-        init(self)
-    monkeypatch.setattr(EngineConfig, "__post_init__", on_cuda)
+    engines_on_cuda(monkeypatch)
     SCENARIOS[scenario](wide_checkpoint)
 
 

@@ -119,13 +119,19 @@ def test_greedy_matches_transformers_staggered(checkpoint):
     assert_speculated(engine)
 
 
-def test_greedy_under_preemption_and_prefix_reuse(llama_folder):
+def preemption_scenario(folder: str) -> tuple[LLMEngine, list[list[int]], list[list[int]]]:
+    """An engine too small for its requests (14 blocks of 16 tokens cannot hold these 6 at once), with
+    the block check after each step, and prompts sharing a prefix with their greedy continuations."""
     shared = repetitive_prompts(3, [40])[0]
     prompts = [shared + p for p in repetitive_prompts(4, [5, 20, 1, 33, 12, 8])]
-    expected, _ = hf_greedy(llama_folder, prompts, MAX_NEW)
-    # 14 blocks of 16 tokens cannot hold these 6 requests at once
-    engine = engine_for(llama_folder, num_kv_blocks=14, max_num_batched_tokens=96)
+    expected, _ = hf_greedy(folder, prompts, MAX_NEW)
+    engine = engine_for(folder, num_kv_blocks=14, max_num_batched_tokens=96)
     check_blocks_after_each_step(engine)
+    return engine, prompts, expected
+
+
+def test_greedy_under_preemption_and_prefix_reuse(llama_folder):
+    engine, prompts, expected = preemption_scenario(llama_folder)
     got = outputs(engine, prompts, greedy(), every=1)
     assert [g[0][0] for g in got] == expected
     assert engine.scheduler.num_preemptions > 0
@@ -180,11 +186,7 @@ def oracle_drafts(prompts: list[list[int]], expected: list[list[int]], right: in
 
 def test_every_step_verifying_matches_transformers(llama_folder):
     """Drafts on every step of every sequence (staggered, preempted, prefixes reused): still exact."""
-    shared = repetitive_prompts(3, [40])[0]
-    prompts = [shared + p for p in repetitive_prompts(4, [5, 20, 1, 33, 12, 8])]
-    expected, _ = hf_greedy(llama_folder, prompts, MAX_NEW)
-    engine = engine_for(llama_folder, num_kv_blocks=14, max_num_batched_tokens=96)
-    check_blocks_after_each_step(engine)
+    engine, prompts, expected = preemption_scenario(llama_folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ngram, "propose", oracle_drafts(prompts, expected))
         assert [g[0][0] for g in outputs(engine, prompts, greedy(), every=1)] == expected

@@ -4,12 +4,11 @@ any machine, and with --device cuda where a GPU and CuPy are."""
 import pytest
 
 from scalellm import ops
-from scalellm.config import EngineConfig
 from scalellm.ops import cuda_host
 from tests import test_speculative as spec
 from tests import test_speculative_draft as draft
 from tests.checkpoints import build_checkpoint, perturbed_checkpoint
-from tests.cuda_kernel_checks import gpu, host
+from tests.cuda_kernel_checks import engines_on_cuda, gpu, host
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,7 @@ def wide_llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wide_draft(wide_llama, tmp_path_factory):
-    return perturbed_checkpoint(wide_llama, str(tmp_path_factory.mktemp("ckpt-llama-d64-draft")), 0.3)
+    return perturbed_checkpoint(wide_llama, str(tmp_path_factory.mktemp("ckpt-llama-d64-draft")), 0.1)
 
 
 def _scenarios(folder, draft_folder):
@@ -40,10 +39,5 @@ def test_speculation_on_host_built_cuda_kernels(wide_llama, wide_draft):
 
 @gpu
 def test_speculation_on_gpu(wide_llama, wide_draft, monkeypatch):
-    init = EngineConfig.__post_init__
-
-    def on_cuda(self):
-        self.device = "cuda"
-        init(self)
-    monkeypatch.setattr(EngineConfig, "__post_init__", on_cuda)
+    engines_on_cuda(monkeypatch)
     _scenarios(wide_llama, wide_draft)

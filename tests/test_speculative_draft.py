@@ -19,7 +19,7 @@ MAX_NEW = 24
 @pytest.fixture(scope="module")
 def draft_folder(llama_folder, tmp_path_factory):
     """The test llama with noise on its weights: agrees with it on some tokens, not all."""
-    return perturbed_checkpoint(llama_folder, str(tmp_path_factory.mktemp("ckpt-llama-draft")), 0.3)
+    return perturbed_checkpoint(llama_folder, str(tmp_path_factory.mktemp("ckpt-llama-draft")), 0.1)
 
 
 @pytest.fixture(scope="module")
