@@ -71,13 +71,13 @@ class Detokenizer:
             pad = [b""] * max(0, vocab_size - len(self.tables[0]))
             self.tables = (self.tables[0] + pad, self.tables[1] + pad)
 
-    def step(self, seq: Sequence, i: int = -1) -> str:
-        """Text added by the sequence's token i, the one after those already decoded (by default the
-        newest); "" while a character is incomplete."""
+    def step(self, seq: Sequence, i: int) -> str:
+        """Text added by the sequence's token i, the one after those already decoded; "" while a
+        character is incomplete."""
         if self.tokenizer is None:
             return ""
         if self.tables is None:
-            return self._window_step(seq, len(seq.token_ids) if i == -1 else i + 1)
+            return self._window_step(seq, i + 1)
         utf8 = seq.utf8
         if utf8 is None:
             utf8 = seq.utf8 = codecs.getincrementaldecoder("utf-8")("replace")

@@ -230,7 +230,7 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.plan(self.scheduler.running, len(self.scheduler.waiting))
         batch = self.scheduler.schedule()
-        if self.speculator is not None:
+        if self.draft_model is not None:
             self.speculator.fill([s for s, _ in batch.items])
         start = time.perf_counter()
         launched = self._launch(batch) if batch.items else None
@@ -291,11 +291,12 @@ class LLMEngine:
         i = 0
         while i < len(seqs):
             seq = seqs[i]
-            if isinstance(seq, DraftRow):  # k + 1 rows of one sequence verifying k drafts
-                seq = seq.seq
-                n = len(seq.draft) + 1
-                self._collect_verified(seq, tokens[i:i + n], logprobs[i:i + n])
-                i += n
+            if isinstance(seq, DraftRow):  # the k + 1 rows of one sequence verifying k drafts
+                seq, end = seq.seq, i + 1
+                while end < len(seqs) and isinstance(seqs[end], DraftRow) and seqs[end].seq is seq:
+                    end += 1  # (fewer when sampling fell back to rows alone and one of them failed)
+                self._collect_verified(seq, tokens[i:end], logprobs[i:end])
+                i = end
                 continue
             i += 1
             if seq.finished:  # ended by a stop string while this step ran (overlap), or aborted
@@ -313,8 +314,9 @@ class LLMEngine:
             self._pending.append(seq)
 
     def _collect_verified(self, seq: Sequence, tokens: list[int], logprobs: list) -> None:
-        """Append the accepted drafts and the target's own next token, each through the stops; then the
-        sequence's computed length covers its accepted tokens only, and the rejected drafts' blocks go."""
+        """Append the accepted drafts and the target's own next token, each through the stops (constrained
+        sequences do not draft: no grammar to advance); then the sequence's computed length covers its
+        accepted tokens only, and the rejected drafts' blocks go."""
         if seq.finished:
             seq.draft, seq.spec_verdict = [], None
             return
@@ -322,8 +324,6 @@ class LLMEngine:
         try:
             for token, logprob in zip(tokens, logprobs):
                 append_token_id(seq, token, logprob, self.eos_token_ids, self.max_model_len)
-                if seq.grammar is not None and seq.finish_reason in (None, "length"):
-                    advance_grammar(seq, token)
                 if seq.finish_reason is not None:
                     break
         except Exception as e:

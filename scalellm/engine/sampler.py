@@ -41,7 +41,7 @@ def build_sampling_batch(seqs: list[Sequence], eos_token_ids: list[int], vocab: 
     table = np.array([_param_row(s.params) for s in seqs], dtype=np.float64).reshape(rows, 9)
     seeds = np.fromiter([s.seed for s in seqs], np.uint64, rows)
     indices = np.fromiter([s.index for s in seqs], np.int64, rows)
-    positions = np.fromiter([len(s.token_ids) - s.prompt_len for s in seqs], np.int64, rows)
+    positions = np.fromiter([s.num_output_tokens for s in seqs], np.int64, rows)
     pen_offsets = np.zeros(rows + 1, np.int32)
     ban_offsets = np.zeros(rows + 1, np.int32)
     pen_tokens: list[int] = []

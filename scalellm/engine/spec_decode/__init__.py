@@ -2,6 +2,6 @@
 target in one forward pass per step, accepted exactly, and throttled when they would cost."""
 from scalellm.engine.spec_decode.config import SpeculativeConfig
 from scalellm.engine.spec_decode.rows import DraftRow, sampler_rows
-from scalellm.engine.spec_decode.speculator import Speculator, num_accepted
+from scalellm.engine.spec_decode.speculator import Speculator
 
-__all__ = ["DraftRow", "SpeculativeConfig", "Speculator", "num_accepted", "sampler_rows"]
+__all__ = ["DraftRow", "SpeculativeConfig", "Speculator", "sampler_rows"]

@@ -7,14 +7,18 @@ from scalellm.engine.sequence import Sequence
 
 
 class DraftRow:
-    __slots__ = ("seq", "j", "token_ids", "seq_id")
+    __slots__ = ("seq", "j", "seq_id")
     pending_forks = 0
 
     def __init__(self, seq: Sequence, j: int):
         self.seq = seq
         self.j = j
-        self.token_ids = seq.token_ids + seq.draft[:j] if j else seq.token_ids
         self.seq_id = (seq.seq_id, j)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Built when read: only rows with penalties or bad words need them."""
+        return self.seq.token_ids + self.seq.draft[:self.j] if self.j else self.seq.token_ids
 
     @property
     def params(self):
@@ -50,11 +54,11 @@ class DraftRow:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.seq.prompt_len
+        return self.seq.num_output_tokens + self.j
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.seq.prompt_len:]
+        return self.seq.output_token_ids + self.seq.draft[:self.j]
 
 
 def sampler_rows(ready: list[Sequence]) -> list:

@@ -66,10 +66,9 @@ class Speculator:
 
     def fill(self, seqs: list[Sequence]) -> None:
         """A draft model's tokens for the scheduled sequences that draft."""
-        if self.draft_model is not None:
-            drafting = [s for s in seqs if s.draft]
-            if drafting:
-                self.draft_model.propose(drafting)
+        drafting = [s for s in seqs if s.draft]
+        if drafting:
+            self.draft_model.propose(drafting)
 
     def rejection_sample(self, logits: torch.Tensor, rows: list) -> None:
         """Verdicts on a draft model's sampled drafts (seq.spec_verdict), from the target's logits as the
