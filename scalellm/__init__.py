@@ -2,7 +2,9 @@
 __version__ = "0.1.0"
 
 from scalellm.llm import LLM  # noqa: E402
+from scalellm.lora_request import LoRARequest  # noqa: E402
 from scalellm.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
+from scalellm.pooling_params import PoolingParams  # noqa: E402
 from scalellm.sampling_params import SamplingParams  # noqa: E402
 
-__all__ = ["__version__", "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["__version__", "LLM", "LoRARequest", "PoolingParams", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]

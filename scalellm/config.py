@@ -66,6 +66,14 @@ class EngineConfig:
     overlap_steps: bool | None = None  # detokenize a step's tokens during the next; None: on the CUDA kernels
     compact_json: bool = True  # JSON constraints allow no free whitespace unless a request asks for it
     speculative_config: str | dict | None = None  # vLLM's JSON form (engine/spec_decode/config.py)
+    pooler_config: str | dict | None = None  # embeddings' pooling over the model's own (engine/pooling.py)
+    # multi-LoRA (engine/lora_manager.py): adapters a step may mix, their largest rank, how many stay read
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_modules: list | None = None  # LoRARequests (or {"name", "path"} dicts) registered at start
+    lora_kernel: str = "batched"  # or "grouped" (ops/lora.py)
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
@@ -91,3 +99,11 @@ class EngineConfig:
         from scalellm.engine.spec_decode.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        from scalellm.engine.pooling import parse_override
+
+        self.pooler_config = parse_override(self.pooler_config)
+        for name in ("max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("LoRA modules need enable_lora (--enable-lora)")

@@ -1,6 +1,7 @@
 """The offline API: LLM(model=...).generate(prompts, SamplingParams(...))."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
 
@@ -8,7 +9,9 @@ from tqdm import tqdm
 
 from scalellm.config import EngineConfig
 from scalellm.engine.engine import LLMEngine, Request
-from scalellm.outputs import CompletionOutput, RequestOutput
+from scalellm.lora_request import LoRARequest
+from scalellm.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from scalellm.pooling_params import PoolingParams
 from scalellm.sampling_params import SamplingParams
 from scalellm.server.chat_templates import template_for
 
@@ -22,7 +25,14 @@ class LLM:
         self._ids = itertools.count()
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
+                 ) -> list[RequestOutput]:
+        """lora_request: the LoRA adapter every prompt runs with, or one (or None) per prompt; needs
+        LLM(..., enable_lora=True); an adapter not seen before is loaded first."""
+        return [_to_output(r) for r in self._requests(prompts, sampling_params, use_tqdm, lora_request)]
+
+    def _requests(self, prompts, sampling_params, use_tqdm: bool, lora_request=None) -> list[Request]:
+        """Run the prompts to the end; their engine requests."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -31,6 +41,14 @@ class LLM:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        if lora_request is not None:
+            loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+            if len(loras) != len(prompts):
+                raise ValueError("lora_request must be one LoRARequest or one per prompt")
+            for lora in {x for x in loras if x is not None}:
+                self.engine.add_lora(lora)
+            params_list = [p if lora is None else dataclasses.replace(p, lora_name=lora.lora_name)
+                           for p, lora in zip(params_list, loras)]
         requests: list[Request] = []
         try:
             for prompt, p in zip(prompts, params_list):
@@ -39,7 +57,17 @@ class LLM:
             for r in requests:
                 self.engine.abort_request(r.request_id)
             raise
-        return self._run(requests, use_tqdm)
+        self._run(requests, use_tqdm)
+        return requests
+
+    def embed(self, prompts: Prompt | Seq[Prompt], pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+        """Each prompt's embedding: its final hidden states pooled as the model is configured (a
+        sentence-transformers layout or pooler_config=...; else the last token, normalized) or as
+        pooling_params asks."""
+        params = SamplingParams(max_tokens=0, temperature=0.0, pooling=pooling_params or PoolingParams())
+        return [EmbeddingRequestOutput(r.request_id, r.prompt_token_ids, EmbeddingOutput(r.seqs[0].embedding.tolist()))
+                for r in self._requests(prompts, params, use_tqdm)]
 
     def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = False, tools: list[dict] | None = None,
@@ -67,7 +95,7 @@ class LLM:
             ids = ids["input_ids"]
         return list(ids)
 
-    def _run(self, requests: list[Request], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, requests: list[Request], use_tqdm: bool) -> None:
         pending = {r.request_id for r in requests}
         bar = tqdm(total=len(requests), desc="generating", disable=not use_tqdm)
         while pending:
@@ -81,11 +109,10 @@ class LLM:
                         self.engine.abort_request(other)
                     raise RuntimeError(f"request {request_id} failed in {stage}: {error}") from error
         bar.close()
-        return [_to_output(r) for r in requests]
 
 
 def _to_output(request: Request) -> RequestOutput:
     outputs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.stop_reason, s.logprobs)
                for s in sorted(request.seqs, key=lambda s: s.index)]
     return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, True,
-                         request.seqs[0].num_cached_tokens)
+                         request.seqs[0].num_cached_tokens, request.seqs[0].prompt_logprobs)

@@ -10,6 +10,7 @@ class Logprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None  # the token's rank in its distribution (1: the most likely), for prompt tokens
 
 
 @dataclass
@@ -30,6 +31,21 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    prompt_logprobs: list[Logprob | None] | None = None  # with SamplingParams(prompt_logprobs=k)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """LLM.embed's result for one prompt: outputs.embedding is the pooled, normalized (as configured) vector."""
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
 
 
 @dataclass
@@ -56,3 +72,5 @@ class StreamDelta:
     queue_time: float | None = None  # seconds from arrival to first schedule, on a sample's first delta
     timings: StageTimes | None = None  # on the final delta only
     replayed: bool = False  # a continuation's earlier output, replayed to rebuild state: not new
+    prompt_logprobs: list[Logprob | None] | None = None  # on a sample's first delta, when asked for
+    embedding: object = None  # an embedding request's vector (a float32 tensor), on its final delta

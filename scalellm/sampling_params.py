@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from scalellm.pooling_params import PoolingParams
 from scalellm.structured.params import StructuredOutputsParams
 
 
@@ -23,6 +24,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs besides the chosen token
+    prompt_logprobs: int | None = None  # each prompt token's logprob (the first's None) and this many top ones
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # the output must match this constraint
@@ -32,6 +34,9 @@ class SamplingParams:
     # a generation resumed here: per choice, the tokens it already produced elsewhere (they count as its
     # output), or None for a choice that already finished (not run again)
     continuation: list[list[int] | None] | None = None
+    # an embedding request: the prompt's pooled hidden state instead of tokens (max_tokens 0)
+    pooling: PoolingParams | None = None
+    lora_name: str | None = None  # the LoRA adapter it runs with (a request's model; LLM's lora_request)
 
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
     stop_token_set: frozenset[int] = field(init=False, repr=False, default=frozenset())  # checked per token
@@ -60,8 +65,14 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", f"must be at least 1, got {self.n!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            bad("max_tokens", f"must be at least 1, got {self.max_tokens!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            bad("max_tokens", f"must be at least 0, got {self.max_tokens!r}")
+        if self.max_tokens == 0 and self.n != 1:  # a prompt's logprobs once, not n identical copies
+            bad("n", f"must be 1 when max_tokens is 0, got {self.n}")
+        if self.max_tokens == 0 and self.continuation is not None:
+            bad("max_tokens", "must be at least 1 in a continuation")
+        if self.pooling is not None and self.max_tokens != 0:
+            bad("max_tokens", "must be 0 in an embedding request")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             bad("min_tokens", f"must be non-negative, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -82,6 +93,9 @@ class SamplingParams:
             bad("repetition_penalty", f"must be positive, got {self.repetition_penalty!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", f"must be in [0, 20], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            bad("prompt_logprobs", f"must be in [0, 20], got {self.prompt_logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_list):
@@ -110,6 +124,11 @@ class SamplingParams:
                 or any(c is not None and (not isinstance(c, list) or any(not isinstance(t, int) or t < 0 for t in c))
                        for c in self.continuation)):
             bad("continuation", f"must hold n={self.n} entries, each a list of token ids or None")
+
+    @property
+    def prompt_only(self) -> bool:
+        """Scoring or embedding: the prompt is computed, nothing is generated."""
+        return self.max_tokens == 0
 
     @property
     def num_to_run(self) -> int:

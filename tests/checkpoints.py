@@ -200,3 +200,41 @@ def perturbed_checkpoint(folder: str, dest: str, scale: float, seed: int = 0) ->
     model.save_pretrained(dest)
     bundled_tokenizer().save_pretrained(dest)
     return dest
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_lora_adapter(base_folder: str, dest: str, seed: int = 0, rank: int = 8, alpha: int = 16,
+                       targets: list[str] | None = None, scale: float = 1.0, **config) -> str:
+    """A PEFT LoRA adapter over the checkpoint with random non-zero A and B (B is zero in a fresh PEFT
+    adapter: that would test nothing), saved as PEFT saves one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or LORA_TARGETS,
+                                           init_lora_weights=False, **config))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * scale / p.shape[-1] ** 0.5)
+    lora.save_pretrained(dest)
+    return dest
+
+
+def hf_lora_greedy(base_folder: str, adapter: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers + peft, float32, greedy."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 min_new_tokens=max_new_tokens, pad_token_id=0)
+            out.append(ids[0, len(p):].tolist())
+    return out

@@ -121,12 +121,13 @@ schema = schemathesis.openapi.from_dict(openapi_document(True, PUBLIC_PATHS), co
 # fields refused with a 400 whatever their value (nearly), and the spellings of an output constraint
 REFUSED = {f.name for cls in (P.CompletionRequest, P.ChatCompletionRequest) for f in msgspec.structs.fields(cls)
            if f.default is msgspec.UNSET} | {"guided_whitespace_pattern"}
-REQUIRED = ("prompt", "messages", "tokens")  # kept in every steered body (/tokenize's prompt and messages too)
+REQUIRED = ("prompt", "messages", "tokens", "input")  # kept in every steered body (/tokenize's prompt and messages too)
 CONSTRAINTS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
                "guided_grammar")
 BODY_FIELDS = {path: {f.name for f in msgspec.structs.fields(cls)} for path, cls in (
     ("/v1/completions", P.CompletionRequest), ("/v1/chat/completions", P.ChatCompletionRequest),
-    ("/tokenize", P.TokenizeRequest), ("/detokenize", P.DetokenizeRequest))}
+    ("/tokenize", P.TokenizeRequest), ("/detokenize", P.DetokenizeRequest), ("/v1/embeddings", P.EmbeddingRequest),
+    ("/v1/load_lora_adapter", P.LoadLoRARequest), ("/v1/unload_lora_adapter", P.UnloadLoRARequest))}
 
 
 def steered(path: str, body: dict) -> dict:
@@ -139,6 +140,8 @@ def steered(path: str, body: dict) -> dict:
         body["model"] = "tiny-llama"
     if body.get("prompt") in ("", []):
         body["prompt"] = "Hello"
+    if body.get("input") in ("", []):
+        body["input"] = "Hello"
     if isinstance(body.get("prompt"), str):  # /tokenize takes one of prompt and messages
         body.pop("messages", None)
     if isinstance(body.get("messages"), list):

@@ -9,7 +9,7 @@ from scalellm import LLM, SamplingParams
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 0, "n": 2}, "n"),
     ({"temperature": -0.5}, "temperature"),
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),

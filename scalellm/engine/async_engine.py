@@ -170,6 +170,17 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))
 
+    async def call(self, fn, *args):
+        """fn(*args) on the engine thread, between steps (for changes to the engine's own state, such as
+        loading a LoRA adapter); its result, or the exception it raised."""
+        if self._loop is None:
+            self.start()
+        if self.dead is not None:
+            raise self.dead
+        future = self._loop.create_future()
+        self._post(("call", None, fn, args, future))
+        return await future
+
     def fail_all(self, error: BaseException) -> None:
         """(On the loop.) End every request in flight with `error`: each consumer raises it, and leaving
         the iteration aborts its request in the engine."""
@@ -233,6 +244,9 @@ class AsyncEngine:
             if kind == "abort":
                 self.engine.abort_request(request_id)
                 continue
+            if kind == "call":
+                self._call(*rest)
+                continue
             prompt, token_ids, params = rest
             try:
                 self.engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids)
@@ -242,6 +256,16 @@ class AsyncEngine:
                 log.error("request %s failed in admission; ending it", request_id, exc_info=e)
                 self.engine.abort_request(request_id)
                 self._loop.call_soon_threadsafe(self._deliver, request_id, RequestFailed(request_id, "admission", e))
+
+    def _call(self, fn, args, future) -> None:
+        def settle(ok: bool, value) -> None:
+            if not future.done():
+                future.set_result(value) if ok else future.set_exception(value)
+        try:
+            result = (True, fn(*args))
+        except Exception as e:
+            result = (False, e)
+        self._loop.call_soon_threadsafe(settle, *result)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self.engine.requests):

@@ -64,7 +64,7 @@ class BlockManager:
         # Keep at least one token to compute: a step must produce the logits to sample from.
         max_blocks = (seq.num_tokens - 1) // bs
         self.prefix_queries += seq.prompt_len
-        parent = None
+        parent = seq.cache_salt  # an adapter's K/V differ from the base model's: its own chain
         for i in range(max_blocks):
             h = hash((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
             block = self.block_of_hash.get(h)
@@ -111,7 +111,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
         for i in range(len(seq.block_hashes), seq.num_computed // bs):
             h = hash((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
             seq.block_hashes.append(h)

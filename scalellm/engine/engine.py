@@ -1,7 +1,6 @@
 """The synchronous engine core: admit requests, step the model, and report what each step produced."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import time
@@ -14,18 +13,25 @@ from scalellm.engine.block_manager import BlockManager
 from scalellm.engine.continuation import resumed_sequences
 from scalellm.engine.detokenizer import Detokenizer
 from scalellm.engine.logits_processors import LogitsProcessor, prepare
-from scalellm.engine.model_runner import ModelRunner, kv_bytes_per_token
-from scalellm.engine.output_processor import append_token_id, detokenize_new, take_delta
+from scalellm.engine.lora_manager import new_lora_manager
+from scalellm.engine.model_runner import ModelRunner, kv_bytes_per_token, split_batch
+from scalellm.engine.output_processor import advance_grammar, append_token_id, detokenize_new, take_delta
+from scalellm.engine.pooling import Pool, load_pooler_config
+from scalellm.engine.pooling import resolve as resolve_pooling
+from scalellm.engine.prompt_outputs import record as record_prompt_rows
 from scalellm.engine.sampler import Sampler
 from scalellm.engine.scheduler import Scheduler
 from scalellm.engine.sequence import Sequence
 from scalellm.engine.spec_decode import DraftRow, SpeculativeConfig, Speculator, sampler_rows
 from scalellm.engine.spec_decode.draft_model import DraftModel, load_draft_model
+from scalellm.engine.stats import engine_stats
 from scalellm.engine.threads import default_compute_threads, set_compute_threads  # noqa: F401 (re-exported)
 from scalellm.engine.validation import validate_prompt
+from scalellm.engine.warm_up import warm_up
 from scalellm.model.loader import LoadedModel, load_model
-from scalellm.ops import jit
+from scalellm.lora_request import LoRARequest
 from scalellm.outputs import StreamDelta
+from scalellm.pooling_params import PoolingParams
 from scalellm.sampling_params import SamplingParams
 from scalellm.structured import GrammarCompiler
 
@@ -65,13 +71,15 @@ class LLMEngine:
         if draft is not None:  # the draft's pages beside the target's, under the same block ids
             per_block += kv_bytes_per_token(draft.model) * config.block_size
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory // per_block)
+        self.loras = new_lora_manager(config, loaded)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.max_model_len,
-                                  config.cuda_graph_max_batch)
+                                  config.cuda_graph_max_batch, self.loras)
         self.draft_model = DraftModel(draft, num_blocks, config.block_size, self.max_model_len) if draft else None
         self._fresh_scheduler()
         self.detokenizer = Detokenizer(self.tokenizer, loaded.config.vocab_size)
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids)
         vocab = loaded.config.vocab_size
+        self.pooler_config = load_pooler_config(loaded.path, config.pooler_config)
         self.grammars = GrammarCompiler(self.tokenizer, vocab, sorted(self.eos_token_ids), config.compact_json)
         self.logits_processor = LogitsProcessor(vocab)
         self.sampler = Sampler(sorted(self.eos_token_ids), self.runner.device if self.runner.cuda_kernels else None,
@@ -102,7 +110,8 @@ class LLMEngine:
     def _fresh_scheduler(self) -> None:
         c = self.config
         self.block_manager = BlockManager(self.runner.kv_cache.shape[2], c.block_size, c.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens,
+                                   c.max_loras if c.enable_lora else None)
         self.scheduler.on_release = self._release
 
     def _release(self, seq: Sequence) -> None:
@@ -111,30 +120,7 @@ class LLMEngine:
             self.draft_model.release(seq)
 
     def _warm_up(self) -> None:
-        """Compile (or load from the cache) every kernel a request can reach, before serving: the
-        model's at both kernel sizes, then a few requests through whole steps (sampling with every
-        option, logprobs, n > 1). The KV cache, block manager and scheduler start afresh afterwards."""
-        start, first = time.perf_counter(), len(jit.compiles())
-        with jit.warming_up():
-            self.runner.warm_up()
-            if self.draft_model is not None:
-                self.draft_model.warm_up()
-            prompt = [t % self.model_config.vocab_size for t in range(1, min(10, self.max_model_len - 3))]
-            everything = SamplingParams(n=2, max_tokens=3, min_tokens=1, temperature=0.8, top_k=5, top_p=0.9,
-                                        min_p=0.05, presence_penalty=0.5, frequency_penalty=0.5,
-                                        repetition_penalty=1.1, seed=0, logprobs=2, stop_token_ids=[0])
-            for i, params in enumerate((SamplingParams(temperature=0, max_tokens=2), everything,
-                                        SamplingParams(temperature=1.0, max_tokens=2))):
-                with contextlib.suppress(ValueError):  # a context or KV cache too small for it
-                    self.add_request(f"warm-up-{i}", prompt, params)
-            while self.has_unfinished():
-                self.step()
-        self.runner.kv_cache.zero_()
-        self._fresh_scheduler()
-        self.num_steps, self.forward_seconds = 0, 0.0
-        if self.speculator is not None:  # counters from zero
-            self.speculator = self._speculator(self.speculator.config)
-        log.info("warm-up took %.1f s: %s", time.perf_counter() - start, jit.summary(first))
+        warm_up(self)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -147,6 +133,20 @@ class LLMEngine:
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         validate_prompt(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len,
                         self.block_manager)
+        if params.pooling is not None:
+            self.pooling(params.pooling)
+        if params.lora_name is not None:
+            self.lora_salt(params.lora_name)
+
+    def lora_salt(self, name: str) -> tuple[str, int]:
+        """A request's adapter checked (ValueError if not served): its prefix-cache salt."""
+        if self.loras is None:
+            raise ValueError(f"model {name!r} names a LoRA adapter, and LoRA is not enabled (--enable-lora)")
+        return self.loras.check(name)
+
+    def pooling(self, params: PoolingParams) -> PoolingParams:
+        """An embedding request's pooling, the model's defaults filled in (ValueError if it cannot be had)."""
+        return resolve_pooling(params, self.pooler_config, self.model_config.hidden_size)
 
     def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams,
                     prompt_token_ids: list[int] | None = None) -> Request:
@@ -172,6 +172,10 @@ class LLMEngine:
         grammar = compiled.new_matcher() if compiled is not None else None
         seq = Sequence(next(self._seq_ids), request_id, 0, list(prompt_token_ids), len(prompt_token_ids),
                        params, now, pending_forks=params.n - 1, grammar=grammar, logits_changes=changes)
+        if params.pooling is not None:
+            seq.pool = Pool(self.pooling(params.pooling))
+        if params.lora_name is not None:
+            seq.cache_salt = self.lora_salt(params.lora_name)
         request = Request(request_id, prompt, list(prompt_token_ids), params, [seq], now)
         self.requests[request_id] = request
         self.scheduler.add(seq)
@@ -194,6 +198,18 @@ class LLMEngine:
             if not seq.finished:
                 self.scheduler.add(seq)
         return request
+
+    def add_lora(self, request: LoRARequest) -> None:
+        """Register a LoRA adapter (read and checked now; ValueError if it cannot be served)."""
+        if self.loras is None:
+            raise ValueError("LoRA is not enabled (enable_lora=True, --enable-lora)")
+        self.loras.add(request)
+
+    def remove_lora(self, name: str) -> None:
+        """New requests for the adapter are refused at once; it goes when its running ones finish."""
+        if self.loras is None or not self.loras.serves(name):
+            raise KeyError(name)
+        self.loras.remove(name)
 
     def abort_request(self, request_id: str) -> bool:
         request = self.requests.pop(request_id, None)
@@ -227,6 +243,8 @@ class LLMEngine:
         detokenized during the next step, while the device computes it: their deltas come one step
         later, and a stop string ends its sequence one step later (the extra token is dropped)."""
         replayed, self._replayed = self._replayed, []
+        if self.loras is not None and self.loras.unloading:
+            self.loras.drop_unused({r.params.lora_name for r in self.requests.values()})
         if self.speculator is not None:
             self.speculator.plan(self.scheduler.running, len(self.scheduler.waiting))
         batch = self.scheduler.schedule()
@@ -253,9 +271,12 @@ class LLMEngine:
 
     def _launch(self, batch) -> tuple:
         """The forward pass (a fault there is the whole batch's), then sampling started."""
-        decodes = [s for s, n in batch.items if n == 1]
-        prefills = [(s, n) for s, n in batch.items if n > 1]
-        logits, ready = self.runner.run(decodes, prefills)
+        logits, ready, prompt_rows = self.runner.run(*split_batch(batch.items))
+        for seq, first, rows in prompt_rows:
+            try:
+                record_prompt_rows(seq, first, rows)
+            except Exception as e:
+                self._fail(seq.request_id, "reading its prompt's outputs", e)
         bs = self.block_manager.block_size
         for seq, n in batch.items:
             if seq.draft:  # it moves by what is accepted (_collect_verified)
@@ -263,6 +284,8 @@ class LLMEngine:
             seq.num_computed += n
             if seq.num_computed // bs > len(seq.block_hashes):
                 self.block_manager.register_full_blocks(seq)
+            if seq.params.prompt_only and seq.num_computed == seq.num_tokens and not seq.finished:
+                self._finish_prompt(seq)
         ready = sampler_rows(ready)  # a verifying sequence's rows are DraftRows
         rows = None  # logits row of each ready sequence, once forks share their parent's row
         num_ready = len(ready)
@@ -281,6 +304,14 @@ class LLMEngine:
         if self.draft_model is not None:
             self.speculator.rejection_sample(logits, ready)
         return ready, started, None
+
+    def _finish_prompt(self, seq: Sequence) -> None:
+        """A scoring or embedding request whose prompt is computed: it ends without a token."""
+        seq.finish_reason = "length"
+        if seq.pool is not None:
+            seq.embedding = seq.pool.result()
+        self.scheduler.finish(seq)
+        self._pending.append(seq)
 
     def _collect(self, launched: tuple) -> None:
         seqs, started, sampled = launched
@@ -374,7 +405,8 @@ class LLMEngine:
                              num_cached_tokens=parent.num_cached_tokens, prefix_looked_up=True,
                              first_scheduled_time=parent.first_scheduled_time,
                              grammar=parent.grammar.deep_copy() if parent.grammar is not None else None,
-                             logits_changes=parent.logits_changes)
+                             logits_changes=parent.logits_changes, prompt_logprobs=parent.prompt_logprobs,
+                             cache_salt=parent.cache_salt)
             self.block_manager.share_prefix(parent, child, full_blocks)
             self.scheduler.add_running(child)
             request.seqs.append(child)
@@ -384,34 +416,4 @@ class LLMEngine:
 
     # -- introspection -------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
-        bm = self.block_manager
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "kv_cache_usage": bm.usage,
-            "kv_blocks_used": bm.num_used_blocks,
-            "prefix_cache_queries": bm.prefix_queries,
-            "prefix_cache_hits": bm.prefix_hits,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "block_size": bm.block_size,
-            "num_blocks": bm.num_blocks,
-            "weight_bytes": self.weight_bytes,
-            "steps": self.num_steps,
-            "step_forward_seconds": self.forward_seconds,
-            "grammar_mask_seconds": self.logits_processor.mask_seconds,
-            "grammar_mask_steps": self.logits_processor.mask_steps,
-            "grammars_compiled": self.grammars.num_compiled,
-            **(self.speculator.stats() if self.speculator is not None else {}),
-        }
-
-
-def advance_grammar(seq: Sequence, token: int) -> None:
-    """Feed the sampled token to the sequence's matcher; a grammar that admits nothing more ends the
-    sequence (finish_reason "stop"), as a sampled EOS would one step later."""
-    if not seq.grammar.consume_token(token):
-        log.warning("request %s: token %d rejected by its grammar (%s); ending it", seq.request_id, token,
-                    seq.grammar.get_error())
-        seq.finish_reason = "stop"
-    elif seq.grammar.is_stopped():
-        seq.finish_reason = "stop"
-
+        return engine_stats(self)

@@ -15,6 +15,7 @@ import torch
 
 from scalellm import ops
 from scalellm.engine.cuda_graphs import DecodeGraphs
+from scalellm.engine.prompt_outputs import wanted_rows
 from scalellm.engine.sequence import Sequence
 from scalellm.model.llama import LlamaModel
 from scalellm.ops.transfer import Transfer
@@ -64,7 +65,7 @@ class BlockTables:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, max_model_len: int,
-                 graph_max_batch: int = 0):
+                 graph_max_batch: int = 0, lora=None):
         c = model.config
         self.model = model
         self.block_size = block_size
@@ -73,6 +74,7 @@ class ModelRunner:
                                     dtype=model.dtype, device=self.device)
         self.tables = BlockTables(-(-max_model_len // block_size) + 1)
         self.sliding_window = c.sliding_window
+        self.lora = lora  # engine/lora_manager.LoRAManager, with LoRA on
         self.cuda_kernels = ops.uses_cuda_kernels(self.kv_cache)
         self.transfer = Transfer(self.device) if self.cuda_kernels else None
         self.graphs = None
@@ -107,12 +109,15 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self.tables.release(seq)
 
-    def run(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+    def run(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]
+            ) -> tuple[torch.Tensor, list[Sequence], list[tuple[Sequence, int, torch.Tensor]]]:
         """One forward pass: every decode sequence's next token, then each chunk (sequence, tokens): a
         prompt's next tokens, or a sequence's newest token and its drafts (seq.draft) to verify.
         Returns the logits (in the model's dtype) of the sequences whose tokens are now all computed, and
         those sequences: one row each, in order, except that a sequence verifying k drafts has k + 1 rows
-        (the target's logits after its newest token and after each draft)."""
+        (the target's logits after its newest token and after each draft); a prompt that samples nothing
+        (scoring, embedding) has none. Third, the prompt rows sequences asked for (prompt_outputs.py):
+        (sequence, first position, float32 logits or, for an embedding, final-normed hidden states)."""
         bs = self.block_size
         nd = len(decodes)
         ids_parts, pos_parts, slot_parts = [], [], []
@@ -126,7 +131,7 @@ class ModelRunner:
             tables = self.tables.table[rows, :width]
             slot_parts.append(tables[np.arange(nd), pos // bs].astype(np.int64) * bs + pos % bs)
             lens = (pos + 1).astype(np.int32)
-        specs = []
+        specs, extras, extra_rows = [], [], []
         ready = list(decodes)
         rows_out = list(range(nd))
         offset = nd
@@ -139,39 +144,77 @@ class ModelRunner:
             pos_parts.append(pos)
             slot_parts.append(table[pos // bs] * bs + pos % bs)
             specs.append((offset, n, start + n, seq.block_table))
+            wanted = wanted_rows(seq, start, n) if start < seq.prompt_len else None
+            if wanted is not None:
+                lo, hi = wanted
+                extras.append((seq, start + lo, hi - lo))
+                extra_rows.extend(range(offset + lo, offset + hi))
             offset += n
             if seq.draft:
                 ready.append(seq)
                 rows_out.extend(range(offset - n, offset))
-            elif start + n == seq.num_tokens:
+            elif start + n == seq.num_tokens and not seq.params.prompt_only:
                 ready.append(seq)
                 rows_out.append(offset - 1)
         meta = ops.build_attention_metadata(bs, _cat(slot_parts), tables if nd else [], lens if nd else [], specs,
                                             self.sliding_window)
-        gather = np.asarray(rows_out, np.int64) if len(rows_out) != offset else None  # rows whose logits we need
+        rows = rows_out + extra_rows
+        gather = np.asarray(rows, np.int64) if len(rows) != offset or extra_rows else None  # rows we need
+        lora = None
+        if self.lora is not None:
+            lora = self.lora.batch([s.params.lora_name for s in decodes] + [s.params.lora_name for s, _ in prefills],
+                                   [1] * nd + [n for _, n in prefills])
         if self.cuda_kernels:
-            hidden = self._forward_on_cuda_kernels(_cat(ids_parts), _cat(pos_parts), meta, gather)
+            hidden = self._forward_on_cuda_kernels(_cat(ids_parts), _cat(pos_parts), meta, gather, lora)
         else:
             hidden = self.model.forward(torch.from_numpy(_cat(ids_parts)), torch.from_numpy(_cat(pos_parts)),
-                                        self.kv_cache, meta)
+                                        self.kv_cache, meta, lora)
             if gather is not None:
                 hidden = hidden[torch.from_numpy(gather)]
-        return self.model.logits(hidden, float32=False), ready  # the sampler widens them where it must
+        if extras:
+            hidden, extras = hidden[:len(rows_out)], self._prompt_rows(hidden[len(rows_out):], extras)
+        return self.model.logits(hidden, float32=False), ready, extras  # the sampler widens them where it must
+
+    def _prompt_rows(self, hidden: torch.Tensor, extras: list) -> list[tuple[Sequence, int, torch.Tensor]]:
+        """Each sequence's prompt rows: logits in float32 for scoring, final-normed states for a pool."""
+        out, at = [], 0
+        model = self.model
+        for seq, first, count in extras:
+            h = hidden[at:at + count]
+            at += count
+            if seq.pool is not None:
+                out.append((seq, first, ops.rms_norm(h.contiguous(), model.final_norm, model.config.rms_norm_eps)))
+            else:
+                out.append((seq, first, model.logits(h.contiguous(), float32=True)))
+        return out
 
     def _forward_on_cuda_kernels(self, input_ids: np.ndarray, positions: np.ndarray, meta: ops.AttentionMetadata,
-                                 gather: np.ndarray | None) -> torch.Tensor:
+                                 gather: np.ndarray | None, lora=None) -> torch.Tensor:
         """Everything the step reads goes to the device in one copy; nothing here waits for the device."""
         host = {"input_ids": input_ids, "positions": positions, **ops.kernel_arrays(meta)}
         if gather is not None:
             host["gather"] = gather
         arrays = self.transfer(host)
         ids, pos, rows = arrays.pop("input_ids"), arrays.pop("positions"), arrays.pop("gather", None)
-        if self.graphs is not None and not meta.prefills and self.graphs.covers(meta.num_decode_tokens):
+        if (self.graphs is not None and lora is None and not meta.prefills
+                and self.graphs.covers(meta.num_decode_tokens)):
             return self.graphs.run(ids, pos, arrays)
         meta.device = arrays
         meta.slot_mapping = arrays["slot_mapping"]
-        hidden = self.model.forward(ids, pos, self.kv_cache, meta)
+        hidden = self.model.forward(ids, pos, self.kv_cache, meta, lora)
         return hidden if rows is None else hidden[rows]
+
+
+def split_batch(items: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
+    """A step's (sequence, tokens) into run()'s decodes and chunks: a decode is a sequence's one last
+    token; a one-token chunk of a longer prompt, and a prompt nothing is sampled after, are chunks."""
+    decodes, chunks = [], []
+    for seq, n in items:
+        if n == 1 and seq.num_computed + 1 == seq.num_tokens and not seq.params.prompt_only:
+            decodes.append(seq)
+        else:
+            chunks.append((seq, n))
+    return decodes, chunks
 
 
 def _warm_up_token_bitmask(logits: torch.Tensor) -> None:

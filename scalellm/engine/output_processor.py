@@ -3,11 +3,14 @@ incrementally, check stop strings and emit deltas (the second half can run while
 the next step)."""
 from __future__ import annotations
 
+import logging
 import time
 
 from scalellm.engine.detokenizer import Detokenizer
 from scalellm.engine.sequence import Sequence
 from scalellm.outputs import Logprob, StageTimes, StreamDelta
+
+log = logging.getLogger(__name__)
 
 
 def check_stop_token(seq: Sequence, token: int, eos_token_ids: frozenset[int], max_model_len: int) -> None:
@@ -98,9 +101,28 @@ def take_delta(seq: Sequence) -> StreamDelta:
         logprobs = seq.logprobs[seq.emitted_logprobs:]
         seq.emitted_logprobs = len(seq.logprobs)
     timings = None
+    if seq.finish_reason is not None and seq.first_token_time is None:  # a prompt-only request
+        seq.first_token_time = time.monotonic()
     if seq.finish_reason is not None and seq.first_token_time is not None:
         scheduled = seq.first_scheduled_time or seq.arrival_time
         timings = StageTimes(scheduled - seq.arrival_time, seq.first_token_time - scheduled,
                              time.monotonic() - seq.first_token_time, seq.detokenize_seconds)
-    return StreamDelta(seq.request_id, seq.index, text, tokens, seq.finish_reason, seq.stop_reason,
-                       logprobs, seq.prompt_len, seq.num_cached_tokens, queue_time, timings)
+    delta = StreamDelta(seq.request_id, seq.index, text, tokens, seq.finish_reason, seq.stop_reason,
+                        logprobs, seq.prompt_len, seq.num_cached_tokens, queue_time, timings)
+    if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+        delta.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+    if seq.embedding is not None:
+        delta.embedding = seq.embedding
+    return delta
+
+
+def advance_grammar(seq: Sequence, token: int) -> None:
+    """Feed the sampled token to the sequence's matcher; a grammar that admits nothing more ends the
+    sequence (finish_reason "stop"), as a sampled EOS would one step later."""
+    if not seq.grammar.consume_token(token):
+        log.warning("request %s: token %d rejected by its grammar (%s); ending it", seq.request_id, token,
+                    seq.grammar.get_error())
+        seq.finish_reason = "stop"
+    elif seq.grammar.is_stopped():
+        seq.finish_reason = "stop"
+

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from scalellm.engine.block_manager import BlockManager
+from scalellm.engine.prompt_outputs import needs_prompt_rows
 from scalellm.engine.sequence import Sequence, Status
 
 
@@ -28,8 +29,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_loras: int | None = None):
         self.bm = block_manager
+        self.max_loras = max_loras  # LoRA adapters the running sequences may use at once (None: LoRA off)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -75,15 +78,24 @@ class Scheduler:
             break
         if batch.num_preempted:
             return batch
-        while self.waiting and budget > 0 and len(running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        loras = {s.params.lora_name for s in running} - {None} if self.max_loras else None
+        skipped = 0  # waiting sequences passed over: their adapter would exceed max_loras
+        while len(self.waiting) > skipped and budget > 0 and len(running) < self.max_num_seqs:
+            seq = self.waiting[skipped]
+            lora = seq.params.lora_name
+            if lora is not None and loras is not None and lora not in loras and len(loras) >= self.max_loras:
+                skipped += 1
+                continue
             if not seq.prefix_looked_up:
-                self.bm.reuse_prefix(seq)
+                if not needs_prompt_rows(seq):  # the cache holds K/V, not the outputs it wants
+                    self.bm.reuse_prefix(seq)
                 seq.prefix_looked_up = True
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.bm.ensure(seq, seq.num_computed + n):
                 break
-            self.waiting.popleft()
+            del self.waiting[skipped]
+            if lora is not None and loras is not None:
+                loras.add(lora)
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             seq.status = Status.RUNNING

@@ -60,6 +60,13 @@ class Sequence:
     # logits changes: a grammar matcher (llguidance) advanced by each sampled token, and fixed ones
     grammar: Any = None
     logits_changes: Any = None  # engine.logits_processors.RequestLogits
+    # outputs read from the prompt's positions (engine/prompt_outputs.py): each prompt token's logprob
+    # (the first's None), or an embedding's running pool (engine.pooling.Pool) and then its vector
+    prompt_logprobs: list[Logprob | None] | None = None
+    prompt_logprobs_sent: bool = False
+    pool: Any = None
+    embedding: Any = None
+    cache_salt: Any = None  # seeds its blocks' prefix-cache hashes: a LoRA adapter's (name, load count)
 
     def __post_init__(self) -> None:
         if not self.seed:
@@ -69,6 +76,8 @@ class Sequence:
         self.prefix_offset = max(self.prompt_len - 5, 0)
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:

@@ -27,7 +27,7 @@ def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab: 
         ids = getattr(params, name) or ()
         if any(t >= vocab for t in ids):
             raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab})")
-    total = n + (params.max_tokens or max_model_len - n)
+    total = n + (max_model_len - n if params.max_tokens is None else params.max_tokens)
     if block_manager.blocks_needed(total) > block_manager.num_blocks:
         raise ValueError(f"prompt plus max_tokens ({total} tokens) exceeds the KV cache capacity of "
                          f"{block_manager.num_blocks * block_manager.block_size} tokens")

@@ -54,6 +54,10 @@ def prompt_text(kind: str, req) -> str:
                      for p in prompt)
 
 
+_SMALL_DECODERS = {"/tokenize": P.tokenize_decoder, "/detokenize": P.detokenize_decoder,
+                   "/v1/embeddings": P.embedding_decoder}  # requests forwarded whole to a replica of their model
+
+
 class Gateway:
     def __init__(self, replicas: ReplicaSet, router: Router, api_key: str | None = None, max_in_flight: int = 1024,
                  max_queue: int = 1024, max_body_bytes: int = 8 << 20, retries: int = 2,
@@ -87,6 +91,7 @@ class Gateway:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/tokenize", self.forward_small)
         app.router.add_post("/detokenize", self.forward_small)
+        app.router.add_post("/v1/embeddings", self.forward_small)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_get("/health", self.health)
@@ -152,7 +157,7 @@ class Gateway:
         return await self._generate(request, "chat", P.chat_decoder)
 
     async def forward_small(self, request: web.Request) -> web.StreamResponse:
-        decoder = P.tokenize_decoder if request.path == "/tokenize" else P.detokenize_decoder
+        decoder = _SMALL_DECODERS[request.path]
         body = await request.read()
         req = decode_body(decoder, body)
         return await self._dispatch(request, body, req.model)

@@ -104,9 +104,10 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: ops.AttentionMetadata) -> torch.Tensor:
+                meta: ops.AttentionMetadata, lora=None) -> torch.Tensor:
         """Returns the residual stream after the last layer [tokens, hidden] (logits() applies the final
-        norm to the rows it needs); kv_cache: [layers, 2, blocks, block, kv_heads, head_dim]."""
+        norm to the rows it needs); kv_cache: [layers, 2, blocks, block, kv_heads, head_dim]. lora: the
+        step's adapters (engine/lora_manager.LoRABatch: add(layer, projection, input, output))."""
         cfg = self.config
         eps = cfg.rms_norm_eps
         caches = self._layer_caches(kv_cache)
@@ -114,15 +115,23 @@ class LlamaModel:
         h = ops.embedding(input_ids, self.embed, self.dtype)
         for i, w in enumerate(self.layers):
             k_cache, v_cache = caches[i]
-            qkv = w.qkv(h, norm=w.input_norm, eps=eps)
+            if lora is None:
+                qkv = w.qkv(h, norm=w.input_norm, eps=eps)
+            else:  # the adapters read the normed input: the norm runs as its own op
+                x = ops.rms_norm(h, w.input_norm, eps)
+                qkv = lora.add(i, "qkv", x, w.qkv(x))
             q = ops.attention_inputs(qkv, positions, self.cos, self.sin, w.q_norm, w.k_norm, eps, cfg.num_heads,
                                      cfg.num_kv_heads, k_cache, v_cache, meta.slot_mapping)
-            attn = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
-            h = w.o_proj(attn.view(tokens, self.q_size), residual=h)
+            attn = ops.paged_attention(q, k_cache, v_cache, meta, self.scale).view(tokens, self.q_size)
+            h = w.o_proj(attn, residual=h) if lora is None else lora.add(i, "o_proj", attn, w.o_proj(attn, residual=h))
             if w.moe is not None:
                 h = ops.fused_moe(ops.rms_norm(h, w.post_norm, eps), w.moe, residual=h)
-            else:
+            elif lora is None:
                 h = w.down(w.gate_up(h, norm=w.post_norm, eps=eps), residual=h, silu_mul=True)
+            else:
+                x = ops.rms_norm(h, w.post_norm, eps)
+                act = ops.silu_mul(lora.add(i, "gate_up", x, w.gate_up(x)))
+                h = lora.add(i, "down", act, w.down(act, residual=h))
         return h
 
     @torch.inference_mode()

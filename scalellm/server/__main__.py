@@ -92,10 +92,25 @@ def build_parser(prog: str = "python -m scalellm.server", model_positional: bool
                     help='structured outputs settings as JSON, in vLLM\'s keys: {"backend": "auto"|"guidance", '
                          '"disable_any_whitespace": true}; JSON constraints are compact (no free whitespace) '
                          'unless disable_any_whitespace is false')
+    ap.add_argument("--pooler-config", default=None, metavar="JSON",
+                    help='/v1/embeddings\' pooling over the model\'s own (a sentence-transformers layout, else the '
+                         'last token, normalized): {"pooling_type": "MEAN"|"LAST"|"CLS", "normalize": true|false}')
     ap.add_argument("--speculative-config", default=None, metavar="JSON",
                     help='speculative decoding, in vLLM\'s form: {"method": "ngram", "num_speculative_tokens": 4, '
                          '"prompt_lookup_min": 2, "prompt_lookup_max": 5} or a draft model of the same tokenizer: '
                          '{"model": PATH, "num_speculative_tokens": 4}; optional "disable_by_batch_size": N')
+    ap.add_argument("--enable-lora", action="store_true",
+                    help="serve LoRA adapters, chosen by a request's model (runtime loads: /v1/load_lora_adapter)")
+    ap.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                    help='LoRA adapters (PEFT folders) served from the start: name=path, or JSON '
+                         '{"name": NAME, "path": PATH}')
+    ap.add_argument("--max-loras", type=int, default=1, help="LoRA adapters one step may mix")
+    ap.add_argument("--max-lora-rank", type=int, default=16, help="the largest LoRA rank served")
+    ap.add_argument("--max-cpu-loras", type=int, default=None,
+                    help="LoRA adapters kept read in memory (others are read again when used); default: --max-loras")
+    ap.add_argument("--lora-kernel", default="batched", choices=["batched", "grouped"],
+                    help="how a step mixing adapters computes them: two GEMMs over all slots with a mask, or a "
+                         "pair per run of tokens with one adapter")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     return ap
 
@@ -120,12 +135,38 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m scalellm.se
             ap.error(f"--chat-template: {e}")
     else:
         args.chat_template_text = None
+    args.lora_modules = lora_modules(ap, args.lora_modules)
+    if args.lora_modules and not args.enable_lora:
+        ap.error("--lora-modules needs --enable-lora")
     positional = getattr(args, "model_arg", None)
     if positional is not None:
         if args.model is not None and args.model != positional:
             ap.error(f"two models given: {positional} and --model {args.model}")
         args.model = positional
     return args
+
+
+def lora_modules(ap: argparse.ArgumentParser, values: list[str] | None) -> list[dict] | None:
+    """--lora-modules' entries (name=path or vLLM's JSON form) as {"name", "path"} dicts."""
+    if not values:
+        return None
+    modules = []
+    for value in values:
+        if value.lstrip().startswith("{"):
+            try:
+                entry = json.loads(value)
+            except json.JSONDecodeError as e:
+                ap.error(f"--lora-modules: {value!r} is not valid JSON: {e}")
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(
+                    entry.get("path"), str):
+                ap.error(f"--lora-modules: {value!r} needs string fields name and path")
+            modules.append({"name": entry["name"], "path": entry["path"]})
+        else:
+            name, sep, path = value.partition("=")
+            if not sep or not name or not path:
+                ap.error(f"--lora-modules: {value!r} is not name=path")
+            modules.append({"name": name, "path": path})
+    return modules
 
 
 def request_limits(args: argparse.Namespace) -> RequestLimits:
@@ -169,7 +210,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
                               kv_cache_memory=args.kv_cache_memory,
                               enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
                               cuda_graph_max_batch=args.cuda_graph_max_batch, compact_json=args.compact_json,
-                              speculative_config=args.speculative_config)
+                              speculative_config=args.speculative_config, pooler_config=args.pooler_config,
+                              enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                              max_cpu_loras=args.max_cpu_loras, lora_modules=args.lora_modules,
+                              lora_kernel=args.lora_kernel)
         model_path = args.model or default_model_path()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,8 @@ from scalellm.server.openapi import openapi_document, openapi_handler
 from scalellm.server.request_log import request_line, request_log
 from scalellm.server.chat import chat_conversation
 from scalellm.server.chat_templates import template_for
+from scalellm.server.embeddings import EmbeddingServing
+from scalellm.server.lora_routes import LoRARoutes
 from scalellm.server.serving import RECORD, OpenAIServing, decode_body
 
 log = logging.getLogger("scalellm.server")
@@ -64,6 +66,8 @@ class Server:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scalellm-tokenize")
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine else None, self.model_name)
         self.serving = OpenAIServing(self)
+        self.embedding_serving = EmbeddingServing(self)
+        self.lora = LoRARoutes(self)
         self.dashboard = Dashboard(self)
         self.flags: dict = {}  # the command line's settings, shown on the dashboard
         self.created = int(time.time())
@@ -89,6 +93,9 @@ class Server:
         s = self.serving
         app.router.add_post("/v1/completions", s.completions)
         app.router.add_post("/v1/chat/completions", s.chat)
+        app.router.add_post("/v1/embeddings", self.embedding_serving.embeddings)
+        app.router.add_post("/v1/load_lora_adapter", self.lora.load)
+        app.router.add_post("/v1/unload_lora_adapter", self.lora.unload)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_get("/version", self.version)
@@ -230,12 +237,16 @@ class Server:
     async def models(self, request: web.Request) -> web.Response:
         self.check_ready()
         card = P.ModelCard(self.model_name, self.created, self.engine.engine.max_model_len)
-        return web.Response(body=P.encoder.encode(P.ModelList([card])), content_type="application/json")
+        return web.Response(body=P.encoder.encode(P.ModelList([card] + self.lora.cards())),
+                            content_type="application/json")
 
     async def model(self, request: web.Request) -> web.Response:
         self.check_ready()
-        self.check_model(request.match_info["model"])
-        card = P.ModelCard(self.model_name, self.created, self.engine.engine.max_model_len)
+        name = request.match_info["model"]
+        card = next((c for c in self.lora.cards() if c.id == name), None)
+        if card is None:
+            self.check_model(name)
+            card = P.ModelCard(self.model_name, self.created, self.engine.engine.max_model_len)
         return web.Response(body=P.encoder.encode(card), content_type="application/json")
 
     async def version(self, request: web.Request) -> web.Response:

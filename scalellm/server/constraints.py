@@ -17,7 +17,7 @@ def refuse_unsupported(req) -> None:
         return value is not UNSET and value not in harmless
 
     checks = [("best_of", (None, 1, req.n)), ("use_beam_search", (None, False)), ("length_penalty", (None, 1, 1.0)),
-              ("prompt_logprobs", (None,)), ("logits_processors", (None, [])), ("truncate_prompt_tokens", (None,)),
+              ("logits_processors", (None, [])),
               ("suffix", (None, "")), ("functions", (None, [])), ("function_call", (None,)), ("audio", (None,)),
               ("modalities", (None, ["text"]))]
     for name, harmless in checks:

@@ -40,6 +40,43 @@ class LogprobFormatter:
             offset += len(text)
         return P.CompletionLogprobs(tokens, values, tops, offsets)
 
+    def echo_logprobs(self, prompt_ids: list[int], prompt: list[Logprob | None], k: int, generated: list[Logprob],
+                      echo_len: int) -> P.CompletionLogprobs:
+        """OpenAI's echo with logprobs: the prompt's tokens first (the first token's logprob and top ones
+        null; each other's top ones with the token itself, as vLLM), then the generated tokens'."""
+        tokens, values, tops, offsets = [], [], [], []
+        offset = 0
+        for token_id, lp in zip(prompt_ids, prompt):
+            text = self.token_text(token_id)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            if lp is None:  # the first token: nothing before it to score it
+                values.append(None)
+                tops.append(None)
+                continue
+            values.append(_finite(lp.logprob))
+            top = {self.token_text(t): _finite(v) for t, v in lp.top[:k]}
+            top.setdefault(text, _finite(lp.logprob))
+            tops.append(top)
+        rest = self.completion_logprobs(generated, echo_len)
+        return P.CompletionLogprobs(tokens + rest.tokens, values + rest.token_logprobs, tops + rest.top_logprobs,
+                                    offsets + rest.text_offset)
+
+    def prompt_logprobs(self, prompt: list[Logprob | None], k: int) -> P.PromptLogprobs:
+        """vLLM's prompt_logprobs: per position None (the first) or {token id: entry} for the token and
+        the top k."""
+        out: P.PromptLogprobs = []
+        for lp in prompt:
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(lp.token_id): P.PromptLogprob(_finite(lp.logprob), lp.rank, self.token_text(lp.token_id))}
+            for rank, (t, v) in enumerate(lp.top[:k], 1):
+                entry.setdefault(str(t), P.PromptLogprob(_finite(v), rank, self.token_text(t)))
+            out.append(entry)
+        return out
+
     def chat_logprobs(self, logprobs: list[Logprob]) -> P.ChatLogprobs:
         content = []
         for lp in logprobs:

@@ -75,6 +75,13 @@ class _EngineCollector:
             yield family
         if "spec_num_drafts" in s:
             yield from _spec_decode_counters(s, label)
+        lora = s.get("lora_info")
+        if lora is not None:  # vLLM's: the adapters in use, in the labels; the value is when it was read
+            family = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters of running and waiting requests",
+                                       labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            family.add_metric([str(lora["max_lora"]), ",".join(lora["running"]), ",".join(lora["waiting"])],
+                              time.time())
+            yield family
         for prefix in ("scalellm", "vllm"):  # the KV cache's shape, as vLLM's cache_config_info reports it
             family = GaugeMetricFamily(f"{prefix}:cache_config_info", "KV-cache configuration (in the labels)",
                                        labels=["model_name", "block_size", "num_gpu_blocks"])

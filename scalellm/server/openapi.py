@@ -15,7 +15,7 @@ from scalellm.server import protocol as P
 
 _REF = "#/components/schemas/{name}"
 _STRUCTS = (P.CompletionRequest, P.ChatCompletionRequest, P.TokenizeRequest, P.DetokenizeRequest,
-            P.CompletionResponse, P.ChatCompletionResponse, P.ModelList, P.ModelCard, P.ErrorResponse)
+            P.CompletionResponse, P.ChatCompletionResponse, P.EmbeddingRequest, P.EmbeddingResponse, P.LoadLoRARequest, P.UnloadLoRARequest, P.ModelList, P.ModelCard, P.ErrorResponse)
 _ERRORS = {400: "The request is malformed or asks for something the server refuses",
            401: "The API key is missing or wrong", 404: "The model does not exist",
            413: "The request body is too large", 503: "The model is loading, the server is at capacity or draining"}
@@ -70,6 +70,16 @@ def _paths() -> dict[str, dict[str, dict]]:
         "/v1/chat/completions": {"post": _operation(
             "Answer a conversation (stream: server-sent events)", {**_json(_ref("ChatCompletionResponse")), **_SSE},
             _GENERATE, "ChatCompletionRequest", operationId="createChatCompletion")},
+        "/v1/embeddings": {"post": _operation(
+            "Embed inputs: each one's pooled final hidden state", _json(_ref("EmbeddingResponse")), _GENERATE,
+            "EmbeddingRequest", operationId="createEmbedding")},
+        "/v1/load_lora_adapter": {"post": _operation(
+            "Load a LoRA adapter (with --enable-lora)", {"text/plain": {"schema": _STR}}, (400, 413, 503),
+            "LoadLoRARequest", operationId="loadLoraAdapter")},
+        "/v1/unload_lora_adapter": {"post": _operation(
+            "Unload a LoRA adapter: new requests for it are refused, running ones finish",
+            {"text/plain": {"schema": _STR}}, (400, 404, 413, 503), "UnloadLoRARequest",
+            operationId="unloadLoraAdapter")},
         "/v1/models": {"get": _operation("List the served model", _json(_ref("ModelList")), (503,),
                                          operationId="listModels")},
         "/v1/models/{model}": {"get": _operation("Describe the served model", _json(_ref("ModelCard")), (404, 503),
@@ -109,6 +119,7 @@ def openapi_document(api_key: bool = True, public_paths: Collection[str] = ()) -
     """The OpenAPI 3.1 document. With `api_key`, every path but `public_paths` needs a bearer token."""
     _, schemas = msgspec.json.schema_components(_STRUCTS, ref_template=_REF)
     schemas["CompletionRequest"]["properties"]["prompt"] = _PROMPT
+    schemas["EmbeddingRequest"]["properties"]["input"] = _PROMPT
     paths = _paths()
     doc = {"openapi": "3.1.0",
            "info": {"title": "ScaleLLM", "version": __version__,

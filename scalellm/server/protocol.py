@@ -4,7 +4,7 @@ Unknown request fields are ignored (clients send extras); response fields left U
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
@@ -99,9 +99,10 @@ class SamplingFields(Struct, kw_only=True):
     best_of: Any = UNSET
     use_beam_search: Any = UNSET
     length_penalty: Any = UNSET
-    prompt_logprobs: Any = UNSET
     logits_processors: Any = UNSET
-    truncate_prompt_tokens: Any = UNSET
+    # vLLM's: each prompt token's logprob and this many top ones; keep only the prompt's last k tokens
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -190,9 +191,19 @@ class Usage(Struct):
 
 class CompletionLogprobs(Struct):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(Struct):
+    """vLLM's prompt_logprobs entry: one token's logprob, its rank, and its text."""
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # per prompt position: token id (as a key) -> entry
 
 
 class CompletionChoice(Struct):
@@ -203,6 +214,7 @@ class CompletionChoice(Struct):
     stop_reason: int | str | None = None
     prompt_token_ids: list[int] | UnsetType = UNSET  # with return_token_ids
     token_ids: list[int] | UnsetType = UNSET
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET
 
 
 class CompletionResponse(Struct):
@@ -266,6 +278,7 @@ class ChatCompletionResponse(Struct):
     object: str = "chat.completion"
     usage: Usage | None | UnsetType = UNSET
     prompt_token_ids: list[int] | UnsetType = UNSET  # with return_token_ids
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET
 
 
 class FunctionDelta(Struct):
@@ -302,6 +315,48 @@ class ChatCompletionChunk(Struct):
     object: str = "chat.completion.chunk"
     usage: Usage | None | UnsetType = UNSET
     prompt_token_ids: list[int] | UnsetType = UNSET  # with return_token_ids: on the first chunk
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET
+
+
+class EmbeddingRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    input: str | list[Any]  # str, [str], [int] or [[int]], as a completion's prompt
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None
+    normalize: bool | None = None  # vLLM's: None keeps the model's setting
+    add_special_tokens: bool = True
+
+
+class Embedding(Struct):
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 with encoding_format base64
+    object: str = "embedding"
+
+
+class EmbeddingUsage(Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(Struct):
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    object: str = "list"
+    id: str | UnsetType = UNSET
+    created: int | UnsetType = UNSET
+
+
+class LoadLoRARequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRARequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    lora_name: str
+    lora_int_id: int | None = None
 
 
 class ModelCard(Struct):
@@ -310,6 +365,8 @@ class ModelCard(Struct):
     max_model_len: int
     object: str = "model"
     owned_by: str = "scalellm"
+    root: str | UnsetType = UNSET  # a LoRA adapter's path
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ModelList(Struct):
@@ -332,4 +389,5 @@ completion_decoder = msgspec.json.Decoder(CompletionRequest)
 chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
 detokenize_decoder = msgspec.json.Decoder(DetokenizeRequest)
+embedding_decoder = msgspec.json.Decoder(EmbeddingRequest)
 encoder = msgspec.json.Encoder()

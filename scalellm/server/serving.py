@@ -39,10 +39,11 @@ class Choice:
     logprobs: list[Logprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[Logprob | None] | None = None
 
 
 def sampling_params(req, max_tokens: int | None, logprobs: int | None, constraint=None,
-                    num_prompts: int = 1) -> SamplingParams:
+                    num_prompts: int = 1, prompt_logprobs: int | None = None, lora: str | None = None) -> SamplingParams:
     resumed = continuation(req, req.n, num_prompts)
     try:
         return SamplingParams(
@@ -55,9 +56,9 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None, constrain
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-            logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output, structured_outputs=constraint,
-            continuation=resumed, **logits_fields(req))
+            continuation=resumed, lora_name=lora, **logits_fields(req))
     except ValueError as e:
         raise bad_value(e) from None
 
@@ -78,7 +79,10 @@ class OpenAIServing:
         srv.limits.check(req, num_prompts, req.logprobs, "logprobs")
         refuse_unsupported(req)
         param, constraint = request_constraint(req)
-        params = sampling_params(req, req.max_tokens, req.logprobs, constraint, num_prompts)
+        echoed = req.logprobs if req.echo else None  # echo with logprobs scores the prompt's tokens too
+        prompt_k = max((k for k in (req.prompt_logprobs, echoed) if k is not None), default=None)
+        params = sampling_params(req, req.max_tokens, req.logprobs, constraint, num_prompts, prompt_k,
+                                 srv.lora.adapter_for(req.model))
         lengths = [len(req.prompt)] if isinstance(req.prompt, str) else [len(p) for p in req.prompt
                                                                           if isinstance(p, str)]
         srv.check_fits(max(lengths, default=0), "prompt")
@@ -123,7 +127,8 @@ class OpenAIServing:
                 raise APIError(400, f"tool_choice forces a tool call; {param} cannot constrain the same reply",
                                param=param)
             param, constraint = "tool_choice", tools.constraint
-        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint)
+        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint,
+                                 prompt_logprobs=req.prompt_logprobs, lora=srv.lora.adapter_for(req.model))
         conversation = chat_conversation(req.messages)  # checked before the costlier compile
         chars = chat_chars(conversation)
         srv.check_fits(chars, "messages")
@@ -153,11 +158,13 @@ class OpenAIServing:
         start = time.monotonic()
         req = decode_body(decoder, await request.read())
         parsed = time.monotonic()
-        self.server.check_model(req.model)
+        self.server.lora.adapter_for(req.model)  # the base model or a LoRA adapter (a 404 for neither)
         return req, parsed, {"parse": parsed - start}
 
     async def _run(self, request, kind, req, prompts, params, stages, tools=None) -> web.StreamResponse:
         srv = self.server
+        if req.truncate_prompt_tokens is not None:
+            prompts = truncated(prompts, req.truncate_prompt_tokens, srv.engine.engine.max_model_len)
         for _, ids in prompts:
             try:
                 srv.engine.engine.validate_prompt(ids, params)
@@ -184,7 +191,7 @@ class OpenAIServing:
                                           tools, engine_rid)
             return await self._collect(kind, req, rid, created, prompts, params, deltas, tools)
         except ENGINE_ERRORS as e:
-            raise self._engine_error(e) from None
+            raise self.engine_error(e) from None
         finally:
             srv.metrics.add_stages(stages)
 
@@ -199,6 +206,8 @@ class OpenAIServing:
                     c.token_ids += d.token_ids
                     if d.logprobs:
                         c.logprobs += d.logprobs
+                    if d.prompt_logprobs is not None:
+                        c.prompt_logprobs = d.prompt_logprobs
                     c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
         usage = _usage(prompts, choices)
         fmt = self.server.formatter
@@ -207,12 +216,18 @@ class OpenAIServing:
             for idx, c in enumerate(choices):
                 text, ids = prompts[idx // n]
                 echo = (text if text is not None else fmt.decode(ids)) if req.echo else ""
-                lp = fmt.completion_logprobs(c.logprobs, len(echo)) if params.logprobs is not None else None
+                lp = None
+                if req.echo and params.logprobs is not None and c.prompt_logprobs is not None:
+                    lp = fmt.echo_logprobs(ids, c.prompt_logprobs, params.logprobs, c.logprobs, len(echo))
+                elif params.logprobs is not None:
+                    lp = fmt.completion_logprobs(c.logprobs, len(echo))
                 choice = P.CompletionChoice(idx, echo + "".join(c.text), lp, c.finish_reason, c.stop_reason)
                 if req.return_token_ids:
                     choice.prompt_token_ids, choice.token_ids = prompts[idx // n][1], c.token_ids
+                if req.prompt_logprobs is not None and c.prompt_logprobs is not None:
+                    choice.prompt_logprobs = fmt.prompt_logprobs(c.prompt_logprobs, req.prompt_logprobs)
                 out.append(choice)
-            body = P.CompletionResponse(rid, created, self.server.model_name, out, usage=usage)
+            body = P.CompletionResponse(rid, created, params.lora_name or self.server.model_name, out, usage=usage)
         else:
             new_parser = tools.new_parser if tools is not None else None
             out = []
@@ -221,14 +236,16 @@ class OpenAIServing:
                 out.append(P.ChatChoice(idx, message, fmt.chat_logprobs(c.logprobs) if params.logprobs is not None
                                         else None, finish, c.stop_reason,
                                         c.token_ids if req.return_token_ids else msgspec.UNSET))
-            body = P.ChatCompletionResponse(rid, created, self.server.model_name, out, usage=usage)
+            body = P.ChatCompletionResponse(rid, created, params.lora_name or self.server.model_name, out, usage=usage)
             if req.return_token_ids:
                 body.prompt_token_ids = prompts[0][1]
+            if req.prompt_logprobs is not None and choices[0].prompt_logprobs is not None:
+                body.prompt_logprobs = fmt.prompt_logprobs(choices[0].prompt_logprobs, req.prompt_logprobs)
         return web.Response(body=P.encoder.encode(body), content_type="application/json")
 
     async def _stream(self, request, kind, req, rid, created, prompts, params, deltas, stages,
                       record, tools, engine_rid: str) -> web.StreamResponse:
-        model, fmt, n = self.server.model_name, self.server.formatter, params.n
+        model, fmt, n = params.lora_name or self.server.model_name, self.server.formatter, params.n
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         usage_field = None if include_usage else msgspec.UNSET
         token_events = request.headers.get(TOKEN_IDS_HEADER) == "1"
@@ -243,6 +260,9 @@ class OpenAIServing:
             framer.stream_tool_calls(tools.new_parser, tools.parallel)
         if req.return_token_ids:
             framer.return_token_ids([ids for _, ids in prompts])
+        framer.prompt_logprobs = req.prompt_logprobs
+        if kind == "completion" and req.echo and params.logprobs is not None:
+            framer.echo_logprobs, framer.echo_top = [ids for _, ids in prompts], params.logprobs
         framer.token_events = token_events
         resumed = req.resume is not None  # its client has the opening chunks already
         framer.completion_tokens += finished_tokens(req)
@@ -319,7 +339,7 @@ class OpenAIServing:
         if request.transport is not None:
             request.transport.abort()
 
-    def _engine_error(self, e: Exception) -> APIError:
+    def engine_error(self, e: Exception) -> APIError:
         """What a client is told when the engine ended its request (the traceback is in the server's log)."""
         if isinstance(e, RequestFailed):
             self.server.metrics.count_engine_failure(e.stage)
@@ -328,7 +348,7 @@ class OpenAIServing:
 
     async def _end_stream_with_error(self, resp: web.StreamResponse, e: Exception) -> None:
         if isinstance(e, ENGINE_ERRORS):
-            e = self._engine_error(e)
+            e = self.engine_error(e)
         if isinstance(e, APIError):
             body = error_body(e.status, e.message, e.param, e.code)
         else:
@@ -344,6 +364,15 @@ def decode_body(decoder, body: bytes):
         return decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as e:
         raise bad_body(e) from None
+
+
+def truncated(prompts: list[tuple[str | None, list[int]]], keep: int, max_model_len: int) -> list:
+    """vLLM's truncate_prompt_tokens: each prompt's last `keep` tokens (-1: as many as the context holds)."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < -1 or keep == 0:
+        raise APIError(400, f"truncate_prompt_tokens must be -1 or at least 1, got {keep!r}",
+                       param="truncate_prompt_tokens")
+    keep = max_model_len - 1 if keep == -1 else keep
+    return [(text, ids) if len(ids) <= keep else (None, ids[-keep:]) for text, ids in prompts]
 
 
 def _usage(prompts, choices: list[Choice]) -> P.Usage:

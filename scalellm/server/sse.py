@@ -34,6 +34,9 @@ class Framer:
         self.prompt_ids: list[list[int]] | None = None  # return_token_ids: each prompt's ids, and each delta's
         self.prompt_sent: set[int] = set()  # completion choices whose first chunk carried its prompt's ids
         self.token_events = False  # each event led by its token ids' id line (server/resume.py)
+        self.prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: on each choice's first chunk
+        self.echo_logprobs: list[list[int]] | None = None  # echo with logprobs: each prompt's ids
+        self.echo_top = 0  # and how many top logprobs each token gets
 
     def return_token_ids(self, prompt_ids: list[list[int]]) -> None:
         self.prompt_ids = prompt_ids
@@ -55,19 +58,28 @@ class Framer:
         idx = i * self.n + d.index
         self.completion_tokens += len(d.token_ids)
         ids = UNSET if self.prompt_ids is None else d.token_ids
+        scored = UNSET
+        if self.prompt_logprobs is not None and d.prompt_logprobs is not None:
+            scored = self.fmt.prompt_logprobs(d.prompt_logprobs, self.prompt_logprobs)
         if self.chat:
             lp = self.fmt.chat_logprobs(d.logprobs) if d.logprobs is not None else None
             if self.new_parser is not None:
                 return self._tool_frame(idx, d, lp, ids)
             choice = P.ChatChunkChoice(idx, P.ChatDelta(content=d.text), lp, d.finish_reason, ids)
-            return sse(P.ChatCompletionChunk(self.rid, self.created, self.model, [choice], usage=self.usage_field))
-        lp = self.fmt.completion_logprobs(d.logprobs, self.offsets[idx]) if d.logprobs is not None else None
+            return sse(P.ChatCompletionChunk(self.rid, self.created, self.model, [choice], usage=self.usage_field,
+                                             prompt_logprobs=scored))
+        lp = None
+        if self.echo_logprobs is not None and d.prompt_logprobs is not None:  # the echoed prompt's, first
+            lp = self.fmt.echo_logprobs(self.echo_logprobs[i], d.prompt_logprobs, self.echo_top,
+                                        d.logprobs or [], self.offsets[idx])
+        elif d.logprobs is not None:
+            lp = self.fmt.completion_logprobs(d.logprobs, self.offsets[idx])
         self.offsets[idx] += len(d.text)
         prompt = UNSET
         if self.prompt_ids is not None and idx not in self.prompt_sent:
             self.prompt_sent.add(idx)
             prompt = self.prompt_ids[i]
-        choice = P.CompletionChoice(idx, d.text, lp, d.finish_reason, d.stop_reason, prompt, ids)
+        choice = P.CompletionChoice(idx, d.text, lp, d.finish_reason, d.stop_reason, prompt, ids, scored)
         return sse(P.CompletionResponse(self.rid, self.created, self.model, [choice], usage=self.usage_field))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import re
@@ -53,9 +54,11 @@ async def run(args, specs: list[RequestSpec], warm: list[RequestSpec]) -> dict:
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        models = itertools.cycle(args.model.split(",") if args.model else [None])  # several: in turn
+
         def body(spec: RequestSpec) -> dict:
-            return request_body(args.endpoint, args.model, spec.prompt, spec.max_tokens, args.stream, args.ignore_eos,
-                                spec.extra)
+            return request_body(args.endpoint, next(models), spec.prompt, spec.max_tokens, args.stream,
+                                args.ignore_eos, spec.extra)
 
         if warm:
             await asyncio.gather(*(send(session, url, body(s), chat, headers) for s in warm))
@@ -114,7 +117,8 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (loopback)")
     ap.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    ap.add_argument("--model", default=None, help="model name to send (default: the server's first)")
+    ap.add_argument("--model", default=None, help="model name to send (default: the server's first); several, "
+                    "comma-separated (a base model and LoRA adapters), go to requests in turn")
     ap.add_argument("--api-key", default=None)
     mode = ap.add_argument_group("load shape")
     mode.add_argument("--concurrency", type=int, default=1, help="closed loop: requests kept in flight "
@@ -162,7 +166,7 @@ def main(argv=None) -> int:
         elif args.tokenizer:
             tokenizer = load_tokenizer(args.tokenizer)
         else:
-            tokenizer = ServerTokenizer(args.url, args.model, args.api_key)
+            tokenizer = ServerTokenizer(args.url, args.model.split(",")[0] if args.model else None, args.api_key)
         count = min(args.num_requests, 1024)
         specs = random_workload(tokenizer, count + args.warmup, args.input_len, args.output_len, args.seed)
         specs, warm = specs[:count], specs[count:]  # warm-up prompts share no prefix with measured ones

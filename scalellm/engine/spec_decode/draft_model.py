@@ -17,6 +17,7 @@ from scalellm.engine.model_runner import ModelRunner
 from scalellm.engine.sequence import Sequence
 from scalellm.engine.spec_decode import rejection
 from scalellm.model.loader import LoadedModel
+from scalellm.sampling_params import SamplingParams
 
 
 @dataclass(eq=False)
@@ -28,6 +29,8 @@ class _Input:
     num_computed: int
     block_table: list[int]
     draft: list[int] = field(default_factory=list)  # the runner's chunks carry no drafts of their own
+    prompt_len = 0  # nothing read from prompt positions (prompt_outputs.py), and every chunk samples
+    params = SamplingParams()
 
     @property
     def num_tokens(self) -> int:
@@ -60,7 +63,7 @@ class DraftModel:
             batch = [inputs[i] for i in active]
             decodes = [x for x in batch if x.num_tokens - x.num_computed == 1]
             chunks = [(x, x.num_tokens - x.num_computed) for x in batch if x.num_tokens - x.num_computed > 1]
-            logits, ready = self.runner.run(decodes, chunks)
+            logits, ready, _ = self.runner.run(decodes, chunks)
             row_of = {id(x): r for r, x in enumerate(ready)}
             rows = [row_of[id(inputs[i])] for i in active]
             logits = logits[rows].float()
