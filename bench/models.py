@@ -31,6 +31,24 @@ def smollm2_bf16() -> str:
     return folder
 
 
+def smollm2_f32() -> str:
+    """The bundled GGUF dequantized to a float32 safetensors folder (bench/scoring.py: our server and
+    transformers score the same weights). Built beside and renamed into place, so an interrupted build
+    never leaves a folder that looks complete."""
+    folder = os.path.join(CACHE, "smollm2-135m-instruct-f32")
+    if not os.path.exists(os.path.join(folder, "model.safetensors")):
+        import shutil
+
+        from scalellm.model.loader import default_model_path
+        from tools.convert_gguf import convert
+
+        shutil.rmtree(folder + ".tmp", ignore_errors=True)
+        convert(default_model_path(), folder + ".tmp", torch.float32)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(folder + ".tmp", folder)
+    return folder
+
+
 def _train_tokenizer(vocab_size: int):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
