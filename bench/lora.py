@@ -106,7 +106,7 @@ def write(runs: dict[str, list[dict]], args) -> None:
     for c in CONFIGS:
         med = statistics.median(tput[c])
         tpot = statistics.median(r["tpot_ms"]["median"] for r in runs[c])
-        errors = sum(r["errors"] for r in runs[c])
+        errors = sum(sum(r["errors"].values()) if isinstance(r["errors"], dict) else r["errors"] for r in runs[c])
         lines.append(f"| {c} | {', '.join(f'{x:.1f}' for x in tput[c])} | {med:.1f} | {med / base:.2f}x | "
                      f"{tpot:.2f} | {errors} |")
     lines += ["", "![throughput](lora.png)", ""]

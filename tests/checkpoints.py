@@ -205,15 +205,24 @@ def perturbed_checkpoint(folder: str, dest: str, scale: float, seed: int = 0) ->
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_lora_adapter(base_folder: str, dest: str, seed: int = 0, rank: int = 8, alpha: int = 16,
-                       targets: list[str] | None = None, scale: float = 1.0, **config) -> str:
-    """A PEFT LoRA adapter over the checkpoint with random non-zero A and B (B is zero in a fresh PEFT
-    adapter: that would test nothing), saved as PEFT saves one."""
-    from peft import LoraConfig, get_peft_model
+def hf_model(path: str):
+    """transformers' model in float32 from a checkpoint folder or a GGUF file."""
     from transformers import AutoModelForCausalLM
 
+    if path.endswith(".gguf"):
+        return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                    dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def build_lora_adapter(base_folder: str, dest: str, seed: int = 0, rank: int = 8, alpha: int = 16,
+                       targets: list[str] | None = None, scale: float = 1.0, **config) -> str:
+    """A PEFT LoRA adapter over the checkpoint (a folder or a GGUF file) with random non-zero A and B (B
+    is zero in a fresh PEFT adapter: that would test nothing), saved as PEFT saves one."""
+    from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    base = hf_model(base_folder)
     lora = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or LORA_TARGETS,
                                            init_lora_weights=False, **config))
     with torch.no_grad():
@@ -227,10 +236,8 @@ def build_lora_adapter(base_folder: str, dest: str, seed: int = 0, rank: int = 8
 def hf_lora_greedy(base_folder: str, adapter: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers + peft, float32, greedy."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapter).eval()
+    model = PeftModel.from_pretrained(hf_model(base_folder), adapter).eval()
     out = []
     with torch.no_grad():
         for p in prompts:

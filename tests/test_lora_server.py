@@ -122,3 +122,29 @@ def test_gateway_routes_adapters(llama_folder, adapters):
     finally:
         gateway.stop()
         replica.stop()
+
+
+def test_bundled_model_with_an_adapter(tmp_path):
+    """The bundled SmolLM2 served unquantized in float32 with a random PEFT adapter: greedy tokens
+    identical to transformers + peft on the same GGUF, for chat-length prompts."""
+    from scalellm.model.loader import default_model_path
+    from tests.checkpoints import bundled_tokenizer
+
+    gguf = default_model_path()
+    adapter = build_lora_adapter(gguf, str(tmp_path / "smollm2-lora"), seed=3, rank=8, scale=0.5)
+    tok = bundled_tokenizer()
+    prompts = [tok.encode(t) for t in ("The capital of France is", "Once upon a time, in a small village,")]
+    want = hf_lora_greedy(gguf, adapter, prompts, 12)
+    server = ServerProcess("--quantization", "none", "--dtype", "float32", "--max-model-len", "256",
+                           "--kv-cache-memory", "64MB", "--enable-lora", "--lora-modules", f"tuned={adapter}")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        for ids, expected in zip(prompts, want):
+            r = client.completions.create(model="tuned", prompt=ids, max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True, "return_token_ids": True})
+            assert r.choices[0].token_ids == expected
+            base = client.completions.create(model=client.models.list().data[0].id, prompt=ids, max_tokens=12,
+                                             temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True})
+            assert base.choices[0].token_ids != expected  # the adapter matters
+    finally:
+        server.stop()

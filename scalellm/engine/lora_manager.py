@@ -37,7 +37,7 @@ def new_lora_manager(config, loaded) -> LoRAManager | None:
 
 
 class LoRASlots:
-    """Slot-stacked adapter weights per (layer, fused projection): A [slots, R, in], B [out, slots, R]."""
+    """Slot-stacked adapter weights per (layer, fused projection): A [slots, R, in], B^T [slots, R, out]."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device, slots: int, max_rank: int):
         parts, inputs = group_parts(config), group_inputs(config)
@@ -50,17 +50,20 @@ class LoRASlots:
                 rank = len(parts[g]) * max_rank
                 out = parts[g][-1][1] + parts[g][-1][2]
                 self.a[layer, g] = torch.zeros(slots, rank, inputs[g], dtype=dtype, device=device)
-                self.b[layer, g] = torch.zeros(out, slots, rank, dtype=dtype, device=device)
+                self.b[layer, g] = torch.zeros(slots, rank, out, dtype=dtype, device=device)
+                if torch.device(device).type == "cpu":  # numba views made once, for the CPU kernel
+                    ops.keep_numba_view(self.a[layer, g])
+                    ops.keep_numba_view(self.b[layer, g])
 
     def fill(self, slot: int, adapter: LoRAAdapter) -> None:
         for key, a in self.a.items():
             weights = adapter.weights.get(key)
             if weights is None:
                 a[slot].zero_()
-                self.b[key][:, slot].zero_()
+                self.b[key][slot].zero_()
             else:
                 a[slot].copy_(weights[0])
-                self.b[key][:, slot].copy_(weights[1])
+                self.b[key][slot].copy_(weights[1].t())
 
 
 class LoRABatch:
@@ -71,14 +74,17 @@ class LoRABatch:
         self.kernel = kernel
         used = np.unique(token_slots[token_slots >= 0])
         self.single = int(used[0]) if len(used) == 1 and (token_slots >= 0).all() else None
-        self.masks: dict[int, torch.Tensor] = {}  # batched: per rank width R, [tokens, slots * R]
+        self.masks: dict[int, torch.Tensor] = {}  # masked: per rank width R, [tokens, slots * R]
         self.token_slots = token_slots
-        self.runs: list[tuple[int, int, int]] = []  # grouped: (slot, first token, end token)
+        self.order, self.runs = None, []  # grouped: tokens sorted by slot, and the runs of each slot
         if kernel == "grouped":
-            change = np.flatnonzero(np.diff(token_slots)) + 1
-            starts = np.concatenate([[0], change])
-            ends = np.concatenate([change, [len(token_slots)]])
-            self.runs = [(int(token_slots[s]), int(s), int(e)) for s, e in zip(starts, ends) if token_slots[s] >= 0]
+            order = np.argsort(token_slots, kind="stable")
+            ordered = token_slots[order]
+            change = np.flatnonzero(np.diff(ordered)) + 1
+            starts, ends = np.concatenate([[0], change]), np.concatenate([change, [len(ordered)]])
+            self.runs = [(int(ordered[s]), int(s), int(e)) for s, e in zip(starts, ends) if ordered[s] >= 0]
+            if not (order == np.arange(len(order))).all():
+                self.order = torch.from_numpy(order).to(next(iter(slots.a.values())).device)
 
     def add(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the projection's output for x) plus each token's adapter term, in place."""
@@ -86,17 +92,19 @@ class LoRABatch:
         if a is None:
             return y
         b = self.slots.b[layer, group]
-        if self.single is not None:
-            return ops.add_lora(y, x, a[self.single], b[:, self.single])
         if self.kernel == "grouped":
-            return ops.add_lora_grouped(y, x, a, b, self.runs)
+            return ops.add_lora_grouped(y, x, a, b, self.order, self.runs)
+        if not ops.uses_cuda_kernels(y):  # the CPU: one numba call (ops/cpu_lora.py)
+            return ops.add_lora_bgmv(y, x, a, b, self.token_slots)
+        if self.single is not None:
+            return ops.add_lora(y, x, a[self.single], b[self.single])
         slots, rank = a.shape[0], a.shape[1]
         mask = self.masks.get(rank)
         if mask is None:
             column_slot = torch.arange(slots).repeat_interleave(rank)
             mask = torch.from_numpy(self.token_slots)[:, None] == column_slot[None, :]
             mask = self.masks[rank] = mask.to(device=y.device, dtype=y.dtype)
-        return ops.add_lora(y, x, a.view(slots * rank, -1), b.view(b.shape[0], slots * rank), mask)
+        return ops.add_lora(y, x, a.view(slots * rank, -1), b.view(slots * rank, -1), mask)
 
 
 class LoRAManager:

@@ -27,7 +27,7 @@ from scalellm.ops.attention_metadata import (AttentionMetadata, PrefillChunk, bu
                                              kernel_arrays, prefill_as_decode, tensor)
 from scalellm.ops.cpu_attention import decode_attention as _cpu_decode_attention  # noqa: E402
 from scalellm.ops.linear import Linear  # noqa: E402
-from scalellm.ops.lora import add_lora, add_lora_grouped  # noqa: E402
+from scalellm.ops.lora import add_lora, add_lora_bgmv, add_lora_grouped  # noqa: E402
 from scalellm.ops.moe import MoEWeights, fused_moe_cuda_kernels  # noqa: E402
 from scalellm.ops.moe import fused_moe as _cpu_fused_moe  # noqa: E402
 from scalellm.ops.numba_util import as_numba, keep_numba_view, new_tensor  # noqa: E402
@@ -218,7 +218,7 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch
     (_cuda() if uses_cuda_kernels(logits) else cpu_bitmask).apply_token_bitmask(logits, rows, bitmask)
 
 
-__all__ = ["add_lora", "add_lora_grouped", "add_rms_norm", "apply_token_bitmask", "attention_inputs", "AttentionMetadata", "build_attention_metadata",
+__all__ = ["add_lora", "add_lora_bgmv", "add_lora_grouped", "add_rms_norm", "apply_token_bitmask", "attention_inputs", "AttentionMetadata", "build_attention_metadata",
            "cuda_kernels_on_cpu", "embedding", "fused_moe", "fused_sample", "greedy_tokens", "keep_numba_view",
            "kernel_arrays", "Linear", "MoEWeights", "paged_attention", "PrefillChunk", "QuantizedLinear",
            "QuantizedTensor", "rms_norm", "rotary", "silu_mul", "tensor", "uses_cuda_kernels", "write_kv"]
