@@ -92,9 +92,11 @@ def write(runs: dict[str, list[dict]], args) -> None:
     flags = subprocess.run(["bash", "-c", "lscpu | grep -o 'avx512[a-z_0-9]*\\|amx[a-z_0-9]*' | sort -u | tr '\\n' ' '"],
                            capture_output=True, text=True).stdout.strip()
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    if subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "scalellm"]).returncode:
+        commit += " with uncommitted changes"
     lines = [
         "# Multi-LoRA throughput: four adapters mixed against the base model alone", "",
-        f"{time.strftime('%Y-%m-%d %H:%M')}, commit {commit.strip()}; {platform.processor() or platform.machine()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}, commit {commit.strip().replace(chr(10), '')}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores; CPU flags: {flags}.", "",
         f"SmolLM2-135M-Instruct in bfloat16 (the bundled GGUF dequantized), c={args.concurrency}, "
         f"{args.input_len} tokens in, {args.output_len} out, {args.repeats} interleaved repeats; four PEFT "

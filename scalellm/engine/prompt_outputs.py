@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from scalellm import ops
 from scalellm.engine.sequence import Sequence
 from scalellm.outputs import Logprob
 
@@ -39,15 +40,14 @@ def record(seq: Sequence, first: int, rows: torch.Tensor) -> None:
         seq.pool.add(rows)
         return
     count = rows.shape[0]
-    targets = torch.tensor(seq.token_ids[first + 1:first + 1 + count], dtype=torch.long, device=rows.device)
-    logprobs = torch.log_softmax(rows.float(), dim=-1)
-    chosen = logprobs.gather(1, targets[:, None])
-    ranks = (logprobs > chosen).sum(1) + 1
-    k = seq.params.prompt_logprobs
-    top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
-    chosen_l, ranks_l = chosen[:, 0].tolist(), ranks.tolist()
-    tops = list(zip(top_ids.tolist(), top_lp.tolist())) if k else None
     targets_l = seq.token_ids[first + 1:first + 1 + count]
-    for i in range(count):
-        top = list(zip(*tops[i])) if k else []
-        seq.prompt_logprobs.append(Logprob(targets_l[i], chosen_l[i], top, ranks_l[i]))
+    targets = torch.tensor(targets_l, dtype=torch.long, device=rows.device)
+    chosen, ranks = ops.token_logprobs(rows, targets)
+    k = seq.params.prompt_logprobs
+    tops: list = [[]] * count
+    if k:
+        values, ids = rows.topk(k, dim=-1)
+        log_total = rows.gather(1, targets[:, None])[:, 0] - chosen.to(rows.device)  # each row's logsumexp
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), (values - log_total[:, None]).tolist())]
+    for token, logprob, rank, top in zip(targets_l, chosen.tolist(), ranks.tolist(), tops):
+        seq.prompt_logprobs.append(Logprob(token, logprob, top, rank))

@@ -49,6 +49,16 @@ def cuda_kernels_on_cpu(enabled: bool = True):
         _kernels_on_cpu = previous
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 logits [rows, vocab] and a target token per row -> each target's log-probability and rank
+    (1: the most likely), on the host."""
+    if logits.device.type == "cpu":
+        return cpu_sampling.token_logprobs(logits, targets.cpu())
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, targets[:, None])
+    return chosen[:, 0].cpu(), ((logprobs > chosen).sum(1, dtype=torch.int32) + 1).cpu()
+
+
 def uses_cuda_kernels(x: torch.Tensor) -> bool:
     """Whether ops on tensors like x run the CUDA kernels (on the GPU, or through their host build)."""
     return x.is_cuda or _kernels_on_cpu
@@ -218,7 +228,7 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch
     (_cuda() if uses_cuda_kernels(logits) else cpu_bitmask).apply_token_bitmask(logits, rows, bitmask)
 
 
-__all__ = ["add_lora", "add_lora_bgmv", "add_lora_grouped", "add_rms_norm", "apply_token_bitmask", "attention_inputs", "AttentionMetadata", "build_attention_metadata",
+__all__ = ["token_logprobs", "add_lora", "add_lora_bgmv", "add_lora_grouped", "add_rms_norm", "apply_token_bitmask", "attention_inputs", "AttentionMetadata", "build_attention_metadata",
            "cuda_kernels_on_cpu", "embedding", "fused_moe", "fused_sample", "greedy_tokens", "keep_numba_view",
            "kernel_arrays", "Linear", "MoEWeights", "paged_attention", "PrefillChunk", "QuantizedLinear",
            "QuantizedTensor", "rms_norm", "rotary", "silu_mul", "tensor", "uses_cuda_kernels", "write_kv"]

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from scalellm.ops.numba_util import exp_f32
 from scalellm.ops.sampling_batch import SamplingBatch
 
 
@@ -177,3 +178,31 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
         rows = torch.from_numpy(np.flatnonzero(has_nan))
         tokens[rows] = logits[rows].float().argmax(-1)
     return tokens
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "nsz", "arcp"})
+def _token_logprobs(logits, targets, chosen, ranks):
+    """Per row: the target's log-probability and rank (1 + how many logits exceed its own), in two passes
+    over the row and without writing the log-softmax out."""
+    rows, vocab = logits.shape
+    for i in prange(rows):
+        row = logits[i]
+        target = row[targets[i]]
+        m = row[0]
+        above = 0
+        for j in range(vocab):
+            m = max(m, row[j])
+            above += row[j] > target
+        total = np.float32(0.0)
+        for j in range(vocab):
+            total += exp_f32(row[j] - m)
+        chosen[i] = target - m - np.log(total)
+        ranks[i] = above + 1
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits float32 [rows, vocab], targets [rows] -> (the targets' logprobs [rows], their ranks [rows])."""
+    chosen = torch.empty(logits.shape[0], dtype=torch.float32)
+    ranks = torch.empty(logits.shape[0], dtype=torch.int32)
+    _token_logprobs(logits.contiguous().numpy(), targets.numpy(), chosen.numpy(), ranks.numpy())
+    return chosen, ranks
