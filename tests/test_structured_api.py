@@ -145,7 +145,7 @@ BAD = [
     ({"allowed_token_ids": [10 ** 8]}, "allowed_token_ids"),
     ({"best_of": 4}, "best_of"),
     ({"use_beam_search": True}, "use_beam_search"),
-    ({"prompt_logprobs": 2}, "prompt_logprobs"),
+    ({"prompt_logprobs": 25}, "prompt_logprobs"),  # supported, up to 20
     ({"functions": [{"name": "f"}]}, "functions"),
 ]
 
