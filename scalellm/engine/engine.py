@@ -183,10 +183,12 @@ class LLMEngine:
 
     def _add_continuation(self, request_id, prompt, prompt_token_ids, params, compiled, changes, now) -> Request:
         """A generation resumed from its choices' earlier output (engine/continuation.py)."""
+        salt = self.lora_salt(params.lora_name) if params.lora_name is not None else None
+
         def new_sequence(index: int) -> Sequence:
             return Sequence(next(self._seq_ids), request_id, index, list(prompt_token_ids), len(prompt_token_ids),
                             params, now, grammar=compiled.new_matcher() if compiled is not None else None,
-                            logits_changes=changes)
+                            logits_changes=changes, cache_salt=salt)
 
         seqs, replayed = resumed_sequences(new_sequence, params, self.detokenizer, self.eos_token_ids,
                                            self.max_model_len, advance_grammar)
@@ -279,7 +281,7 @@ class LLMEngine:
                 self._fail(seq.request_id, "reading its prompt's outputs", e)
         bs = self.block_manager.block_size
         for seq, n in batch.items:
-            if seq.draft:  # it moves by what is accepted (_collect_verified)
+            if seq.draft or seq.finished:  # drafts move by what is accepted (_collect_verified); failed ones went
                 continue
             seq.num_computed += n
             if seq.num_computed // bs > len(seq.block_hashes):

@@ -131,8 +131,11 @@ class LoRAManager:
         name = request.lora_name
         if not isinstance(name, str) or not name:
             raise ValueError("lora_name must be a non-empty string")
+        if name in self.unloading:
+            raise ValueError(f"the LoRA adapter {name!r} is still unloading (its running requests finish first); "
+                             f"load it again once it is gone from /v1/models")
         known = self.requests.get(name)
-        if known is not None and name not in self.unloading:
+        if known is not None:
             if known.lora_path == request.lora_path:
                 return
             raise ValueError(f"a LoRA adapter named {name!r} is already loaded (from {known.lora_path})")
@@ -140,8 +143,6 @@ class LoRAManager:
         self.requests[name] = request
         self.num_loads += 1
         self.salt_of[name] = (name, self.num_loads)
-        self.unloading.discard(name)
-        self._evict_slot(name)  # a reloaded name takes its new weights
         self._touch(name)
 
     def remove(self, name: str) -> None:
@@ -170,9 +171,10 @@ class LoRAManager:
 
     def info(self, scheduler) -> dict:
         """What vLLM's lora_requests_info reports: the adapters of running and of waiting sequences."""
-        def names(seqs) -> list[str]:
+        def names(seqs) -> list[str]:  # seqs: a copy (list() of them is one C call: the engine thread may change them)
             return sorted({s.params.lora_name for s in seqs} - {None})
-        return {"max_lora": self.max_loras, "running": names(scheduler.running), "waiting": names(scheduler.waiting)}
+        return {"max_lora": self.max_loras, "running": names(list(scheduler.running)),
+                "waiting": names(list(scheduler.waiting))}
 
     def drop_unused(self, running: set[str | None]) -> None:
         """Forget the unloading adapters no request runs with any more."""
@@ -180,7 +182,9 @@ class LoRAManager:
             self.drop(name)
 
     def names(self) -> list[str]:
-        return [n for n in self.requests if n not in self.unloading]
+        """(Any thread: the registry is copied in one C call before it is read.)"""
+        unloading = set(self.unloading)
+        return [n for n in list(self.requests) if n not in unloading]
 
     # -- steps ---------------------------------------------------------------------------------
     def batch(self, names: list[str | None], counts: list[int]) -> LoRABatch | None:

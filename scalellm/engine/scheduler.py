@@ -80,10 +80,12 @@ class Scheduler:
             return batch
         loras = {s.params.lora_name for s in running} - {None} if self.max_loras else None
         skipped = 0  # waiting sequences passed over: their adapter would exceed max_loras
+        held = False  # once one is, no more adapter sequences go in, so the running adapters drain (no starving)
         while len(self.waiting) > skipped and budget > 0 and len(running) < self.max_num_seqs:
             seq = self.waiting[skipped]
             lora = seq.params.lora_name
-            if lora is not None and loras is not None and lora not in loras and len(loras) >= self.max_loras:
+            if lora is not None and loras is not None and (held or (lora not in loras and len(loras) >= self.max_loras)):
+                held = True
                 skipped += 1
                 continue
             if not seq.prefix_looked_up:

