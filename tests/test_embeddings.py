@@ -4,7 +4,6 @@ import base64
 import json
 import os
 import random
-import shutil
 import urllib.request
 
 import numpy as np
@@ -187,9 +186,8 @@ def test_bad_inputs_are_400s(embed_server, body, param):
     assert embed_server.status() == 200
 
 
-def test_dimensions_without_matryoshka(llama_folder, tmp_path):
+def test_dimensions_without_matryoshka(llama_folder):
     llm = LLM(llama_folder, dtype="float32", block_size=16)
     with pytest.raises(ValueError, match="does not support Matryoshka"):
         llm.embed(["a"], PoolingParams(dimensions=32))
     assert len(llm.embed(["a"], PoolingParams(dimensions=64))[0].outputs.embedding) == 64
-    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -286,7 +286,7 @@ class LLMEngine:
             seq.num_computed += n
             if seq.num_computed // bs > len(seq.block_hashes):
                 self.block_manager.register_full_blocks(seq)
-            if seq.params.prompt_only and seq.num_computed == seq.num_tokens and not seq.finished:
+            if seq.params.prompt_only and seq.num_computed == seq.num_tokens:
                 self._finish_prompt(seq)
         ready = sampler_rows(ready)  # a verifying sequence's rows are DraftRows
         rows = None  # logits row of each ready sequence, once forks share their parent's row

@@ -17,7 +17,7 @@ from aiohttp import web
 from scalellm.pooling_params import PoolingParams
 from scalellm.sampling_params import SamplingParams
 from scalellm.server import protocol as P
-from scalellm.server.errors import APIError, bad_value
+from scalellm.server.errors import APIError
 from scalellm.server.serving import ENGINE_ERRORS, decode_body, truncated
 
 
@@ -59,7 +59,8 @@ class EmbeddingServing:
             srv.engine.engine.pooling(pooling)
             params = SamplingParams(max_tokens=0, temperature=0.0, pooling=pooling, lora_name=lora)
         except ValueError as e:
-            raise bad_value(e, "dimensions") from None
+            message = str(e)  # about dimensions, or the model's pooling (no field of the request)
+            raise APIError(400, message, param="dimensions" if message.startswith("dimensions") else None) from None
         texts = [x for x in items if isinstance(x, str)]
         if req.truncate_prompt_tokens is None:
             srv.check_fits(max((len(t) for t in texts), default=0), "input")

@@ -51,12 +51,16 @@ class LoRARoutes:
                                          parent=srv.model_name))
         return cards
 
-    async def load(self, request: web.Request) -> web.Response:
-        srv = self.server
-        srv.check_ready()
+    async def _body(self, request: web.Request, decoder):
+        """The route's body, once the server serves and has LoRA on (a 503 or 400 before reading it)."""
+        self.server.check_ready()
         if self.manager() is None:
             raise APIError(400, "LoRA is not enabled on this server (start it with --enable-lora)")
-        req = decode_body(_load_decoder, await request.read())
+        return decode_body(decoder, await request.read())
+
+    async def load(self, request: web.Request) -> web.Response:
+        srv = self.server
+        req = await self._body(request, _load_decoder)
         if req.lora_name in srv.model_aliases:
             raise APIError(400, f"{req.lora_name!r} is the base model's name", param="lora_name")
         if self.manager().serves(req.lora_name):
@@ -69,10 +73,7 @@ class LoRARoutes:
 
     async def unload(self, request: web.Request) -> web.Response:
         srv = self.server
-        srv.check_ready()
-        if self.manager() is None:
-            raise APIError(400, "LoRA is not enabled on this server (start it with --enable-lora)")
-        req = decode_body(_unload_decoder, await request.read())
+        req = await self._body(request, _unload_decoder)
         try:
             await srv.engine.call(srv.engine.engine.remove_lora, req.lora_name)
         except KeyError:

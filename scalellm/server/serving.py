@@ -74,15 +74,14 @@ class OpenAIServing:
     # -- completions ---------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
         srv = self.server
-        req, t1, stages = await self._read(request, P.completion_decoder)
+        req, t1, stages, lora = await self._read(request, P.completion_decoder)
         num_prompts = prompt_count(req.prompt)
         srv.limits.check(req, num_prompts, req.logprobs, "logprobs")
         refuse_unsupported(req)
         param, constraint = request_constraint(req)
         echoed = req.logprobs if req.echo else None  # echo with logprobs scores the prompt's tokens too
         prompt_k = max((k for k in (req.prompt_logprobs, echoed) if k is not None), default=None)
-        params = sampling_params(req, req.max_tokens, req.logprobs, constraint, num_prompts, prompt_k,
-                                 srv.lora.adapter_for(req.model))
+        params = sampling_params(req, req.max_tokens, req.logprobs, constraint, num_prompts, prompt_k, lora)
         lengths = [len(req.prompt)] if isinstance(req.prompt, str) else [len(p) for p in req.prompt
                                                                           if isinstance(p, str)]
         if req.truncate_prompt_tokens is None:  # (truncated prompts are checked once cut)
@@ -115,7 +114,7 @@ class OpenAIServing:
     # -- chat ----------------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
         srv = self.server
-        req, t1, stages = await self._read(request, P.chat_decoder)
+        req, t1, stages, lora = await self._read(request, P.chat_decoder)
         srv.limits.check(req, 1, req.top_logprobs, "top_logprobs")
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
@@ -129,7 +128,7 @@ class OpenAIServing:
                                param=param)
             param, constraint = "tool_choice", tools.constraint
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, constraint,
-                                 prompt_logprobs=req.prompt_logprobs, lora=srv.lora.adapter_for(req.model))
+                                 prompt_logprobs=req.prompt_logprobs, lora=lora)
         conversation = chat_conversation(req.messages)  # checked before the costlier compile
         chars = chat_chars(conversation)
         if req.truncate_prompt_tokens is None:
@@ -155,13 +154,14 @@ class OpenAIServing:
         self.server.metrics.count_constrained(params.structured_outputs.kind)
 
     async def _read(self, request: web.Request, decoder):
-        """Decode the body into its Struct; returns (request, time parsed, stage times so far)."""
+        """Decode the body into its Struct; returns (request, time parsed, stage times so far, the LoRA
+        adapter its model names or None)."""
         self.server.check_ready()
         start = time.monotonic()
         req = decode_body(decoder, await request.read())
         parsed = time.monotonic()
-        self.server.lora.adapter_for(req.model)  # the base model or a LoRA adapter (a 404 for neither)
-        return req, parsed, {"parse": parsed - start}
+        lora = self.server.lora.adapter_for(req.model)  # a LoRA adapter, None for the base model, 404 for neither
+        return req, parsed, {"parse": parsed - start}, lora
 
     async def _run(self, request, kind, req, prompts, params, stages, tools=None) -> web.StreamResponse:
         srv = self.server
