@@ -103,6 +103,62 @@ def check_write_kv(dtype, device="cpu"):
     assert flat_k[others].isnan().all() and flat_v[others].isnan().all()
 
 
+QKV_CASES = [  # (tokens, heads, kv_heads, head_dim, per-head q/k norm, qkv rows padded: a strided view)
+    (2, 4, 4, 64, False, False), (9, 6, 2, 64, True, False), (7, 8, 2, 128, False, True), (5, 4, 1, 128, True, True)]
+
+
+def check_qkv_prep(dtype, device="cpu"):
+    """The attention inputs in one launch (qkv_prep.cu, through ops.attention_inputs) against float64 of the
+    unfused ops: per-head RMSNorm (when given), rotary, q out, k and v to the cache; GQA; rows with slot -1
+    (padded CUDA-graph rows) write nothing; qkv itself is left as it was."""
+    bs, blocks, eps = 4, 6, 1e-6
+    for tokens, heads, kv_heads, dim, norm, padded in QKV_CASES:
+        cos, sin, freqs = rotary_tables(dim, dtype)
+        width = (heads + 2 * kv_heads) * dim
+        qkv = randn(tokens, width + (3 * dim if padded else 0), dtype=dtype, seed=tokens + dim, device=device)
+        qkv = qkv[:, :width]
+        q_norm = k_norm = None
+        if norm:
+            q_norm = (randn(dim, dtype=torch.float32, seed=5) * 0.5 + 1).to(dtype).to(device)
+            k_norm = (randn(dim, dtype=torch.float32, seed=6) * 0.5 + 1).to(dtype).to(device)
+        positions = torch.randint(0, 500, (tokens,), generator=torch.Generator().manual_seed(dim))
+        slots = torch.randperm(blocks * bs, generator=torch.Generator().manual_seed(tokens))[:tokens]
+        slots[tokens // 2] = -1  # a padded row: its k and v go nowhere
+        k_cache = torch.full((blocks, bs, kv_heads, dim), NAN).to(dtype).to(device)
+        v_cache = k_cache.clone()
+        qkv0 = qkv.clone()
+        launches = dict(cuda_host.launch_counts)
+        q = ops.attention_inputs(qkv, positions.to(device), cos.to(device), sin.to(device), q_norm, k_norm, eps,
+                                 heads, kv_heads, k_cache, v_cache, slots.numpy())
+        if device == "cpu":  # one launch of the fused kernel, nothing else
+            new = {n: c - launches.get(n, 0) for n, c in cuda_host.launch_counts.items() if c != launches.get(n, 0)}
+            assert new == {f"scalellm::qkv_prep<{cuda_backend.CTYPES[dtype]}, {dim}>": 1}, new
+        assert torch.equal(qkv, qkv0)
+        x = qkv0.cpu().double()
+        q0, k0, _ = x.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+        q0, k0 = q0.view(tokens, heads, dim), k0.view(tokens, kv_heads, dim)
+        if norm:
+            def rms(t, w):
+                return w.cpu().double() * t / (t.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+            q0, k0 = rms(q0, q_norm), rms(k0, k_norm)
+        c, s = freqs[positions].double().cos()[:, None], freqs[positions].double().sin()[:, None]
+
+        def rotate(t):
+            t1, t2 = t[..., :dim // 2], t[..., dim // 2:]
+            return torch.cat([t1 * c - t2 * s, t2 * c + t1 * s], -1)
+        slack = 2.0 if norm else 1.0  # the norm rounds twice before rotary rounds
+        assert q.shape == (tokens, heads, dim)
+        close(q, rotate(q0), dtype, slack)
+        keep = slots >= 0
+        flat_k, flat_v = k_cache.view(-1, kv_heads, dim).cpu(), v_cache.view(-1, kv_heads, dim).cpu()
+        close(flat_k[slots[keep]], rotate(k0)[keep], dtype, slack)
+        v_in = qkv0.cpu()[:, (heads + kv_heads) * dim:].view(tokens, kv_heads, dim)
+        assert torch.equal(flat_v[slots[keep]], v_in[keep])  # v: copied bit for bit
+        others = torch.ones(blocks * bs, dtype=torch.bool)
+        others[slots[keep]] = False
+        assert flat_k[others].isnan().all() and flat_v[others].isnan().all()
+
+
 # -- attention --------------------------------------------------------------------------------------
 def scattered_tables(lens, bs, seed, spare=5):
     """Each sequence's blocks at shuffled places in the cache; returns (tables [seqs, width], num_blocks)."""
@@ -133,26 +189,34 @@ def reference_attention(q, k_cache, v_cache, table, first, last, positions, scal
     return torch.stack(out)
 
 
-DECODE_CASES = [  # (heads, kv_heads, head_dim, block_size)
-    (4, 4, 64, 16), (8, 2, 64, 32), (8, 1, 128, 16), (16, 2, 128, 8)]
+DECODE_CASES = [  # (heads, kv_heads, head_dim, block_size): every GQA group size 1..MAX_GROUP, both head dims
+    (2, 2, 64, 16), (2, 1, 128, 32), (6, 2, 64, 8), (4, 1, 128, 16), (5, 1, 64, 16), (12, 2, 128, 16),
+    (7, 1, 64, 32), (8, 1, 128, 16), (16, 2, 64, 16)]
 
 
 def check_decode_attention(dtype, device="cpu"):
-    """Contexts from 1 token to several 512-token partitions, some under a sliding window."""
-    lens = [1, 17, 200, 1100, 16]
-    starts = [0, 0, 40, 300, 3]
-    for heads, kv_heads, dim, bs in DECODE_CASES:
+    """Contexts from 1 token to several splits (cuda_backend.PARTITION tokens each; the last one partial),
+    some under a sliding window, one whose window leaves its later splits empty; every other case launched
+    the way a CUDA graph launches it, with the splits of a longer context than any in the batch (empty
+    splits the reduction must skip)."""
+    split = cuda_backend.PARTITION
+    lens = [1, 17, 200, 300 + 3 * split + 32, 16, 600 + split // 2]
+    starts = [0, 0, 40, 300, 3, 600]
+    for i, (heads, kv_heads, dim, bs) in enumerate(DECODE_CASES):
         tables, num_blocks = scattered_tables(lens, bs, seed=heads)
         k_cache = randn(num_blocks, bs, kv_heads, dim, dtype=dtype, seed=1, device=device)
         v_cache = randn(num_blocks, bs, kv_heads, dim, dtype=dtype, seed=2, device=device)
-        q = randn(len(lens), heads, dim, dtype=dtype, seed=3, device=device)
-        meta = ops.AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.int64).numpy(),
-                                     num_decode_tokens=len(lens), decode_block_tables=tables.numpy(),
-                                     decode_context_starts=torch.tensor(starts, dtype=torch.int32).numpy(),
-                                     decode_context_lens=torch.tensor(lens, dtype=torch.int32).numpy())
-        out = ops.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5)
-        ref = reference_attention(q, k_cache, v_cache, tables, starts, None, [n - 1 for n in lens], dim ** -0.5)
-        close(out, ref, dtype)
+        q = randn(len(lens), heads, dim, dtype=dtype, seed=3 + i, device=device, scale=2.0)  # peaked softmaxes
+        for n in (len(lens), 3):  # the whole batch; its first three rows, which fit in one split (no reduction)
+            meta = ops.AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.int64).numpy(),
+                                         num_decode_tokens=n, decode_block_tables=tables[:n].numpy(),
+                                         decode_context_starts=torch.tensor(starts[:n], dtype=torch.int32).numpy(),
+                                         decode_context_lens=torch.tensor(lens[:n], dtype=torch.int32).numpy(),
+                                         max_decode_context=6 * split if i % 2 and n > 3 else 0)
+            out = ops.paged_attention(q[:n], k_cache, v_cache, meta, dim ** -0.5)
+            ref = reference_attention(q[:n], k_cache, v_cache, tables[:n], starts[:n], None,
+                                      [x - 1 for x in lens[:n]], dim ** -0.5)
+            close(out, ref, dtype)
 
 
 def check_prefill_attention(dtype, device="cpu"):
@@ -299,9 +363,10 @@ def check_quant_gemm(dtype, device="cpu"):
 
 
 KERNEL_CHECKS = {"rms_norm": check_rms_norm, "rotary": check_rotary, "silu_mul": check_silu_mul,
-                 "write_kv": check_write_kv, "decode_attention": check_decode_attention,
+                 "write_kv": check_write_kv, "qkv_prep": check_qkv_prep, "decode_attention": check_decode_attention,
                  "prefill_attention": check_prefill_attention, "moe": check_moe, "quant_gemm": check_quant_gemm}
 SOURCES = {"rms_norm": "rms_norm", "rotary": "rotary", "silu_mul": "activation", "write_kv": "kv_write",
+           "qkv_prep": "qkv_prep",
            "decode_attention": "paged_attention", "prefill_attention": "prefill_attention", "sampling": "sampling",
            "moe": "moe_routing", "quant_gemm": "quant_gemm"}
 

@@ -16,7 +16,7 @@ from tests import test_correctness as scenarios
 from tests.checkpoints import build_checkpoint
 from tests.cuda_kernel_checks import HAS_GPU, engines_on_cuda, gpu, host
 WIDE = {arch: dict(hidden_size=256, head_dim=64) for arch in ("llama", "qwen2", "qwen3")}
-KERNELS = ["rms_norm", "rotary", "kv_write", "silu_mul", "prefill_attention", "paged_attention_decode",
+KERNELS = ["rms_norm", "qkv_prep", "silu_mul", "prefill_attention", "paged_attention_decode",
            "fused_sample"]
 SCENARIOS = {"staggered_arrivals": scenarios.test_staggered_arrivals_match_transformers,
              "preemption": scenarios.test_preemption_keeps_output_identical,
@@ -34,8 +34,8 @@ def wide_checkpoint(request, tmp_path_factory):
 def test_engine_on_host_built_cuda_kernels_matches_transformers(wide_checkpoint, scenario, monkeypatch):
     decode_batches = []
     replay = DecodeGraphs.run
-    monkeypatch.setattr(DecodeGraphs, "run", lambda self, ids, *a: (decode_batches.append(ids.shape[0]),
-                                                                    replay(self, ids, *a))[1])
+    monkeypatch.setattr(DecodeGraphs, "run", lambda self, mode, arrays, *a: (
+        decode_batches.append(arrays["ids"].shape[0]), replay(self, mode, arrays, *a))[1])
     before = cuda_host.launch_counts.copy()
     with ops.cuda_kernels_on_cpu(), cuda_host.thread_order("random", seed=len(scenario)):
         SCENARIOS[scenario](wide_checkpoint)

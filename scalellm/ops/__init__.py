@@ -116,7 +116,11 @@ def attention_inputs(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tens
 
 def _cuda_attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, num_kv_heads, k_cache,
                            v_cache, slot_mapping):
+    """One launch (qkv_prep.cu) for head dims it is built for; else norms, rotary and kv_write (up to 4)."""
     cb, dim = _cuda(), k_cache.shape[-1]
+    if cb.takes_qkv_prep(qkv, k_cache, v_cache):
+        return cb.qkv_prep(qkv, positions, cos, sin, q_norm, k_norm, eps, num_heads, num_kv_heads, k_cache, v_cache,
+                           tensor(slot_mapping, qkv.device))
     q, k, v = qkv.split([num_heads * dim, num_kv_heads * dim, num_kv_heads * dim], dim=-1)
     q, k, v = q.view(-1, num_heads, dim), k.view(-1, num_kv_heads, dim), v.view(-1, num_kv_heads, dim)
     if q_norm is not None:
@@ -177,8 +181,12 @@ def _cuda_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
     single copy (meta.device) when the runner made one."""
     cb, dev = _cuda(), q.device
     arrays = meta.device or {k: tensor(a, dev) for k, a in kernel_arrays(meta).items()}
-    out = torch.empty_like(q)
     nd = meta.num_decode_tokens
+    if nd and not meta.prefills:  # a decode-only step: the kernel's output as it is (no copy)
+        return cb.paged_decode_attention(q, k_cache, v_cache, arrays["decode_block_tables"],
+                                         arrays["decode_context_starts"], arrays["decode_context_lens"], scale,
+                                         meta.max_decode_context)
+    out = torch.empty_like(q)
     if nd:
         out[:nd] = cb.paged_decode_attention(q[:nd], k_cache, v_cache, arrays["decode_block_tables"],
                                              arrays["decode_context_starts"], arrays["decode_context_lens"], scale,
@@ -196,8 +204,9 @@ def fused_moe(x: torch.Tensor, w: MoEWeights, residual: torch.Tensor | None = No
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's argmax (int64), the first index among equals; logits in any float dtype."""
-    return logits.argmax(-1) if logits.device.type != "cpu" else cpu_sampling.greedy_tokens(logits)
+    """Each row's argmax (int64), the first index among equals; logits in any float dtype. On the CUDA
+    kernels (the host build too) torch's argmax, as on a GPU; else the CPU's numba kernel."""
+    return logits.argmax(-1) if uses_cuda_kernels(logits) else cpu_sampling.greedy_tokens(logits)
 
 
 def fused_sample(logits: torch.Tensor, batch, max_top: int = 1):

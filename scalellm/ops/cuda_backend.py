@@ -29,8 +29,10 @@ NAMES = {
     "rotary": [f"scalellm::rotary<{t}>" for t in _TYPES],
     "activation": [f"scalellm::silu_mul<{t}>" for t in _TYPES],
     "kv_write": [f"scalellm::kv_write<{t}>" for t in _TYPES],
-    "paged_attention": [f"scalellm::{k}<{t}, {d}>" for k in ("paged_attention_decode", "paged_attention_reduce")
-                        for t in _TYPES for d in HEAD_DIMS],
+    "qkv_prep": [f"scalellm::qkv_prep<{t}, {d}>" for t in _TYPES for d in HEAD_DIMS],
+    "paged_attention": [f"scalellm::paged_attention_decode<{t}, {d}, {g}>" for t in _TYPES for d in HEAD_DIMS
+                        for g in range(1, 9)]  # the GQA group sizes 1..MAX_GROUP
+    + [f"scalellm::paged_attention_reduce<{t}, {d}>" for t in _TYPES for d in HEAD_DIMS],
     "prefill_attention": [f"scalellm::prefill_attention<{t}, {d}>" for t in _TYPES for d in HEAD_DIMS],
     "sampling": ["scalellm::fused_sample"],
     "token_bitmask": [f"scalellm::apply_token_bitmask<{t}>" for t in _TYPES],
@@ -41,7 +43,12 @@ NAMES = {
 }
 QUANT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # the kernels' format template argument
 QUANT_ROWS = 4  # matches kRows in quant_gemm.cu
-PARTITION = 512  # matches kPartition in paged_attention.cu
+# Decode attention's split (flash-decoding): tokens per block, kSplit in paged_attention.cu. 256 so that a small
+# batch still fills a GPU: one sequence with 8 KV heads at a 4k context is 8 x 16 = 128 blocks, about one per
+# SM of an H100/H200 (512 would leave half of them idle); a large batch has blocks to spare either way, and
+# the price, per split and query head, is HEAD_DIM + 2 floats of workspace written and read back by the
+# reduce, against the split's 256 rows of K and V.
+PARTITION = 256
 MAX_TOP_K = 8  # matches kMaxTopK in moe_routing.cu
 MAX_GROUP = 8
 
@@ -60,12 +67,12 @@ def kernel_source(name: str) -> str:
 def patched_source(name: str, source: str):
     """Build `name`'s kernels from `source` inside the block (tests plant bugs with it)."""
     _source_overrides[name] = source
-    _module.cache_clear()
+    clear_caches()
     try:
         yield
     finally:
         del _source_overrides[name]
-        _module.cache_clear()
+        clear_caches()
 
 
 def compile_options() -> tuple[str, ...]:
@@ -93,28 +100,53 @@ def _module(name: str, on_host: bool):
     return cp.RawModule(code=kernel_source(name), options=options, name_expressions=NAMES[name])
 
 
-def _arg(t: torch.Tensor):
-    """A torch CUDA tensor as a CuPy array over the same memory (16-bit floats viewed as int16)."""
-    import cupy as cp
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether a launch over tensors like t runs through the host build (CPU tensors) rather than CuPy."""
+    return not t.is_cuda
 
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.view(torch.int16)
-    return cp.asarray(t)
+
+def _stream_handle() -> int:
+    """torch's current CUDA stream, as the integer handle CuPy wraps."""
+    return torch.cuda.current_stream().cuda_stream
+
+
+@functools.cache
+def _kernel(module: str, name: str, on_host: bool):
+    """Kernel `name` of `module`, looked up once (a CuPy Function, or the host build's HostKernel)."""
+    return _module(module, on_host).get_function(name)
+
+
+_streams: dict = {}  # torch stream handle -> the cupy ExternalStream over it, built once per handle
+
+
+def _stream(handle: int):
+    stream = _streams.get(handle)
+    if stream is None:
+        import cupy as cp
+
+        stream = _streams[handle] = cp.cuda.ExternalStream(handle)
+    return stream
+
+
+def clear_caches() -> None:
+    """Forget the compiled modules, kernel handles and stream objects (a patched source, a test's fake CuPy)."""
+    _module.cache_clear()
+    _kernel.cache_clear()
+    _streams.clear()
 
 
 def _launch(module: str, name: str, grid, block, args, shared_mem: int = 0) -> None:
     """Run kernel `name` of `module` over `args`: on the GPU on torch's current stream, or through the host
-    build when the tensors are on the CPU."""
-    on_host = not next(a for a in args if isinstance(a, torch.Tensor)).is_cuda
-    kernel = _module(module, on_host).get_function(name)
+    build when the tensors are on the CPU. On the GPU a launch builds no CuPy objects: the kernel handle and
+    the stream object are cached, and each tensor goes in as its raw device pointer (8 bytes, where the
+    kernel takes a T*)."""
+    on_host = _on_host(next(a for a in args if isinstance(a, torch.Tensor)))
+    kernel = _kernel(module, name, on_host)
     if on_host:
         kernel(grid, (block,), args, shared_mem=shared_mem)
         return
-    import cupy as cp
-
-    stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-    converted = tuple(_arg(a) if isinstance(a, torch.Tensor) else a for a in args)
-    kernel(grid, (block,), converted, shared_mem=shared_mem, stream=stream)
+    converted = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
+    kernel(grid, (block,), converted, shared_mem=shared_mem, stream=_stream(_stream_handle()))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -166,13 +198,45 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
             (k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.to(torch.int64), np.int32(row)))
 
 
+QKV_WARPS = 4  # warps per block of qkv_prep: one head each
+
+
+def takes_qkv_prep(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether qkv_prep can make these attention inputs (else: the norm, rotary and kv_write kernels)."""
+    return (k_cache.shape[-1] in HEAD_DIMS and qkv.dim() == 2 and qkv.stride(1) == 1 and k_cache.is_contiguous()
+            and v_cache.is_contiguous())
+
+
+def qkv_prep(qkv, positions, cos, sin, q_norm, k_norm, eps: float, num_heads: int, num_kv_heads: int, k_cache,
+             v_cache, slot_mapping) -> torch.Tensor:
+    """The attention inputs in one launch: per-head q/k RMSNorm when q_norm is given, rotary, k and v to the
+    cache at slot_mapping (int64, -1: not written); returns q [tokens, heads, head_dim] (qkv is not changed).
+    qkv: [tokens, (heads + 2 kv_heads) * head_dim] with contiguous rows; caches contiguous."""
+    tokens, dim = qkv.shape[0], k_cache.shape[-1]
+    if not takes_qkv_prep(qkv, k_cache, v_cache):
+        raise ValueError(f"qkv_prep supports head_dim {HEAD_DIMS}, qkv rows with unit stride, contiguous caches")
+    q = torch.empty(tokens, num_heads, dim, dtype=qkv.dtype, device=qkv.device)
+    if tokens == 0:
+        return q
+    use_norm = q_norm is not None
+    units = num_heads + 2 * num_kv_heads
+    _launch("qkv_prep", f"scalellm::qkv_prep<{CTYPES[qkv.dtype]}, {dim}>",
+            (tokens, (units + QKV_WARPS - 1) // QKV_WARPS), 32 * QKV_WARPS,
+            (q, k_cache, v_cache, qkv, positions.to(torch.int64), cos, sin, q_norm if use_norm else cos,
+             k_norm if use_norm else cos, slot_mapping.to(torch.int64), np.int32(num_heads), np.int32(num_kv_heads),
+             np.int64(qkv.stride(0)), np.int32(use_norm), np.float32(eps)))
+    return q
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale: float,
                            max_context: int | None = None) -> torch.Tensor:
     seqs, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
-    if dim not in HEAD_DIMS or group > MAX_GROUP:
+    if dim not in HEAD_DIMS or not 1 <= group <= MAX_GROUP or heads != group * kv_heads:
         raise ValueError(f"cuda decode attention supports head_dim {HEAD_DIMS} and GQA groups up to {MAX_GROUP}")
+    # the grid comes from max_context alone (a CUDA graph passes the longest allowed context, so one graph
+    # serves every length); splits past a sequence's context exit at once
     max_context = max_context or int((context_lens - context_starts).max())
     parts = max(1, -(-max_context // PARTITION))
     out = torch.empty_like(q)
@@ -181,11 +245,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_starts, co
     part_max = torch.empty(seqs, heads, parts, **f32) if parts > 1 else out
     part_sum = torch.empty(seqs, heads, parts, **f32) if parts > 1 else out
     ctype = CTYPES[q.dtype]
-    _launch("paged_attention", f"scalellm::paged_attention_decode<{ctype}, {dim}>",
+    _launch("paged_attention", f"scalellm::paged_attention_decode<{ctype}, {dim}, {group}>",
             (seqs, kv_heads, parts), 128,
             (out, part_out, part_max, part_sum, q.contiguous(), k_cache, v_cache, block_tables.to(torch.int32),
              context_starts.to(torch.int32), context_lens.to(torch.int32), np.int32(block_tables.shape[1]),
-             np.int32(k_cache.shape[1]), np.int32(kv_heads), np.int32(group), np.float32(scale)))
+             np.int32(k_cache.shape[1]), np.int32(kv_heads), np.float32(scale)))
     if parts > 1:
         _launch("paged_attention", f"scalellm::paged_attention_reduce<{ctype}, {dim}>", (seqs, heads), dim,
                 (out, part_out, part_max, part_sum, np.int32(parts)))
