@@ -22,6 +22,14 @@ __device__ __forceinline__ uint64_t mix64(uint64_t x) {
   return x;
 }
 
+// A row's random stream: (request seed, sample index, output position) mixed on the device, as
+// stream_keys in scalellm/ops/sampling_batch.py does (the CPU sampler's twin).
+__device__ __forceinline__ uint64_t stream_key(uint64_t seed, uint64_t index, uint64_t position) {
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + index * 0xBF58476D1CE4E5B9ull + position * 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  return x * 0xD6E8FEB86659FD93ull;
+}
+
 // Uniform in (0, 1] for one (stream, token).
 __device__ __forceinline__ float uniform(uint64_t stream, int token) {
   const uint64_t h = mix64(stream ^ mix64((uint64_t)token + 0x9e3779b97f4a7c15ull));
@@ -76,7 +84,9 @@ __global__ void __launch_bounds__(kSampleThreads) fused_sample(
     const int* __restrict__ pen_tokens, const int* __restrict__ pen_counts,
     const int* __restrict__ ban_offsets,    // [rows + 1] tokens masked out (stop tokens under min_tokens)
     const int* __restrict__ ban_tokens,
-    const uint64_t* __restrict__ streams,   // [rows] hash of (seed, sample index, output position)
+    const uint64_t* __restrict__ seeds,     // [rows] request seed
+    const int64_t* __restrict__ indices,    // [rows] sample index within the request
+    const int64_t* __restrict__ positions,  // [rows] output position of the token drawn
     const int* __restrict__ num_top,        // [rows] top-N logprobs wanted (-1: no logprobs)
     int vocab, int max_top) {
   __shared__ float scratch[32];
@@ -160,7 +170,7 @@ __global__ void __launch_bounds__(kSampleThreads) fused_sample(
     }
     // the draw: argmax over allowed tokens of log p_i - log E_i
     ArgMax best{-INFINITY, 0x7fffffff};
-    const uint64_t stream = streams[row];
+    const uint64_t stream = stream_key(seeds[row], (uint64_t)indices[row], (uint64_t)positions[row]);
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
       const float v = w[i] * inv_t;
       if (v >= cut && v > -INFINITY) {

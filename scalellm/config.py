@@ -62,8 +62,11 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use it to force preemption)
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # compute threads for torch and numba; None: one per core
-    cuda_graph_max_batch: int = 64  # decode batches up to this size replay CUDA graphs (cuda); 0: never
+    cuda_graph_max_batch: int = 256  # decode batches up to this size replay CUDA graphs (cuda); 0: never
     overlap_steps: bool | None = None  # detokenize a step's tokens during the next; None: on the CUDA kernels
+    # schedule and launch step N+1 before reading step N's ids (engine/engine.py); None: on a GPU, without
+    # speculative decoding
+    async_scheduling: bool | None = None
     compact_json: bool = True  # JSON constraints allow no free whitespace unless a request asks for it
     speculative_config: str | dict | None = None  # vLLM's JSON form (engine/spec_decode/config.py)
     pooler_config: str | dict | None = None  # embeddings' pooling over the model's own (engine/pooling.py)

@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from scalellm.config import EngineConfig
-from scalellm.engine import engine as engine_module
+from scalellm.engine import step_outputs
 from scalellm.engine import sampler
 from scalellm.engine.async_engine import AsyncEngine, RequestFailed
 from scalellm.engine.engine import LLMEngine
@@ -187,13 +187,13 @@ def poison_sampling(monkeypatch, engine, poisoned: str) -> None:
 
 
 def poison_detokenizing(monkeypatch, engine, poisoned: str) -> None:
-    detokenize = engine_module.detokenize_new
+    detokenize = step_outputs.detokenize_new
 
     def poisoned_detokenize(detokenizer, seq):
         if seq.request_id == poisoned and seq.num_output_tokens >= 3:
             raise UnicodeError("injected detokenizer fault")
         return detokenize(detokenizer, seq)
-    monkeypatch.setattr(engine_module, "detokenize_new", poisoned_detokenize)
+    monkeypatch.setattr(step_outputs, "detokenize_new", poisoned_detokenize)
 
 
 @pytest.mark.parametrize("stage,poison", [("sampling", poison_sampling), ("detokenization", poison_detokenizing)])
@@ -217,13 +217,13 @@ def test_a_sampling_fault_with_logit_bias_adds_the_bias_once(engine, monkeypatch
     biased = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0,
                             logit_bias={t: 2.5 for t in range(3, 40)})
     clean = asyncio.run(run_batch(engine, biased))
-    build = sampler.build_sampling_batch
+    build = sampler.sampling_arrays
 
     def poisoned_build(seqs, *a):  # raises after the logits processor added the biases
         if any(s.request_id == "r3" for s in seqs):
             raise RuntimeError("injected sampling fault")
         return build(seqs, *a)
-    monkeypatch.setattr(sampler, "build_sampling_batch", poisoned_build)
+    monkeypatch.setattr(sampler, "sampling_arrays", poisoned_build)
     faulty = asyncio.run(run_batch(engine, biased))
     assert isinstance(faulty.pop("r3"), RequestFailed)
     clean.pop("r3")

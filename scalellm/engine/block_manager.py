@@ -112,7 +112,8 @@ class BlockManager:
             return
         bs = self.block_size
         parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
-        for i in range(len(seq.block_hashes), seq.num_computed // bs):
+        # min: one step ahead, the newest computed token may still be in flight (not in token_ids yet)
+        for i in range(len(seq.block_hashes), min(seq.num_computed, seq.num_tokens) // bs):
             h = hash((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
             seq.block_hashes.append(h)
             block = seq.block_table[i]

@@ -15,16 +15,17 @@ from scalellm.engine.detokenizer import Detokenizer
 from scalellm.engine.logits_processors import LogitsProcessor, prepare
 from scalellm.engine.lora_manager import new_lora_manager
 from scalellm.engine.model_runner import ModelRunner, kv_bytes_per_token, split_batch
-from scalellm.engine.output_processor import advance_grammar, append_token_id, detokenize_new, take_delta
+from scalellm.engine.output_processor import advance_grammar
 from scalellm.engine.pooling import Pool, load_pooler_config
 from scalellm.engine.pooling import resolve as resolve_pooling
 from scalellm.engine.prompt_outputs import record as record_prompt_rows
-from scalellm.engine.sampler import Sampler
+from scalellm.engine.sampler import Sampler, needs_host_tokens
 from scalellm.engine.scheduler import Scheduler
 from scalellm.engine.sequence import Sequence
-from scalellm.engine.spec_decode import DraftRow, SpeculativeConfig, Speculator, sampler_rows
+from scalellm.engine.spec_decode import SpeculativeConfig, Speculator, sampler_rows
 from scalellm.engine.spec_decode.draft_model import DraftModel, load_draft_model
 from scalellm.engine.stats import engine_stats
+from scalellm.engine.step_outputs import StepOutputs
 from scalellm.engine.threads import default_compute_threads, set_compute_threads  # noqa: F401 (re-exported)
 from scalellm.engine.validation import validate_prompt
 from scalellm.engine.warm_up import warm_up
@@ -52,7 +53,7 @@ class Request:
         return all(s.finished for s in self.seqs) and len(self.seqs) == self.params.num_to_run
 
 
-class LLMEngine:
+class LLMEngine(StepOutputs):
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
         loaded = loaded or load_model(config.model, config.dtype, config.device, config.max_model_len,
@@ -73,7 +74,7 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory // per_block)
         self.loras = new_lora_manager(config, loaded)
         self.runner = ModelRunner(loaded.model, num_blocks, config.block_size, self.max_model_len,
-                                  config.cuda_graph_max_batch, self.loras)
+                                  config.cuda_graph_max_batch, self.loras, config.max_num_batched_tokens)
         self.draft_model = DraftModel(draft, num_blocks, config.block_size, self.max_model_len) if draft else None
         self._fresh_scheduler()
         self.detokenizer = Detokenizer(self.tokenizer, loaded.config.vocab_size)
@@ -83,12 +84,20 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, vocab, sorted(self.eos_token_ids), config.compact_json)
         self.logits_processor = LogitsProcessor(vocab)
         self.sampler = Sampler(sorted(self.eos_token_ids), self.runner.device if self.runner.cuda_kernels else None,
-                               self.logits_processor)
+                               self.logits_processor, vocab)
         self.speculator = self._speculator(spec)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         # detokenize a step's tokens while the device computes the next (on the CUDA kernels by default)
         self.overlap = self.runner.cuda_kernels if config.overlap_steps is None else config.overlap_steps
+        ahead = config.async_scheduling
+        if ahead is None:
+            ahead = self.runner.device.type == "cuda" and self.speculator is None
+        if ahead and self.speculator is not None:
+            raise ValueError("async scheduling does not combine with speculative decoding (drafts need the "
+                             "host's tokens)")
+        self.async_scheduling = ahead
+        self._in_flight = None  # one step ahead: the launched step whose ids are not read yet
         self._pending: list[Sequence] = []  # sequences whose newest token awaits its text
         self._replayed: list[StreamDelta] = []  # continuations' replayed deltas, out with the next step's
         # requests a step ended because handling them raised: (request id, stage, error), until taken
@@ -224,7 +233,8 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work or bool(self._pending) or bool(self._replayed)
+        return (self.scheduler.has_work or bool(self._pending) or bool(self._replayed)
+                or self._in_flight is not None)
 
     def take_failures(self) -> list[tuple[str, str, BaseException]]:
         """The requests ended by a fault since the last call: (request id, stage, error)."""
@@ -243,10 +253,20 @@ class LLMEngine:
         """Schedule and run one step. Each sampled token is appended (with the stops that need no text)
         before the next step is scheduled; its text comes after. With overlap on, a step's tokens are
         detokenized during the next step, while the device computes it: their deltas come one step
-        later, and a stop string ends its sequence one step later (the extra token is dropped)."""
+        later, and a stop string ends its sequence one step later (the extra token is dropped).
+
+        With async scheduling, step N+1 is scheduled and launched before step N's ids are read: a
+        sequence's newest token is read by the next step on the device, the host waits for step N's ids
+        only after step N+1 is queued, and a sequence that step N ended has its step N+1 row dropped.
+        When a sequence of step N needs its token on the host to be sampled again (a grammar to advance,
+        penalty counts, bad words), step N's ids are read first: that step runs synchronously."""
         replayed, self._replayed = self._replayed, []
         if self.loras is not None and self.loras.unloading:
             self.loras.drop_unused({r.params.lora_name for r in self.requests.values()})
+        ahead, self._in_flight = self._in_flight, None
+        if ahead is not None and any(needs_host_tokens(s) for s in ahead[0] if not s.finished):
+            self._collect(ahead)
+            ahead = None
         if self.speculator is not None:
             self.speculator.plan(self.scheduler.running, len(self.scheduler.waiting))
         batch = self.scheduler.schedule()
@@ -254,7 +274,18 @@ class LLMEngine:
             self.speculator.fill([s for s, _ in batch.items])
         start = time.perf_counter()
         launched = self._launch(batch) if batch.items else None
-        if self.overlap:
+        if self.async_scheduling:
+            if launched is not None and launched[1] is not None:
+                self._mark_in_flight(launched)
+                self._in_flight = launched
+            elif launched is not None:  # sampled row by row after a fault: the ids are on the host
+                self._collect(launched)
+            if ahead is not None:
+                self._collect(ahead)  # the device computes step N+1 meanwhile
+            if launched is not None:
+                self._count_step(start)
+            deltas = self._detokenize_pending()
+        elif self.overlap:
             deltas = self._detokenize_pending()  # the previous step's tokens, while the device works
             if launched is not None:
                 self._collect(launched)
@@ -272,8 +303,22 @@ class LLMEngine:
         self.forward_seconds += time.perf_counter() - start
 
     def _launch(self, batch) -> tuple:
-        """The forward pass (a fault there is the whole batch's), then sampling started."""
-        logits, ready, prompt_rows = self.runner.run(*split_batch(batch.items))
+        """The forward pass (a fault there is the whole batch's), then sampling started. A decode batch
+        CUDA graphs cover runs from one (sampling included when it needs nothing from the host)."""
+        decodes, chunks = split_batch(batch.items)
+        mode = None if chunks else self.runner.graph_mode(decodes, self.sampler.graph_mode)
+        if mode is not None:
+            mode, sampling = mode
+            out = self.runner.decode_step(decodes, mode, sampling)
+            for seq in decodes:
+                seq.num_computed += 1
+                if seq.num_computed // self.block_manager.block_size > len(seq.block_hashes):
+                    self.block_manager.register_full_blocks(seq)
+            if mode != "forward":
+                self.runner.prev_tokens = out
+                return decodes, self.sampler.sampled(decodes, out), None
+            return self._sample(out, list(decodes))
+        logits, ready, prompt_rows = self.runner.run(decodes, chunks)
         for seq, first, rows in prompt_rows:
             try:
                 record_prompt_rows(seq, first, rows)
@@ -299,101 +344,17 @@ class LLMEngine:
                 rows.extend([row] * len(children))
         if rows is not None:
             logits = logits[rows]
+        return self._sample(logits, ready)
+
+    def _sample(self, logits, ready: list) -> tuple:
         try:
             started = self.sampler.launch(logits, ready)
         except Exception:
             return self.sampler.sample_rows_alone(logits, ready, self._fail)
+        self.runner.prev_tokens = started[1]
         if self.draft_model is not None:
             self.speculator.rejection_sample(logits, ready)
         return ready, started, None
-
-    def _finish_prompt(self, seq: Sequence) -> None:
-        """A scoring or embedding request whose prompt is computed: it ends without a token."""
-        seq.finish_reason = "length"
-        if seq.pool is not None:
-            seq.embedding = seq.pool.result()
-        self.scheduler.finish(seq)
-        self._pending.append(seq)
-
-    def _collect(self, launched: tuple) -> None:
-        seqs, started, sampled = launched
-        if sampled is None:
-            sampled = self.sampler.collect(started)
-        eos, max_len = self.eos_token_ids, self.max_model_len
-        tokens, logprobs = sampled.token_ids, sampled.logprobs
-        i = 0
-        while i < len(seqs):
-            seq = seqs[i]
-            if isinstance(seq, DraftRow):  # the k + 1 rows of one sequence verifying k drafts
-                seq, end = seq.seq, i + 1
-                while end < len(seqs) and isinstance(seqs[end], DraftRow) and seqs[end].seq is seq:
-                    end += 1  # (fewer when sampling fell back to rows alone and one of them failed)
-                self._collect_verified(seq, tokens[i:end], logprobs[i:end])
-                i = end
-                continue
-            i += 1
-            if seq.finished:  # ended by a stop string while this step ran (overlap), or aborted
-                continue
-            token = tokens[i - 1]
-            try:
-                append_token_id(seq, token, logprobs[i - 1], eos, max_len)
-                if seq.grammar is not None and seq.finish_reason in (None, "length"):
-                    advance_grammar(seq, token)
-            except Exception as e:
-                self._fail(seq.request_id, "appending its token", e)
-                continue
-            if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-            self._pending.append(seq)
-
-    def _collect_verified(self, seq: Sequence, tokens: list[int], logprobs: list) -> None:
-        """Append the accepted drafts and the target's own next token, each through the stops (constrained
-        sequences do not draft: no grammar to advance); then the sequence's computed length covers its
-        accepted tokens only, and the rejected drafts' blocks go."""
-        if seq.finished:
-            seq.draft, seq.spec_verdict = [], None
-            return
-        tokens, logprobs = self.speculator.accept(seq, tokens, logprobs)
-        try:
-            for token, logprob in zip(tokens, logprobs):
-                append_token_id(seq, token, logprob, self.eos_token_ids, self.max_model_len)
-                if seq.finish_reason is not None:
-                    break
-        except Exception as e:
-            self._fail(seq.request_id, "appending its tokens", e)
-            return
-        if seq.finish_reason is not None:
-            self.scheduler.finish(seq)
-        else:
-            seq.num_computed = seq.num_tokens - 1
-            bm = self.block_manager
-            if seq.num_computed // bm.block_size > len(seq.block_hashes):
-                bm.register_full_blocks(seq)
-            bm.trim(seq, seq.num_tokens)
-        self._pending.append(seq)
-
-    def _detokenize_pending(self) -> list[StreamDelta]:
-        deltas = []
-        for seq in self._pending:
-            if seq.finish_reason == "abort":
-                continue
-            running = seq.finish_reason is None
-            try:
-                detokenize_new(self.detokenizer, seq)
-                delta = take_delta(seq)
-            except Exception as e:
-                self._fail(seq.request_id, "detokenization", e)
-                continue
-            if running and seq.finish_reason is not None:  # a stop string
-                self.scheduler.finish(seq)
-            deltas.append(delta)
-        self._pending.clear()
-        for delta in deltas:
-            if delta.finish_reason is not None:
-                request = self.requests.get(delta.request_id)
-                if request is not None and request.finished:
-                    del self.requests[delta.request_id]
-        return deltas
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """Make the other n - 1 samples of a request whose prompt was just computed: they share the

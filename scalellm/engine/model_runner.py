@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from scalellm import ops
-from scalellm.engine.cuda_graphs import DecodeGraphs
+from scalellm.engine.cuda_graphs import SAMPLED_ROWS, DecodeGraphs
+from scalellm.engine.piecewise_graphs import PiecewiseGraphs
 from scalellm.engine.prompt_outputs import wanted_rows
 from scalellm.engine.sequence import Sequence
 from scalellm.model.llama import LlamaModel
@@ -65,7 +66,7 @@ class BlockTables:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, max_model_len: int,
-                 graph_max_batch: int = 0, lora=None):
+                 graph_max_batch: int = 0, lora=None, max_step_tokens: int = 0):
         c = model.config
         self.model = model
         self.block_size = block_size
@@ -77,12 +78,18 @@ class ModelRunner:
         self.lora = lora  # engine/lora_manager.LoRAManager, with LoRA on
         self.cuda_kernels = ops.uses_cuda_kernels(self.kv_cache)
         self.transfer = Transfer(self.device) if self.cuda_kernels else None
-        self.graphs = None
-        # MoE layers read their rows per expert back to the host (to size the GEMMs): not capturable
-        has_experts = any(w.moe is not None for w in model.layers)
-        if self.cuda_kernels and graph_max_batch > 0 and not has_experts:
-            self.graphs = DecodeGraphs(model, self.kv_cache, graph_max_batch, self.tables.table.shape[1],
-                                       max_model_len, c.sliding_window)
+        self.graphs = self.pieces = None
+        self.prev_tokens: torch.Tensor | None = None  # the last step's sampled ids, on the device
+        if self.cuda_kernels and graph_max_batch > 0:
+            # MoE layers read their rows per expert back to the host (to size the GEMMs): such steps are
+            # graphed piecewise only, with the sparse MLPs between the pieces
+            if not any(w.moe is not None for w in model.layers):
+                self.graphs = DecodeGraphs(model, self.kv_cache, graph_max_batch, self.tables.table.shape[1],
+                                           max_model_len, c.sliding_window)
+            sampled = self.graphs.sampled if self.graphs is not None else torch.zeros(
+                SAMPLED_ROWS, dtype=torch.int64, device=self.device)
+            if max_step_tokens > 0:
+                self.pieces = PiecewiseGraphs(model, self.kv_cache, max_step_tokens, sampled)
 
     def warm_up(self) -> None:
         """A prefill and decodes at both kernel sizes (serial and parallel builds), so every kernel is
@@ -104,10 +111,43 @@ class ModelRunner:
             _warm_up_token_bitmask(logits)
         if self.graphs is not None:
             self.graphs.capture_all()
+        if self.pieces is not None:
+            self.pieces.capture_all()
         self.kv_cache.zero_()
 
     def release(self, seq: Sequence) -> None:
         self.tables.release(seq)
+
+    def _decode_arrays(self, decodes: list[Sequence]) -> dict[str, np.ndarray]:
+        """A decode batch's host arrays: ids (-1 where the newest token is in flight; src names its row in
+        the previous step's sampled ids, else -1), positions, cache slots, block tables and context bounds."""
+        bs, nd = self.block_size, len(decodes)
+        rows = np.fromiter([self.tables.row(s) for s in decodes], np.int64, nd)
+        pos = np.fromiter([s.num_computed for s in decodes], np.int64, nd)
+        ids = np.fromiter([s.token_ids[-1] if not s.num_in_flight else -1 for s in decodes], np.int64, nd)
+        src = np.fromiter([s.sampled_row if s.num_in_flight else -1 for s in decodes], np.int64, nd)
+        tables = self.tables.table[rows, :int(pos.max()) // bs + 1]
+        lens = (pos + 1).astype(np.int32)
+        starts = np.zeros_like(lens) if self.sliding_window is None else np.maximum(lens - self.sliding_window, 0)
+        return dict(ids=ids, src=src, positions=pos, slots=tables[np.arange(nd), pos // bs].astype(np.int64) * bs
+                    + pos % bs, tables=tables, starts=starts.astype(np.int32), lens=lens)
+
+    def graph_mode(self, decodes: list[Sequence], sampling_rows) -> str | None:
+        """How a decode-only batch runs from CUDA graphs: "greedy" or "sample" (the whole step), "forward"
+        (sampling after, eagerly), or None (eagerly: no graphs, too many rows, LoRA)."""
+        if self.graphs is None or self.lora is not None or not self.graphs.covers(len(decodes)):
+            return None
+        return sampling_rows(decodes)
+
+    def decode_step(self, decodes: list[Sequence], mode: str, sampling: dict[str, np.ndarray] | None
+                    ) -> torch.Tensor:
+        """A decode batch from its graph: the sampled ids on the device (mode "greedy"/"sample"), or the
+        logits (mode "forward")."""
+        out = self.graphs.run(mode, self._decode_arrays(decodes), sampling, self._prev_for(decodes))
+        return out if mode != "forward" else self.model.logits(out, float32=False)
+
+    def _prev_for(self, seqs) -> torch.Tensor | None:
+        return self.prev_tokens if any(s.num_in_flight for s in seqs) else None
 
     def run(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]
             ) -> tuple[torch.Tensor, list[Sequence], list[tuple[Sequence, int, torch.Tensor]]]:
@@ -117,20 +157,19 @@ class ModelRunner:
         those sequences: one row each, in order, except that a sequence verifying k drafts has k + 1 rows
         (the target's logits after its newest token and after each draft); a prompt that samples nothing
         (scoring, embedding) has none. Third, the prompt rows sequences asked for (prompt_outputs.py):
-        (sequence, first position, float32 logits or, for an embedding, final-normed hidden states)."""
+        (sequence, first position, float32 logits or, for an embedding, final-normed hidden states).
+        A token still in flight (one step ahead) is read from prev_tokens on the device."""
         bs = self.block_size
         nd = len(decodes)
-        ids_parts, pos_parts, slot_parts = [], [], []
+        ids_parts, src_parts, pos_parts, slot_parts = [], [], [], []
         tables = lens = None
         if nd:
-            rows = np.fromiter([self.tables.row(s) for s in decodes], np.int64, nd)
-            pos = np.fromiter([s.num_computed for s in decodes], np.int64, nd)
-            ids_parts.append(np.fromiter([s.token_ids[-1] for s in decodes], np.int64, nd))
-            pos_parts.append(pos)
-            width = int(pos.max()) // bs + 1
-            tables = self.tables.table[rows, :width]
-            slot_parts.append(tables[np.arange(nd), pos // bs].astype(np.int64) * bs + pos % bs)
-            lens = (pos + 1).astype(np.int32)
+            d = self._decode_arrays(decodes)
+            ids_parts.append(d["ids"])
+            src_parts.append(d["src"])
+            pos_parts.append(d["positions"])
+            slot_parts.append(d["slots"])
+            tables, lens = d["tables"], d["lens"]
         specs, extras, extra_rows = [], [], []
         ready = list(decodes)
         rows_out = list(range(nd))
@@ -140,7 +179,12 @@ class ModelRunner:
             pos = np.arange(start, start + n, dtype=np.int64)
             table = np.asarray(seq.block_table, dtype=np.int64)
             ids = seq.token_ids[start:start + n] if not seq.draft else seq.token_ids[start:] + seq.draft
+            src = np.full(n, -1, np.int64)
+            if len(ids) < n:  # a forked sample's first token, in flight
+                src[len(ids):] = seq.sampled_row
+                ids = ids + [-1] * (n - len(ids))
             ids_parts.append(np.asarray(ids, dtype=np.int64))
+            src_parts.append(src)
             pos_parts.append(pos)
             slot_parts.append(table[pos // bs] * bs + pos % bs)
             specs.append((offset, n, start + n, seq.block_table))
@@ -153,22 +197,26 @@ class ModelRunner:
             if seq.draft:
                 ready.append(seq)
                 rows_out.extend(range(offset - n, offset))
-            elif start + n == seq.num_tokens and not seq.params.prompt_only:
+            elif start + n == seq.num_tokens + seq.num_in_flight and not seq.params.prompt_only:
                 ready.append(seq)
                 rows_out.append(offset - 1)
         meta = ops.build_attention_metadata(bs, _cat(slot_parts), tables if nd else [], lens if nd else [], specs,
                                             self.sliding_window)
         rows = rows_out + extra_rows
         gather = np.asarray(rows, np.int64) if len(rows) != offset or extra_rows else None  # rows we need
+        src = _cat(src_parts)
+        src = src if (src >= 0).any() else None
         lora = None
         if self.lora is not None:
             lora = self.lora.batch([s.params.lora_name for s in decodes] + [s.params.lora_name for s, _ in prefills],
                                    [1] * nd + [n for _, n in prefills])
         if self.cuda_kernels:
-            hidden = self._forward_on_cuda_kernels(_cat(ids_parts), _cat(pos_parts), meta, gather, lora)
+            hidden = self._forward_on_cuda_kernels(_cat(ids_parts), src, _cat(pos_parts), meta, gather, lora)
         else:
-            hidden = self.model.forward(torch.from_numpy(_cat(ids_parts)), torch.from_numpy(_cat(pos_parts)),
-                                        self.kv_cache, meta, lora)
+            ids = torch.from_numpy(_cat(ids_parts))
+            if src is not None:
+                ids = in_flight_ids(ids, torch.from_numpy(src), self.prev_tokens)
+            hidden = self.model.forward(ids, torch.from_numpy(_cat(pos_parts)), self.kv_cache, meta, lora)
             if gather is not None:
                 hidden = hidden[torch.from_numpy(gather)]
         if extras:
@@ -188,21 +236,41 @@ class ModelRunner:
                 out.append((seq, first, model.logits(h.contiguous(), float32=True)))
         return out
 
-    def _forward_on_cuda_kernels(self, input_ids: np.ndarray, positions: np.ndarray, meta: ops.AttentionMetadata,
-                                 gather: np.ndarray | None, lora=None) -> torch.Tensor:
-        """Everything the step reads goes to the device in one copy; nothing here waits for the device."""
+    def _forward_on_cuda_kernels(self, input_ids: np.ndarray, src: np.ndarray | None, positions: np.ndarray,
+                                 meta: ops.AttentionMetadata, gather: np.ndarray | None, lora=None) -> torch.Tensor:
+        """Everything the step reads goes to the device in one copy; nothing here waits for the device.
+        Without LoRA, the forward pass replays piecewise graphs (piecewise_graphs.py)."""
+        n, in_flight = input_ids.shape[0], src is not None
+        pieces = self.pieces if self.pieces is not None and lora is None and self.pieces.covers(n) else None
         host = {"input_ids": input_ids, "positions": positions, **ops.kernel_arrays(meta)}
+        if pieces is not None:  # padded to the pieces' token count
+            t = pieces.bucket(n)
+            host.update(input_ids=_pad(input_ids, t, 0), positions=_pad(positions, t, 0),
+                        src=_pad(src if src is not None else np.empty(0, np.int64), t, -1),
+                        piece_slots=_pad(meta.slot_mapping, t, -1))
+        elif src is not None:
+            host["src"] = src
         if gather is not None:
             host["gather"] = gather
         arrays = self.transfer(host)
         ids, pos, rows = arrays.pop("input_ids"), arrays.pop("positions"), arrays.pop("gather", None)
-        if (self.graphs is not None and lora is None and not meta.prefills
-                and self.graphs.covers(meta.num_decode_tokens)):
-            return self.graphs.run(ids, pos, arrays)
+        src, slots = arrays.pop("src", None), arrays.pop("piece_slots", None)
         meta.device = arrays
         meta.slot_mapping = arrays["slot_mapping"]
-        hidden = self.model.forward(ids, pos, self.kv_cache, meta, lora)
+        if pieces is not None:
+            hidden = pieces.run({"ids": ids, "src": src, "positions": pos, "slots": slots}, n, meta,
+                                self.prev_tokens if in_flight else None)
+        else:
+            if src is not None:
+                ids = in_flight_ids(ids, src, self.prev_tokens)
+            hidden = self.model.forward(ids, pos, self.kv_cache, meta, lora)
         return hidden if rows is None else hidden[rows]
+
+
+def in_flight_ids(ids: torch.Tensor, src: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+    """Token ids with those still in flight (src >= 0: their row in the previous step's sampled ids) read
+    on the device."""
+    return torch.where(src >= 0, prev_tokens[src.clamp(min=0)], ids)
 
 
 def split_batch(items: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
@@ -210,7 +278,7 @@ def split_batch(items: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list
     token; a one-token chunk of a longer prompt, and a prompt nothing is sampled after, are chunks."""
     decodes, chunks = [], []
     for seq, n in items:
-        if n == 1 and seq.num_computed + 1 == seq.num_tokens and not seq.params.prompt_only:
+        if n == 1 and seq.num_computed + 1 == seq.num_tokens + seq.num_in_flight and not seq.params.prompt_only:
             decodes.append(seq)
         else:
             chunks.append((seq, n))
@@ -224,6 +292,12 @@ def _warm_up_token_bitmask(logits: torch.Tensor) -> None:
     allow_all = torch.full((logits.shape[0], -(-logits.shape[1] // 32)), -1, dtype=torch.int32, device=logits.device)
     for x in (logits, logits.float()):
         ops.apply_token_bitmask(x, rows, allow_all)
+
+
+def _pad(a: np.ndarray, length: int, value: int) -> np.ndarray:
+    out = np.full(length, value, np.int64)
+    out[:len(a)] = a
+    return out
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

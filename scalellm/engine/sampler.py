@@ -9,15 +9,16 @@ of p_i / E_i, E_i ~ Exp(1)), an exact draw from p.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from scalellm import ops
+from scalellm.engine.cuda_graphs import graphable_sampling
 from scalellm.engine.sequence import Sequence
-from scalellm.ops.sampling_batch import SamplingBatch, stream_keys
-from scalellm.ops.transfer import Transfer
+from scalellm.ops.sampling_batch import SamplingBatch
+from scalellm.ops.transfer import Readback, Transfer
 from scalellm.outputs import Logprob
 from scalellm.sampling_params import SamplingParams
 
@@ -36,12 +37,15 @@ def _param_row(p: SamplingParams) -> tuple:
     return row
 
 
-def build_sampling_batch(seqs: list[Sequence], eos_token_ids: list[int], vocab: int) -> SamplingBatch:
+def sampling_arrays(seqs: list[Sequence], eos_token_ids: list[int], vocab: int) -> dict[str, np.ndarray]:
+    """The rows' sampling inputs as numpy arrays named as SamplingBatch's fields. A row's random stream is
+    keyed on the device by (seed, index, position): the output position of the token it draws, counting
+    a token still being sampled by the step in flight (one step ahead)."""
     rows = len(seqs)
     table = np.array([_param_row(s.params) for s in seqs], dtype=np.float64).reshape(rows, 9)
     seeds = np.fromiter([s.seed for s in seqs], np.uint64, rows)
     indices = np.fromiter([s.index for s in seqs], np.int64, rows)
-    positions = np.fromiter([s.num_output_tokens for s in seqs], np.int64, rows)
+    positions = np.fromiter([s.num_output_tokens + s.num_in_flight for s in seqs], np.int64, rows)
     pen_offsets = np.zeros(rows + 1, np.int32)
     ban_offsets = np.zeros(rows + 1, np.int32)
     pen_tokens: list[int] = []
@@ -59,7 +63,7 @@ def build_sampling_batch(seqs: list[Sequence], eos_token_ids: list[int], vocab: 
                     pen_tokens.append(t)
                     pen_counts.append(c)
         pen_offsets[i + 1] = len(pen_tokens)
-        if s.num_output_tokens < p.min_tokens:
+        if s.num_output_tokens + s.num_in_flight < p.min_tokens:
             ban_tokens += [t for t in p.stop_token_ids if t < vocab]
             if not p.ignore_eos:
                 ban_tokens += [t for t in eos_token_ids if t < vocab]
@@ -69,14 +73,27 @@ def build_sampling_batch(seqs: list[Sequence], eos_token_ids: list[int], vocab: 
     np.maximum.accumulate(ban_offsets, out=ban_offsets)
 
     def f32(col):
-        return torch.from_numpy(np.ascontiguousarray(table[:, col], dtype=np.float32))
+        return np.ascontiguousarray(table[:, col], dtype=np.float32)
 
     def i32(x):
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32))
-    return SamplingBatch(
-        f32(_TEMPERATURE), i32(table[:, _TOP_K]), f32(_TOP_P), f32(_MIN_P), f32(_PRESENCE), f32(_FREQUENCY),
-        f32(_REPETITION), i32(pen_offsets), i32(pen_tokens), i32(pen_counts), i32(ban_offsets), i32(ban_tokens),
-        torch.from_numpy(stream_keys(seeds, indices, positions).view(np.int64)), i32(table[:, _NUM_TOP]))
+        return np.ascontiguousarray(x, dtype=np.int32)
+    return dict(temperature=f32(_TEMPERATURE), top_k=i32(table[:, _TOP_K]), top_p=f32(_TOP_P), min_p=f32(_MIN_P),
+                presence=f32(_PRESENCE), frequency=f32(_FREQUENCY), repetition=f32(_REPETITION),
+                pen_offsets=pen_offsets, pen_tokens=i32(pen_tokens), pen_counts=i32(pen_counts),
+                ban_offsets=ban_offsets, ban_tokens=i32(ban_tokens), seeds=seeds.view(np.int64), indices=indices,
+                positions=positions, num_top=i32(table[:, _NUM_TOP]))
+
+
+def build_sampling_batch(seqs: list[Sequence], eos_token_ids: list[int], vocab: int) -> SamplingBatch:
+    return SamplingBatch(**{k: torch.from_numpy(v) for k, v in sampling_arrays(seqs, eos_token_ids, vocab).items()})
+
+
+def needs_host_tokens(seq: Sequence) -> bool:
+    """Whether sampling the sequence's next token reads its newest token on the host: a grammar to
+    advance, penalty counts, bad words to match (one step ahead waits for such a sequence's ids)."""
+    p = seq.params
+    return (seq.grammar is not None or bool(p.bad_words) or p.repetition_penalty != 1.0
+            or p.presence_penalty != 0 or p.frequency_penalty != 0)
 
 
 def _is_plain_greedy(row: tuple) -> bool:
@@ -91,29 +108,51 @@ class SampleResult:
 
 class Sampler:
     def __init__(self, eos_token_ids: list[int], kernel_device: torch.device | None = None,
-                 logits_processor=None):
+                 logits_processor=None, vocab_size: int = 0):
         """kernel_device: where the CUDA sampling kernel runs (the batch's arrays go there in one copy);
         None on the CPU path. logits_processor: applies grammar masks, biases and bans in place."""
         self.eos_token_ids = eos_token_ids
+        self.vocab_size = vocab_size
         self.logits_processor = logits_processor
         self.transfer = Transfer(kernel_device) if kernel_device is not None else None
+        self.readback = Readback(kernel_device if kernel_device is not None else torch.device("cpu"))
+
+    def graph_mode(self, seqs: list[Sequence]) -> tuple[str, dict | None]:
+        """How a graphed decode step samples these rows: ("greedy", None), ("sample", the rows' arrays), or
+        ("forward", None) when the host must act first (logits processors, logprobs, long penalty lists):
+        the graph then stops at the forward pass and launch() samples."""
+        if any(s.params.processes_logits or s.params.logprobs is not None for s in seqs):
+            return "forward", None
+        if all(_is_plain_greedy(_param_row(s.params)) for s in seqs):
+            return "greedy", None
+        arrays = sampling_arrays(seqs, self.eos_token_ids, self.vocab_size)
+        return ("sample", arrays) if graphable_sampling(arrays) else ("forward", None)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         return self.collect(self.launch(logits, seqs))
 
     def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple:
-        """Start sampling (asynchronous on a GPU): the device tensors collect() reads. logits: [rows, vocab]
-        in any float dtype (greedy rows read them as they are; the sampling kernel takes float32)."""
+        """Start sampling (asynchronous on a GPU) -> (seqs, the sampled ids on the device, the readback
+        collect() reads). logits: [rows, vocab] in any float dtype (greedy rows read them as they are; the
+        sampling kernel takes float32)."""
         if self.logits_processor is not None and any(s.params.processes_logits for s in seqs):
             self.logits_processor(logits, seqs)
         if all(_is_plain_greedy(_param_row(s.params)) for s in seqs):
-            return seqs, ops.greedy_tokens(logits), None
+            tokens = ops.greedy_tokens(logits)
+            return seqs, tokens, self.readback.start([tokens])
         logits = logits.float()
-        batch = build_sampling_batch(seqs, self.eos_token_ids, logits.shape[-1])
-        max_top = max(1, int(batch.num_top.max()))  # on the host, before the batch moves
+        arrays = sampling_arrays(seqs, self.eos_token_ids, logits.shape[-1])
+        max_top = max(1, int(arrays["num_top"].max()))
         if self.transfer is not None:
-            batch = SamplingBatch(**self.transfer({f.name: getattr(batch, f.name).numpy() for f in fields(batch)}))
-        return seqs, *ops.fused_sample(logits, batch, max_top)
+            batch = SamplingBatch(**self.transfer(arrays))
+        else:
+            batch = SamplingBatch(**{k: torch.from_numpy(v) for k, v in arrays.items()})
+        return self.sampled(seqs, *ops.fused_sample(logits, batch, max_top))
+
+    def sampled(self, seqs: list[Sequence], tokens: torch.Tensor, chosen=None, top_ids=None, top_lp=None) -> tuple:
+        """What launch() returns, for tokens sampled elsewhere (a whole-step graph): their copies started."""
+        wanted = [tokens] + ([chosen, top_ids, top_lp] if any(s.params.logprobs is not None for s in seqs) else [])
+        return seqs, tokens, self.readback.start(wanted)
 
     def sample_rows_alone(self, logits: torch.Tensor, seqs: list, fail) -> tuple:
         """After sampling the batch raised: sample each row on its own; a row that raises ends its request
@@ -139,15 +178,15 @@ class Sampler:
         return kept, None, SampleResult(tokens, logprobs)
 
     def collect(self, launched: tuple) -> SampleResult:
-        """The sampled tokens on the host (one copy; the logprobs, when asked for, in three more)."""
-        seqs, tokens, *logprob_parts = launched
-        token_ids = tokens.tolist()
+        """The sampled tokens on the host (the copies launch() started; the host waits here, and only here)."""
+        seqs, _, handle = launched
+        parts = Readback.read(handle)
+        token_ids = parts[0].tolist()
         logprobs: list[Logprob | None] = [None] * len(seqs)
-        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        if rows:
-            chosen, top_ids, top_lp = logprob_parts
-            chosen_l, ids_l, lp_l = chosen.tolist(), top_ids.tolist(), top_lp.tolist()
-            for i in rows:
-                n = seqs[i].params.logprobs
-                logprobs[i] = Logprob(token_ids[i], chosen_l[i], list(zip(ids_l[i][:n], lp_l[i][:n])))
+        if len(parts) > 1:
+            chosen_l, ids_l, lp_l = (p.tolist() for p in parts[1:])
+            for i, seq in enumerate(seqs):
+                n = seq.params.logprobs
+                if n is not None:
+                    logprobs[i] = Logprob(token_ids[i], chosen_l[i], list(zip(ids_l[i][:n], lp_l[i][:n])))
         return SampleResult(token_ids, logprobs)

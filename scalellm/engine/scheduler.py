@@ -58,9 +58,12 @@ class Scheduler:
         idx = 0
         while idx < len(running) and budget > 0:
             seq = running[idx]
+            if seq.last_in_flight:  # its token in flight ends it by length: nothing left to compute
+                idx += 1
+                continue
             if len(seq.draft) >= budget:  # drafts fit the budget or shrink
                 del seq.draft[budget - 1:]
-            n = min(seq.num_tokens - seq.num_computed + len(seq.draft), budget)
+            n = min(seq.num_tokens + seq.num_in_flight - seq.num_computed + len(seq.draft), budget)
             if seq.draft and not self.bm.ensure(seq, seq.num_computed + n):
                 seq.draft = []  # drafts give way before anyone is preempted
                 n = min(seq.num_tokens - seq.num_computed, budget)
@@ -83,6 +86,9 @@ class Scheduler:
         held = False  # once one is, no more adapter sequences go in, so the running adapters drain (no starving)
         while len(self.waiting) > skipped and budget > 0 and len(running) < self.max_num_seqs:
             seq = self.waiting[skipped]
+            if seq.num_in_flight:  # preempted with a token in flight: admitted again once it is read
+                skipped += 1
+                continue
             lora = seq.params.lora_name
             if lora is not None and loras is not None and (held or (lora not in loras and len(loras) >= self.max_loras)):
                 held = True

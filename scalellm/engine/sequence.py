@@ -38,6 +38,12 @@ class Sequence:
     first_token_time: float | None = None
     detokenize_seconds: float = 0.0
     num_preemptions: int = 0
+    # one step ahead: tokens sampled by steps whose ids the host has not read yet (1, or 2 while the next
+    # step launches), the row of the newest in its step's sampled ids (the next step reads it there, on
+    # the device), and whether the newest in flight ends the sequence by length (not scheduled again)
+    num_in_flight: int = 0
+    sampled_row: int = -1
+    last_in_flight: bool = False
     # speculative decoding: this step's draft tokens (verified after the newest token), and the recent
     # mean of drafts accepted per step, which sizes the next drafts
     draft: list[int] = field(default_factory=list)

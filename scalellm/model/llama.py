@@ -93,7 +93,7 @@ class LlamaModel:
             counts[name] = counts.get(name, 0) + 1
         return counts
 
-    def _layer_caches(self, kv_cache: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def layer_caches(self, kv_cache: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (k, v) views of the cache [layers, 2, blocks, block, kv_heads, head_dim], made once."""
         key, views = self._cache_views
         if key != kv_cache.data_ptr() or len(views) != kv_cache.shape[0]:
@@ -107,32 +107,52 @@ class LlamaModel:
                 meta: ops.AttentionMetadata, lora=None) -> torch.Tensor:
         """Returns the residual stream after the last layer [tokens, hidden] (logits() applies the final
         norm to the rows it needs); kv_cache: [layers, 2, blocks, block, kv_heads, head_dim]. lora: the
-        step's adapters (engine/lora_manager.LoRABatch: add(layer, projection, input, output))."""
-        cfg = self.config
-        eps = cfg.rms_norm_eps
-        caches = self._layer_caches(kv_cache)
-        tokens = input_ids.shape[0]
-        h = ops.embedding(input_ids, self.embed, self.dtype)
+        step's adapters (engine/lora_manager.LoRABatch: add(layer, projection, input, output)).
+        The pieces below are what CUDA graphs capture piecewise (engine/piecewise_graphs.py)."""
+        caches = self.layer_caches(kv_cache)
+        h = self.embed_tokens(input_ids)
         for i, w in enumerate(self.layers):
-            k_cache, v_cache = caches[i]
-            if lora is None:
-                qkv = w.qkv(h, norm=w.input_norm, eps=eps)
-            else:  # the adapters read the normed input: the norm runs as its own op
-                x = ops.rms_norm(h, w.input_norm, eps)
-                qkv = lora.add(i, "qkv", x, w.qkv(x))
-            q = ops.attention_inputs(qkv, positions, self.cos, self.sin, w.q_norm, w.k_norm, eps, cfg.num_heads,
-                                     cfg.num_kv_heads, k_cache, v_cache, meta.slot_mapping)
-            attn = ops.paged_attention(q, k_cache, v_cache, meta, self.scale).view(tokens, self.q_size)
-            h = w.o_proj(attn, residual=h) if lora is None else lora.add(i, "o_proj", attn, w.o_proj(attn, residual=h))
+            q = self.attention_in(i, h, positions, caches[i], meta.slot_mapping, lora)
+            attn = self.attention(q, caches[i], meta)
+            h = self.attention_out(i, attn, h, lora)
             if w.moe is not None:
-                h = ops.fused_moe(ops.rms_norm(h, w.post_norm, eps), w.moe, residual=h)
-            elif lora is None:
-                h = w.down(w.gate_up(h, norm=w.post_norm, eps=eps), residual=h, silu_mul=True)
-            else:
-                x = ops.rms_norm(h, w.post_norm, eps)
-                act = ops.silu_mul(lora.add(i, "gate_up", x, w.gate_up(x)))
-                h = lora.add(i, "down", act, w.down(act, residual=h))
+                h = self.sparse_mlp(i, h)
         return h
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return ops.embedding(input_ids, self.embed, self.dtype)
+
+    def attention_in(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache, slot_mapping, lora=None
+                     ) -> torch.Tensor:
+        """Layer i's normed qkv projection, q/k norms and rotary, k and v written to the cache -> q."""
+        cfg, w = self.config, self.layers[i]
+        eps = cfg.rms_norm_eps
+        if lora is None:
+            qkv = w.qkv(h, norm=w.input_norm, eps=eps)
+        else:  # the adapters read the normed input: the norm runs as its own op
+            x = ops.rms_norm(h, w.input_norm, eps)
+            qkv = lora.add(i, "qkv", x, w.qkv(x))
+        return ops.attention_inputs(qkv, positions, self.cos, self.sin, w.q_norm, w.k_norm, eps, cfg.num_heads,
+                                    cfg.num_kv_heads, cache[0], cache[1], slot_mapping)
+
+    def attention(self, q: torch.Tensor, cache, meta: ops.AttentionMetadata) -> torch.Tensor:
+        return ops.paged_attention(q, cache[0], cache[1], meta, self.scale).view(q.shape[0], self.q_size)
+
+    def attention_out(self, i: int, attn: torch.Tensor, h: torch.Tensor, lora=None) -> torch.Tensor:
+        """Layer i's output projection onto the residual, then its dense MLP (a sparse one: sparse_mlp)."""
+        w, eps = self.layers[i], self.config.rms_norm_eps
+        h = w.o_proj(attn, residual=h) if lora is None else lora.add(i, "o_proj", attn, w.o_proj(attn, residual=h))
+        if w.moe is not None:
+            return h
+        if lora is None:
+            return w.down(w.gate_up(h, norm=w.post_norm, eps=eps), residual=h, silu_mul=True)
+        x = ops.rms_norm(h, w.post_norm, eps)
+        act = ops.silu_mul(lora.add(i, "gate_up", x, w.gate_up(x)))
+        return lora.add(i, "down", act, w.down(act, residual=h))
+
+    def sparse_mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        w = self.layers[i]
+        return ops.fused_moe(ops.rms_norm(h, w.post_norm, self.config.rms_norm_eps), w.moe, residual=h)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:

@@ -22,6 +22,15 @@ def _mix64(x):
 
 
 @njit(inline="always")
+def _stream_key(seed, index, position):
+    """stream_keys (ops/sampling_batch.py) for one row, as the CUDA kernel computes it."""
+    x = (seed * np.uint64(0x9E3779B97F4A7C15) + np.uint64(index) * np.uint64(0xBF58476D1CE4E5B9)
+         + np.uint64(position) * np.uint64(0x94D049BB133111EB))
+    x ^= x >> np.uint64(31)
+    return x * np.uint64(0xD6E8FEB86659FD93)
+
+
+@njit(inline="always")
 def _uniform(stream, token):
     h = _mix64(stream ^ _mix64(np.uint64(token) + np.uint64(0x9E3779B97F4A7C15)))
     return (np.float32(h >> np.uint64(40)) + np.float32(1.0)) * np.float32(1.0 / 16777216.0)
@@ -29,7 +38,8 @@ def _uniform(stream, token):
 
 @njit(parallel=True, nogil=True, cache=True)
 def _sample(logits, temperature, top_k, top_p, min_p, presence, frequency, repetition, pen_offsets, pen_tokens,
-            pen_counts, ban_offsets, ban_tokens, streams, num_top, out_tokens, out_logprob, top_ids, top_lp):
+            pen_counts, ban_offsets, ban_tokens, seeds, indices, positions, num_top, out_tokens, out_logprob, top_ids,
+            top_lp):
     rows, vocab = logits.shape
     for r in prange(rows):
         x = logits[r]
@@ -70,7 +80,7 @@ def _sample(logits, temperature, top_k, top_p, min_p, presence, frequency, repet
                         cut = max(cut, kept[j])
                         break
             best, chosen = -np.inf, 0
-            stream = np.uint64(streams[r])
+            stream = _stream_key(np.uint64(seeds[r]), indices[r], positions[r])
             for i in range(vocab):
                 v = w[i]
                 if v >= cut and v > -np.inf:
@@ -117,7 +127,7 @@ def fused_sample(logits: torch.Tensor, batch: SamplingBatch, max_top: int = 1):
     _sample(logits.contiguous().numpy(), b.temperature.numpy(), b.top_k.numpy(), b.top_p.numpy(), b.min_p.numpy(),
         b.presence.numpy(), b.frequency.numpy(), b.repetition.numpy(), b.pen_offsets.numpy(),
         b.pen_tokens.numpy(), b.pen_counts.numpy(), b.ban_offsets.numpy(), b.ban_tokens.numpy(),
-        b.streams.numpy().view(np.uint64), b.num_top.numpy(), tokens.numpy(), chosen.numpy(), top_ids.numpy(),
+        b.seeds.numpy().view(np.uint64), b.indices.numpy(), b.positions.numpy(), b.num_top.numpy(), tokens.numpy(), chosen.numpy(), top_ids.numpy(),
         top_lp.numpy())
     return tokens, chosen, top_ids, top_lp
 

@@ -287,7 +287,7 @@ def fused_sample(logits: torch.Tensor, batch, max_top: int = 1
     _launch("sampling", "scalellm::fused_sample", (rows,), 1024,
             (tokens, chosen, top_ids, top_lp, work, logits.contiguous(), batch.temperature, batch.top_k, batch.top_p,
              batch.min_p, batch.presence, batch.frequency, batch.repetition, batch.pen_offsets, batch.pen_tokens,
-             batch.pen_counts, batch.ban_offsets, batch.ban_tokens, batch.streams, batch.num_top, np.int32(vocab),
+             batch.pen_counts, batch.ban_offsets, batch.ban_tokens, batch.seeds, batch.indices, batch.positions, batch.num_top, np.int32(vocab),
              np.int32(max_top)))
     return tokens, chosen, top_ids, top_lp
 

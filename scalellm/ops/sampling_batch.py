@@ -43,7 +43,9 @@ class SamplingBatch:
     pen_counts: torch.Tensor  # int32
     ban_offsets: torch.Tensor  # int32 [rows + 1]
     ban_tokens: torch.Tensor  # int32
-    streams: torch.Tensor  # uint64 keys stored in an int64 tensor
+    seeds: torch.Tensor  # uint64 request seeds stored in an int64 tensor
+    indices: torch.Tensor  # int64 sample index; with seeds and positions, the kernel keys the row's stream
+    positions: torch.Tensor  # int64 output position of the token drawn
     num_top: torch.Tensor  # int32, -1 = no logprobs
 
     def to(self, device) -> "SamplingBatch":

@@ -56,7 +56,7 @@ def build_parser(prog: str = "python -m scalellm.server", model_positional: bool
                     help="tokens per KV-cache block; default: 128 on the CPU, 16 on CUDA")
     ap.add_argument("--num-threads", type=int, default=None,
                     help="compute threads for the model step; default: one per core")
-    ap.add_argument("--cuda-graph-max-batch", type=int, default=64,
+    ap.add_argument("--cuda-graph-max-batch", type=int, default=256,
                     help="on cuda, decode batches up to this size replay CUDA graphs; 0: run every step eagerly")
     ap.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt prefixes")
     ap.add_argument("--max-queue-len", type=int, default=256,

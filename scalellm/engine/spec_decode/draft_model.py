@@ -31,6 +31,7 @@ class _Input:
     draft: list[int] = field(default_factory=list)  # the runner's chunks carry no drafts of their own
     prompt_len = 0  # nothing read from prompt positions (prompt_outputs.py), and every chunk samples
     params = SamplingParams()
+    num_in_flight = 0  # the draft model's tokens are all on the host
 
     @property
     def num_tokens(self) -> int:
