@@ -83,6 +83,9 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.async_scheduling and self.speculative_config is not None:
+            raise ValueError("async scheduling does not combine with speculative decoding (drafts are made from "
+                             "the tokens on the host)")
         if self.model is not None and not os.path.exists(self.model):
             raise ValueError(missing_model_message(self.model))
         if self.device == "cuda":

@@ -192,6 +192,7 @@ def test_every_kind_of_step_gives_the_cpu_paths_tokens(folder, moe_folder, moe):
     tokens for greedy, seeded, n=2, logprobs, a stop token and a repetition penalty, over every step kind."""
     path = moe_folder if moe else folder
     expected, _ = outputs(path)
+    assert outputs(path, async_scheduling=True)[0] == expected  # the CPU path one step ahead too
     with ops.cuda_kernels_on_cpu():
         stepped, kinds = outputs(path)
         ahead, kinds_ahead = outputs(path, async_scheduling=True)
@@ -199,3 +200,27 @@ def test_every_kind_of_step_gives_the_cpu_paths_tokens(folder, moe_folder, moe):
     assert ahead == expected
     wanted = {"prefill", "mixed", "decode, not whole-step"} | (set() if moe else {"greedy", "sample", "forward"})
     assert wanted <= set(kinds) and wanted <= set(kinds_ahead), (kinds, kinds_ahead)
+
+
+def test_aborts_and_preemption_with_tokens_in_flight_free_every_block(folder):
+    """One step ahead on the CPU path: requests aborted while their token is in flight, and preemption
+    (a KV cache too small for everyone), leave no block held and no request behind."""
+    engine = LLMEngine(EngineConfig(model=folder, dtype="float32", block_size=16, num_kv_blocks=9,
+                                    async_scheduling=True))
+    for i in range(6):
+        engine.add_request(f"r{i}", list(range(1, 30 + i)), GREEDY)
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+        if steps == 4:
+            assert any(s.num_in_flight for s in engine.scheduler.running)
+            engine.abort_request("r1")
+            engine.abort_request("r4")
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.block_manager.num_used_blocks == 0 and not engine.requests
+
+
+def test_async_scheduling_is_refused_with_speculative_decoding():
+    with pytest.raises(ValueError, match="speculative"):
+        EngineConfig(async_scheduling=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2})

@@ -90,13 +90,8 @@ class LLMEngine(StepOutputs):
         self._seq_ids = itertools.count()
         # detokenize a step's tokens while the device computes the next (on the CUDA kernels by default)
         self.overlap = self.runner.cuda_kernels if config.overlap_steps is None else config.overlap_steps
-        ahead = config.async_scheduling
-        if ahead is None:
-            ahead = self.runner.device.type == "cuda" and self.speculator is None
-        if ahead and self.speculator is not None:
-            raise ValueError("async scheduling does not combine with speculative decoding (drafts need the "
-                             "host's tokens)")
-        self.async_scheduling = ahead
+        ahead = config.async_scheduling  # (EngineConfig refuses it with speculative decoding)
+        self.async_scheduling = self.runner.device.type == "cuda" and spec is None if ahead is None else ahead
         self._in_flight = None  # one step ahead: the launched step whose ids are not read yet
         self._pending: list[Sequence] = []  # sequences whose newest token awaits its text
         self._replayed: list[StreamDelta] = []  # continuations' replayed deltas, out with the next step's

@@ -58,6 +58,9 @@ def build_parser(prog: str = "python -m scalellm.server", model_positional: bool
                     help="compute threads for the model step; default: one per core")
     ap.add_argument("--cuda-graph-max-batch", type=int, default=256,
                     help="on cuda, decode batches up to this size replay CUDA graphs; 0: run every step eagerly")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="schedule and launch step N+1 before reading step N's tokens (one step ahead); "
+                         "default: on with --device cuda, unless speculative decoding is on")
     ap.add_argument("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt prefixes")
     ap.add_argument("--max-queue-len", type=int, default=256,
                     help="requests that may wait beyond --max-num-seqs before new ones get 503")
@@ -210,6 +213,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
                               kv_cache_memory=args.kv_cache_memory,
                               enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
                               cuda_graph_max_batch=args.cuda_graph_max_batch, compact_json=args.compact_json,
+                              async_scheduling=args.async_scheduling,
                               speculative_config=args.speculative_config, pooler_config=args.pooler_config,
                               enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                               max_cpu_loras=args.max_cpu_loras, lora_modules=args.lora_modules,
