@@ -9,6 +9,7 @@ from scalellm.engine.sequence import Sequence
 class DraftRow:
     __slots__ = ("seq", "j", "seq_id")
     pending_forks = 0
+    num_in_flight = 0  # speculative decoding runs synchronously: every token is on the host
 
     def __init__(self, seq: Sequence, j: int):
         self.seq = seq
