@@ -21,7 +21,7 @@ from scalellm.engine.engine import LLMEngine
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.sampling_params import SamplingParams
 from tests.checkpoints import build_checkpoint
-from tests.cuda_kernel_checks import host
+from tests.cuda_kernel_checks import engines_on_cuda, gpu, host
 from tests.step_counter import count_steps
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -200,6 +200,18 @@ def test_every_kind_of_step_gives_the_cpu_paths_tokens(folder, moe_folder, moe):
     assert ahead == expected
     wanted = {"prefill", "mixed", "decode, not whole-step"} | (set() if moe else {"greedy", "sample", "forward"})
     assert wanted <= set(kinds) and wanted <= set(kinds_ahead), (kinds, kinds_ahead)
+
+
+@gpu
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_every_kind_of_step_on_gpu_gives_the_cpu_paths_tokens(folder, moe_folder, moe, monkeypatch):
+    """With --device cuda: graphs captured (whole decode steps, pieces), steps one step ahead and not."""
+    path = moe_folder if moe else folder
+    expected, _ = outputs(path)
+    engines_on_cuda(monkeypatch)
+    for ahead in (False, True):
+        got, kinds = outputs(path, async_scheduling=ahead)
+        assert got == expected, (ahead, kinds)
 
 
 def test_aborts_and_preemption_with_tokens_in_flight_free_every_block(folder):
