@@ -20,6 +20,7 @@ from scalellm.config import EngineConfig
 from scalellm.engine.engine import LLMEngine
 from scalellm.engine.model_runner import ModelRunner
 from scalellm.sampling_params import SamplingParams
+from scalellm.structured import StructuredOutputsParams
 from tests.checkpoints import build_checkpoint
 from tests.cuda_kernel_checks import engines_on_cuda, gpu, host
 from tests.step_counter import count_steps
@@ -27,6 +28,7 @@ from tests.step_counter import count_steps
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.9, top_p=0.9, top_k=30, seed=11, max_tokens=40, ignore_eos=True)
 LOGPROBS = SamplingParams(temperature=0, logprobs=2, max_tokens=40, ignore_eos=True)
+REGEX = SamplingParams(temperature=0, max_tokens=30, structured_outputs=StructuredOutputsParams(regex="[a-e ]{4,40}"))
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,8 @@ BUDGETS = {
     # stored), the ids' copy out
     "greedy": (GREEDY, 3, dict(replays=lambda n: 1, launches=(0, 1), nodes=(10, 9), h2d=1, d2h=1)),
     "sample": (SEEDED, 3, dict(replays=lambda n: 1, launches=(0, 1), nodes=(10, 9), h2d=1, d2h=1)),
+    # a grammar's masks written by the host into the same copy, applied in the graph (one node more)
+    "greedy-masked": (REGEX, 3, dict(replays=lambda n: 1, launches=(0, 1), nodes=(10, 10), h2d=1, d2h=1)),
     # the graph stops at the forward pass; the sampler copies its rows over and reads 3 logprob arrays back
     "forward": (LOGPROBS, 3, dict(replays=lambda n: 1, launches=(0, 5), nodes=(10, 5), h2d=2, d2h=4)),
     # above the decode graphs: piecewise, attention between the pieces
@@ -172,7 +176,8 @@ def outputs(folder, **kw) -> tuple[list, collections.Counter]:
             (3, [7, 7, 7], LOGPROBS), (5, [1, 2], SamplingParams(temperature=0.7, seed=3, n=2, max_tokens=30)),
             (6, [4, 4, 4, 4], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[17])),
             (8, list(range(30, 50)), GREEDY), (9, [2, 3], SamplingParams(temperature=0, max_tokens=25,
-                                                                         repetition_penalty=1.3))]
+                                                                         repetition_penalty=1.3)),
+            (10, [8, 9], REGEX), (50, [3, 1], REGEX)]
     results, step = {}, 0
     while plan or engine.has_unfinished():
         while plan and plan[0][0] <= step:
@@ -189,7 +194,8 @@ def outputs(folder, **kw) -> tuple[list, collections.Counter]:
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_every_kind_of_step_gives_the_cpu_paths_tokens(folder, moe_folder, moe):
     """The CPU path, the CUDA path (host build) step by step, and the CUDA path one step ahead: the same
-    tokens for greedy, seeded, n=2, logprobs, a stop token and a repetition penalty, over every step kind."""
+    tokens for greedy, seeded, n=2, logprobs, a stop token, a repetition penalty and a regex, over every
+    step kind."""
     path = moe_folder if moe else folder
     expected, _ = outputs(path)
     assert outputs(path, async_scheduling=True)[0] == expected  # the CPU path one step ahead too
@@ -198,7 +204,8 @@ def test_every_kind_of_step_gives_the_cpu_paths_tokens(folder, moe_folder, moe):
         ahead, kinds_ahead = outputs(path, async_scheduling=True)
     assert stepped == expected
     assert ahead == expected
-    wanted = {"prefill", "mixed", "decode, not whole-step"} | (set() if moe else {"greedy", "sample", "forward"})
+    wanted = {"prefill", "mixed", "decode, not whole-step"} | (
+        set() if moe else {"greedy", "sample", "forward", "greedy-masked"})
     assert wanted <= set(kinds) and wanted <= set(kinds_ahead), (kinds, kinds_ahead)
 
 

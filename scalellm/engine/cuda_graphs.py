@@ -12,8 +12,9 @@ token's row in `sampled` (src >= 0): the graph reads it there, on the device, be
 Every step writes its sampled ids to `sampled`, so the next step finds them.
 
 A graph is captured per padded batch size and mode: "greedy" (argmax), "sample" (the fused sampling
-kernel) or "forward" (the forward pass alone, for steps whose sampling needs the host: grammar masks,
-logit biases, logprobs, penalty lists beyond the buffers). Spare rows write nothing (slot -1) and read one
+kernel), each "-masked" when the batch's token bitmask (grammar masks, allowed tokens, bad words; written
+by the host, copied with the rest) is applied to the logits first, or "forward" (the forward pass alone,
+for steps whose sampling needs the host: logit biases, logprobs, penalty lists beyond the buffers). Spare rows write nothing (slot -1) and read one
 cached token. Decode attention is captured with the partition count of the longest allowed context, so
 one graph serves every context length.
 
@@ -29,7 +30,7 @@ from scalellm import ops
 from scalellm.ops.sampling_batch import SamplingBatch
 from scalellm.ops.transfer import StaticInputs
 
-MODES = ("greedy", "sample", "forward")
+MODES = ("greedy", "sample", "greedy-masked", "sample-masked", "forward")
 PENALTY_ENTRIES = 4096  # (token, count) pairs a graphed step's rows may carry in all; more: sampled eagerly
 BANNED_ENTRIES = 1024  # tokens masked under min_tokens, in all
 SAMPLED_ROWS = 8192  # rows of the sampled-ids buffer (a step's rows, at most)
@@ -42,7 +43,7 @@ def batch_sizes(max_batch: int) -> list[int]:
     return sorted(set(sizes + [max_batch]))
 
 
-def input_fields(max_batch: int, max_blocks: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def input_fields(max_batch: int, max_blocks: int, vocab: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     b, i32, i64, f32 = max_batch, torch.int32, torch.int64, torch.float32
     fields = dict(ids=(i64, (b,)), src=(i64, (b,)), positions=(i64, (b,)), slots=(i64, (b,)),
                   starts=(i32, (b,)), lens=(i32, (b,)),
@@ -52,7 +53,8 @@ def input_fields(max_batch: int, max_blocks: int) -> dict[str, tuple[torch.dtype
                   indices=(i64, (b,)), out_positions=(i64, (b,)), num_top=(i32, (b,)),
                   pen_tokens=(i32, (PENALTY_ENTRIES,)), pen_counts=(i32, (PENALTY_ENTRIES,)),
                   ban_tokens=(i32, (BANNED_ENTRIES,)))
-    fields["tables"] = (i32, (b, max_blocks))  # last: a step copies the prefix it wrote
+    fields["tables"] = (i32, (b, max_blocks))  # a step copies the prefix of the buffer it wrote: tables last,
+    fields["bitmask"] = (i32, (b, -(-vocab // 32)))  # but for a masked step, which copies its masks too
     return fields
 
 
@@ -67,7 +69,8 @@ class DecodeGraphs:
         self.model, self.kv_cache, self.max_batch = model, kv_cache, max_batch
         self.capture = dev.type == "cuda"
         self.sizes = batch_sizes(max_batch)
-        self.inputs = StaticInputs(input_fields(max_batch, max_blocks), dev)
+        self.inputs = StaticInputs(input_fields(max_batch, max_blocks, model.config.vocab_size), dev)
+        self.mask_rows = torch.arange(max_batch, dtype=torch.int32, device=dev)
         self.v = self.inputs.device_views
         self.sampled = torch.zeros(SAMPLED_ROWS, dtype=torch.int64, device=dev)
         self.max_context = max_model_len
@@ -105,7 +108,9 @@ class DecodeGraphs:
         if mode == "forward":
             return hidden
         logits = self.model.logits(hidden, float32=False)
-        if mode == "greedy":
+        if mode.endswith("-masked"):
+            ops.apply_token_bitmask(logits, self.mask_rows[:bs], v["bitmask"][:bs])
+        if mode.startswith("greedy"):
             tokens = ops.greedy_tokens(logits)
         else:
             tokens = ops.fused_sample(logits.float(), self._batch(bs), 1)[0]
@@ -168,7 +173,10 @@ class DecodeGraphs:
             h[k][:n] = arrays[k]
         width = arrays["tables"].shape[1]
         h["tables"][:n, :width] = arrays["tables"]
-        if sampling is not None:
+        if sampling is not None and "bitmask" in sampling:
+            h["bitmask"][:n] = sampling["bitmask"]
+            h["bitmask"][n:bs] = -1
+        if sampling is not None and "temperature" in sampling:
             for k in ("temperature", "top_k", "top_p", "min_p", "presence", "frequency", "repetition", "seeds",
                       "indices", "num_top", "pen_offsets", "ban_offsets"):
                 h[k][:len(sampling[k])] = sampling[k]
@@ -177,7 +185,8 @@ class DecodeGraphs:
             h["pen_counts"][:len(sampling["pen_counts"])] = sampling["pen_counts"]
             h["ban_tokens"][:len(sampling["ban_tokens"])] = sampling["ban_tokens"]
         self._write_padding(h, n, bs)
-        self.inputs.copy(self.inputs.offsets["tables"][0] + bs * h["tables"].shape[1] * 4)
+        last = "bitmask" if mode.endswith("-masked") else "tables"
+        self.inputs.copy(self.inputs.offsets[last][0] + bs * h[last].shape[1] * 4)
         if prev_tokens is not None and prev_tokens.data_ptr() != self.sampled.data_ptr():
             self.sampled[:prev_tokens.shape[0]].copy_(prev_tokens)
         if not self.capture:

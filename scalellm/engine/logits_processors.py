@@ -97,6 +97,34 @@ class LogitsProcessor:
         elif masked:
             self._apply(logits, masked, masks)
 
+    def graph_masks(self, seqs: list[Sequence]) -> np.ndarray | None:
+        """Every row's changes as one token bitmask [rows, words] (all ones where a row has none), for a
+        step that applies them inside its CUDA graph; None when a row needs more than a mask (a bias)."""
+        if any(s.logits_changes is not None and s.logits_changes.bias_ids is not None for s in seqs):
+            return None
+        start = time.perf_counter()
+        words = -(-self.vocab_size // 32)
+        out = np.full((len(seqs), words), -1, np.int32)
+        grammar_rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if grammar_rows:
+            if self.masker is None:
+                self.masker = BatchMasker(self.vocab_size)
+            out[grammar_rows] = self.masker.fill([seqs[i].grammar for i in grammar_rows])
+            self.mask_steps += 1
+        for i, seq in enumerate(seqs):
+            fixed = seq.logits_changes
+            if fixed is None:
+                continue
+            if fixed.allowed is not None:
+                out[i] &= fixed.allowed
+            if fixed.bad_words:
+                banned = np.asarray(_banned_tokens(fixed.bad_words, seq.output_token_ids), np.int64)
+                if len(banned):
+                    words_of = out[i].view(np.uint32)
+                    np.bitwise_and.at(words_of, banned >> 5, ~(np.uint32(1) << (banned & 31).astype(np.uint32)))
+        self.mask_seconds += time.perf_counter() - start
+        return out
+
     @staticmethod
     def _apply(logits: torch.Tensor, rows: list[int], masks: list[np.ndarray]) -> None:
         bitmask = torch.from_numpy(np.stack(masks))

@@ -118,15 +118,24 @@ class Sampler:
         self.readback = Readback(kernel_device if kernel_device is not None else torch.device("cpu"))
 
     def graph_mode(self, seqs: list[Sequence]) -> tuple[str, dict | None]:
-        """How a graphed decode step samples these rows: ("greedy", None), ("sample", the rows' arrays), or
-        ("forward", None) when the host must act first (logits processors, logprobs, long penalty lists):
-        the graph then stops at the forward pass and launch() samples."""
-        if any(s.params.processes_logits or s.params.logprobs is not None for s in seqs):
+        """How a graphed decode step samples these rows: "greedy" or "sample" (with the rows' arrays), each
+        "-masked" when rows have grammar masks, allowed tokens or bad words (the graph applies the
+        batch's bitmask, in the arrays), or ("forward", None) when the host must act on the logits first
+        (logit biases, logprobs, long penalty lists): the graph then stops at the forward pass."""
+        if any(s.params.logprobs is not None for s in seqs):
             return "forward", None
-        if all(_is_plain_greedy(_param_row(s.params)) for s in seqs):
-            return "greedy", None
-        arrays = sampling_arrays(seqs, self.eos_token_ids, self.vocab_size)
-        return ("sample", arrays) if graphable_sampling(arrays) else ("forward", None)
+        arrays: dict = {}
+        if self.logits_processor is not None and any(s.params.processes_logits for s in seqs):
+            masks = self.logits_processor.graph_masks(seqs)
+            if masks is None:
+                return "forward", None
+            arrays["bitmask"] = masks
+        mode = "greedy" if all(_is_plain_greedy(_param_row(s.params)) for s in seqs) else "sample"
+        if mode == "sample":
+            arrays.update(sampling_arrays(seqs, self.eos_token_ids, self.vocab_size))
+            if not graphable_sampling(arrays):
+                return "forward", None
+        return (mode + "-masked" if "bitmask" in arrays else mode), arrays or None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         return self.collect(self.launch(logits, seqs))
