@@ -243,3 +243,49 @@ def test_aborts_and_preemption_with_tokens_in_flight_free_every_block(folder):
 def test_async_scheduling_is_refused_with_speculative_decoding():
     with pytest.raises(ValueError, match="speculative"):
         EngineConfig(async_scheduling=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+def run_to_end(engine: LLMEngine, max_steps: int = 200) -> dict:
+    tokens: dict = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return tokens
+        for delta in engine.step():
+            tokens.setdefault((delta.request_id, delta.index), []).extend(delta.token_ids)
+    raise AssertionError(f"still running after {max_steps} steps")
+
+
+@host
+@pytest.mark.parametrize("prompt", [[5], list(range(1, 18))], ids=["one token", "one token past the cache"])
+def test_n_samples_fork_when_the_prompts_last_token_is_a_graphed_decode(folder, prompt):
+    """A prompt with one token left to compute (one token long, or all but one token from the prefix cache)
+    is a decode step: its n samples still fork, and the request finishes."""
+    params = SamplingParams(n=2, temperature=0.8, seed=1, max_tokens=5, ignore_eos=True)
+    with ops.cuda_kernels_on_cpu():
+        engine = new_engine(folder)
+        engine.add_request("warm", prompt, GREEDY)
+        run_to_end(engine)
+        engine.add_request("forked", prompt, params)
+        got = run_to_end(engine)
+    assert sorted(k for k in got if k[0] == "forked") == [("forked", 0), ("forked", 1)]
+    assert all(len(v) == 5 for k, v in got.items() if k[0] == "forked") and not engine.requests
+
+
+def test_a_step_ahead_sampled_row_by_row_after_a_fault_appends_tokens_in_order(folder):
+    """One step ahead, a sampling fault makes step N+1 sample row by row (its ids on the host at once):
+    step N's ids are appended first, so every token lands where an untroubled run puts it."""
+    def run(poison_call: int | None) -> dict:
+        engine = LLMEngine(EngineConfig(model=folder, dtype="float32", block_size=16, num_kv_blocks=32,
+                                        async_scheduling=True))
+        launch, calls = engine.sampler.launch, [0]
+
+        def flaky_launch(logits, seqs):
+            calls[0] += 1
+            if calls[0] == poison_call:
+                raise RuntimeError("injected sampling fault")
+            return launch(logits, seqs)
+        engine.sampler.launch = flaky_launch
+        for i in range(2):
+            engine.add_request(f"r{i}", [3 + i, 4, 5], SamplingParams(temperature=0, max_tokens=8))
+        return run_to_end(engine)
+    assert run(poison_call=5) == run(poison_call=None)

@@ -274,6 +274,9 @@ class LLMEngine(StepOutputs):
                 self._mark_in_flight(launched)
                 self._in_flight = launched
             elif launched is not None:  # sampled row by row after a fault: the ids are on the host
+                if ahead is not None:  # step N's first: tokens are appended in order
+                    self._collect(ahead)
+                    ahead = None
                 self._collect(launched)
             if ahead is not None:
                 self._collect(ahead)  # the device computes step N+1 meanwhile
@@ -301,7 +304,8 @@ class LLMEngine(StepOutputs):
         """The forward pass (a fault there is the whole batch's), then sampling started. A decode batch
         CUDA graphs cover runs from one (sampling included when it needs nothing from the host)."""
         decodes, chunks = split_batch(batch.items)
-        mode = None if chunks else self.runner.graph_mode(decodes, self.sampler.graph_mode)
+        forking = any(s.pending_forks for s in decodes)  # a one-token prompt left: its samples fork below
+        mode = None if chunks or forking else self.runner.graph_mode(decodes, self.sampler.graph_mode)
         if mode is not None:
             mode, sampling = mode
             out = self.runner.decode_step(decodes, mode, sampling)

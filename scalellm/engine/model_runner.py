@@ -133,9 +133,11 @@ class ModelRunner:
                     + pos % bs, tables=tables, starts=starts.astype(np.int32), lens=lens)
 
     def graph_mode(self, decodes: list[Sequence], sampling_rows) -> str | None:
-        """How a decode-only batch runs from CUDA graphs: "greedy" or "sample" (the whole step), "forward"
-        (sampling after, eagerly), or None (eagerly: no graphs, too many rows, LoRA)."""
-        if self.graphs is None or self.lora is not None or not self.graphs.covers(len(decodes)):
+        """How a decode-only batch runs from CUDA graphs: sampling_rows(decodes) (the sampler's choice: a
+        whole-step mode with its arrays, or "forward"), or None (piecewise or eagerly: no decode graphs, too
+        many rows, an adapter in the step)."""
+        if (self.graphs is None or not self.graphs.covers(len(decodes)) or not self._prev_fits()
+                or any(s.params.lora_name for s in decodes)):
             return None
         return sampling_rows(decodes)
 
@@ -145,6 +147,10 @@ class ModelRunner:
         logits (mode "forward")."""
         out = self.graphs.run(mode, self._decode_arrays(decodes), sampling, self._prev_for(decodes))
         return out if mode != "forward" else self.model.logits(out, float32=False)
+
+    def _prev_fits(self) -> bool:
+        """The last step's sampled ids fit the graphs' buffer of them (else this step runs eagerly)."""
+        return self.prev_tokens is None or self.prev_tokens.shape[0] <= SAMPLED_ROWS
 
     def _prev_for(self, seqs) -> torch.Tensor | None:
         return self.prev_tokens if any(s.num_in_flight for s in seqs) else None
@@ -241,7 +247,8 @@ class ModelRunner:
         """Everything the step reads goes to the device in one copy; nothing here waits for the device.
         Without LoRA, the forward pass replays piecewise graphs (piecewise_graphs.py)."""
         n, in_flight = input_ids.shape[0], src is not None
-        pieces = self.pieces if self.pieces is not None and lora is None and self.pieces.covers(n) else None
+        pieces = self.pieces if (self.pieces is not None and lora is None and self.pieces.covers(n)
+                                  and self._prev_fits()) else None
         host = {"input_ids": input_ids, "positions": positions, **ops.kernel_arrays(meta)}
         if pieces is not None:  # padded to the pieces' token count
             t = pieces.bucket(n)

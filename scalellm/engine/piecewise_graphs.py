@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-PIECE_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+PIECE_TOKENS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
 def token_buckets(max_tokens: int) -> list[int]:
