@@ -219,19 +219,32 @@ def check_decode_attention(dtype, device="cpu"):
             close(out, ref, dtype)
 
 
+PREFILL_CASES = [  # (heads, kv_heads, head_dim, window, decodes, [(cached before, chunk length) per sequence])
+    # the first `decodes` sequences are decodes; chunk lengths around the tile (ops PREFILL_TILE = 16 tokens):
+    # shorter, longer, not multiples of it, exactly one and two tiles, a 1-token chunk with a cached prefix;
+    # contexts over several passes of the kernel's 32 keys
+    (8, 2, 64, None, 2, [(30, 1), (5, 1), (0, 21), (40, 9), (15, 34)]),
+    (8, 2, 128, None, 2, [(30, 1), (5, 1), (0, 21), (40, 9), (15, 34)]),
+    (8, 2, 64, 20, 2, [(30, 1), (5, 1), (0, 21), (40, 9), (15, 34)]),
+    (2, 2, 128, None, 0, [(0, 16), (3, 1), (20, 17), (0, 33)]),  # GQA group 1
+    (8, 1, 64, 7, 1, [(7, 1), (50, 40), (0, 5), (9, 1)]),  # group 8, a window shorter than a tile
+    (6, 2, 128, 33, 0, [(0, 1), (70, 16), (2, 31)]),  # group 3, a window a pass wide
+    (7, 1, 64, None, 1, [(4, 1), (33, 48), (1, 2)]),  # group 7
+]
+
+
 def check_prefill_attention(dtype, device="cpu"):
     """Chunks of several sequences in one batch (after decodes), each attending to its cached prefix and
-    itself; chunks crossing block boundaries; with and without a sliding window."""
-    heads, kv_heads, bs = 8, 2, 16
-    for dim, window in [(64, None), (128, None), (64, 20)]:
-        # (cached before, chunk length) per sequence; the first two are decodes
-        seqs = [(30, 1), (5, 1), (0, 21), (40, 9), (15, 34)]
+    itself; chunks crossing block boundaries, tiles crossing chunk ends; with and without a sliding window;
+    GQA groups 1, 3, 4, 7, 8."""
+    bs = 16
+    for heads, kv_heads, dim, window, decodes, seqs in PREFILL_CASES:
         totals = [c + n for c, n in seqs]
-        tables, num_blocks = scattered_tables(totals, bs, seed=dim)
+        tables, num_blocks = scattered_tables(totals, bs, seed=dim + heads)
         k_cache = torch.full((num_blocks, bs, kv_heads, dim), NAN).to(dtype).to(device)
         v_cache = k_cache.clone()
         n_tok = sum(n for _, n in seqs)
-        qkv = randn(n_tok, (heads + 2 * kv_heads) * dim, dtype=dtype, seed=dim, device=device)
+        qkv = randn(n_tok, (heads + 2 * kv_heads) * dim, dtype=dtype, seed=dim + heads, device=device)
         # the cached prefixes, written by the kv_write kernel
         for i, (cached, _) in enumerate(seqs):
             if cached:
@@ -244,7 +257,7 @@ def check_prefill_attention(dtype, device="cpu"):
             pos = torch.arange(cached, cached + n)
             positions.append(pos)
             slots.append(tables[i].long()[pos // bs] * bs + pos % bs)
-            if i < 2:
+            if i < decodes:
                 decode_tables.append(tables[i].tolist())
                 decode_lens.append(cached + n)
             else:

@@ -192,9 +192,8 @@ def _cuda_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: f
                                              arrays["decode_context_starts"], arrays["decode_context_lens"], scale,
                                              meta.max_decode_context)
     if meta.prefills:
-        out[nd:] = cb.prefill_attention(q[nd:], k_cache, v_cache, arrays["prefill_token_seq"],
-                                        arrays["prefill_token_pos"], arrays["prefill_block_tables"], scale,
-                                        meta.sliding_window or 0)
+        out[nd:] = cb.prefill_attention(q[nd:], k_cache, v_cache, arrays["prefill_tiles"],
+                                        arrays["prefill_block_tables"], scale, meta.sliding_window or 0)
     return out
 
 

@@ -58,22 +58,37 @@ def prefill_as_decode(meta: AttentionMetadata) -> tuple[np.ndarray, np.ndarray, 
     return meta.prefill_rows
 
 
+PREFILL_TILE = 16  # query tokens per tile of prefill attention: kTileQ in cuda_kernels/prefill_attention.cu
+
+
+def prefill_tiles(meta: AttentionMetadata) -> np.ndarray:
+    """Prefill attention's tiles, int32 [tiles, 4]: (chunk, first token among the step's prefill tokens,
+    tokens in the tile (1..PREFILL_TILE), position of the first token); each chunk in PREFILL_TILE tokens
+    from its start, the last tile of a chunk possibly shorter. The prefill tokens are the chunks' queries,
+    chunk after chunk."""
+    q_lens = np.array([c.query_len for c in meta.prefills], np.int64)
+    ctx_lens = np.array([c.context_len for c in meta.prefills], np.int64)
+    counts = -(-q_lens // PREFILL_TILE)
+    chunk = np.repeat(np.arange(len(q_lens)), counts)
+    offset = (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)) * PREFILL_TILE
+    starts = np.cumsum(q_lens) - q_lens
+    return np.stack([chunk, starts[chunk] + offset, np.minimum(PREFILL_TILE, q_lens[chunk] - offset),
+                     ctx_lens[chunk] - q_lens[chunk] + offset], axis=1).astype(np.int32)
+
+
 def kernel_arrays(meta: AttentionMetadata) -> dict[str, np.ndarray]:
     """What the CUDA kernels read, as host arrays: cache slots; decode tables, starts and lengths; and for
-    all prefill chunks at once (one attention launch), each token's chunk and position and the chunks'
-    block tables."""
+    all prefill chunks at once (one attention launch), the tiles of query tokens (prefill_tiles) and the
+    chunks' block tables."""
     out = {"slot_mapping": meta.slot_mapping}
     if meta.num_decode_tokens:
         out.update(decode_block_tables=meta.decode_block_tables, decode_context_starts=meta.decode_context_starts,
                    decode_context_lens=meta.decode_context_lens)
     if meta.prefills:
-        seq = np.concatenate([np.full(c.query_len, i, np.int32) for i, c in enumerate(meta.prefills)])
-        pos = np.concatenate([np.arange(c.context_len - c.query_len, c.context_len, dtype=np.int32)
-                              for c in meta.prefills])
         tables = np.zeros((len(meta.prefills), max(len(c.block_table) for c in meta.prefills)), np.int32)
         for i, c in enumerate(meta.prefills):
             tables[i, :len(c.block_table)] = c.block_table
-        out.update(prefill_token_seq=seq, prefill_token_pos=pos, prefill_block_tables=tables)
+        out.update(prefill_tiles=prefill_tiles(meta), prefill_block_tables=tables)
     return out
 
 

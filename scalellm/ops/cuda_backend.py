@@ -33,7 +33,8 @@ NAMES = {
     "paged_attention": [f"scalellm::paged_attention_decode<{t}, {d}, {g}>" for t in _TYPES for d in HEAD_DIMS
                         for g in range(1, 9)]  # the GQA group sizes 1..MAX_GROUP
     + [f"scalellm::paged_attention_reduce<{t}, {d}>" for t in _TYPES for d in HEAD_DIMS],
-    "prefill_attention": [f"scalellm::prefill_attention<{t}, {d}>" for t in _TYPES for d in HEAD_DIMS],
+    "prefill_attention": [f"scalellm::prefill_attention<{t}, {d}, {g}>" for t in _TYPES for d in HEAD_DIMS
+                          for g in range(1, 9)],  # the GQA group sizes 1..MAX_GROUP
     "sampling": ["scalellm::fused_sample"],
     "token_bitmask": [f"scalellm::apply_token_bitmask<{t}>" for t in _TYPES],
     "moe_routing": [f"scalellm::{k}<{t}>" for k in ("moe_route", "moe_gather", "moe_combine") for t in _TYPES]
@@ -256,18 +257,22 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_starts, co
     return out
 
 
-def prefill_attention(q, k_cache, v_cache, token_seq, token_pos, block_tables, scale: float,
-                      window: int = 0) -> torch.Tensor:
+def prefill_attention(q, k_cache, v_cache, tiles, block_tables, scale: float, window: int = 0) -> torch.Tensor:
+    """q: the step's prefill tokens [tokens, heads, dim], chunk after chunk; tiles: int32 [tiles, 4] (chunk,
+    first token, tokens, position of the first token), kernel_arrays' "prefill_tiles"; block_tables: int32
+    [chunks, max_blocks]. One block per (tile, KV head), 32 threads per query head of the group."""
     tokens, heads, dim = q.shape
-    if dim not in HEAD_DIMS:
-        raise ValueError(f"cuda prefill attention supports head_dim {HEAD_DIMS}")
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    if dim not in HEAD_DIMS or not 1 <= group <= MAX_GROUP or heads != group * kv_heads:
+        raise ValueError(f"cuda prefill attention supports head_dim {HEAD_DIMS} and GQA groups up to {MAX_GROUP}")
     out = torch.empty_like(q)
-    warps = tokens * heads
-    _launch("prefill_attention", f"scalellm::prefill_attention<{CTYPES[q.dtype]}, {dim}>",
-            ((warps * 32 + 127) // 128,), 128,
-            (out, q.contiguous(), k_cache, v_cache, token_seq.to(torch.int32), token_pos.to(torch.int32),
-             block_tables.to(torch.int32), np.int32(tokens), np.int32(block_tables.shape[1]),
-             np.int32(k_cache.shape[1]), np.int32(heads), np.int32(k_cache.shape[2]), np.int32(window),
+    if tiles.shape[0] == 0:
+        return out
+    _launch("prefill_attention", f"scalellm::prefill_attention<{CTYPES[q.dtype]}, {dim}, {group}>",
+            (tiles.shape[0], kv_heads), 32 * group,
+            (out, q.contiguous(), k_cache, v_cache, tiles.to(torch.int32).contiguous(), block_tables.to(torch.int32),
+             np.int32(block_tables.shape[1]), np.int32(k_cache.shape[1]), np.int32(kv_heads), np.int32(window),
              np.float32(scale)))
     return out
 
