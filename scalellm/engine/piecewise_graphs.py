@@ -7,7 +7,7 @@ between (embedding, norms, GEMMs, the fused qkv/rotary/KV-write kernel, SiLU-mul
 once per padded token count; attention and sparse MLPs run eagerly between replays, on the real tokens.
 
 Pieces pass the residual stream, q and attention's output through fixed buffers (a copy into them ends
-each piece), so no piece's output has to outlive its replay. Padded tokens write no cache slot (-1) and
+each piece; the attention kernels write into theirs), so no piece's output has to outlive its replay. Padded tokens write no cache slot (-1) and
 are dropped at the end. In-flight token ids (one step ahead) are read from the shared sampled-ids
 buffer, as the decode graphs do. Without a GPU the pieces run eagerly over the same buffers.
 """
@@ -126,7 +126,7 @@ class PiecewiseGraphs:
                 break
             kind, i = eager
             if kind == "attention":
-                self.attn[:n].copy_(model.attention(self.q[:n], caches[i], meta))
+                model.attention(self.q[:n], caches[i], meta, out=self.attn[:n])  # written in place
             else:
                 self.h[:n].copy_(model.sparse_mlp(i, self.h[:n]))
         return self.h[:n]

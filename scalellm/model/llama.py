@@ -135,8 +135,10 @@ class LlamaModel:
         return ops.attention_inputs(qkv, positions, self.cos, self.sin, w.q_norm, w.k_norm, eps, cfg.num_heads,
                                     cfg.num_kv_heads, cache[0], cache[1], slot_mapping)
 
-    def attention(self, q: torch.Tensor, cache, meta: ops.AttentionMetadata) -> torch.Tensor:
-        return ops.paged_attention(q, cache[0], cache[1], meta, self.scale).view(q.shape[0], self.q_size)
+    def attention(self, q: torch.Tensor, cache, meta: ops.AttentionMetadata, out=None) -> torch.Tensor:
+        """out: on the CUDA kernels, a [tokens, q_size] buffer the kernels write into (piecewise graphs')."""
+        view = None if out is None else out.view(q.shape)
+        return ops.paged_attention(q, cache[0], cache[1], meta, self.scale, view).view(q.shape[0], self.q_size)
 
     def attention_out(self, i: int, attn: torch.Tensor, h: torch.Tensor, lora=None) -> torch.Tensor:
         """Layer i's output projection onto the residual, then its dense MLP (a sparse one: sparse_mlp)."""

@@ -131,10 +131,13 @@ def _cuda_attention_inputs(qkv, positions, cos, sin, q_norm, k_norm, eps, num_he
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
-    """q: [tokens, heads, dim], decode tokens first -> attention output of the same shape."""
+                    scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [tokens, heads, dim], decode tokens first -> attention output of the same shape. out: on the CUDA
+    kernels, where the kernels write it (contiguous, q's shape; e.g. a graph's fixed buffer)."""
     if uses_cuda_kernels(q):
-        return _cuda_paged_attention(q, k_cache, v_cache, meta, scale)
+        return _cuda_paged_attention(q, k_cache, v_cache, meta, scale, out)
+    if out is not None:
+        raise ValueError("paged_attention writes into out on the CUDA kernels only")
     out = new_tensor(q.shape, q.dtype)
     q_np, k_np, v_np, out_np = as_numba(q), as_numba(k_cache), as_numba(v_cache), as_numba(out)
     with_prefills = bool(meta.prefills) and cpu_attention.IR_PREFILL and cpu_attention.takes_ir(q.shape[1], k_np, v_np)
@@ -176,24 +179,20 @@ def _stack_rows(first, second):
     return tables, np.concatenate((s1, s2)), np.concatenate((l1, l2))
 
 
-def _cuda_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Decodes in one launch, then every prefill chunk in one more; the index arrays come from the step's
-    single copy (meta.device) when the runner made one."""
+def _cuda_paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out=None) -> torch.Tensor:
+    """Decodes in one launch, then every prefill chunk in one more, each writing its rows of out; the index
+    arrays come from the step's single copy (meta.device) when the runner made one."""
     cb, dev = _cuda(), q.device
     arrays = meta.device or {k: tensor(a, dev) for k, a in kernel_arrays(meta).items()}
     nd = meta.num_decode_tokens
-    if nd and not meta.prefills:  # a decode-only step: the kernel's output as it is (no copy)
-        return cb.paged_decode_attention(q, k_cache, v_cache, arrays["decode_block_tables"],
-                                         arrays["decode_context_starts"], arrays["decode_context_lens"], scale,
-                                         meta.max_decode_context)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if nd:
-        out[:nd] = cb.paged_decode_attention(q[:nd], k_cache, v_cache, arrays["decode_block_tables"],
-                                             arrays["decode_context_starts"], arrays["decode_context_lens"], scale,
-                                             meta.max_decode_context)
+        cb.paged_decode_attention(q[:nd], k_cache, v_cache, arrays["decode_block_tables"],
+                                  arrays["decode_context_starts"], arrays["decode_context_lens"], scale,
+                                  meta.max_decode_context, out=out[:nd])
     if meta.prefills:
-        out[nd:] = cb.prefill_attention(q[nd:], k_cache, v_cache, arrays["prefill_tiles"],
-                                        arrays["prefill_block_tables"], scale, meta.sliding_window or 0)
+        cb.prefill_attention(q[nd:], k_cache, v_cache, arrays["prefill_tiles"], arrays["prefill_block_tables"], scale,
+                             meta.sliding_window or 0, out=out[nd:])
     return out
 
 

@@ -6,6 +6,7 @@ them with its other inputs and sets `device`); without that, each op copies what
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,9 +19,28 @@ class PrefillChunk:
     query_start: int  # offset in the flat token batch
     query_len: int
     context_len: int  # tokens in the cache after this step's write, including the chunk
-    key_slots: torch.Tensor  # [context_len] cache slot of each context position
-    mask: torch.Tensor | None  # [query_len, context_len] bool, None when plain causal
     block_table: list[int]
+    block_size: int
+    sliding_window: int | None = None
+
+    @functools.cached_property
+    def key_slots(self) -> torch.Tensor:
+        """[context_len] cache slot of each context position (built on first use: the CPU paths read it)."""
+        pos = torch.arange(self.context_len)
+        table = torch.tensor(self.block_table, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor | None:
+        """[query_len, context_len] bool, None when plain causal (built on first use)."""
+        if self.query_len == self.context_len and self.sliding_window is None:
+            return None
+        pos = torch.arange(self.context_len)
+        q_pos = torch.arange(self.context_len - self.query_len, self.context_len)
+        mask = pos[None, :] <= q_pos[:, None]
+        if self.sliding_window is not None:
+            mask &= pos[None, :] > (q_pos[:, None] - self.sliding_window)
+        return mask
 
 
 @dataclass
@@ -126,14 +146,5 @@ def build_attention_metadata(
         meta.decode_context_lens = lens
         meta.max_decode_context = int((lens - starts).max())
     for query_start, query_len, context_len, table in prefill_specs:
-        pos = torch.arange(context_len)
-        table_t = torch.tensor(table, dtype=torch.long)
-        key_slots = table_t[pos // block_size] * block_size + pos % block_size
-        mask = None
-        if query_len != context_len or sliding_window is not None:
-            q_pos = torch.arange(context_len - query_len, context_len)
-            mask = pos[None, :] <= q_pos[:, None]
-            if sliding_window is not None:
-                mask &= pos[None, :] > (q_pos[:, None] - sliding_window)
-        meta.prefills.append(PrefillChunk(query_start, query_len, context_len, key_slots, mask, table))
+        meta.prefills.append(PrefillChunk(query_start, query_len, context_len, table, block_size, sliding_window))
     return meta

@@ -230,7 +230,8 @@ def qkv_prep(qkv, positions, cos, sin, q_norm, k_norm, eps: float, num_heads: in
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_starts, context_lens, scale: float,
-                           max_context: int | None = None) -> torch.Tensor:
+                           max_context: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out: where to write (contiguous, q's shape and dtype); a new tensor when None."""
     seqs, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
@@ -240,7 +241,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_starts, co
     # serves every length); splits past a sequence's context exit at once
     max_context = max_context or int((context_lens - context_starts).max())
     parts = max(1, -(-max_context // PARTITION))
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     f32 = dict(dtype=torch.float32, device=q.device)
     part_out = torch.empty(seqs, heads, parts, dim, **f32) if parts > 1 else out
     part_max = torch.empty(seqs, heads, parts, **f32) if parts > 1 else out
@@ -257,16 +258,18 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_starts, co
     return out
 
 
-def prefill_attention(q, k_cache, v_cache, tiles, block_tables, scale: float, window: int = 0) -> torch.Tensor:
+def prefill_attention(q, k_cache, v_cache, tiles, block_tables, scale: float, window: int = 0,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """q: the step's prefill tokens [tokens, heads, dim], chunk after chunk; tiles: int32 [tiles, 4] (chunk,
     first token, tokens, position of the first token), kernel_arrays' "prefill_tiles"; block_tables: int32
-    [chunks, max_blocks]. One block per (tile, KV head), 32 threads per query head of the group."""
+    [chunks, max_blocks]. One block per (tile, KV head), 32 threads per query head of the group. out: where
+    to write (contiguous, q's shape and dtype); a new tensor when None."""
     tokens, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
     if dim not in HEAD_DIMS or not 1 <= group <= MAX_GROUP or heads != group * kv_heads:
         raise ValueError(f"cuda prefill attention supports head_dim {HEAD_DIMS} and GQA groups up to {MAX_GROUP}")
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if tiles.shape[0] == 0:
         return out
     _launch("prefill_attention", f"scalellm::prefill_attention<{CTYPES[q.dtype]}, {dim}, {group}>",
