@@ -22,6 +22,18 @@ from scalellm.model.llama import LlamaModel
 from scalellm.ops.transfer import Transfer
 
 
+def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled KV cache. On the CPU its memory comes zeroed from the OS (calloc, not a fill), so pages
+    become resident only when a block is first written: a cache sized for the worst case costs memory for
+    the blocks in use, and engines waiting for the garbage collector hold no more than they touched."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(nbytes + 64, dtype=np.uint8)
+    start = -raw.ctypes.data % 64  # cache-line aligned, as torch's own allocations are
+    return torch.from_numpy(raw[start:start + nbytes]).view(dtype).view(shape)
+
+
 def kv_bytes_per_token(model: LlamaModel) -> int:
     c = model.config
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize
@@ -71,8 +83,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = model.embed.device
-        self.kv_cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim,
-                                    dtype=model.dtype, device=self.device)
+        self.kv_cache = zeroed_cache((c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim),
+                                     model.dtype, self.device)
         self.tables = BlockTables(-(-max_model_len // block_size) + 1)
         self.sliding_window = c.sliding_window
         self.lora = lora  # engine/lora_manager.LoRAManager, with LoRA on
@@ -113,7 +125,15 @@ class ModelRunner:
             self.graphs.capture_all()
         if self.pieces is not None:
             self.pieces.capture_all()
-        self.kv_cache.zero_()
+        self.reset_cache()
+
+    def reset_cache(self) -> None:
+        """All zeros again. Without graphs (which hold the cache) a fresh one: its pages return to the OS and
+        only blocks written from now on become resident (zeroed_cache)."""
+        if self.graphs is None and self.pieces is None and self.device.type == "cpu":
+            self.kv_cache = zeroed_cache(tuple(self.kv_cache.shape), self.kv_cache.dtype, self.device)
+        else:
+            self.kv_cache.zero_()
 
     def release(self, seq: Sequence) -> None:
         self.tables.release(seq)

@@ -33,7 +33,9 @@ def warm_up(engine) -> None:
                 engine.add_request(f"warm-up-{i}", prompt, params)
         while engine.has_unfinished():
             engine.step()
-    engine.runner.kv_cache.zero_()
+    engine.runner.reset_cache()
+    if engine.draft_model is not None:
+        engine.draft_model.runner.reset_cache()
     engine._fresh_scheduler()
     engine.num_steps, engine.forward_seconds = 0, 0.0
     if engine.speculator is not None:  # counters from zero
