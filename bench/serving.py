@@ -10,6 +10,12 @@ into the token rate a perfect server would reach). Each server is driven by tool
 same workload at concurrency 1, 16 and 64 (128 tokens in, 128 out), and charged the CPU time of its
 whole process tree per generated token. vLLM's own client (`vllm bench serve`) cross-checks both
 servers at concurrency 64. Results go to bench/results/serving_<model>.md, .png and .json.
+
+A server setting is compared in the same run with `--variant LABEL="FLAGS"` (repeatable): each repeat also
+serves ScaleLLM with those flags, reported as "ScaleLLM LABEL"; with `--tag T` the results go to
+serving_<model>_T.* instead, and `--skip-floors` leaves the floors out, e.g.
+    .venv/bin/python bench/serving.py --models smollm2-135m --skip-vllm --skip-floors --tag cap \
+        --variant cap128="--mixed-prefill-tokens 128"
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -248,7 +255,8 @@ def cross_check(folder: str, vllm_bind: str, args, kv_gib: int = DEFAULT_KV_GIB)
 def bench_model(name: str, args, vllm_version: str) -> dict:
     folder = MODELS[name]()
     kv_gib = KV_CACHE_GIB.get(name, DEFAULT_KV_GIB)  # the same KV space for both servers
-    data: dict = {"model": name, "folder": folder, "vllm_version": vllm_version, "repeats": [],
+    data: dict = {"model": name, "folder": folder, "vllm_version": vllm_version, "repeats": [], "tag": args.tag,
+                  "variants": {f"ScaleLLM {label}": shlex.join(flags) for label, flags in args.variant},
                   "config": {"input_len": args.input_len, "output_len": args.output_len,
                              "concurrency": args.concurrency, "max_model_len": MAX_MODEL_LEN}}
     for r in range(args.repeats):
@@ -256,6 +264,9 @@ def bench_model(name: str, args, vllm_version: str) -> dict:
         rep: dict = {}
         print("  ScaleLLM", flush=True)
         rep["ScaleLLM"] = run_scalellm(folder, args, kv_gib=kv_gib)
+        for label, flags in args.variant:
+            print(f"  ScaleLLM {label} ({shlex.join(flags)})", flush=True)
+            rep[f"ScaleLLM {label}"] = run_scalellm(folder, args, tuple(flags), kv_gib=kv_gib)
         if not args.skip_vllm:
             vllm_runs = {}
             for bind in args.vllm_binds:
@@ -266,12 +277,13 @@ def bench_model(name: str, args, vllm_version: str) -> dict:
             rep["vLLM"] = {c: vllm_runs[best[c]][c] for c in args.concurrency}
             rep["vllm_all_binds"] = vllm_runs
             rep["vllm_bind"] = best
-        print("  HTTP floor", flush=True)
-        rep["HTTP floor"] = run_http_floor(folder, args)
-        print("  bare forward", flush=True)
-        rep["bare forward"] = run_compute_floor(folder, args, kv_gib)
-        print("  machine floor", flush=True)
-        rep["machine floor"] = run_machine_floor(folder, args)
+        if not args.skip_floors:
+            print("  HTTP floor", flush=True)
+            rep["HTTP floor"] = run_http_floor(folder, args)
+            print("  bare forward", flush=True)
+            rep["bare forward"] = run_compute_floor(folder, args, kv_gib)
+            print("  machine floor", flush=True)
+            rep["machine floor"] = run_machine_floor(folder, args)
         data["repeats"].append(rep)
     if not args.skip_vllm and not args.skip_cross_check:
         c = max(args.concurrency)
@@ -292,7 +304,12 @@ def main() -> None:
     ap.add_argument("--vllm-binds", default="default,0-1", help="VLLM_CPU_OMP_THREADS_BIND settings to try")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-cross-check", action="store_true")
+    ap.add_argument("--skip-floors", action="store_true", help="leave out the HTTP, bare-forward and machine floors")
+    ap.add_argument("--variant", action="append", default=[], metavar='LABEL="FLAGS"',
+                    help="also serve ScaleLLM with these server flags in every repeat (repeatable)")
+    ap.add_argument("--tag", default=None, help="write serving_<model>_TAG.* (keeps the main tables)")
     args = ap.parse_args()
+    args.variant = [(v.split("=", 1)[0], shlex.split(v.split("=", 1)[1] if "=" in v else "")) for v in args.variant]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.vllm_binds = args.vllm_binds.split(",")
     vllm_version = "not run" if args.skip_vllm else ensure_vllm()

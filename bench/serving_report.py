@@ -49,9 +49,14 @@ def cpu_flags() -> str:
     return " ".join(flags) or "no AVX-512 or AMX"
 
 
+def _systems(data: dict) -> tuple[str, ...]:
+    """ScaleLLM, its variants (other server flags, same run), then the peers and floors."""
+    return (SYSTEMS[0], *data.get("variants", {}), *SYSTEMS[1:])
+
+
 def write_report(data: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
-    name = data["model"]
+    name = data["model"] + (f"_{data['tag']}" if data.get("tag") else "")
     cs = data["config"]["concurrency"]
     n = len(data["repeats"])
     binds = {b for rep in data["repeats"] for b in (rep.get("vllm_all_binds") or {})}
@@ -66,14 +71,15 @@ def write_report(data: dict, out_dir: str) -> str:
          f"machine turned into the token rate a perfect server would reach (bench/machine_floor.py); bare "
          f"forward: our own forward passes timed without a server (bench/compute_floor.py). "
          f"Each number is the median of {n} interleaved repeats; ± is half the spread (largest - smallest) "
-         f"between them.", "",
+         f"between them." + "".join(f" {v}: ScaleLLM served with `{f}`." for v, f in data.get("variants", {}).items()),
+         "",
          "| concurrency | system | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | "
          "ITL p50 ms | ITL p99 ms | E2E p50 ms | E2E p99 ms |",
          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keys = ("output_throughput", "request_throughput", "ttft_ms.median", "ttft_ms.p99", "tpot_ms.median",
             "tpot_ms.p99", "itl_ms.median", "itl_ms.p99", "e2e_ms.median", "e2e_ms.p99")
     for c in cs:
-        for system in SYSTEMS:
+        for system in _systems(data):
             if _median_spread(data, system, c, "output_throughput") is None:
                 continue
             cells = []
@@ -81,6 +87,17 @@ def write_report(data: dict, out_dir: str) -> str:
                 ms = _median_spread(data, system, c, k)
                 cells.append(f"{ms[0]:.2f}" if k == "request_throughput" and ms else _cell(ms))
             L.append(f"| {c} | {system} | " + " | ".join(cells) + " |")
+    for variant, flags in data.get("variants", {}).items():
+        L += ["", f"## {variant} against ScaleLLM (same repeats)", "",
+              f"Per repeat, {variant} (`{flags}`) over the default server, then median [min–max].", "",
+              "| concurrency | output tok/s | TTFT p50 | TTFT p99 | ITL p99 |", "|---:|---:|---:|---:|---:|"]
+        for c in cs:
+            cells = []
+            for k in ("output_throughput", "ttft_ms.median", "ttft_ms.p99", "itl_ms.p99"):
+                r = [_metric(_at(rep[variant], c), k) / _metric(_at(rep["ScaleLLM"], c), k)
+                     for rep in data["repeats"] if variant in rep and _at(rep[variant], c)]
+                cells.append(f"{statistics.median(r):.2f} [{min(r):.2f}–{max(r):.2f}]" if r else "–")
+            L.append(f"| {c} | " + " | ".join(cells) + " |")
     L += ["", "## Ratios", "",
           "ScaleLLM / vLLM for throughput (higher is better for ScaleLLM); vLLM / ScaleLLM for latencies "
           "(higher means ScaleLLM is faster); shares of the machine floor are output tok/s over the floor's.", "",
@@ -117,7 +134,7 @@ def write_report(data: dict, out_dir: str) -> str:
     L += ["", "## Output tok/s in each repeat", "", "| concurrency | system | " +
           " | ".join(f"repeat {i + 1}" for i in range(n)) + " |", "|---:|---|" + "---:|" * n]
     for c in cs:
-        for system in SYSTEMS:
+        for system in _systems(data):
             vals = [_at(rep[system], c)["output_throughput"] for rep in data["repeats"] if system in rep]
             if vals:
                 L.append(f"| {c} | {system} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
@@ -180,7 +197,7 @@ def _plot(data: dict, path: str) -> None:
 
     cs = data["config"]["concurrency"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for system in SYSTEMS:
+    for system in _systems(data):
         if _median_spread(data, system, cs[0], "output_throughput") is None:
             continue
         for ax, key in zip(axes, ("ttft_ms.median", "ttft_ms.p99", "output_throughput")):

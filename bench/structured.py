@@ -21,7 +21,8 @@ and validated (jsonschema) against their schema; ScaleLLM's mask ms per step com
 Experiment 2 (--new-schemas, ScaleLLM only): 16 streams run steadily; then 16 requests with new,
 never-seen schemas of 200 properties each (property names unique per request) arrive at once. The running
 streams' inter-token latencies inside that window are compared with the same-length window of a phase
-without the new-schema requests.
+without the new-schema requests. `--mixed-prefill-tokens 0 128` runs it on the default server and on one
+whose steps carry at most 128 prompt tokens while streams decode, interleaved.
 
 Results: bench/results/structured.md, .json and .png (a later run of one experiment keeps the other's
 section from the JSON).
@@ -209,10 +210,10 @@ def calibrate(base: str, args) -> dict[str, int]:
                                      or [args.max_tokens])) for k in NAMES}
 
 
-def start_scalellm(folder: str) -> Proc:
+def start_scalellm(folder: str, extra: list[str] = ()) -> Proc:
     return Proc("scalellm-structured", [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}",
                                         "--dtype", "bfloat16", "--served-model-name", NAME,
-                                        "--max-model-len", str(MAX_MODEL_LEN)])
+                                        "--max-model-len", str(MAX_MODEL_LEN), *extra])
 
 
 def start_vllm(folder: str, bind: str) -> Proc:
@@ -329,13 +330,19 @@ async def new_schema_phase(base: str, args, inject: str | None, window: float | 
     return out
 
 
+def arm_flags(cap: int) -> list[str]:
+    return ["--mixed-prefill-tokens", str(cap)] if cap else []
+
+
 def new_schemas(folder: str, args) -> dict:
-    data: dict = {"repeats": [], "config": {k: getattr(args, k) for k in (
+    """Each repeat runs every server setting (arm) in turn, a fresh server each, so drift hits all alike."""
+    arms = {shlex.join(arm_flags(cap)) or "default": arm_flags(cap) for cap in args.mixed_prefill_tokens}
+    data: dict = {"arms": {label: [] for label in arms}, "config": {k: getattr(args, k) for k in (
         "steady_streams", "steady", "steady_max_tokens", "new_schema_requests", "props", "inject_max_tokens",
         "settle", "window_min")}}
-    for r in range(args.repeats):
-        print(f"== new schemas: repeat {r + 1}/{args.repeats}", flush=True)
-        p = start_scalellm(folder)
+    for r, (label, flags) in ((r, arm) for r in range(args.repeats) for arm in arms.items()):
+        print(f"== new schemas: repeat {r + 1}/{args.repeats}, server {label}", flush=True)
+        p = start_scalellm(folder, flags)
         try:
             rng = random.Random(1000 + r)
             warm = [request_body("chat", NAME, prompt(NAMES[0], rng, rng), 8, True, False, response_format(NAMES[0]))]
@@ -350,7 +357,7 @@ def new_schemas(folder: str, args) -> dict:
             print(f"    {name:<17} window {ph['window_s']:5.1f} s  steady ITL p50 {ph['itl_ms']['median']:6.1f} "
                   f"p99 {ph['itl_ms']['p99']:7.1f} max {ph['itl_ms'].get('max', float('nan')):7.1f} ms "
                   f"({ph['itl_count']} gaps)  grammars compiled {ph['grammars_compiled']:.0f}", flush=True)
-        data["repeats"].append(rep)
+        data["arms"][label].append(rep)
     return data
 
 
@@ -379,6 +386,8 @@ def main() -> None:
     ap.add_argument("--inject-max-tokens", type=int, default=32)
     ap.add_argument("--settle", type=float, default=6.0, help="seconds of steady load before the window")
     ap.add_argument("--window-min", type=float, default=5.0)
+    ap.add_argument("--mixed-prefill-tokens", type=int, nargs="+", default=[0],
+                    help="experiment 2's server settings, each run in every repeat (0: the server's default)")
     args = ap.parse_args()
     folder = MODELS["smollm2-135m"]()
     meta = {"command": shlex.join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT)

@@ -170,29 +170,38 @@ def _new_schemas_md(d: dict) -> list[str]:
          f"all of them finished (at least {cfg['window_min']:g} s); the baseline is a window of the same length "
          f"on the same server without them, right after. ITL: the steady streams' gaps between text chunks "
          f"that end inside the window. The window also carries the new requests' own prefill and decode steps "
-         f"(the batch grows), not only their grammars: the middle arm sends the same 16 requests without a "
+         f"(the batch grows), not only their grammars: the middle phase sends the same 16 requests without a "
          f"schema (ignore_eos, the same max_tokens), so what the grammars add is the first column against it. "
          f"Target: p99 with new schemas within 2x of without.", "",
-         "| repeat | window s | ITL p50 without / no-schema / with ms | ITL p99 without / no-schema / with ms | "
-         "p99 with / without | p99 with / no-schema | ITL max with ms | new-schema TTFT p50 / max ms | "
-         "grammars compiled |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    ratios, plain_ratios = [], []
-    for i, rep in enumerate(d["repeats"]):
-        w, wo = rep["with new schemas"], rep["without"]
-        pl = rep.get("same, no schema", wo)
-        ratio = w["itl_ms"]["p99"] / wo["itl_ms"]["p99"] if wo["itl_ms"]["p99"] else float("nan")
-        plain_ratio = w["itl_ms"]["p99"] / pl["itl_ms"]["p99"] if pl["itl_ms"]["p99"] else float("nan")
-        ratios.append(ratio)
-        plain_ratios.append(plain_ratio)
-        inj = w["injected"]
-        L.append(f"| {i + 1} | {w['window_s']:.1f} | {wo['itl_ms']['median']:.1f} / {pl['itl_ms']['median']:.1f} / "
-                 f"{w['itl_ms']['median']:.1f} | {wo['itl_ms']['p99']:.1f} / {pl['itl_ms']['p99']:.1f} / "
-                 f"{w['itl_ms']['p99']:.1f} | {ratio:.2f}x | {plain_ratio:.2f}x | "
-                 f"{w['itl_ms'].get('max', float('nan')):.1f} | {inj['ttft_ms']['median']:.0f} / "
-                 f"{inj['ttft_max_ms']:.0f} | {w['grammars_compiled']:.0f} |")
-    L += ["", f"p99 with / without, median over repeats: {_cell(ratios, '{:.2f}')}x; with / the same requests "
-              f"without a schema: {_cell(plain_ratios, '{:.2f}')}x.", ""]
-    return L
+         "Each server setting (arm) runs in every repeat, in turn, on a fresh server."]
+    summary = []
+    for label, reps in _arms(d).items():
+        L += ["", f"### Server: `{label}`", "",
+              "| repeat | window s | ITL p50 without / no-schema / with ms | ITL p99 without / no-schema / with ms | "
+              "p99 with / without | p99 with / no-schema | ITL max with ms | new-schema TTFT p50 / max ms | "
+              "grammars compiled |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        ratios, plain_ratios = [], []
+        for i, rep in enumerate(reps):
+            w, wo = rep["with new schemas"], rep["without"]
+            pl = rep.get("same, no schema", wo)
+            ratio = w["itl_ms"]["p99"] / wo["itl_ms"]["p99"] if wo["itl_ms"]["p99"] else float("nan")
+            plain_ratio = w["itl_ms"]["p99"] / pl["itl_ms"]["p99"] if pl["itl_ms"]["p99"] else float("nan")
+            ratios.append(ratio)
+            plain_ratios.append(plain_ratio)
+            inj = w["injected"]
+            L.append(f"| {i + 1} | {w['window_s']:.1f} | {wo['itl_ms']['median']:.1f} / {pl['itl_ms']['median']:.1f}"
+                     f" / {w['itl_ms']['median']:.1f} | {wo['itl_ms']['p99']:.1f} / {pl['itl_ms']['p99']:.1f} / "
+                     f"{w['itl_ms']['p99']:.1f} | {ratio:.2f}x | {plain_ratio:.2f}x | "
+                     f"{w['itl_ms'].get('max', float('nan')):.1f} | {inj['ttft_ms']['median']:.0f} / "
+                     f"{inj['ttft_max_ms']:.0f} | {w['grammars_compiled']:.0f} |")
+        summary.append(f"- `{label}`: p99 with / without, median over repeats {_cell(ratios, '{:.2f}')}x; with / the "
+                       f"same requests without a schema {_cell(plain_ratios, '{:.2f}')}x; new-schema TTFT p50 "
+                       f"{_cell([r['with new schemas']['injected']['ttft_ms']['median'] for r in reps], '{:.0f}')} ms")
+    return L + ["", "Summary (median [min–max] over repeats):", "", *summary, ""]
+
+
+def _arms(d: dict) -> dict[str, list]:
+    return d.get("arms") or {"default": d["repeats"]}
 
 
 def write_report(kind: str, data: dict, out_dir: str) -> str:
@@ -249,15 +258,14 @@ def _plot(sections: dict, path: str) -> None:
             ax.set_title("Throughput, SmolLM2-135M, JSON schemas")
             ax.legend()
         else:
-            reps = d["repeats"]
-            xs = range(1, len(reps) + 1)
-            ax.bar([x - 0.27 for x in xs], [r["without"]["itl_ms"]["p99"] for r in reps], 0.27, label="without")
-            ax.bar(list(xs), [r.get("same, no schema", r["without"])["itl_ms"]["p99"] for r in reps], 0.27,
-                   label="the same requests, no schema")
-            ax.bar([x + 0.27 for x in xs], [r["with new schemas"]["itl_ms"]["p99"] for r in reps], 0.27,
-                   label=f"with {d['config']['new_schema_requests']} new schemas")
-            ax.set_xticks(list(xs), [f"repeat {x}" for x in xs])
-            ax.set_ylabel("steady streams' ITL p99 (ms)")
+            arms = _arms(d)
+            xs = range(1, len(arms) + 1)
+            for k, (phase, name) in enumerate([("without", "without"), ("same, no schema", "the same requests, no schema"),
+                                               ("with new schemas", f"with {d['config']['new_schema_requests']} new schemas")]):
+                meds = [statistics.median(r.get(phase, r["without"])["itl_ms"]["p99"] for r in reps) for reps in arms.values()]
+                ax.bar([x + 0.27 * (k - 1) for x in xs], meds, 0.27, label=name)
+            ax.set_xticks(list(xs), list(arms))
+            ax.set_ylabel("steady streams' ITL p99 (ms), median of repeats")
             ax.set_title(f"New {d['config']['props']}-property schemas under load")
             ax.legend()
         ax.grid(alpha=0.3)

@@ -57,6 +57,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 512  # per-step token budget shared by decodes and prefill chunks
+    mixed_prefill_tokens: int | None = None  # most prompt tokens in a step that carries decodes; None: no cap
     block_size: int | None = None  # tokens per KV-cache block; default: 128 on the CPU, 16 on CUDA
     kv_cache_memory: int | str = 2 * GiB
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use it to force preemption)
@@ -96,8 +97,8 @@ class EngineConfig:
             # On the CPU, decode attention streams each block: 128-token blocks measured 1.3-1.8x faster
             # than 16-token ones on a cache larger than the processor's (bench/results/ablation.md).
             self.block_size = 128 if self.device == "cpu" else 16
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-            if getattr(self, name) < 1:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "mixed_prefill_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")

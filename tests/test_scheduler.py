@@ -73,3 +73,53 @@ def test_abort_anywhere_frees_blocks():
     sched.finish(b)
     sched.finish(a)
     assert bm.num_used_blocks == 0 and not sched.has_work
+
+
+def test_mixed_prefill_cap_bounds_steps_that_carry_decodes():
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=16, max_num_batched_tokens=64, mixed_prefill_tokens=10)
+    burst = [seq(12) for _ in range(4)]
+    for s in burst:
+        sched.add(s)
+    batch = sched.schedule()  # nothing decodes yet: the whole budget goes to prompts
+    assert batch.items == [(burst[0], 12), (burst[1], 12), (burst[2], 12), (burst[3], 12)]
+    complete(batch)
+    late = [seq(7) for _ in range(3)]
+    for s in late:
+        sched.add(s)
+    prompt_tokens = []
+    while any(s.num_computed < 7 for s in late):
+        batch = sched.schedule()
+        assert [s for s, _ in batch.items[:4]] == burst and all(n == 1 for _, n in batch.items[:4])
+        prompt_tokens.append(sum(n for s, n in batch.items[4:] if s.num_computed < 7))
+        complete(batch)
+    assert prompt_tokens == [10, 10, 1]  # 7 + 3, then the second prompt's rest + 6 of the third, then 1
+
+
+def test_mixed_prefill_cap_chunks_a_long_prompt():
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=16, max_num_batched_tokens=32, mixed_prefill_tokens=8)
+    long = seq(40)
+    sched.add(long)
+    complete(sched.schedule())  # 32 of its 40 tokens, alone
+    short = seq(3)
+    sched.add(short)
+    complete(sched.schedule())  # nothing decodes: long's last 8 and short's 3
+    assert long.num_computed == 40 and short.num_computed == 3
+    other = seq(30)
+    sched.add(other)
+    chunks = []
+    while other.num_computed < 30:
+        batch = sched.schedule()
+        assert batch.items[:2] == [(long, 1), (short, 1)]
+        chunks.append(batch.items[2][1])
+        complete(batch)
+    assert chunks == [8, 8, 8, 6]
+
+
+def test_mixed_prefill_cap_off_by_default():
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=16, max_num_batched_tokens=32)
+    a = seq(3)
+    sched.add(a)
+    complete(sched.schedule())
+    b = seq(40)
+    sched.add(b)
+    assert sched.schedule().items == [(a, 1), (b, 31)]

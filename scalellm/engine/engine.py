@@ -115,7 +115,7 @@ class LLMEngine(StepOutputs):
         c = self.config
         self.block_manager = BlockManager(self.runner.kv_cache.shape[2], c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens,
-                                   c.max_loras if c.enable_lora else None)
+                                   c.max_loras if c.enable_lora else None, c.mixed_prefill_tokens)
         self.scheduler.on_release = self._release
 
     def _release(self, seq: Sequence) -> None:

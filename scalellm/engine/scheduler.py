@@ -6,6 +6,10 @@ its next chunk), then waiting sequences are admitted in arrival
 order while budget, blocks and the max_num_seqs limit allow. When blocks run out, the most recently
 admitted sequence is preempted: its blocks are freed and it returns to the front of the queue, to be
 recomputed later (the prefix cache usually gives most of its blocks back).
+
+A step that carries decodes carries at most `mixed_prefill_tokens` prompt tokens (None: the whole budget):
+a step's time grows with its tokens, so this bounds the running streams' inter-token gap while a burst of
+new prompts is admitted; steps without decodes still fill the whole budget.
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_loras: int | None = None):
+                 max_loras: int | None = None, mixed_prefill_tokens: int | None = None):
         self.bm = block_manager
+        self.mixed_prefill_tokens = mixed_prefill_tokens
         self.max_loras = max_loras  # LoRA adapters the running sequences may use at once (None: LoRA off)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -55,6 +60,7 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         running = self.running
+        prefill_budget = self._prefill_budget(budget)
         idx = 0
         while idx < len(running) and budget > 0:
             seq = running[idx]
@@ -63,7 +69,14 @@ class Scheduler:
                 continue
             if len(seq.draft) >= budget:  # drafts fit the budget or shrink
                 del seq.draft[budget - 1:]
-            n = min(seq.num_tokens + seq.num_in_flight - seq.num_computed + len(seq.draft), budget)
+            left = seq.num_tokens + seq.num_in_flight - seq.num_computed
+            if left > 1:  # a prompt (or a recompute) continues: its chunk comes out of the prefill budget
+                if prefill_budget == 0:
+                    idx += 1
+                    continue
+                left = min(left, prefill_budget)
+                prefill_budget -= min(left, budget)
+            n = min(left + len(seq.draft), budget)
             if seq.draft and not self.bm.ensure(seq, seq.num_computed + n):
                 seq.draft = []  # drafts give way before anyone is preempted
                 n = min(seq.num_tokens - seq.num_computed, budget)
@@ -84,7 +97,7 @@ class Scheduler:
         loras = {s.params.lora_name for s in running} - {None} if self.max_loras else None
         skipped = 0  # waiting sequences passed over: their adapter would exceed max_loras
         held = False  # once one is, no more adapter sequences go in, so the running adapters drain (no starving)
-        while len(self.waiting) > skipped and budget > 0 and len(running) < self.max_num_seqs:
+        while len(self.waiting) > skipped and min(budget, prefill_budget) > 0 and len(running) < self.max_num_seqs:
             seq = self.waiting[skipped]
             if seq.num_in_flight:  # preempted with a token in flight: admitted again once it is read
                 skipped += 1
@@ -98,7 +111,7 @@ class Scheduler:
                 if not needs_prompt_rows(seq):  # the cache holds K/V, not the outputs it wants
                     self.bm.reuse_prefix(seq)
                 seq.prefix_looked_up = True
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(seq.num_tokens - seq.num_computed, budget, prefill_budget)
             if not self.bm.ensure(seq, seq.num_computed + n):
                 break
             del self.waiting[skipped]
@@ -110,7 +123,18 @@ class Scheduler:
             running.append(seq)
             batch.items.append((seq, n))
             budget -= n
+            prefill_budget -= n
         return batch
+
+    def _prefill_budget(self, budget: int) -> int:
+        """Prompt tokens this step may carry: capped when a running sequence decodes in it."""
+        cap = self.mixed_prefill_tokens
+        if cap is None or cap >= budget:
+            return budget
+        for seq in self.running:
+            if seq.num_tokens + seq.num_in_flight - seq.num_computed == 1 and not seq.last_in_flight:
+                return cap
+        return budget
 
     def _preempt(self, seq: Sequence) -> None:
         seq.draft = []

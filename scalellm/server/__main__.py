@@ -52,6 +52,9 @@ def build_parser(prog: str = "python -m scalellm.server", model_positional: bool
                     help="memory for the paged KV cache, in bytes or with a unit (e.g. 4GB, 512MiB)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512,
                     help="token budget per step, shared by decodes and prefill chunks")
+    ap.add_argument("--mixed-prefill-tokens", type=int, default=None,
+                    help="most prompt tokens a step carries when it also carries decodes: bounds running streams' "
+                         "inter-token latency while new prompts arrive; default: no cap beyond the step budget")
     ap.add_argument("--block-size", type=int, default=None,
                     help="tokens per KV-cache block; default: 128 on the CPU, 16 on CUDA")
     ap.add_argument("--num-threads", type=int, default=None,
@@ -209,7 +212,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m scalellm.server",
     try:
         config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              mixed_prefill_tokens=args.mixed_prefill_tokens, block_size=args.block_size,
                               kv_cache_memory=args.kv_cache_memory,
                               enable_prefix_caching=not args.no_prefix_caching, num_threads=args.num_threads,
                               cuda_graph_max_batch=args.cuda_graph_max_batch, compact_json=args.compact_json,
