@@ -98,27 +98,28 @@ def write_report(data: dict, out_dir: str) -> str:
                      for rep in data["repeats"] if variant in rep and _at(rep[variant], c)]
                 cells.append(f"{statistics.median(r):.2f} [{min(r):.2f}–{max(r):.2f}]" if r else "–")
             L.append(f"| {c} | " + " | ".join(cells) + " |")
-    L += ["", "## Ratios", "",
-          "ScaleLLM / vLLM for throughput (higher is better for ScaleLLM); vLLM / ScaleLLM for latencies "
-          "(higher means ScaleLLM is faster); shares of the machine floor are output tok/s over the floor's.", "",
-          "| concurrency | output tok/s | TTFT p50 | TTFT p99 | TPOT p50 | E2E p50 | E2E p99 | "
-          "ScaleLLM share of machine floor | vLLM share of machine floor |",
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in cs:
-        ours = {k: _median_spread(data, "ScaleLLM", c, k) for k in keys}
-        peer = {k: _median_spread(data, "vLLM", c, k) for k in keys}
-        fl = _median_spread(data, "machine floor", c, "output_throughput")
+    if any("vLLM" in rep or "machine floor" in rep for rep in data["repeats"]):  # else nothing to compare with
+        L += ["", "## Ratios", "",
+              "ScaleLLM / vLLM for throughput (higher is better for ScaleLLM); vLLM / ScaleLLM for latencies "
+              "(higher means ScaleLLM is faster); shares of the machine floor are output tok/s over the floor's.", "",
+              "| concurrency | output tok/s | TTFT p50 | TTFT p99 | TPOT p50 | E2E p50 | E2E p99 | "
+              "ScaleLLM share of machine floor | vLLM share of machine floor |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in cs:
+            ours = {k: _median_spread(data, "ScaleLLM", c, k) for k in keys}
+            peer = {k: _median_spread(data, "vLLM", c, k) for k in keys}
+            fl = _median_spread(data, "machine floor", c, "output_throughput")
 
-        def ratio(k, inverse=False):
-            if not ours[k] or not peer[k] or not ours[k][0] or not peer[k][0]:
-                return "–"
-            return f"{(peer[k][0] / ours[k][0]) if inverse else (ours[k][0] / peer[k][0]):.2f}x"
+            def ratio(k, inverse=False):
+                if not ours[k] or not peer[k] or not ours[k][0] or not peer[k][0]:
+                    return "–"
+                return f"{(peer[k][0] / ours[k][0]) if inverse else (ours[k][0] / peer[k][0]):.2f}x"
 
-        def share(run):
-            return f"{run['output_throughput'][0] / fl[0]:.0%}" if fl and run["output_throughput"] else "–"
-        L.append(f"| {c} | {ratio('output_throughput')} | {ratio('ttft_ms.median', True)} | "
-                 f"{ratio('ttft_ms.p99', True)} | {ratio('tpot_ms.median', True)} | {ratio('e2e_ms.median', True)} | "
-                 f"{ratio('e2e_ms.p99', True)} | {share(ours)} | {share(peer) if peer['output_throughput'] else '–'} |")
+            def share(run):
+                return f"{run['output_throughput'][0] / fl[0]:.0%}" if fl and run["output_throughput"] else "–"
+            L.append(f"| {c} | {ratio('output_throughput')} | {ratio('ttft_ms.median', True)} | "
+                     f"{ratio('ttft_ms.p99', True)} | {ratio('tpot_ms.median', True)} | {ratio('e2e_ms.median', True)} | "
+                     f"{ratio('e2e_ms.p99', True)} | {share(ours)} | {share(peer) if peer['output_throughput'] else '–'} |")
     L += ["", "## Cost: CPU time per generated token", "",
           "CPU seconds (user + system) of each server's whole process tree during the run, over the tokens "
           "it generated (warm-up requests included on both sides).", "",

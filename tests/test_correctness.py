@@ -126,3 +126,32 @@ def test_prefix_caching_off_recomputes_and_keeps_output(llama_folder):
     assert bm.prefix_hits == 0 and not bm.block_of_hash
     assert all(s.num_cached_tokens == 0 for s in first + rest)
     assert engine.stats()["prefix_cache_hits"] == 0
+
+
+def test_mixed_prefill_cap_keeps_output_and_holds(llama_folder):
+    """--mixed-prefill-tokens: prompts arriving while others decode come in small chunks, same tokens."""
+    prompts = make_prompts(6)
+    expected, _ = hf_greedy(llama_folder, prompts, MAX_NEW)
+    engine = LLMEngine(EngineConfig(model=llama_folder, dtype="float32", block_size=16, max_num_batched_tokens=64,
+                                    mixed_prefill_tokens=8))
+    schedule = engine.scheduler.schedule
+    mixed = []
+
+    def recorded():
+        batch = schedule()
+        decodes = sum(1 for s, n in batch.items if n == 1 and s.num_computed >= s.prompt_len)
+        if decodes:
+            mixed.append(batch.num_tokens - decodes)
+        return batch
+
+    engine.scheduler.schedule = recorded
+    engine.add_request("0", None, greedy(), prompt_token_ids=prompts[0])
+    seqs = [engine.requests["0"].seqs[0]]
+    engine.step()  # the first prompt alone; the rest arrive while it decodes
+    for i, p in enumerate(prompts[1:], 1):
+        engine.add_request(str(i), None, greedy(), prompt_token_ids=p)
+        seqs.append(engine.requests[str(i)].seqs[0])
+    while engine.has_unfinished():
+        engine.step()
+    assert [s.output_token_ids for s in seqs] == expected
+    assert mixed and max(mixed) <= 8 and sum(mixed) > 8  # prompts went in beside decodes, 8 tokens a step at most
