@@ -10,6 +10,8 @@ device in one copy (ops/transfer.py), and decode-only steps replay CUDA graphs (
 """
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import torch
 
@@ -23,15 +25,14 @@ from scalellm.ops.transfer import Transfer
 
 
 def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero-filled KV cache. On the CPU its memory comes zeroed from the OS (calloc, not a fill), so pages
-    become resident only when a block is first written: a cache sized for the worst case costs memory for
-    the blocks in use, and engines waiting for the garbage collector hold no more than they touched."""
+    """A zero-filled KV cache. On the CPU an anonymous mapping the OS zeroes page by page on first write, so
+    a cache sized for the worst case costs resident memory only for the blocks written, and engines
+    waiting for the garbage collector hold no more than they touched. (numpy's zeros would do the same but
+    ask for huge pages, whose faults measured ~10x slower here: 2.7 s against 0.28 s per GiB touched.)"""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.zeros(nbytes + 64, dtype=np.uint8)
-    start = -raw.ctypes.data % 64  # cache-line aligned, as torch's own allocations are
-    return torch.from_numpy(raw[start:start + nbytes]).view(dtype).view(shape)
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
 
 
 def kv_bytes_per_token(model: LlamaModel) -> int:
