@@ -98,7 +98,8 @@ def report(results: dict, version: str, concurrencies: list[int]) -> str:
              "with no pause (the most tokens per second through the path). Mean of the repeats; spread min-max.", ""]
     for workload in WORKLOADS:
         lines += [f"## {workload}", "", "| setup | concurrency | tok/s (spread) | TTFT p50 ms | TTFT p99 ms | "
-                  "added TTFT p50 / p99 ms | gateway CPU s per 1k requests | errors |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "added TTFT p50 / p99 ms | E2E p50 ms | gateway CPU s per 1k requests | errors |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for c in concurrencies:
             base = results[workload]["direct"][c]
             b50 = statistics.mean(r["ttft_ms"]["median"] for r in base)
@@ -108,11 +109,12 @@ def report(results: dict, version: str, concurrencies: list[int]) -> str:
                 tok = [r["output_throughput"] for r in rows]
                 p50 = statistics.mean(r["ttft_ms"]["median"] for r in rows)
                 p99 = statistics.mean(r["ttft_ms"]["p99"] for r in rows)
+                e2e = statistics.mean(r["e2e_ms"]["median"] for r in rows)
                 cpu = statistics.mean(r["cpu_s_per_1000_requests"] for r in rows)
                 errors = sum(sum(r["errors"].values()) for r in rows)
                 added = "" if setup == "direct" else f"{p50 - b50:+.2f} / {p99 - b99:+.2f}"
                 lines.append(f"| {setup} | {c} | {statistics.mean(tok):.0f} ({min(tok):.0f}-{max(tok):.0f}) | "
-                             f"{p50:.2f} | {p99:.2f} | {added} | {'' if setup == 'direct' else f'{cpu:.2f}'} | "
+                             f"{p50:.2f} | {p99:.2f} | {added} | {e2e:.1f} | {'' if setup == 'direct' else f'{cpu:.2f}'} | "
                              f"{errors} |")
         lines.append("")
     return "\n".join(lines)

@@ -180,3 +180,16 @@ def test_a_running_stream_fed_one_event_per_read_keeps_every_token():
     body = json.loads(relay.resume_body(b'{"n": 1}'))
     assert body["resume"]["choices"] == [{"index": 0, "token_ids": tokens, "finished": False}]
     assert sum(histogram.series[("itl",)].counts) == len(tokens)  # a gap per event after the first
+
+
+def test_the_gateway_process_loads_no_engine():
+    """The gateway imports no torch, transformers or numpy: a lighter process whose collector's full
+    passes (which pause every stream) walk a small heap."""
+    import subprocess
+    import sys
+
+    code = ("import sys, scalellm.gateway.__main__, scalellm.gateway.proxy, scalellm.gateway.launcher; "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'llguidance', 'scalellm.engine') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

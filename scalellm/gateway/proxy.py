@@ -30,8 +30,7 @@ from scalellm.gateway.replicas import Replica, ReplicaSet
 from scalellm.gateway.routing import Router
 from scalellm.gateway.upstream import Exchange, Upstream
 from scalellm.server import protocol as P
-from scalellm.server.errors import APIError, respond
-from scalellm.server.serving import decode_body
+from scalellm.server.errors import APIError, decode_body, respond
 
 log = logging.getLogger("scalellm.gateway")
 # with an API key set, the only paths answered without it (the dashboard's data routes need the key)

@@ -15,7 +15,7 @@ from scalellm import __version__
 from scalellm.engine.async_engine import AsyncEngine
 from scalellm.server import protocol as P
 from scalellm.server.dashboard import Dashboard
-from scalellm.server.errors import APIError, respond
+from scalellm.server.errors import APIError, decode_body, respond
 from scalellm.server.formatting import LogprobFormatter
 from scalellm.server.limits import RequestLimits, longest_token_chars
 from scalellm.server.metrics import Metrics
@@ -25,7 +25,7 @@ from scalellm.server.chat import chat_conversation
 from scalellm.server.chat_templates import template_for
 from scalellm.server.embeddings import EmbeddingServing
 from scalellm.server.lora_routes import LoRARoutes
-from scalellm.server.serving import RECORD, OpenAIServing, decode_body
+from scalellm.server.serving import RECORD, OpenAIServing
 
 log = logging.getLogger("scalellm.server")
 TOKENIZE_BACKLOG_CHARS = 8 << 20  # prompt characters being tokenized at once before new requests get 503

@@ -17,8 +17,8 @@ from aiohttp import web
 from scalellm.pooling_params import PoolingParams
 from scalellm.sampling_params import SamplingParams
 from scalellm.server import protocol as P
-from scalellm.server.errors import APIError
-from scalellm.server.serving import ENGINE_ERRORS, decode_body, truncated
+from scalellm.server.errors import APIError, decode_body
+from scalellm.server.serving import ENGINE_ERRORS, truncated
 
 
 def _inputs(value) -> list:

@@ -54,6 +54,14 @@ def bad_body(e: Exception) -> APIError:
     return APIError(400, message, param=".".join(parts) or None)
 
 
+def decode_body(decoder, body: bytes):
+    """The body decoded into the request's struct, or the client's 400."""
+    try:
+        return decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as e:
+        raise bad_body(e) from None
+
+
 def bad_value(e: ValueError, default_param: str | None = None) -> APIError:
     """A ValueError from validation; its message starts with the field's name when it names one."""
     message = str(e)

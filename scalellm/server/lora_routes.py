@@ -15,7 +15,7 @@ from aiohttp import web
 from scalellm.lora_request import LoRARequest
 from scalellm.server import protocol as P
 from scalellm.server.errors import APIError
-from scalellm.server.serving import decode_body
+from scalellm.server.errors import decode_body
 
 
 _load_decoder = msgspec.json.Decoder(P.LoadLoRARequest)

@@ -16,7 +16,7 @@ from scalellm.engine.async_engine import EngineDead, RequestFailed, SlowReader
 from scalellm.server import protocol as P
 from scalellm.server.chat import chat_conversation, chat_message, template_options
 from scalellm.server.constraints import logits_fields, refuse_unsupported, request_constraint
-from scalellm.server.errors import APIError, bad_body, bad_value, error_body
+from scalellm.server.errors import APIError, bad_value, decode_body, error_body
 from scalellm.server.limits import chat_chars, prompt_count
 from scalellm.server.metrics import RequestRecord
 from scalellm.server.resume import TOKEN_IDS_HEADER, continuation, finished_tokens
@@ -359,13 +359,6 @@ class OpenAIServing:
         with contextlib.suppress(ConnectionResetError):
             await resp.write(sse(body))
             await resp.write_eof()
-
-
-def decode_body(decoder, body: bytes):
-    try:
-        return decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as e:
-        raise bad_body(e) from None
 
 
 def truncated(prompts: list[tuple[str | None, list[int]]], keep: int, max_model_len: int) -> list:
