@@ -95,7 +95,9 @@ def report(results: dict, version: str, concurrencies: list[int]) -> str:
              f"`.venv/bin/python bench/gateway.py`: ours (`python -m scalellm.gateway`) and sglang-router {version} "
              "(Rust), each round-robin over two fake replicas streaming canned SSE; `direct` is loadgen straight to "
              "one replica. Paced: 64 frames 10 ms apart (added TTFT = the gateway's latency); flat out: 256 frames "
-             "with no pause (the most tokens per second through the path). Mean of the repeats; spread min-max.", ""]
+             "with no pause (the most tokens per second through the path; the load generator is then the bottleneck, and a "
+             "stream that reaches it whole has a TTFT equal to its E2E, as direct has). Mean of the repeats; spread "
+             "min-max.", ""]
     for workload in WORKLOADS:
         lines += [f"## {workload}", "", "| setup | concurrency | tok/s (spread) | TTFT p50 ms | TTFT p99 ms | "
                   "added TTFT p50 / p99 ms | E2E p50 ms | gateway CPU s per 1k requests | errors |",
