@@ -23,8 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from scalellm.engine.engine import set_compute_threads  # noqa: E402
-from scalellm.ops import cpu_attention  # noqa: E402
-from scalellm.ops.numba_util import as_numba  # noqa: E402
+from scalellm.ops.cpu import attention as cpu_attention  # noqa: E402
+from scalellm.ops.cpu.numba_util import as_numba  # noqa: E402
 
 SHAPES = {"tiny Llama (8/4 x 32)": (8, 4, 32), "SmolLM2-135M (9/3 x 64)": (9, 3, 64)}
 # (decode contexts, prefill chunks as (query tokens, context after the chunk))

@@ -26,7 +26,7 @@ BATCHES = (1, 16, 64)
 
 def load(path: str, grouped: bool):
     from scalellm import LLM
-    from scalellm.ops import quant_linear
+    from scalellm.ops.quant import linear as quant_linear
 
     quant_linear.GROUPED = grouped  # read when each projection is built
     try:

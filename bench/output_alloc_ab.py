@@ -34,7 +34,10 @@ def run_case(model: str, batch: int, rounds: int) -> dict[str, list[float]]:
 
     import scalellm.ops as ops
     from scalellm import LLM, SamplingParams
-    from scalellm.ops import cpu_kernels, linear, numba_util, quant_linear
+    from scalellm.ops import linear
+    from scalellm.ops.cpu import kernels as cpu_kernels
+    from scalellm.ops.cpu import numba_util
+    from scalellm.ops.quant import linear as quant_linear
 
     modules = (ops, cpu_kernels, linear, quant_linear)
     ways = {"torch.empty": lambda shape, dtype: torch.empty(shape, dtype=dtype), "new_tensor": numba_util.new_tensor}

@@ -31,8 +31,8 @@ def measure(tree: str) -> dict:
     import torch
 
     from scalellm.engine.engine import set_compute_threads
-    from scalellm.ops import quant_linear
-    from scalellm.ops.quant_tensor import QuantizedTensor
+    from scalellm.ops.quant import linear as quant_linear
+    from scalellm.ops.quant.tensor import QuantizedTensor
 
     set_compute_threads(len(os.sched_getaffinity(0)))
     torch.manual_seed(0)

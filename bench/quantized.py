@@ -123,13 +123,13 @@ def make_gguf(fmt: str) -> str:
 
 
 def _gguf_name(hf: str) -> str:
-    from scalellm.model.gguf_file import _GLOBAL_NAMES, _LAYER_NAMES
+    from scalellm.model.gguf_file import GLOBAL_NAMES, LAYER_NAMES
 
     base, kind = hf.rsplit(".", 1)
     if base.startswith("model.layers."):
         _, _, layer, part = base.split(".", 3)
-        return f"blk.{layer}.{next(k for k, v in _LAYER_NAMES.items() if v == part)}.{kind}"
-    return f"{next(k for k, v in _GLOBAL_NAMES.items() if v == base)}.{kind}"
+        return f"blk.{layer}.{next(k for k, v in LAYER_NAMES.items() if v == part)}.{kind}"
+    return f"{next(k for k, v in GLOBAL_NAMES.items() if v == base)}.{kind}"
 
 
 def rss_mib(pid: int) -> float:

@@ -21,7 +21,7 @@ namespace scalellm {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kSplit = 256;  // tokens per split: PARTITION in scalellm/ops/cuda_backend.py (why 256: there)
+constexpr int kSplit = 256;  // tokens per split: PARTITION in scalellm/ops/cuda/backend.py (why 256: there)
 constexpr int kMaxGroup = 8;
 // at least 3 blocks (12 warps) per SM: at most 170 registers, which the largest group needs; the minimum
 // also matters to ptxas 13, which spilled a few registers of the 56-128 it chose with kThreads alone

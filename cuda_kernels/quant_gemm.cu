@@ -1,5 +1,5 @@
 // GGUF block-quantized weights (Q8_0 = 0, Q4_0 = 1, Q4_1 = 2), read as they are stored
-// (scalellm/ops/quant_tensor.py): per row, each 32-element block's quantized bytes back to back in
+// (scalellm/ops/quant/tensor.py): per row, each 32-element block's quantized bytes back to back in
 // `qs` (Q8_0: 32 signed bytes; 4-bit: 16 bytes, low nibbles elements 0-15, high ones 16-31), its
 // float16 scale in `d` and Q4_1's float16 minimum in `m`.
 //   quant_gemm: out[:, col0 + n] = x @ W[n]^T (+ bias) (+ residual) for small batches. One warp per

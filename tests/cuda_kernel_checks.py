@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from scalellm import ops
-from scalellm.ops import cuda_backend, cuda_host
+from scalellm.ops.cuda import backend as cuda_backend
+from scalellm.ops.cuda import host as cuda_host
 from scalellm.sampling_params import SamplingParams
 from tests.sampling_reference import run_sampler
 
@@ -359,7 +360,8 @@ def check_sampling(device="cpu", vocab=600, repeats=3):
 def check_quant_gemm(dtype, device="cpu"):
     """Block-quantized projections (Q8_0, Q4_0, Q4_1): the small-batch kernel and, from DENSE_ROWS rows,
     the weight's rows dequantized for a dense GEMM; both against float64 over the dequantized weight."""
-    from scalellm.ops import QuantizedLinear, QuantizedTensor, quant_linear
+    from scalellm.ops import QuantizedLinear, QuantizedTensor
+    from scalellm.ops.quant import linear as quant_linear
 
     for i, fmt in enumerate(("q8_0", "q4_0", "q4_1")):
         w = QuantizedTensor.quantize(randn(40, 96, dtype=torch.float32, seed=i, scale=0.1), fmt)

@@ -2,7 +2,7 @@
 
 `count_steps()` records, in order, every kernel launch (the host build's launch counter), every torch op
 (a TorchDispatchMode), whether each ran inside what a GPU replays from a CUDA graph (a decode graph's
-step, a piece of a piecewise graph: "replay"), the step's copies (ops/transfer.py: "h2d" host to device, "d2h" device to host),
+step, a piece of a piecewise graph: "replay"), the step's copies (ops/cuda/transfer.py: "h2d" host to device, "d2h" device to host),
 the host's reads of sampled ids ("read") and its waits on the device ("wait"), and every host sync a GPU
 would make: an op that reads a device value on the host (item(), bool(), nonzero, ...) or a tensor read
 with tolist()/numpy() while a step is between its input copy and its sampled-id copy.
@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from scalellm.engine.cuda_graphs import DecodeGraphs
 from scalellm.engine.piecewise_graphs import PiecewiseGraphs
-from scalellm.ops import cuda_host, transfer
+from scalellm.ops.cuda import host as cuda_host
+from scalellm.ops.cuda import transfer
 
 VIEWS = {"view", "_unsafe_view", "reshape", "split", "split_with_sizes", "slice", "select", "as_strided", "t",
          "transpose", "permute", "expand", "unsqueeze", "squeeze", "alias", "detach", "unbind", "narrow",

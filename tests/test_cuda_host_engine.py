@@ -11,7 +11,7 @@ import pytest
 from scalellm import ops
 from scalellm.config import EngineConfig
 from scalellm.engine.cuda_graphs import DecodeGraphs, batch_sizes
-from scalellm.ops import cuda_host
+from scalellm.ops.cuda import host as cuda_host
 from tests import test_correctness as scenarios
 from tests.checkpoints import build_checkpoint
 from tests.cuda_kernel_checks import HAS_GPU, engines_on_cuda, gpu, host

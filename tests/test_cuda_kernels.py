@@ -1,6 +1,6 @@
 """Every CUDA kernel in cuda_kernels/ against float64 references (tests/cuda_kernel_checks.py).
 
-Without a GPU the unchanged sources run through their host build (scalellm/ops/cuda_host), once per
+Without a GPU the unchanged sources run through their host build (scalellm/ops/cuda/host), once per
 thread order: forward, reverse and random. With a GPU and CuPy the same checks run on the device.
 The host build's own rules (barriers, warp intrinsics, deadlocks) are tested here too.
 """
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from scalellm.ops import cuda_backend, cuda_host
+from scalellm.ops.cuda import backend as cuda_backend
+from scalellm.ops.cuda import host as cuda_host
 from tests.cuda_kernel_checks import DTYPES, KERNEL_CHECKS, check_sampling, gpu, host, run_check
 
 ORDERS = list(cuda_host.ORDERS)

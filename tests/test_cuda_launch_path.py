@@ -1,4 +1,4 @@
-"""The GPU launch path of scalellm/ops/cuda_backend.py builds its CuPy objects once: a kernel handle per
+"""The GPU launch path of scalellm/ops/cuda/backend.py builds its CuPy objects once: a kernel handle per
 (module, kernel), a stream object per torch stream handle, and no array wrapper at all (each tensor goes in
 as its raw device pointer, an 8-byte np.uint64). Driven without a GPU: a fake `cupy` counts what is built,
 its kernels record their launches, and the wrappers take CPU tensors with the GPU branch forced."""
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from scalellm.ops import cuda_backend as cb
+from scalellm.ops.cuda import backend as cb
 
 HANDLE = 0x7F00BEEF  # the "current stream" the launches see
 

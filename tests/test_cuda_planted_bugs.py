@@ -4,7 +4,8 @@ the host build, and asserts that the kernel's checks catch it in at least one th
 import pytest
 import torch
 
-from scalellm.ops import cuda_backend, cuda_host
+from scalellm.ops.cuda import backend as cuda_backend
+from scalellm.ops.cuda import host as cuda_host
 from tests.cuda_kernel_checks import host, run_check
 
 pytestmark = host

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from scalellm import ops
-from scalellm.ops import cpu_kernels
+from scalellm.ops.cpu import kernels as cpu_kernels
 from scalellm.ops import torch_ops as R
 from scalellm.ops.linear import Linear
-from scalellm.ops.numba_util import as_numba
+from scalellm.ops.cpu.numba_util import as_numba
 
 DTYPES = [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, dict(atol=2e-2, rtol=2e-2))]
 
@@ -62,7 +62,7 @@ def test_serial_and_parallel_builds_agree(dtype, tol, rows):
     vectorized sum: a float32 ulp, or one bfloat16 rounding step)."""
     x, w = torch.randn(rows, 96).to(dtype), (1 + 0.3 * torch.randn(96)).to(dtype)
     a, b = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
-    for build, out in ((cpu_kernels._rms_norm.serial, a), (cpu_kernels._rms_norm.parallel, b)):
+    for build, out in ((cpu_kernels.rms_norm_kernel.serial, a), (cpu_kernels.rms_norm_kernel.parallel, b)):
         build(as_numba(out), as_numba(x), as_numba(w), np.float32(1e-6))
     close = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
     torch.testing.assert_close(a, b, **close)

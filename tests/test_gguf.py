@@ -38,14 +38,14 @@ def test_dequantization_matches_gguf_reference():
 def test_dequantization_of_each_block_format(qtype):
     import gguf
 
-    from scalellm.model.gguf_file import _BLOCK_FORMATS
+    from scalellm.model.gguf_file import BLOCK_FORMATS
 
     t = getattr(gguf.GGMLQuantizationType, qtype)
     rng = np.random.default_rng(0)
     values = rng.standard_normal((8, 64)).astype(np.float32)
     packed = gguf.quants.quantize(values, t)
     ref = gguf.quants.dequantize(packed, t)
-    block_bytes, fn = _BLOCK_FORMATS[int(t)]
+    block_bytes, fn = BLOCK_FORMATS[int(t)]
     ours = fn(packed.reshape(-1).view(np.uint8).reshape(-1, block_bytes)).reshape(ref.shape)
     np.testing.assert_array_equal(ours, ref)
 

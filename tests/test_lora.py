@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scalellm import LLM, LoRARequest, SamplingParams, ops
-from scalellm.ops import cuda_host
+from scalellm.ops.cuda import host as cuda_host
 from tests.checkpoints import build_lora_adapter, hf_lora_greedy
 from tests.cuda_kernel_checks import host
 

@@ -5,23 +5,24 @@ import sys
 
 import pytest
 
-from scalellm.ops import openmp
+from scalellm.ops.cpu import openmp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = """
 import numpy as np, torch
 from scalellm import ops
-from scalellm.ops import cpu_kernels, openmp
+from scalellm.ops.cpu import kernels as cpu_kernels
+from scalellm.ops.cpu import openmp
 x = np.ones((100, 8), np.float32); out = np.empty_like(x)
-cpu_kernels._rms_norm.parallel(out, x, np.ones(8, np.float32), np.float32(1e-6))
+cpu_kernels.rms_norm_kernel.parallel(out, x, np.ones(8, np.float32), np.float32(1e-6))
 torch.set_num_threads(1)
 print(openmp.status)
 print(len(openmp.loaded_openmp_runtimes()), torch.get_num_threads(), float(out[0, 0]))
 """
 
 
-@pytest.mark.skipif(openmp._torch_libgomp() is None, reason="this torch build does not bundle its own libgomp")
+@pytest.mark.skipif(openmp.torch_libgomp() is None, reason="this torch build does not bundle its own libgomp")
 def test_one_openmp_runtime_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -32,7 +33,7 @@ def test_one_openmp_runtime_in_a_fresh_process():
 
 
 def test_soname_reader():
-    path = openmp._torch_libgomp()
+    path = openmp.torch_libgomp()
     if path is None:
         pytest.skip("this torch build does not bundle its own libgomp")
-    assert openmp._soname(path) == b"libgomp.so.1"
+    assert openmp.read_soname(path) == b"libgomp.so.1"

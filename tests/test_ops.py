@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from scalellm import ops
-from scalellm.ops import cpu_attention, cpu_kernels
-from scalellm.ops.numba_util import as_numba
-from scalellm.ops.cpu_attention import paged_decode_attention
+from scalellm.ops.cpu import attention as cpu_attention
+from scalellm.ops.cpu import kernels as cpu_kernels
+from scalellm.ops.cpu.numba_util import as_numba
+from scalellm.ops.cpu.attention import paged_decode_attention
 from scalellm.ops import torch_ops as R
 
 HAS_CUDA = torch.cuda.is_available()
@@ -73,7 +74,7 @@ LENS = [1, 15, 16, 17, 100, 333, 2049]
 
 
 PRODUCTS = [False, pytest.param(True, marks=pytest.mark.skipif(
-    not cpu_attention._HOST_DOT, reason="this CPU has no bfloat16 dot products (AVX512-BF16)"))]
+    not cpu_attention.HOST_BF16_DOT, reason="this CPU has no bfloat16 dot products (AVX512-BF16)"))]
 
 
 @pytest.mark.parametrize("dtype, _", DTYPES)
@@ -195,7 +196,7 @@ def test_paged_attention_mixed_step(dtype, _, heads, kv_heads, head_dim, window,
     """One step of decodes and prefill chunks (a whole prompt, a chunk continuing a cached context, a
     one-token chunk) through ops.paged_attention, with bfloat16 prefill on the decode kernel and on SDPA
     (head_dim 24 never takes the IR kernel), against a float64 reference per token."""
-    from scalellm.ops import cpu_attention
+    from scalellm.ops.cpu import attention as cpu_attention
 
     monkeypatch.setattr(cpu_attention, "IR_PREFILL", ir_prefill)
     decode_lens, chunks = [7, 40, 130], [(50, 50), (33, 90), (1, 17)]  # decodes; (query_len, context_len)
@@ -302,7 +303,7 @@ def test_write_kv_touches_only_its_slots(dtype, _):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 2, 64), (32, 8, 128), (12, 12, 64)])
 def test_cuda_decode_attention(dtype, heads, kv_heads, head_dim):
-    from scalellm.ops import cuda_backend
+    from scalellm.ops.cuda import backend as cuda_backend
 
     lens = torch.tensor(LENS + [4000], dtype=torch.int32)
     starts = torch.zeros_like(lens)
@@ -318,7 +319,7 @@ def test_cuda_decode_attention(dtype, heads, kv_heads, head_dim):
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_elementwise_ops(dtype):
-    from scalellm.ops import cuda_backend
+    from scalellm.ops.cuda import backend as cuda_backend
 
     x, r, w = (torch.randn(33, 1000, device="cuda").to(dtype), torch.randn(33, 1000, device="cuda").to(dtype),
                torch.randn(1000, device="cuda").to(dtype))

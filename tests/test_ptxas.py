@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from scalellm.ops import cuda_backend
+from scalellm.ops.cuda import backend as cuda_backend
 
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="needs nvcc (a CUDA toolkit)")

@@ -16,8 +16,10 @@ import torch
 
 from scalellm import LLM, SamplingParams, ops
 from scalellm.config import EngineConfig
-from scalellm.ops import QuantizedLinear, QuantizedTensor, cpu_quant, quant_linear
-from scalellm.ops.quant_tensor import GGUF_TYPE_IDS
+from scalellm.ops import QuantizedLinear, QuantizedTensor
+from scalellm.ops.quant import cpu as cpu_quant
+from scalellm.ops.quant import linear as quant_linear
+from scalellm.ops.quant.tensor import GGUF_TYPE_IDS
 from tests.checkpoints import build_checkpoint, prompt_logits
 from tests.cuda_kernel_checks import gpu, host
 from tests.test_gguf_checkpoints import write_gguf
@@ -103,7 +105,7 @@ def _check_gemm(qt: QuantizedTensor, gemm, int8: bool) -> None:
 def test_quantized_gemm_matches_float64_reference(fmt, int8):
     for i, (n, k) in enumerate(SHAPES):
         qt = _weight(fmt, n, k, seed=i)
-        fields = quant_linear._numpy_fields(qt)
+        fields = quant_linear.numpy_fields(qt)
         _check_gemm(qt, lambda x, bias, residual, out, col0: cpu_quant.quant_gemm(
             fmt, x, *fields, bias, residual, out, col0=col0, int8=int8), int8)
 
@@ -119,7 +121,7 @@ def test_grouped_gemm_matches_float64_reference(fmt):
         grouped = qt.grouped()
         assert torch.equal(grouped.dequantize(), qt.dequantize()) and grouped.nbytes == qt.nbytes
         assert np.array_equal(grouped.to_gguf_blocks(), qt.to_gguf_blocks())
-        qs, d, _ = quant_linear._numpy_fields(grouped)
+        qs, d, _ = quant_linear.numpy_fields(grouped)
         _check_gemm(qt, lambda x, bias, residual, out, col0: cpu_quant.grouped_gemm(
             fmt, x, qs, d, bias, residual, out, col0=col0), True)
 
@@ -209,7 +211,7 @@ def test_embedding_rows_dequantize_exactly(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cuda_kernels_on_host_match_float64_reference(fmt, dtype):
     """quant_gemm.cu through the host build: float activations, dequantized in registers."""
-    from scalellm.ops import cuda_backend
+    from scalellm.ops.cuda import backend as cuda_backend
 
     qt = _weight(fmt, 12, 96, 4)
     w64 = qt.dequantize().double()

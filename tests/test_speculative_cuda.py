@@ -4,7 +4,7 @@ any machine, and with --device cuda where a GPU and CuPy are."""
 import pytest
 
 from scalellm import ops
-from scalellm.ops import cuda_host
+from scalellm.ops.cuda import host as cuda_host
 from tests import test_speculative as spec
 from tests import test_speculative_draft as draft
 from tests.checkpoints import build_checkpoint, perturbed_checkpoint

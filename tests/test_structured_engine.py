@@ -8,7 +8,7 @@ import pytest
 
 from scalellm import ops
 from scalellm.config import EngineConfig
-from scalellm.ops import cuda_host
+from scalellm.ops.cuda import host as cuda_host
 from scalellm.engine.engine import LLMEngine
 from scalellm.sampling_params import SamplingParams
 from scalellm.structured import StructuredOutputsParams

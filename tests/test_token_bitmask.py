@@ -1,12 +1,14 @@
 """ops.apply_token_bitmask (grammar-constrained sampling) against a plain torch reference, bit for bit: the
-numba kernel (scalellm/ops/cpu_bitmask.py), cuda_kernels/token_bitmask.cu through its host build, and the
+numba kernel (scalellm/ops/cpu/bitmask.py), cuda_kernels/token_bitmask.cu through its host build, and the
 same kernel on a GPU when there is one."""
 import numpy as np
 import pytest
 import torch
 
 from scalellm import ops
-from scalellm.ops import cpu_bitmask, cuda_backend, cuda_host
+from scalellm.ops.cpu import bitmask as cpu_bitmask
+from scalellm.ops.cuda import backend as cuda_backend
+from scalellm.ops.cuda import host as cuda_host
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}

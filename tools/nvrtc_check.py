@@ -18,7 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from scalellm.ops import cuda_backend  # noqa: E402
+from scalellm.ops.cuda import backend as cuda_backend  # noqa: E402
 
 
 def find_nvrtc() -> str | None:

@@ -167,9 +167,6 @@ class AsyncEngine:
         """The engine's stats, and the time its steps took as served."""
         return {**self.engine.stats(), "step_served_seconds": self.served_step_seconds}
 
-    def abort(self, request_id: str) -> None:
-        self._post(("abort", request_id))
-
     async def call(self, fn, *args):
         """fn(*args) on the engine thread, between steps (for changes to the engine's own state, such as
         loading a LoRA adapter); its result, or the exception it raised."""

@@ -28,7 +28,7 @@ import torch
 
 from scalellm import ops
 from scalellm.ops.sampling_batch import SamplingBatch
-from scalellm.ops.transfer import StaticInputs
+from scalellm.ops.cuda.transfer import StaticInputs
 
 MODES = ("greedy", "sample", "greedy-masked", "sample-masked", "forward")
 PENALTY_ENTRIES = 4096  # (token, count) pairs a graphed step's rows may carry in all; more: sampled eagerly

@@ -94,7 +94,7 @@ class LoRABatch:
         b = self.slots.b[layer, group]
         if self.kernel == "grouped":
             return ops.add_lora_grouped(y, x, a, b, self.order, self.runs)
-        if not ops.uses_cuda_kernels(y):  # the CPU: one numba call (ops/cpu_lora.py)
+        if not ops.uses_cuda_kernels(y):  # the CPU: one numba call (ops/cpu/lora.py)
             return ops.add_lora_bgmv(y, x, a, b, self.token_slots)
         if self.single is not None:
             return ops.add_lora(y, x, a[self.single], b[self.single])

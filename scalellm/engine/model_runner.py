@@ -6,7 +6,7 @@ a new block or a new table): a decode batch's tables, positions and cache slots 
 operations per step, not a Python loop over tokens.
 
 On the CUDA kernels the step's host arrays (token ids, positions and every attention index) reach the
-device in one copy (ops/transfer.py), and decode-only steps replay CUDA graphs (cuda_graphs.py).
+device in one copy (ops/cuda/transfer.py), and decode-only steps replay CUDA graphs (cuda_graphs.py).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from scalellm.engine.piecewise_graphs import PiecewiseGraphs
 from scalellm.engine.prompt_outputs import wanted_rows
 from scalellm.engine.sequence import Sequence
 from scalellm.model.llama import LlamaModel
-from scalellm.ops.transfer import Transfer
+from scalellm.ops.cuda.transfer import Transfer
 
 
 def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -18,7 +18,7 @@ from scalellm import ops
 from scalellm.engine.cuda_graphs import graphable_sampling
 from scalellm.engine.sequence import Sequence
 from scalellm.ops.sampling_batch import SamplingBatch
-from scalellm.ops.transfer import Readback, Transfer
+from scalellm.ops.cuda.transfer import Readback, Transfer
 from scalellm.outputs import Logprob
 from scalellm.sampling_params import SamplingParams
 

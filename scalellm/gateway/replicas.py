@@ -48,7 +48,6 @@ class Replica:
     ejected_until: float = 0.0
     requests: int = 0
     errors: int = 0
-    last_check: float = 0.0
     pid: int | None = None  # a replica the gateway launched
 
     def __post_init__(self):
@@ -212,7 +211,6 @@ class ReplicaSet:
         now = time.monotonic()
         if replica.state == "ejected" and now < replica.ejected_until:
             return
-        replica.last_check = now
         await self._check(replica, now)
 
     def _current(self, replica: Replica) -> bool:

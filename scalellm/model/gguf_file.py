@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from scalellm.ops.quant_tensor import GGUF_TYPES, QuantizedTensor
+from scalellm.ops.quant.tensor import GGUF_TYPES, QuantizedTensor
 
 QK = 32  # elements per block in the legacy quant formats
 
@@ -37,7 +37,7 @@ def _q8_0(blocks: np.ndarray) -> np.ndarray:
 
 
 # type id -> (bytes per block of 32 elements, dequantizer)
-_BLOCK_FORMATS = {2: (18, _q4_0), 3: (20, _q4_1), 8: (34, _q8_0)}
+BLOCK_FORMATS = {2: (18, _q4_0), 3: (20, _q4_1), 8: (34, _q8_0)}
 
 
 def dequantize(tensor) -> torch.Tensor:
@@ -53,8 +53,8 @@ def dequantize(tensor) -> torch.Tensor:
         values = raw.view(np.float16).astype(np.float32)
     elif ttype == gguf.GGMLQuantizationType.BF16:
         values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    elif ttype in _BLOCK_FORMATS:
-        block_bytes, fn = _BLOCK_FORMATS[ttype]
+    elif ttype in BLOCK_FORMATS:
+        block_bytes, fn = BLOCK_FORMATS[ttype]
         blocks = raw.reshape(-1).view(np.uint8).reshape(-1, block_bytes)
         values = fn(blocks)
     else:  # k-quants and the rest: the gguf package's own numpy dequantizers
@@ -64,7 +64,7 @@ def dequantize(tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
 
 
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
@@ -75,7 +75,7 @@ _LAYER_NAMES = {
     "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -83,11 +83,11 @@ def hf_name(name: str) -> str | None:
     m = _LAYER_RE.match(name)
     if m:
         layer, part, kind = m.groups()
-        if part not in _LAYER_NAMES:
+        if part not in LAYER_NAMES:
             return None
-        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{LAYER_NAMES[part]}.{kind}"
     base, _, kind = name.rpartition(".")
-    return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
+    return f"{GLOBAL_NAMES[base]}.{kind}" if base in GLOBAL_NAMES else None
 
 
 def _unpermute(w, n_head: int):

@@ -51,17 +51,6 @@ class LlamaModel:
             ops.keep_numba_view(t)
         self._cache_views: tuple[int, list] = (0, [])
 
-    @property
-    def num_parameters(self) -> int:
-        count = self.embed.numel() + self.final_norm.numel()
-        if not self.config.tie_word_embeddings:
-            count += self.lm_head.numel
-        for w in self.layers:
-            count += sum(t.numel() for t in (w.input_norm, w.post_norm, w.q_norm, w.k_norm) if t is not None)
-            count += sum(lin.numel for lin in (w.qkv, w.o_proj, w.gate_up, w.down) if lin is not None)
-            count += w.moe.numel if w.moe is not None else 0
-        return count
-
     def _projections(self) -> list:
         out = [self.lm_head] if not self.config.tie_word_embeddings else []
         for w in self.layers:

@@ -1,13 +1,14 @@
 """The operations model code calls; one interface, and the backend follows the tensors' device.
 
-CPU tensors: numba kernels (scalellm/ops/cpu_kernels.py, cpu_attention.py, cpu_sampling.py,
-cpu_bitmask.py) for norms, attention inputs, decode attention (and bfloat16 prefill attention, each token
+CPU tensors: numba kernels (ops/cpu/: kernels.py, attention.py, sampling.py, bitmask.py) for norms, attention inputs, decode attention (and bfloat16 prefill attention, each token
 as a decode over its causal context), small-batch GEMMs, sampling and grammar masks; torch for larger
-GEMMs (oneDNN with weights packed at load, scalellm/ops/linear.py), SiLU-mul in float32 and float32
-prefill attention (SDPA over the gathered context, scalellm/ops/torch_ops.py).
-CUDA tensors: the CuPy kernels (scalellm/ops/cuda_backend.py, imported only then), GEMMs through torch.
+GEMMs (oneDNN with weights packed at load, ops/linear.py), SiLU-mul in float32 and float32
+prefill attention (SDPA over the gathered context, ops/torch_ops.py).
+CUDA tensors: the CuPy kernels (ops/cuda/backend.py, imported only then), GEMMs through torch.
 Inside `cuda_kernels_on_cpu()`, CPU tensors take the CUDA kernels too, run through their host build
-(scalellm/ops/cuda_host): how the engine is tested end to end on the CUDA kernels without a GPU.
+(ops/cuda/host/): how the engine is tested end to end on the CUDA kernels without a GPU.
+Block-quantized weights (GGUF) live in ops/quant/. Backend-neutral pieces stay here: attention
+metadata, projections, LoRA, MoE, sampling batches and the torch reference compositions.
 """
 from __future__ import annotations
 
@@ -17,22 +18,26 @@ import numpy as np
 import torch
 
 from scalellm.ops import jit
-from scalellm.ops.openmp import share_torch_openmp
+from scalellm.ops.cpu.openmp import share_torch_openmp
 
 jit.install()  # before any kernel is defined: the compile cache's folder, and the compile record
 share_torch_openmp()  # before any numba kernel starts a thread pool
 
-from scalellm.ops import cpu_attention, cpu_bitmask, cpu_kernels, cpu_sampling, torch_ops  # noqa: E402
+from scalellm.ops import torch_ops  # noqa: E402
+from scalellm.ops.cpu import attention as cpu_attention  # noqa: E402
+from scalellm.ops.cpu import bitmask as cpu_bitmask  # noqa: E402
+from scalellm.ops.cpu import kernels as cpu_kernels  # noqa: E402
+from scalellm.ops.cpu import sampling as cpu_sampling  # noqa: E402
 from scalellm.ops.attention_metadata import (AttentionMetadata, PrefillChunk, build_attention_metadata,  # noqa: E402
                                              kernel_arrays, prefill_as_decode, tensor)
-from scalellm.ops.cpu_attention import decode_attention as _cpu_decode_attention  # noqa: E402
+from scalellm.ops.cpu.attention import decode_attention as _cpu_decode_attention  # noqa: E402
 from scalellm.ops.linear import Linear  # noqa: E402
 from scalellm.ops.lora import add_lora, add_lora_bgmv, add_lora_grouped  # noqa: E402
 from scalellm.ops.moe import MoEWeights, fused_moe_cuda_kernels  # noqa: E402
 from scalellm.ops.moe import fused_moe as _cpu_fused_moe  # noqa: E402
-from scalellm.ops.numba_util import as_numba, keep_numba_view, new_tensor  # noqa: E402
-from scalellm.ops.quant_linear import QuantizedLinear, embedding  # noqa: E402
-from scalellm.ops.quant_tensor import QuantizedTensor  # noqa: E402
+from scalellm.ops.cpu.numba_util import as_numba, keep_numba_view, new_tensor  # noqa: E402
+from scalellm.ops.quant.linear import QuantizedLinear, embedding  # noqa: E402
+from scalellm.ops.quant.tensor import QuantizedTensor  # noqa: E402
 
 
 _kernels_on_cpu = False
@@ -65,7 +70,7 @@ def uses_cuda_kernels(x: torch.Tensor) -> bool:
 
 
 def _cuda():
-    from scalellm.ops import cuda_backend
+    from scalellm.ops.cuda import backend as cuda_backend
 
     return cuda_backend
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import scalellm.ops  # for rms_norm and silu_mul, read at call time (this module loads while ops does)
-from scalellm.ops.cpu_kernels import NO_PROLOGUE, NO_WEIGHT, RMS_NORM, SILU_MUL, small_gemm
-from scalellm.ops.numba_util import as_numba, new_tensor
+from scalellm.ops.cpu.kernels import NO_PROLOGUE, NO_WEIGHT, RMS_NORM, SILU_MUL, small_gemm
+from scalellm.ops.cpu.numba_util import as_numba, new_tensor
 
 PACK_BATCH_HINT = 128  # the batch size oneDNN tunes the packed layout for; measured flat from 1 to 512
 PACK_WEIGHTS = True  # the default for new Linears (benchmarks turn it off to measure the plain path)
@@ -51,10 +51,6 @@ class Linear:
             self._no_residual = np.zeros((0, 0), self._plain.dtype)
         elif self.packed is not None:
             self.weight = None
-
-    @property
-    def numel(self) -> int:
-        return self.out_features * self.in_features + (0 if self.bias is None else self.bias.numel())
 
     @property
     def nbytes(self) -> int:

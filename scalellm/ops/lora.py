@@ -3,7 +3,7 @@ batch mixing adapters (and the base model, whose tokens get nothing) in one step
 A [slots, R, in], B [slots, R, out] (B transposed, so both are read along their rows). Three forms:
 
 - bgmv (the CPU's batched form): one numba kernel per projection, each token against its own slot
-  (cpu_lora.py);
+  (cpu/lora.py);
 - masked (the batched form elsewhere, e.g. CUDA): every slot stacked; one GEMM gives each token its
   product with every slot's A, a mask keeps its own slot's columns, a second GEMM applies B: three
   ops whatever the mix (a dense form of Punica's BGMV, cheap while slots x R is small);
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from scalellm.ops.cpu_lora import bgmv
-from scalellm.ops.numba_util import as_numba
+from scalellm.ops.cpu.lora import bgmv
+from scalellm.ops.cpu.numba_util import as_numba
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

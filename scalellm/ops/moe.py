@@ -40,10 +40,6 @@ class MoEWeights:
         return [lin for lin in (self.router, *self.gate_up, *self.down, self.shared_gate_up, self.shared_down,
                                 self.shared_gate) if lin is not None]
 
-    @property
-    def numel(self) -> int:
-        return sum(lin.numel for lin in self.linears)
-
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype):
     """-> (weights [tokens, k] in dtype, expert ids [tokens, k])."""
@@ -83,7 +79,7 @@ def _shared_and_residual(x: torch.Tensor, out: torch.Tensor, w: MoEWeights, resi
 
 
 def fused_moe_cuda_kernels(x: torch.Tensor, w: MoEWeights, residual: torch.Tensor | None = None) -> torch.Tensor:
-    from scalellm.ops import cuda_backend as cb
+    from scalellm.ops.cuda import backend as cb
 
     weights, ids, counts = cb.moe_route(w.router(x), w.top_k, w.renormalize)
     offsets, slot_of_pair, token_of_slot = cb.moe_permute(ids, counts)

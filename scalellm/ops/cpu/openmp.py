@@ -33,7 +33,7 @@ def loaded_openmp_runtimes() -> list[str]:
     return sorted(p for p in paths if p.startswith("/"))
 
 
-def _torch_libgomp() -> str | None:
+def torch_libgomp() -> str | None:
     import torch
 
     folder = os.path.join(os.path.dirname(torch.__file__), "lib")
@@ -43,7 +43,7 @@ def _torch_libgomp() -> str | None:
     return None
 
 
-def _soname(path: str) -> bytes | None:
+def read_soname(path: str) -> bytes | None:
     """The SONAME of an ELF shared library (enough of an ELF reader for this one field)."""
     import struct
 
@@ -87,10 +87,10 @@ def _share() -> str:
         return "numba's OpenMP pool was already loaded"
     if str(config.THREADING_LAYER).lower() not in ("default", "omp"):
         return f"numba threading layer {config.THREADING_LAYER} asked for"
-    torch_gomp = _torch_libgomp()
+    torch_gomp = torch_libgomp()
     if torch_gomp is None:
         return "torch has no bundled libgomp (one runtime already)"
-    soname = _soname(torch_gomp)
+    soname = read_soname(torch_gomp)
     spec = importlib.util.find_spec(_POOL)
     if soname is None or spec is None or spec.origin is None or len(soname) >= len(_SYSTEM_NAME):
         return "unexpected library layout; left alone"

@@ -14,8 +14,8 @@ import torch
 
 def _kernel_dir() -> str:
     """cuda_kernels/ beside the package (a checkout, an editable install), else where a wheel put it."""
-    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "cuda_kernels")
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    beside = os.path.join(root, "cuda_kernels")
     installed = os.path.join(sys.prefix, "share", "scalellm", "cuda_kernels")
     return beside if os.path.isdir(beside) or not os.path.isdir(installed) else installed
 
@@ -79,7 +79,7 @@ def patched_source(name: str, source: str):
 def compile_options() -> tuple[str, ...]:
     """C++17, the kernels' folder, and CUDA's headers where they can be found (NVRTC needs cuda_fp16.h and
     cuda_bf16.h on its include path; CuPy adds a toolkit's but not the pip wheels')."""
-    from scalellm.ops.cuda_host import HostBuildUnavailable, cuda_include_dir
+    from scalellm.ops.cuda.host import HostBuildUnavailable, cuda_include_dir
 
     try:
         return ("-std=c++17", f"-I{KERNEL_DIR}", f"-I{cuda_include_dir()}")
@@ -90,10 +90,10 @@ def compile_options() -> tuple[str, ...]:
 @functools.cache
 def _module(name: str, on_host: bool):
     """The compiled kernels of cuda_kernels/{name}.cu: by CuPy (NVRTC) for the GPU, or by g++ through the
-    host build (scalellm/ops/cuda_host) for CPU tensors."""
+    host build (scalellm/ops/cuda/host) for CPU tensors."""
     options = compile_options()
     if on_host:
-        from scalellm.ops.cuda_host import HostModule
+        from scalellm.ops.cuda.host import HostModule
 
         return HostModule(code=kernel_source(name), options=options, name_expressions=NAMES[name])
     import cupy as cp

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from scalellm.ops.numba_util import exp_f32
+from scalellm.ops.cpu.numba_util import exp_f32
 from scalellm.ops.sampling_batch import SamplingBatch
 
 

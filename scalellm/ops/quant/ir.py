@@ -7,7 +7,7 @@ unpacked in 16-lane float vectors: bytes -> nibbles -> float, times the block's 
 its minimum for Q4_1, minus 8 scales for Q4_0), then fused multiply-adds against float32 activations.
 The IR is generic LLVM vector code, so it compiles for whatever CPU numba targets.
 
-Layout (ops/quant_tensor.py): per weight row, `qs` holds each block's quantized bytes back to back
+Layout (ops/quant/tensor.py): per weight row, `qs` holds each block's quantized bytes back to back
 (16 for the 4-bit formats, low nibbles are elements 0-15 and high ones 16-31, as in GGUF; 32 signed
 bytes for Q8_0), `d` the blocks' float16 scales and `m` Q4_1's float16 minimums.
 """

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from scalellm.ops.numba_util import as_numba, exp_f32, load, new_tensor, round_as, store
+from scalellm.ops.cpu.numba_util import as_numba, exp_f32, load, new_tensor, round_as, store
 
 # Reassociation lets LLVM vectorize the reductions; no-NaN/no-Inf assumptions stay off (masked scores
 # are -inf, and a NaN must propagate rather than vanish).
@@ -55,7 +55,7 @@ def _inv_rms(x, r, hidden, eps):
 
 
 @twin
-def _rms_norm(out, x, weight, eps):
+def rms_norm_kernel(out, x, weight, eps):
     rows, hidden = x.shape
     for r in prange(rows):
         inv = _inv_rms(x, r, hidden, eps)
@@ -204,7 +204,7 @@ NO_PROLOGUE, RMS_NORM, SILU_MUL = 0, 1, 2
 @njit(inline="always", nogil=True, fastmath=FAST)
 def prologue_row(op, x, r, weight, eps, xs):
     """xs [rows, K] float32, row r <- x's row r as it is (NO_PROLOGUE), RMS-normalized times weight
-    (RMS_NORM), or silu(x[r, :K]) * x[r, K:] (SILU_MUL); rounded where _rms_norm and _silu_mul round, so
+    (RMS_NORM), or silu(x[r, :K]) * x[r, K:] (SILU_MUL); rounded where rms_norm_kernel and _silu_mul round, so
     the GEMM sees the values those kernels would have written in x's type. Callers run it inside a prange
     over rows: LLVM vectorizes the exp there, not in a plain loop (~3 us against ~11 us for 1536 values)."""
     k = xs.shape[1]
@@ -311,7 +311,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
         out = new_tensor(x2.shape, x.dtype)
     elif out.shape != x2.shape:
         out = out.view(x2.shape)
-    _rms_norm(x2.shape[0])(as_numba(out), as_numba(x2), as_numba(weight), np.float32(eps))
+    rms_norm_kernel(x2.shape[0])(as_numba(out), as_numba(x2), as_numba(weight), np.float32(eps))
     return out if x2 is x else out.view(x.shape)
 
 

@@ -8,8 +8,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from scalellm.ops.cpu_kernels import twin
-from scalellm.ops.numba_util import load, store
+from scalellm.ops.cpu.kernels import twin
+from scalellm.ops.cpu.numba_util import load, store
 
 
 @twin

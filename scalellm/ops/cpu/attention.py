@@ -26,11 +26,11 @@ from llvmlite import binding as llvm
 import torch
 from numba import njit, prange
 
-from scalellm.ops import attention_ir
-from scalellm.ops.attention_ir import (TILE, accumulator_dims, make_accumulate, make_accumulate_dot, make_scores,
+from scalellm.ops.cpu import attention_ir
+from scalellm.ops.cpu.attention_ir import (TILE, accumulator_dims, make_accumulate, make_accumulate_dot, make_scores,
                                        make_scores_dot)
-from scalellm.ops.cpu_kernels import FAST, renamed, twin
-from scalellm.ops.numba_util import as_numba, bits_to_f32, exp_f32, f32_to_bits, keep_alive, load, store
+from scalellm.ops.cpu.kernels import FAST, renamed, twin
+from scalellm.ops.cpu.numba_util import as_numba, bits_to_f32, exp_f32, f32_to_bits, keep_alive, load, store
 
 PARALLEL_SEQS = 4  # sequences from which the parallel build runs
 # The IR kernel unrolls every query head's 16-lane vectors (heads x head_dim / 16 of q, and as many
@@ -42,7 +42,7 @@ USE_IR = True  # bfloat16 caches take the vector-IR kernel (False: the plain one
 # ~1.3 ms against torch's SDPA ~1.8 ms per layer for four 128-token chunks of SmolLM2 (SDPA's fixed cost per
 # chunk and head dominates at these sizes). False: SDPA, for comparisons.
 IR_PREFILL = True
-# numba's disk cache checks only this file's source, not the IR attention_ir.py generates: the IR
+# numba's disk cache checks only this file's source, not the IR cpu/attention_ir.py generates: the IR
 # kernels' cached names carry a hash of that file
 _IR = hashlib.sha1(inspect.getsource(attention_ir).encode()).hexdigest()[:10]
 _SCORES = _ACCUMULATE = None  # the intrinsics, bound per (head_dim, group, kv_heads) build by _ir_kernel
@@ -51,12 +51,12 @@ _DOT, _DIMS = False, np.zeros(0, np.int64)  # bound by _ir_kernel too: dot produ
 # with the cache in the CPU's caches, ~5-10% reading it from memory; the values' weights are rounded to bfloat16
 # (tests bound the error). False: float32 products.
 USE_DOT = True
-_HOST_DOT = bool(llvm.get_host_cpu_features().get("avx512bf16", False))
+HOST_BF16_DOT = bool(llvm.get_host_cpu_features().get("avx512bf16", False))
 
 
 def uses_dot(head_dim: int) -> bool:
     """Whether the bfloat16 kernel for this head_dim runs on bfloat16 dot products."""
-    return USE_DOT and _HOST_DOT and head_dim % 32 == 0
+    return USE_DOT and HOST_BF16_DOT and head_dim % 32 == 0
 
 
 @njit(inline="always", nogil=True, fastmath=FAST)

@@ -1,4 +1,4 @@
-"""Projections and embedding lookups over block-quantized weights (ops/quant_tensor.py).
+"""Projections and embedding lookups over block-quantized weights (ops/quant/tensor.py).
 
 Small batches run the quantized GEMM, which reads each weight byte once and dequantizes in registers:
 decoding is bound by memory bandwidth, so fewer bytes per weight is the point. From DENSE_ROWS rows
@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 import scalellm.ops  # for uses_cuda_kernels, read at call time (this module loads while ops does)
-from scalellm.ops import cpu_quant
-from scalellm.ops.cpu_kernels import NO_PROLOGUE
+from scalellm.ops.quant import cpu as cpu_quant
+from scalellm.ops.cpu.kernels import NO_PROLOGUE
 from scalellm.ops.linear import apply_prologue, fusable_prologue
-from scalellm.ops.numba_util import as_numba, new_tensor
-from scalellm.ops.quant_ir import GROUP_ROWS, GROUPED_FORMATS
-from scalellm.ops.quant_tensor import QuantizedTensor
+from scalellm.ops.cpu.numba_util import as_numba, new_tensor
+from scalellm.ops.quant.ir import GROUP_ROWS, GROUPED_FORMATS
+from scalellm.ops.quant.tensor import QuantizedTensor
 
 DENSE_ROWS = 48  # from this many rows the dequantize-then-GEMM path measured faster (32: 0.6x, 64: 1.2x)
 SLAB_ELEMENTS = 1 << 21  # weight elements dequantized at a time on that path
@@ -46,14 +46,10 @@ class QuantizedLinear:
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype
         self.bias = None if bias is None else bias.to(dtype)
-        self._np = _numpy_fields(weight) if weight.device.type == "cpu" else None
+        self._np = numpy_fields(weight) if weight.device.type == "cpu" else None
         numba_bias = self.bias is not None and self._np is not None and dtype in (torch.float32, torch.bfloat16)
         self._bias = as_numba(self.bias) if numba_bias else np.zeros(0, np.float32)
         self._no_residual = np.zeros((0, 0), np.float32)
-
-    @property
-    def numel(self) -> int:
-        return self.weight.numel() + (0 if self.bias is None else self.bias.numel())
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +63,7 @@ class QuantizedLinear:
         if x.shape[0] >= DENSE_ROWS and self.weight.group == 1:  # grouped: the int8 kernel measured faster
             return self._dense(apply_prologue(x, norm, eps, silu_mul), residual)  # to 256 rows at least
         if _uses_cuda_kernels(x):
-            from scalellm.ops import cuda_backend
+            from scalellm.ops.cuda import backend as cuda_backend
 
             x = apply_prologue(x, norm, eps, silu_mul)
             w = self.weight.ungrouped()  # grouped only on the CPU: here the CUDA kernels' host build
@@ -113,7 +109,7 @@ def groupable(w: QuantizedTensor, dtype: torch.dtype) -> bool:
         w.group == 1 and w.shape[0] % GROUP_ROWS == 0
 
 
-def _numpy_fields(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def numpy_fields(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """qs, d and m as numpy arrays for the numba kernels (float16 as uint16 bits; d again for a missing m)."""
     d = w.d.view(torch.int16).numpy().view(np.uint16)
     m = d if w.m is None else w.m.view(torch.int16).numpy().view(np.uint16)
@@ -123,12 +119,12 @@ def _numpy_fields(w: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def dequantize_rows(w: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype, fields=None) -> torch.Tensor:
     """Rows ids of w (held in the file's order or grouped) as a dense [len(ids), in_features] tensor of dtype."""
     if _uses_cuda_kernels(ids):
-        from scalellm.ops import cuda_backend
+        from scalellm.ops.cuda import backend as cuda_backend
 
         w = w.ungrouped()  # grouped only on the CPU: here the CUDA kernels' host build
         return cuda_backend.dequant_rows(w.format, w.qs, w.d, w.m, ids, dtype)
     out = torch.empty(ids.shape[0], w.shape[1], dtype=torch.float32)
-    qs, d, m = fields or _numpy_fields(w)
+    qs, d, m = fields or numpy_fields(w)
     if w.group > 1:
         cpu_quant.dequant_grouped_rows(w.format, qs, d, ids.to(torch.int64).numpy(), out.numpy())
     else:

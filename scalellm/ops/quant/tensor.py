@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scalellm.ops.quant_ir import GROUP_ROWS, GROUPED_FORMATS, QUANT_BYTES
+from scalellm.ops.quant.ir import GROUP_ROWS, GROUPED_FORMATS, QUANT_BYTES
 
 BLOCK = 32
 GGUF_TYPES = {8: "q8_0", 2: "q4_0", 3: "q4_1"}  # GGML type id -> format

@@ -1,7 +1,7 @@
 """numba kernels over block-quantized weights: out = x @ W^T (+ bias) (+ residual) reading W's GGUF
 blocks directly, and rows of W dequantized (the embedding lookup).
 
-Two GEMMs (ops/quant_ir.py has their inner loops):
+Two GEMMs (ops/quant/ir.py has their inner loops):
 - int8 (bfloat16 activations on CPUs with AVX512-VNNI): each row of x is quantized per 32-element block to
   int8 with a float32 scale, as llama.cpp does for these formats, and each block product is an integer
   dot product. The result equals the float64 product of the quantized x and the dequantized W up to
@@ -21,10 +21,10 @@ import os
 import numpy as np
 from numba import njit, prange
 
-from scalellm.ops.cpu_kernels import FAST, NO_PROLOGUE, NO_WEIGHT, prologue_row, renamed
-from scalellm.ops.numba_util import keep_alive, load, store
-from scalellm.ops import quant_ir
-from scalellm.ops.quant_ir import (GROUP_ROWS, half_to_f32, host_has_vnni, make_dequant_row,
+from scalellm.ops.cpu.kernels import FAST, NO_PROLOGUE, NO_WEIGHT, prologue_row, renamed
+from scalellm.ops.cpu.numba_util import keep_alive, load, store
+from scalellm.ops.quant import ir as quant_ir
+from scalellm.ops.quant.ir import (GROUP_ROWS, half_to_f32, host_has_vnni, make_dequant_row,
                                    make_grouped_dot, make_row_dot, make_row_dot_i8)
 
 FORMAT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
@@ -35,7 +35,7 @@ PARALLEL_WEIGHTS = 100_000  # weight elements from which a call splits its rows 
 PARALLEL_ROWS = 64  # rows from which a lookup does (the engine's warm-up prefill, 96 rows, compiles that build)
 INT8 = host_has_vnni() and os.environ.get("SCALELLM_QUANT_INT8", "1") != "0"
 # numba's disk cache checks only the source file of the function it caches, not the IR the intrinsics
-# generate in quant_ir.py: the kernels' cached names carry a hash of that file, so a change there
+# generate in quant/ir.py: the kernels' cached names carry a hash of that file, so a change there
 # compiles them afresh.
 _IR = hashlib.sha1(inspect.getsource(quant_ir).encode()).hexdigest()[:10]
 
