@@ -94,8 +94,8 @@ class EngineConfig:
         if self.cuda_graph_max_batch < 0:
             raise ValueError("cuda_graph_max_batch must be 0 (off) or more")
         if self.block_size is None:
-            # On the CPU, decode attention streams each block: 128-token blocks measured 1.3-1.8x faster
-            # than 16-token ones on a cache larger than the processor's (bench/results/ablation.md).
+            # On the CPU, decode attention streams each block: longer blocks mean longer sequential reads
+            # and fewer block-table lookups (bench/results/ablation.md).
             self.block_size = 128 if self.device == "cpu" else 16
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "mixed_prefill_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

@@ -91,7 +91,7 @@ def test_the_page_under_load(llama_folder, browser, tmp_path):
     image = Image.open(shot).convert("RGB")
     assert image.size[0] >= 1000 and len(image.getcolors(maxcolors=1 << 20) or []) > 50  # not blank
     keep = os.environ.get("SCALELLM_DASHBOARD_SCREENSHOT")
-    if keep:  # how the README's screenshot is made
+    if keep:  # how docs/dashboard.png is made
         shutil.copy(shot, keep)
 
 

@@ -9,9 +9,8 @@ consumer catches up in one wake-up instead of one per token.
 After a long CPU step the engine thread waits (briefly, bounded) until the loop has run the consumers
 the step woke before it starts the next one: the compute threads use every core, and the loop's burst
 of writes, landing mid-step, would preempt one of them and stall the whole parallel region at its next
-barrier. Measured on 2 cores at c=64: SmolLM2 (~100 ms steps) 478 against 459 tok/s with the wait (5
-paired runs, 4 faster); the tiny Llama (~10 ms steps) 5273 against 5599 (4 paired runs, 3 slower),
-hence the wait only after steps longer than LONG_STEP_S.
+barrier. For short steps the wait costs more than it saves (the loop's writes are few), hence the wait
+only after steps longer than LONG_STEP_S.
 """
 from __future__ import annotations
 

@@ -22,12 +22,7 @@ from scalellm.gateway.routing import POLICIES
 log = logging.getLogger("scalellm.gateway")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    argv = sys.argv[1:] if argv is None else argv
-    server_args: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, server_args = argv[:cut], argv[cut + 1:]
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m scalellm.gateway", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add = ap.add_argument
@@ -72,6 +67,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     add("--launch-log-dir", default=None, help="where launched replicas log (default: a temporary folder)")
     add("--disable-log-requests", action="store_true", help="no log line per request")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level (default info)")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    argv = sys.argv[1:] if argv is None else argv
+    server_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, server_args = argv[:cut], argv[cut + 1:]
+    ap = build_parser()
     args = ap.parse_args(argv)
     if not args.replica and not args.replicas_file and not args.launch:
         ap.error("give --replica URL, --replicas-file PATH or --launch N")

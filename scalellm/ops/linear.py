@@ -18,7 +18,7 @@ import scalellm.ops  # for rms_norm and silu_mul, read at call time (this module
 from scalellm.ops.cpu.kernels import NO_PROLOGUE, NO_WEIGHT, RMS_NORM, SILU_MUL, small_gemm
 from scalellm.ops.cpu.numba_util import as_numba, new_tensor
 
-PACK_BATCH_HINT = 128  # the batch size oneDNN tunes the packed layout for; measured flat from 1 to 512
+PACK_BATCH_HINT = 128  # the batch size oneDNN tunes the packed layout for (the packed GEMM's speed barely depends on it)
 PACK_WEIGHTS = True  # the default for new Linears (benchmarks turn it off to measure the plain path)
 SMALL_BATCH_ROWS = 2  # batches up to this many rows take the numba kernel when the plain weight is kept
 FUSED_PROLOGUE = True  # small-batch kernels apply RMSNorm / SiLU-and-multiply (False: the ops, for comparisons)

@@ -22,7 +22,7 @@ from scalellm.structured.params import StructuredOutputError, StructuredOutputsP
 
 MAX_SOURCE_BYTES = 1 << 20  # the largest schema or grammar text accepted
 # A grammar whose first token mask takes longer is refused: masks are computed inside the batch's step,
-# so one request's costly lexer would stall every stream (a 200-property schema takes well under 1 ms).
+# so one request's costly lexer would stall every stream (ordinary schemas stay far below the limit).
 MAX_FIRST_MASK_SECONDS = 0.1
 # Below llguidance's defaults: a request's grammar must stay cheap for the whole batch.
 LIMITS = dict(max_grammar_size=200_000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000,

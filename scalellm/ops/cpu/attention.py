@@ -34,22 +34,22 @@ from scalellm.ops.cpu.numba_util import as_numba, bits_to_f32, exp_f32, f32_to_b
 
 PARALLEL_SEQS = 4  # sequences from which the parallel build runs
 # The IR kernel unrolls every query head's 16-lane vectors (heads x head_dim / 16 of q, and as many
-# accumulators); it was measured at 16 and 36 (the tiny Llama, SmolLM2). Larger shapes (32 heads of 128:
-# 256) would mostly spill and were not measured: they keep the plain kernel.
+# accumulators); up to MAX_IR_VECTORS they stay in registers. Larger shapes (32 heads of 128: 256 vectors)
+# would mostly spill: they keep the plain kernel.
 MAX_IR_VECTORS = 48
 USE_IR = True  # bfloat16 caches take the vector-IR kernel (False: the plain one, for comparisons)
 # Prefill tokens on the IR kernel too, each as a decode over its own causal context (ops.paged_attention):
-# ~1.3 ms against torch's SDPA ~1.8 ms per layer for four 128-token chunks of SmolLM2 (SDPA's fixed cost per
-# chunk and head dominates at these sizes). False: SDPA, for comparisons.
+# faster than torch's SDPA for small models' chunks, where SDPA's fixed cost per chunk and head dominates
+# (bench/results/op_ab_ir_prefill_prefill.md). False: SDPA, for comparisons.
 IR_PREFILL = True
 # numba's disk cache checks only this file's source, not the IR cpu/attention_ir.py generates: the IR
 # kernels' cached names carry a hash of that file
 _IR = hashlib.sha1(inspect.getsource(attention_ir).encode()).hexdigest()[:10]
 _SCORES = _ACCUMULATE = None  # the intrinsics, bound per (head_dim, group, kv_heads) build by _ir_kernel
 _DOT, _DIMS = False, np.zeros(0, np.int64)  # bound by _ir_kernel too: dot products; the accumulator's order
-# bfloat16 dot products for the scores and the values where the CPU has them (AVX512-BF16): ~10% less time
-# with the cache in the CPU's caches, ~5-10% reading it from memory; the values' weights are rounded to bfloat16
-# (tests bound the error). False: float32 products.
+# bfloat16 dot products for the scores and the values where the CPU has them (AVX512-BF16): half the
+# instructions of widening each element; the values' weights are rounded to bfloat16 (tests bound the
+# error). False: float32 products.
 USE_DOT = True
 HOST_BF16_DOT = bool(llvm.get_host_cpu_features().get("avx512bf16", False))
 

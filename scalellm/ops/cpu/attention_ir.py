@@ -9,7 +9,7 @@ value accumulation to a load and a store of the accumulator per cached position.
 - values: the accumulators are carried in vector registers (what does not fit spills to the stack, not
   to the caller's array) over a block of positions, each V row widened once.
 Both read each position's row for all KV heads before the next position: the cache in memory order,
-which measured faster than a pass per KV head (strided) once the cache does not fit in the CPU caches.
+which beats a pass per KV head (strided) once the cache does not fit in the CPU caches.
 bfloat16 widens to float32 exactly (a shift), so the products are the float32 products numba computes;
 only the summation order differs. That IR is generic LLVM vector code (no instruction set named); the
 *_dot variants do the same on AVX512-BF16's bfloat16 dot products (K and V not widened; V taken two

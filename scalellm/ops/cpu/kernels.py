@@ -1,7 +1,7 @@
 """numba twins of the CUDA kernels. The Llama forward on the CPU runs RMSNorm, the attention inputs
 (q/k norm, rotary, KV-cache write in one pass), SiLU-and-multiply and the small-batch GEMM from here;
 RMSNorm with a residual, rotary alone and the KV-cache write serve the ops of those names, which the
-forward does not call; chunked-prefill attention is a tested twin only, because torch measured faster
+forward does not call; chunked-prefill attention is a tested twin only, because torch's is faster
 for it on the CPU (scalellm/ops/__init__.py routes each op).
 
 Each kernel is compiled twice from one source: a serial build for the small batches of decoding,
@@ -91,8 +91,8 @@ def _rotate(buf, like, cos, sin, p, half):
 @njit(inline="always", nogil=True)
 def _rotate_row(buf, like, cos, sin, half):
     """_rotate with the position's cos and sin rows, its loop over 0-based slices: numba vectorizes
-    those, not indices like d + half that it must check for wrap-around (the attention inputs' serial
-    build: 1.5-2x faster from 16 rows, bit-identical; the rotary op measured slower this way)."""
+    those, not indices like d + half that it must check for wrap-around (used by the attention inputs'
+    serial build, bit-identical; the rotary op keeps its own loop, which is faster there)."""
     x1s, x2s = buf[:half], buf[half:]
     c1, c2, s1, s2 = cos[:half], cos[half:], sin[:half], sin[half:]
     for d in range(half):
@@ -351,7 +351,7 @@ def silu_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     out = new_tensor((*x.shape[:-1], n), x.dtype) if out is None else out
     x2 = x if x.dim() == 2 else x.reshape(-1, 2 * n)
     # the parallel build at every size: LLVM vectorizes its row loop (exp_f32 included) but not the
-    # serial build's (1x1536 bf16: ~3 us against ~11 us; 64 rows: ~30 us against ~410 us)
+    # serial build's, which is slower even for one row
     _silu_mul.parallel(as_numba(out if out.dim() == 2 else out.view(-1, n)), as_numba(x2))
     return out
 

@@ -3,8 +3,8 @@
 The torch wheel bundles its own libgomp (soname libgomp.so.1), while numba's OpenMP layer links the
 system's by file name (libgomp.so.1.0.0), so a process that uses both ends up with two OpenMP
 runtimes, each with a thread pool spinning on the same cores. On a machine with few cores every
-parallel region of one then waits for threads the other keeps busy: the same decode step measured
-several times slower than with one runtime (bench/results/ablation.md). Loading numba's pool with
+parallel region of one then waits for threads the other keeps busy, and steps slow down many times
+over (bench/results/ablation.md). Loading numba's pool with
 its dependency renamed to torch's libgomp makes the dynamic linker reuse the runtime torch already
 loaded. The renamed copy of numba's (unchanged) pool lives in a cache folder; where anything does not
 fit (no bundled libgomp, numba's pool already loaded, another threading layer asked for), nothing is

@@ -2,7 +2,7 @@
 kernels call like functions (numba intrinsics).
 
 numba types every integer expression on small ints as int64, so a loop that unpacks nibbles in
-plain numba vectorizes to 8-lane int64 code (measured 4-15x slower than this). Here a block is
+plain numba vectorizes to 8-lane int64 code, several times slower than this. Here a block is
 unpacked in 16-lane float vectors: bytes -> nibbles -> float, times the block's float16 scale (plus
 its minimum for Q4_1, minus 8 scales for Q4_0), then fused multiply-adds against float32 activations.
 The IR is generic LLVM vector code, so it compiles for whatever CPU numba targets.

@@ -25,7 +25,7 @@ from scalellm.ops.cpu.numba_util import as_numba, new_tensor
 from scalellm.ops.quant.ir import GROUP_ROWS, GROUPED_FORMATS
 from scalellm.ops.quant.tensor import QuantizedTensor
 
-DENSE_ROWS = 48  # from this many rows the dequantize-then-GEMM path measured faster (32: 0.6x, 64: 1.2x)
+DENSE_ROWS = 48  # from this many rows dequantizing a slab and running a dense GEMM beats the block kernel
 SLAB_ELEMENTS = 1 << 21  # weight elements dequantized at a time on that path
 GROUPED = cpu_quant.INT8  # Q8_0/Q4_0 weights on the CPU held in groups of 16 rows (QuantizedLinear)
 
