@@ -22,11 +22,10 @@ import sys
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 
-from serving import LOGS, PY, ROOT, Proc, free_port, tree_cpu_seconds  # noqa: E402
+from harness import LOGS, PY, RESULTS, ROOT, Proc, free_port, run_loadgen, tree_cpu_seconds  # noqa: E402
 
 ROUTER_VENV = os.path.join(ROOT, ".router-venv")
 ROUTER_PY = os.path.join(ROUTER_VENV, "bin", "python")
-RESULTS = os.path.join(BENCH, "results")
 WORKLOADS = {"paced": {"itl_ms": 10.0, "output_len": 64}, "flat out": {"itl_ms": 0.0, "output_len": 256}}
 
 
@@ -40,17 +39,13 @@ def ensure_router() -> str:
 
 def loadgen(url: str, concurrency: int, num: int, output_len: int) -> dict:
     """Short text prompts (sglang-router accepts no token-id prompts), max_tokens frames each."""
-    out = os.path.join(LOGS, "gateway-loadgen.json")
     prompts = os.path.join(LOGS, "gateway-prompts.jsonl")
     with open(prompts, "w") as f:
         for i in range(256):
             f.write(json.dumps({"prompt": f"Question {i}: what is the capital of France?", "max_tokens": output_len})
                     + "\n")
-    subprocess.check_call([PY, "-m", "tools.loadgen", "--url", url, "--model", "bare", "--prompts-file", prompts,
-                           "--concurrency", str(concurrency), "--num-requests", str(num), "--warmup",
-                           str(min(concurrency, 16)), "--json", out, "--quiet"], cwd=ROOT)
-    with open(out) as f:
-        return json.load(f)
+    return run_loadgen(url, ["--model", "bare", "--prompts-file", prompts, "--concurrency", str(concurrency),
+                             "--num-requests", str(num), "--warmup", str(min(concurrency, 16))], "gateway-loadgen")
 
 
 def run_setup(name: str, itl_ms: float, output_len: int, concurrencies: list[int], requests_per_stream: int) -> dict:

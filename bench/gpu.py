@@ -26,7 +26,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
-import serving  # noqa: E402
+from harness import LOGS, MAX_MODEL_LEN, NAME, Proc, drive, run_scalellm  # noqa: E402
 from models import MODELS  # noqa: E402
 
 PY = sys.executable
@@ -47,8 +47,8 @@ def run_tests(timeout: float) -> dict:
         print(out[-6000:], flush=True)
         return {"returncode": None, "summary": f"stopped after {timeout:.0f} s", "seconds": timeout, "tail": out[-8000:]}
     summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-    os.makedirs(serving.LOGS, exist_ok=True)
-    with open(os.path.join(serving.LOGS, "gpu_tests.log"), "w") as f:
+    os.makedirs(LOGS, exist_ok=True)
+    with open(os.path.join(LOGS, "gpu_tests.log"), "w") as f:
         f.write(done.stdout + done.stderr)
     print(done.stdout[-6000:], flush=True)
     return {"returncode": done.returncode, "summary": summary, "seconds": time.perf_counter() - start,
@@ -62,11 +62,11 @@ def run_kernels() -> str:
 
 
 def run_vllm_gpu(folder: str, args) -> dict[int, dict]:
-    p = serving.Proc("vllm-gpu", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port",
-                                  "{port}", "--dtype", "bfloat16", "--served-model-name", serving.NAME,
-                                  "--max-model-len", str(serving.MAX_MODEL_LEN)], timeout=900)
+    p = Proc("vllm-gpu", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port", "{port}",
+                          "--dtype", "bfloat16", "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN)],
+             timeout=900)
     try:
-        return serving.drive(p, folder, args)
+        return drive(p, folder, args)
     finally:
         p.stop()
 
@@ -167,7 +167,7 @@ def main() -> None:
     else:
         folder = MODELS["smollm2-135m"]()
     print("== ScaleLLM --device cuda", flush=True)
-    data["scalellm"] = {str(c): r for c, r in serving.run_scalellm(folder, args, ("--device", "cuda")).items()}
+    data["scalellm"] = {str(c): r for c, r in run_scalellm(folder, args, ("--device", "cuda")).items()}
     if importlib.util.find_spec("vllm") is not None:
         data["peer"] = "vLLM (GPU)"
         print("== vLLM", flush=True)

@@ -26,7 +26,7 @@ sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
 from models import CACHE, smollm2_bf16  # noqa: E402
-from serving import Proc, loadgen, scalellm_cmd  # noqa: E402
+from harness import Proc, loadgen, scalellm_cmd  # noqa: E402
 
 RESULTS = os.path.join(BENCH, "results")
 ADAPTERS = 4

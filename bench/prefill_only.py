@@ -25,7 +25,7 @@ sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
 from models import smollm2_bf16  # noqa: E402
-from serving import Proc, scalellm_cmd  # noqa: E402
+from harness import Proc, scalellm_cmd  # noqa: E402
 
 KINDS = {
     "generate 1 token": ("/v1/completions", {"max_tokens": 1}),

@@ -23,7 +23,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 
 from models import MODELS  # noqa: E402
-from serving import run_scalellm  # noqa: E402
+from harness import run_scalellm  # noqa: E402
 
 RESULTS = os.path.join(BENCH, "results")
 # experiment -> {setting: (server flags, whether a dashboard page is open)}
