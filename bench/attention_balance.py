@@ -19,9 +19,10 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [BENCH, os.path.dirname(BENCH)]
 
+from harness import write_table  # noqa: E402
 from scalellm.engine.engine import set_compute_threads  # noqa: E402
 from scalellm.ops.cpu import attention as cpu_attention  # noqa: E402
 from scalellm.ops.cpu.numba_util import as_numba  # noqa: E402
@@ -99,10 +100,7 @@ def main() -> None:
             lines.append(f"| {shape_name} | {mix_name} | {cell[0]} | {cell[1]} | "
                          f"{a[len(a) // 2] / b[len(b) // 2]:.2f} |")
             print(lines[-1], flush=True)
-    path = os.path.join(ROOT, "bench", "results", "attention_balance.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("wrote", path)
+    write_table("attention_balance", lines)
 
 
 if __name__ == "__main__":

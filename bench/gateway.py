@@ -22,7 +22,7 @@ import sys
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 
-from harness import LOGS, PY, RESULTS, ROOT, Proc, free_port, run_loadgen, tree_cpu_seconds  # noqa: E402
+from harness import LOGS, PY, ROOT, Proc, free_port, run_loadgen, tree_cpu_seconds, write_table  # noqa: E402
 
 ROUTER_VENV = os.path.join(ROOT, ".router-venv")
 ROUTER_PY = os.path.join(ROUTER_VENV, "bin", "python")
@@ -157,14 +157,9 @@ def main() -> None:
                 for c, s in run_setup(setup, spec["itl_ms"], spec["output_len"], concurrencies,
                                       args.requests_per_stream).items():
                     results[workload][setup][c].append(s)
-    os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, "gateway")
-    with open(base + ".json", "w") as f:
-        json.dump({"sglang_router_version": version, "results": results}, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(report(results, version, concurrencies))
-    plot(results, concurrencies, base + ".png")
-    print(open(base + ".md").read())
+    write_table("gateway", report(results, version, concurrencies),
+                {"sglang_router_version": version, "results": results},
+                lambda path: plot(results, concurrencies, path), show=True)
 
 
 if __name__ == "__main__":

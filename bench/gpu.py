@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
-from harness import LOGS, MAX_MODEL_LEN, NAME, Proc, drive, run_scalellm  # noqa: E402
+from harness import LOGS, MAX_MODEL_LEN, NAME, Proc, drive, run_scalellm, write_table  # noqa: E402
 from models import MODELS  # noqa: E402
 
 PY = sys.executable
@@ -133,12 +132,7 @@ def write(data: dict) -> str:
         ours, peer = data["scalellm"][str(c)], data["peer_results"][str(c)]
         lines.append(f"| {c} | {ours['output_throughput']:.1f} | {peer['output_throughput']:.1f} | "
                      f"{ours['output_throughput'] / peer['output_throughput']:.2f}x | {ours['tpot_ms']['median']:.2f} |")
-    path = os.path.join(BENCH, "results", "gpu.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(BENCH, "results", "gpu.json"), "w") as f:
-        json.dump(data, f, indent=1)
-    return path
+    return write_table("gpu", lines, data, indent=1)
 
 
 def main() -> None:
@@ -176,7 +170,7 @@ def main() -> None:
         data["peer"] = "transformers generate"
         print("== transformers generate (vLLM does not import here)", flush=True)
         data["peer_results"] = {str(c): r for c, r in run_transformers(folder, args).items()}
-    print(f"wrote {write(data)}", flush=True)
+    write(data)
 
 
 if __name__ == "__main__":

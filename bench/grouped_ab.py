@@ -19,6 +19,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [BENCH, os.path.dirname(BENCH)]
 
 from compute_floor import floor  # noqa: E402
+from harness import write_table  # noqa: E402
 from op_ab import model_path, paired_row  # noqa: E402
 
 BATCHES = (1, 16, 64)
@@ -67,10 +68,7 @@ def main() -> None:
             row = paired_row(name, n, times["A"][n], times["B"][n])
             print(row, flush=True)
             lines.append(row)
-    path = os.path.join(BENCH, "results", "grouped_ab.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {path}")
+    write_table("grouped_ab", lines)
 
 
 if __name__ == "__main__":

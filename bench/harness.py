@@ -6,7 +6,8 @@
   servers as bench/serving.py runs them, under one served name (NAME) and context (MAX_MODEL_LEN);
 - workload: `run_loadgen` runs tools/loadgen and returns its summary; `loadgen` is the serving workload
   (random token prompts of input_len, output_len tokens out, fresh prompts per concurrency), `drive`
-  runs it at each concurrency and charges CPU per token, `run_scalellm` does so against our server.
+  runs it at each concurrency and charges CPU per token, `run_scalellm` does so against our server;
+- results: `write_table` writes bench/results/<name>.md (and .json, .png) and says where.
 
 Nothing here imports torch (bench/chaos.py and bench/gateway.py need none) or changes sys.path: a
 script puts bench/ on it (a script in bench/ has it first already) and imports what it uses.
@@ -185,3 +186,23 @@ def run_scalellm(folder: str, args, flags: tuple[str, ...] = (), viewer: bool = 
             watcher.terminate()
             watcher.wait()
         p.stop()
+
+
+# -- results ------------------------------------------------------------------------------------------
+def write_table(name: str, table: str | list[str], data=None, plot=None, indent: int = 2, show: bool = False,
+                out_dir: str = RESULTS) -> str:
+    """<out_dir>/<name>.md holds `table` (lines are joined and end in a newline); <name>.json holds `data`
+    and `plot(path)` draws <name>.png, each where given. Prints the table (`show`) or where it went;
+    returns the markdown's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, name)
+    text = table if isinstance(table, str) else "\n".join(table) + "\n"
+    if data is not None:
+        with open(base + ".json", "w") as f:
+            json.dump(data, f, indent=indent)
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    if plot is not None:
+        plot(base + ".png")
+    print(text if show else f"wrote {base}.md", flush=True)
+    return base + ".md"

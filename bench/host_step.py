@@ -23,6 +23,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(BENCH))
 sys.path.insert(0, BENCH)
 
+from harness import write_table  # noqa: E402
 from models import MODELS  # noqa: E402
 
 import torch  # noqa: E402
@@ -97,10 +98,7 @@ def main() -> None:
              "", f"CPU: {os.cpu_count()} cores, {torch.get_num_threads()} compute threads.",
              "", "| running requests | rows | host ms per step |", "|---:|---|---:|"]
     lines += [f"| {c} | {kind} | {lo:.3f}-{hi:.3f} |" for c, kind, lo, hi in rows]
-    path = os.path.join(BENCH, "results", "host_step.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {path}")
+    write_table("host_step", lines)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--case", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from harness import write_table
     from models import MODELS
 
     if args.case is not None:
@@ -94,8 +95,7 @@ def main() -> None:
         lines.append(f"| {label} | {batch} | {' '.join(f'{x:.2f}' for x in a)} | {' '.join(f'{x:.2f}' for x in b)} | "
                      f"{statistics.median(b) / statistics.median(a):.3f} |")
         print(lines[-1], flush=True)
-    with open(os.path.join(ROOT, "bench", "results", "output_alloc_ab.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_table("output_alloc_ab", lines)
 
 
 if __name__ == "__main__":

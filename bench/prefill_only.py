@@ -25,7 +25,7 @@ sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
 from models import smollm2_bf16  # noqa: E402
-from harness import Proc, scalellm_cmd  # noqa: E402
+from harness import Proc, scalellm_cmd, write_table  # noqa: E402
 
 KINDS = {
     "generate 1 token": ("/v1/completions", {"max_tokens": 1}),
@@ -74,10 +74,7 @@ def main() -> None:
         ts = sorted(ts)
         med = statistics.median(ts)
         lines.append(f"| {kind} | {1000 * med:.1f} | {1000 * ts[int(0.9 * (len(ts) - 1))]:.1f} | {med / base:.2f}x |")
-    os.makedirs(os.path.join(BENCH, "results"), exist_ok=True)
-    with open(os.path.join(BENCH, "results", "prefill_only.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table("prefill_only", lines, show=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,12 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)  # not ROOT: --measure puts the tree it times first
+
+from harness import write_table  # noqa: E402
+
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]  # qkv, o, gate_up, down, LM head
 FORMATS = ["q8_0", "q4_0", "q4_1"]
 COPIES = 40
@@ -99,10 +104,7 @@ def main() -> None:
                 cold_us = us if kind == "cold" else cold_us
         size = runs[next(iter(trees))][0][key]["bytes"]
         lines.append(f"| {key} | {size / 1024:.0f} | " + " | ".join(cells) + f" | {size / cold_us / 1e3:.1f} |")
-    path = os.path.join(ROOT, "bench", "results", "quant_gemm.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table("quant_gemm", lines, show=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ bench/results/<experiment>_cost.{md,png,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,9 +22,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 
 from models import MODELS  # noqa: E402
-from harness import run_scalellm  # noqa: E402
+from harness import run_scalellm, write_table  # noqa: E402
 
-RESULTS = os.path.join(BENCH, "results")
 # experiment -> {setting: (server flags, whether a dashboard page is open)}
 EXPERIMENTS = {
     "logging": {"logs on (default)": ((), False),
@@ -95,14 +93,8 @@ def main() -> None:
     ap.add_argument("--waves", type=int, default=3, help="requests per run = waves x concurrency")
     args = ap.parse_args()
     results = measure(EXPERIMENTS[args.experiment], args.models.split(","), args.rounds, args.concurrency, args.waves)
-    os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, f"{args.experiment}_cost")
-    with open(base + ".json", "w") as f:
-        json.dump(results, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(report(args.experiment, results, args.concurrency))
-    plot(results, base + ".png")
-    print(open(base + ".md").read())
+    write_table(f"{args.experiment}_cost", report(args.experiment, results, args.concurrency), results,
+                lambda path: plot(results, path), show=True)
 
 
 if __name__ == "__main__":
