@@ -4,7 +4,7 @@
   `--disable-log-requests --log-stats-interval 0`;
 - dashboard: a dashboard page open (a client reading /dashboard/stream throughout) against none.
 
-    .venv/bin/python bench/settings_cost.py logging|dashboard [--models tiny-llama,smollm2-135m] [--rounds 3]
+    .venv/bin/python bench/experiments/settings_cost.py logging|dashboard [--models tiny-llama,smollm2-135m] [--rounds 3]
 
 The two settings alternate, round after round, on the same model folder and workload as
 bench/serving.py (128 tokens in, 128 out, streamed), so the machine's drift lands on both. Writes
@@ -18,7 +18,7 @@ import statistics
 import sys
 from types import SimpleNamespace
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/, above experiments/
 sys.path.insert(0, BENCH)
 
 from models import MODELS  # noqa: E402
@@ -51,7 +51,7 @@ def report(experiment: str, results: dict, concurrency: int) -> str:
     a, b = EXPERIMENTS[experiment]
     lines = [f"# {experiment.capitalize()} cost at concurrency {concurrency}", "",
              f"Output tok/s of ScaleLLM's server, {a} against {b}, alternating round by round "
-             f"(`.venv/bin/python bench/settings_cost.py {experiment}`). Spread: min-max over the rounds.", "",
+             f"(`.venv/bin/python bench/experiments/settings_cost.py {experiment}`). Spread: min-max over the rounds.", "",
              "| model | setting | rounds (tok/s) | mean tok/s | spread | E2E p50 ms (mean) | CPU ms/token (mean) |",
              "|---|---|---|---:|---:|---:|---:|"]
     for name, runs in results.items():

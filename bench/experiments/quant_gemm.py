@@ -1,6 +1,6 @@
 """The quantized GEMM at one activation row (decoding at concurrency 1), per format and SmolLM2's shapes.
 
-    .venv/bin/python bench/quant_gemm.py [--before PATH] [--rounds 3]
+    .venv/bin/python bench/experiments/quant_gemm.py [--before PATH] [--rounds 3]
 
 Times QuantizedLinear calls (the whole call: activation quantization included) two ways: hot (one
 weight called again and again: it stays in the CPU caches) and cold (40 copies of the weight called in
@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/, above experiments/
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)  # not ROOT: --measure puts the tree it times first
 
@@ -91,7 +91,7 @@ def main() -> None:
              f"QuantizedLinear at SmolLM2-135M's shapes, {len(os.sched_getaffinity(0))} threads, bfloat16 "
              f"activations; median microseconds per call over 20 x {COPIES} calls, then the median of "
              f"{args.rounds} alternating runs per tree. Hot: one weight called again and again; cold: "
-             f"{COPIES} copies in turn (the LM head: 4), read from memory. `python bench/quant_gemm.py"
+             f"{COPIES} copies in turn (the LM head: 4), read from memory. `python bench/experiments/quant_gemm.py"
              + (" --before <earlier checkout>`" if args.before else "`"), "",
              "| format, shape (out x in) | KiB | " + " | ".join(cols) + " | cold GB/s |",
              "|---|---:|" + "---:|" * (len(cols) + 1)]

@@ -1,6 +1,6 @@
 """Kernel outputs made from numpy arrays they remember (numba_util.new_tensor) vs plain torch.empty.
 
-    .venv/bin/python bench/output_alloc_ab.py [--rounds 5]
+    .venv/bin/python bench/experiments/output_alloc_ab.py [--rounds 5]
 
 One process per model and batch: greedy decoding of 64 tokens after a 128-token prompt, the two ways of
 allocating the CPU kernels' outputs alternated every round (the kernels and everything else the same);
@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/, above experiments/
 ROOT = os.path.dirname(BENCH)
 sys.path[:0] = [BENCH, ROOT]
 
@@ -85,7 +85,7 @@ def main() -> None:
 
     lines = ["# CPU kernels' outputs: torch.empty vs numpy arrays they remember", "",
              f"Median decode step (ms) per round, {args.rounds} rounds per way alternated in one process per "
-             "row; bfloat16 activations; `python bench/output_alloc_ab.py`.", "",
+             "row; bfloat16 activations; `python bench/experiments/output_alloc_ab.py`.", "",
              "| model | batch | torch.empty | new_tensor | ratio of medians |", "|---|---:|---|---|---:|"]
     for i, (label, _, batch) in enumerate(CASES):
         res = subprocess.run([sys.executable, __file__, "--case", str(i), "--rounds", str(args.rounds)],

@@ -1,6 +1,6 @@
 """Prefill-only requests against a one-token generation of the same prompt, on one server.
 
-    .venv/bin/python bench/prefill_only.py [--requests 20] [--prompt-len 256]
+    .venv/bin/python bench/experiments/prefill_only.py [--requests 20] [--prompt-len 256]
 
 Sends, one at a time and interleaved (each round a fresh random prompt per kind, so the prefix cache
 serves none of them): a plain one-token completion; `max_tokens: 0`; scoring as lm-evaluation-harness
@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/, above experiments/
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
@@ -68,7 +68,7 @@ def main() -> None:
     lines = ["# Prefill-only requests vs a one-token generation", "",
              f"{time.strftime('%Y-%m-%d %H:%M')}; SmolLM2-135M-Instruct bf16, {args.prompt_len}-token random prompts, "
              f"{args.requests} requests per kind, one at a time, interleaved. Command: "
-             f"`.venv/bin/python bench/prefill_only.py --requests {args.requests} --prompt-len {args.prompt_len}`.", "",
+             f"`.venv/bin/python bench/experiments/prefill_only.py --requests {args.requests} --prompt-len {args.prompt_len}`.", "",
              "| request | median ms | p90 ms | vs generate 1 token |", "| --- | ---: | ---: | ---: |"]
     for kind, ts in times.items():
         ts = sorted(ts)
