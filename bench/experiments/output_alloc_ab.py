@@ -5,8 +5,8 @@
 One process per model and batch: greedy decoding of 64 tokens after a 128-token prompt, the two ways of
 allocating the CPU kernels' outputs alternated every round (the kernels and everything else the same);
 each round's number is its median decode step. With torch.empty, every kernel that reads a fresh
-tensor converts it to a numpy view first (~1.5 us); with new_tensor the view comes with the tensor.
-Writes bench/results/output_alloc_ab.md.
+tensor converts it to a numpy view first, a cost paid per call; with new_tensor the view comes with the
+tensor. Writes bench/results/output_alloc_ab.md.
 """
 from __future__ import annotations
 
