@@ -38,10 +38,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from compute_floor import floor  # noqa: E402
+from harness import PY, RESULTS  # noqa: E402
 from models import MODELS  # noqa: E402
 
-PY = os.path.join(ROOT, ".venv", "bin", "python")
-RESULTS = os.path.join(BENCH, "results")
 BATCHES = (1, 16, 64)
 # (label, commit, what it adds); the first is the state before this round of speed work
 MILESTONES = [
@@ -186,7 +185,7 @@ def worktree(commit: str) -> str:
 
 
 def serve_and_drive(tree: str, folder: str, args) -> dict[int, dict]:
-    from serving import Proc, loadgen, MAX_MODEL_LEN, NAME
+    from harness import MAX_MODEL_LEN, NAME, Proc, loadgen
 
     p = Proc("ablation", [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}", "--dtype", "bfloat16",
                           "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN)],

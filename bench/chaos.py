@@ -43,7 +43,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 _path = list(sys.path)
 sys.path.insert(0, BENCH)
 try:
-    from serving import LOGS, PY, ROOT, free_port  # noqa: E402
+    from harness import LOGS, PY, ROOT, free_port  # noqa: E402
     import chaos_report  # noqa: E402
     from chaos_analysis import analyse  # noqa: E402
     from chaos_load import MODEL_NAME, Load  # noqa: E402

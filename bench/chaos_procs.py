@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class Service:
     """One server or gateway process on a fixed port, restartable on that port; each incarnation
-    logs to its own file. (bench/serving.py's Proc picks a new port per start and logs under one
+    logs to its own file. (bench/harness.py's Proc picks a new port per start and logs under one
     name; a replica killed here must come back where the gateway expects it.)"""
 
     def __init__(self, name: str, cmd: list[str], port: int, log_dir: str):

@@ -22,11 +22,10 @@ import sys
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 
-from serving import LOGS, PY, ROOT, Proc, free_port, tree_cpu_seconds  # noqa: E402
+from harness import LOGS, PY, ROOT, Proc, free_port, run_loadgen, tree_cpu_seconds, write_table  # noqa: E402
 
 ROUTER_VENV = os.path.join(ROOT, ".router-venv")
 ROUTER_PY = os.path.join(ROUTER_VENV, "bin", "python")
-RESULTS = os.path.join(BENCH, "results")
 WORKLOADS = {"paced": {"itl_ms": 10.0, "output_len": 64}, "flat out": {"itl_ms": 0.0, "output_len": 256}}
 
 
@@ -40,17 +39,13 @@ def ensure_router() -> str:
 
 def loadgen(url: str, concurrency: int, num: int, output_len: int) -> dict:
     """Short text prompts (sglang-router accepts no token-id prompts), max_tokens frames each."""
-    out = os.path.join(LOGS, "gateway-loadgen.json")
     prompts = os.path.join(LOGS, "gateway-prompts.jsonl")
     with open(prompts, "w") as f:
         for i in range(256):
             f.write(json.dumps({"prompt": f"Question {i}: what is the capital of France?", "max_tokens": output_len})
                     + "\n")
-    subprocess.check_call([PY, "-m", "tools.loadgen", "--url", url, "--model", "bare", "--prompts-file", prompts,
-                           "--concurrency", str(concurrency), "--num-requests", str(num), "--warmup",
-                           str(min(concurrency, 16)), "--json", out, "--quiet"], cwd=ROOT)
-    with open(out) as f:
-        return json.load(f)
+    return run_loadgen(url, ["--model", "bare", "--prompts-file", prompts, "--concurrency", str(concurrency),
+                             "--num-requests", str(num), "--warmup", str(min(concurrency, 16))], "gateway-loadgen")
 
 
 def run_setup(name: str, itl_ms: float, output_len: int, concurrencies: list[int], requests_per_stream: int) -> dict:
@@ -162,14 +157,9 @@ def main() -> None:
                 for c, s in run_setup(setup, spec["itl_ms"], spec["output_len"], concurrencies,
                                       args.requests_per_stream).items():
                     results[workload][setup][c].append(s)
-    os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, "gateway")
-    with open(base + ".json", "w") as f:
-        json.dump({"sglang_router_version": version, "results": results}, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(report(results, version, concurrencies))
-    plot(results, concurrencies, base + ".png")
-    print(open(base + ".md").read())
+    write_table("gateway", report(results, version, concurrencies),
+                {"sglang_router_version": version, "results": results},
+                lambda path: plot(results, concurrencies, path), show=True)
 
 
 if __name__ == "__main__":

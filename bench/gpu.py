@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
-import serving  # noqa: E402
+from harness import LOGS, MAX_MODEL_LEN, NAME, Proc, drive, run_scalellm, write_table  # noqa: E402
 from models import MODELS  # noqa: E402
 
 PY = sys.executable
@@ -47,8 +46,8 @@ def run_tests(timeout: float) -> dict:
         print(out[-6000:], flush=True)
         return {"returncode": None, "summary": f"stopped after {timeout:.0f} s", "seconds": timeout, "tail": out[-8000:]}
     summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-    os.makedirs(serving.LOGS, exist_ok=True)
-    with open(os.path.join(serving.LOGS, "gpu_tests.log"), "w") as f:
+    os.makedirs(LOGS, exist_ok=True)
+    with open(os.path.join(LOGS, "gpu_tests.log"), "w") as f:
         f.write(done.stdout + done.stderr)
     print(done.stdout[-6000:], flush=True)
     return {"returncode": done.returncode, "summary": summary, "seconds": time.perf_counter() - start,
@@ -62,11 +61,11 @@ def run_kernels() -> str:
 
 
 def run_vllm_gpu(folder: str, args) -> dict[int, dict]:
-    p = serving.Proc("vllm-gpu", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port",
-                                  "{port}", "--dtype", "bfloat16", "--served-model-name", serving.NAME,
-                                  "--max-model-len", str(serving.MAX_MODEL_LEN)], timeout=900)
+    p = Proc("vllm-gpu", [PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port", "{port}",
+                          "--dtype", "bfloat16", "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN)],
+             timeout=900)
     try:
-        return serving.drive(p, folder, args)
+        return drive(p, folder, args)
     finally:
         p.stop()
 
@@ -133,12 +132,7 @@ def write(data: dict) -> str:
         ours, peer = data["scalellm"][str(c)], data["peer_results"][str(c)]
         lines.append(f"| {c} | {ours['output_throughput']:.1f} | {peer['output_throughput']:.1f} | "
                      f"{ours['output_throughput'] / peer['output_throughput']:.2f}x | {ours['tpot_ms']['median']:.2f} |")
-    path = os.path.join(BENCH, "results", "gpu.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(BENCH, "results", "gpu.json"), "w") as f:
-        json.dump(data, f, indent=1)
-    return path
+    return write_table("gpu", lines, data, indent=1)
 
 
 def main() -> None:
@@ -167,7 +161,7 @@ def main() -> None:
     else:
         folder = MODELS["smollm2-135m"]()
     print("== ScaleLLM --device cuda", flush=True)
-    data["scalellm"] = {str(c): r for c, r in serving.run_scalellm(folder, args, ("--device", "cuda")).items()}
+    data["scalellm"] = {str(c): r for c, r in run_scalellm(folder, args, ("--device", "cuda")).items()}
     if importlib.util.find_spec("vllm") is not None:
         data["peer"] = "vLLM (GPU)"
         print("== vLLM", flush=True)
@@ -176,7 +170,7 @@ def main() -> None:
         data["peer"] = "transformers generate"
         print("== transformers generate (vLLM does not import here)", flush=True)
         data["peer_results"] = {str(c): r for c, r in run_transformers(folder, args).items()}
-    print(f"wrote {write(data)}", flush=True)
+    write(data)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [BENCH, os.path.dirname(BENCH)]
 
+from harness import write_table  # noqa: E402
 from scalellm import SamplingParams, ops  # noqa: E402
 from scalellm.engine.sequence import Sequence  # noqa: E402
 from scalellm.engine.sampler import build_sampling_batch  # noqa: E402
@@ -124,15 +125,13 @@ def main() -> None:
     record("fused sampling", f"B={B} vocab={vocab}", 4 * B * vocab, fused,
            f"(torch ops: {unfused * 1e3:.2f} ms, {unfused / fused:.2f}x)")
 
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     name = torch.cuda.get_device_name() if dev == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     lines = [f"# Kernel timings: {dev} ({name}), {args.dtype}", "",
              f"Ceiling: a {256} MiB copy at {ceiling / 1e9:.1f} GB/s. Bytes are what each operation must read and write.",
              "", "| operation | shape | MB moved | ms | GB/s | share of ceiling | note |", "|---|---|---:|---:|---:|---:|---|"]
     for name_, shape, mb, ms, gbs, share, note in rows:
         lines.append(f"| {name_} | {shape} | {mb:.1f} | {ms:.3f} | {gbs:.1f} | {share:.0%} | {note} |")
-    with open(os.path.join(ROOT, "bench", "results", f"kernels_{dev}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_table(f"kernels_{dev}", lines)
 
 
 if __name__ == "__main__":

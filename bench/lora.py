@@ -12,7 +12,6 @@ non-zero weights (bench/.cache/loras). Results: bench/results/lora.md, .png, .js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,9 +25,8 @@ sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
 from models import CACHE, smollm2_bf16  # noqa: E402
-from serving import Proc, loadgen, scalellm_cmd  # noqa: E402
+from harness import Proc, loadgen, scalellm_cmd, write_table  # noqa: E402
 
-RESULTS = os.path.join(BENCH, "results")
 ADAPTERS = 4
 CONFIGS = ("base", "lora-batched", "lora-grouped")
 
@@ -86,7 +84,6 @@ def main() -> None:
 
 
 def write(runs: dict[str, list[dict]], args) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
     tput = {c: [r["output_throughput"] for r in rs] for c, rs in runs.items()}
     base = statistics.median(tput["base"])
     flags = subprocess.run(["bash", "-c", "lscpu | grep -o 'avx512[a-z_0-9]*\\|amx[a-z_0-9]*' | sort -u | tr '\\n' ' '"],
@@ -112,15 +109,17 @@ def write(runs: dict[str, list[dict]], args) -> None:
         lines.append(f"| {c} | {', '.join(f'{x:.1f}' for x in tput[c])} | {med:.1f} | {med / base:.2f}x | "
                      f"{tpot:.2f} | {errors} |")
     lines += ["", "![throughput](lora.png)", ""]
-    with open(os.path.join(RESULTS, "lora.md"), "w") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(RESULTS, "lora.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": runs}, f, indent=1)
+    write_table("lora", "\n".join(lines), {"args": vars(args), "runs": runs}, lambda path: plot(tput, args, path),
+                indent=1, show=True)
+
+
+def plot(tput: dict[str, list[float]], args, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    base = statistics.median(tput["base"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, c in enumerate(CONFIGS):
         ax.scatter([i] * len(tput[c]), tput[c], color="C0")
@@ -131,8 +130,7 @@ def write(runs: dict[str, list[dict]], args) -> None:
     ax.set_title(f"c={args.concurrency}: base alone vs 4 LoRA adapters mixed")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "lora.png"), dpi=120)
-    print("\n".join(lines))
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

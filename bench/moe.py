@@ -11,7 +11,6 @@ prompts. Writes bench/results/moe.md and moe.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,8 +19,9 @@ import torch
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-sys.path.insert(0, ROOT)
+sys.path[:0] = [BENCH, ROOT]
 
+from harness import write_table  # noqa: E402
 from scalellm import SamplingParams, ops  # noqa: E402
 from scalellm.config import EngineConfig  # noqa: E402
 from scalellm.engine.engine import LLMEngine  # noqa: E402
@@ -141,16 +141,11 @@ def main() -> None:
         lines.append(f"| {b} | {span(tok, '{:.1f}')} | {span(hf_tok, '{:.1f}')} | {span(ratio, '{:.2f}')}x | "
                      f"{span(step, '{:.2f}')} | {span([s / b for s in step], '{:.3f}')} | "
                      f"{span([100 * o['moe_share'] for o in ours], '{:.0f}')}% |")
-    os.makedirs(os.path.join(BENCH, "results"), exist_ok=True)
-    with open(os.path.join(BENCH, "results", "moe.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(BENCH, "results", "moe.json"), "w") as f:
-        json.dump({str(b): v for b, v in results.items()}, f, indent=1)
-    plot(batches, results)
-    print("\n".join(lines))
+    write_table("moe", lines, {str(b): v for b, v in results.items()}, lambda path: plot(batches, results, path),
+                indent=1, show=True)
 
 
-def plot(batches: list[int], results: dict) -> None:
+def plot(batches: list[int], results: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,7 +162,7 @@ def plot(batches: list[int], results: dict) -> None:
     b.set(xscale="log", xlabel="batch", ylabel="ms", title="ScaleLLM decode step")
     b.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(BENCH, "results", "moe.png"), dpi=100)
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,17 @@ bench/results/offline_throughput.md and .png.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import random
 import time
 
 import torch
 
+from harness import write_table  # noqa: E402  (bench/harness.py)
 from models import smollm2_bf16  # noqa: E402  (bench/models.py)
 from scalellm import LLM, SamplingParams  # noqa: E402
 from scalellm import ops  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -101,7 +100,6 @@ def main() -> None:
 
 
 def write_results(rows, args) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
     lines = [
         "# Offline throughput: SmolLM2-135M-Instruct, bfloat16, CPU",
         "",
@@ -117,8 +115,10 @@ def write_results(rows, args) -> None:
     ]
     for b, ours, hf, floor in rows:
         lines.append(f"| {b} | {ours:.1f} | {hf:.1f} | {floor:.1f} | {ours / hf:.2f} | {ours / floor:.2f} |")
-    with open(os.path.join(RESULTS, "offline_throughput.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_table("offline_throughput", lines, plot=lambda path: plot(rows, path))
+
+
+def plot(rows, path: str) -> None:
     try:
         import matplotlib
 
@@ -138,7 +138,7 @@ def write_results(rows, args) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "offline_throughput.png"), dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [BENCH, os.path.dirname(BENCH)]
 
 from compute_floor import floor  # noqa: E402
+from harness import write_table  # noqa: E402
 from models import MODELS  # noqa: E402
 
 BATCHES = {"decode": (1, 16, 64), "prefill": (1, 4, 16)}
@@ -112,10 +113,7 @@ def main() -> None:
             row = paired_row(name, batch, times[a][batch], times[b][batch])
             print(row, flush=True)
             L.append(row)
-    path = os.path.join(BENCH, "results", f"op_ab_{out}.md")
-    with open(path, "w") as f:
-        f.write("\n".join(L) + "\n")
-    print(f"wrote {path}")
+    write_table(f"op_ab_{out}", L)
 
 
 if __name__ == "__main__":

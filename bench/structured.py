@@ -49,7 +49,7 @@ import jsonschema  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models import MODELS  # noqa: E402
-from serving import MAX_MODEL_LEN, NAME, PY, VLLM_PY, Proc, ensure_vllm  # noqa: E402
+from harness import MAX_MODEL_LEN, NAME, PY, VLLM_PY, Proc, ensure_vllm  # noqa: E402
 from structured_report import write_report  # noqa: E402
 from tools.loadgen.client import request_body, send  # noqa: E402
 from tools.loadgen.report import summarize  # noqa: E402

@@ -22,7 +22,8 @@ def script_modules(folder: str) -> list[str]:
 def test_no_script_module_shadows_an_installed_package():
     installed = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
     installed -= {"scalellm", "tools", "bench"}  # this project's own names
-    clashes = {folder: sorted(set(script_modules(folder)) & installed) for folder in ("bench", "tools")}
+    clashes = {folder: sorted(set(script_modules(folder)) & installed)
+               for folder in ("bench", "bench/experiments", "tools")}
     assert not any(clashes.values()), f"rename these modules, they shadow installed ones: {clashes}"
 
 

@@ -9,7 +9,7 @@ GEMM does it faster: the weight is dequantized to the activations' dtype a slab 
 Q8_0 and Q4_0 weights with a multiple of 16 rows are held in groups of 16 rows where the CPU has the int8
 kernel (QuantizedTensor.grouped): one vpdpbusd advances 16 rows' dot products, ~2x faster per call than a
 row at a time from 1 to 16 activation rows and faster than the dense path up to 256 rows at least
-(bench/grouped_ab.py), so grouped weights take that kernel at every batch size.
+(bench/experiments/grouped_ab.py), so grouped weights take that kernel at every batch size.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 file's row order: bare decode steps of the same GGUF file, both models loaded in one process and
 alternated.
 
-    .venv/bin/python bench/grouped_ab.py [--rounds 6] [--models smollm2-135m-q8_0,smollm2-135m-q4_0]
+    .venv/bin/python bench/experiments/grouped_ab.py [--rounds 6] [--models smollm2-135m-q8_0,smollm2-135m-q4_0]
 
 Each round times 16 decode steps after a 128-token prompt at batch 1, 16 and 64 under each layout (the
 order flips every round); the paired ratio per round is the number to read. Writes
@@ -15,10 +15,11 @@ import os
 import sys
 import time
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/, above experiments/
 sys.path[:0] = [BENCH, os.path.dirname(BENCH)]
 
 from compute_floor import floor  # noqa: E402
+from harness import write_table  # noqa: E402
 from op_ab import model_path, paired_row  # noqa: E402
 
 BATCHES = (1, 16, 64)
@@ -46,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     lines = ["# Q8_0/Q4_0 grouped by 16 rows (B) against the file's row order (A)", "",
              f"{os.cpu_count()} cores, bfloat16 activations, {time.strftime('%Y-%m-%d')}. Command: `.venv/bin/python "
-             f"bench/grouped_ab.py --models {args.models} --rounds {args.rounds}`. Bare decode steps (16 per cell "
+             f"bench/experiments/grouped_ab.py --models {args.models} --rounds {args.rounds}`. Bare decode steps (16 per cell "
              "after a 128-token prompt, median), both layouts loaded in one process, alternated, order flipped "
              "every round.", "",
              "| model | batch | A ms (median) | B ms (median) | B/A paired, median (min-max) | rounds B faster |",
@@ -67,10 +68,7 @@ def main() -> None:
             row = paired_row(name, n, times["A"][n], times["B"][n])
             print(row, flush=True)
             lines.append(row)
-    path = os.path.join(BENCH, "results", "grouped_ab.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {path}")
+    write_table("grouped_ab", lines)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
   `--disable-log-requests --log-stats-interval 0`;
 - dashboard: a dashboard page open (a client reading /dashboard/stream throughout) against none.
 
-    .venv/bin/python bench/settings_cost.py logging|dashboard [--models tiny-llama,smollm2-135m] [--rounds 3]
+    .venv/bin/python bench/experiments/settings_cost.py logging|dashboard [--models tiny-llama,smollm2-135m] [--rounds 3]
 
 The two settings alternate, round after round, on the same model folder and workload as
 bench/serving.py (128 tokens in, 128 out, streamed), so the machine's drift lands on both. Writes
@@ -13,19 +13,17 @@ bench/results/<experiment>_cost.{md,png,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 from types import SimpleNamespace
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/, above experiments/
 sys.path.insert(0, BENCH)
 
 from models import MODELS  # noqa: E402
-from serving import run_scalellm  # noqa: E402
+from harness import run_scalellm, write_table  # noqa: E402
 
-RESULTS = os.path.join(BENCH, "results")
 # experiment -> {setting: (server flags, whether a dashboard page is open)}
 EXPERIMENTS = {
     "logging": {"logs on (default)": ((), False),
@@ -53,7 +51,7 @@ def report(experiment: str, results: dict, concurrency: int) -> str:
     a, b = EXPERIMENTS[experiment]
     lines = [f"# {experiment.capitalize()} cost at concurrency {concurrency}", "",
              f"Output tok/s of ScaleLLM's server, {a} against {b}, alternating round by round "
-             f"(`.venv/bin/python bench/settings_cost.py {experiment}`). Spread: min-max over the rounds.", "",
+             f"(`.venv/bin/python bench/experiments/settings_cost.py {experiment}`). Spread: min-max over the rounds.", "",
              "| model | setting | rounds (tok/s) | mean tok/s | spread | E2E p50 ms (mean) | CPU ms/token (mean) |",
              "|---|---|---|---:|---:|---:|---:|"]
     for name, runs in results.items():
@@ -95,14 +93,8 @@ def main() -> None:
     ap.add_argument("--waves", type=int, default=3, help="requests per run = waves x concurrency")
     args = ap.parse_args()
     results = measure(EXPERIMENTS[args.experiment], args.models.split(","), args.rounds, args.concurrency, args.waves)
-    os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, f"{args.experiment}_cost")
-    with open(base + ".json", "w") as f:
-        json.dump(results, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(report(args.experiment, results, args.concurrency))
-    plot(results, base + ".png")
-    print(open(base + ".md").read())
+    write_table(f"{args.experiment}_cost", report(args.experiment, results, args.concurrency), results,
+                lambda path: plot(results, path), show=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """CPU attention for one step's rows: split over the threads by row count vs by work.
 
-    .venv/bin/python bench/attention_balance.py [--repeat 300]
+    .venv/bin/python bench/experiments/attention_balance.py [--repeat 300]
 
 A step's attention rows are its decodes (each over its whole context) and then its prefill tokens (each
 over its causal context: a triangle of short to long rows). Before: the decodes and the prefill tokens
@@ -19,9 +19,10 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/, above experiments/
+sys.path[:0] = [BENCH, os.path.dirname(BENCH)]
 
+from harness import write_table  # noqa: E402
 from scalellm.engine.engine import set_compute_threads  # noqa: E402
 from scalellm.ops.cpu import attention as cpu_attention  # noqa: E402
 from scalellm.ops.cpu.numba_util import as_numba  # noqa: E402
@@ -59,7 +60,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     lines = ["# CPU attention rows: split by count (two calls) vs by work (one call)", "",
              f"{threads} threads, bfloat16, {BLOCK}-position blocks; minimum (median) microseconds over "
-             f"{args.repeat} alternated calls; `python bench/attention_balance.py`.", "",
+             f"{args.repeat} alternated calls; `python bench/experiments/attention_balance.py`.", "",
              "| model shape | step's rows | by count, two calls | by work, one call | after / before |",
              "|---|---|---:|---:|---:|"]
     for shape_name, (heads, kv_heads, dim) in SHAPES.items():
@@ -99,10 +100,7 @@ def main() -> None:
             lines.append(f"| {shape_name} | {mix_name} | {cell[0]} | {cell[1]} | "
                          f"{a[len(a) // 2] / b[len(b) // 2]:.2f} |")
             print(lines[-1], flush=True)
-    path = os.path.join(ROOT, "bench", "results", "attention_balance.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("wrote", path)
+    write_table("attention_balance", lines)
 
 
 if __name__ == "__main__":

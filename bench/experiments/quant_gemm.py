@@ -1,6 +1,6 @@
 """The quantized GEMM at one activation row (decoding at concurrency 1), per format and SmolLM2's shapes.
 
-    .venv/bin/python bench/quant_gemm.py [--before PATH] [--rounds 3]
+    .venv/bin/python bench/experiments/quant_gemm.py [--before PATH] [--rounds 3]
 
 Times QuantizedLinear calls (the whole call: activation quantization included) two ways: hot (one
 weight called again and again: it stays in the CPU caches) and cold (40 copies of the weight called in
@@ -19,7 +19,12 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/, above experiments/
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)  # not ROOT: --measure puts the tree it times first
+
+from harness import write_table  # noqa: E402
+
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]  # qkv, o, gate_up, down, LM head
 FORMATS = ["q8_0", "q4_0", "q4_1"]
 COPIES = 40
@@ -86,7 +91,7 @@ def main() -> None:
              f"QuantizedLinear at SmolLM2-135M's shapes, {len(os.sched_getaffinity(0))} threads, bfloat16 "
              f"activations; median microseconds per call over 20 x {COPIES} calls, then the median of "
              f"{args.rounds} alternating runs per tree. Hot: one weight called again and again; cold: "
-             f"{COPIES} copies in turn (the LM head: 4), read from memory. `python bench/quant_gemm.py"
+             f"{COPIES} copies in turn (the LM head: 4), read from memory. `python bench/experiments/quant_gemm.py"
              + (" --before <earlier checkout>`" if args.before else "`"), "",
              "| format, shape (out x in) | KiB | " + " | ".join(cols) + " | cold GB/s |",
              "|---|---:|" + "---:|" * (len(cols) + 1)]
@@ -99,10 +104,7 @@ def main() -> None:
                 cold_us = us if kind == "cold" else cold_us
         size = runs[next(iter(trees))][0][key]["bytes"]
         lines.append(f"| {key} | {size / 1024:.0f} | " + " | ".join(cells) + f" | {size / cold_us / 1e3:.1f} |")
-    path = os.path.join(ROOT, "bench", "results", "quant_gemm.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table("quant_gemm", lines, show=True)
 
 
 if __name__ == "__main__":

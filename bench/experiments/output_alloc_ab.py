@@ -1,12 +1,12 @@
 """Kernel outputs made from numpy arrays they remember (numba_util.new_tensor) vs plain torch.empty.
 
-    .venv/bin/python bench/output_alloc_ab.py [--rounds 5]
+    .venv/bin/python bench/experiments/output_alloc_ab.py [--rounds 5]
 
 One process per model and batch: greedy decoding of 64 tokens after a 128-token prompt, the two ways of
 allocating the CPU kernels' outputs alternated every round (the kernels and everything else the same);
 each round's number is its median decode step. With torch.empty, every kernel that reads a fresh
-tensor converts it to a numpy view first (~1.5 us); with new_tensor the view comes with the tensor.
-Writes bench/results/output_alloc_ab.md.
+tensor converts it to a numpy view first, a cost paid per call; with new_tensor the view comes with the
+tensor. Writes bench/results/output_alloc_ab.md.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/, above experiments/
 ROOT = os.path.dirname(BENCH)
 sys.path[:0] = [BENCH, ROOT]
 
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--case", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from harness import write_table
     from models import MODELS
 
     if args.case is not None:
@@ -84,7 +85,7 @@ def main() -> None:
 
     lines = ["# CPU kernels' outputs: torch.empty vs numpy arrays they remember", "",
              f"Median decode step (ms) per round, {args.rounds} rounds per way alternated in one process per "
-             "row; bfloat16 activations; `python bench/output_alloc_ab.py`.", "",
+             "row; bfloat16 activations; `python bench/experiments/output_alloc_ab.py`.", "",
              "| model | batch | torch.empty | new_tensor | ratio of medians |", "|---|---:|---|---|---:|"]
     for i, (label, _, batch) in enumerate(CASES):
         res = subprocess.run([sys.executable, __file__, "--case", str(i), "--rounds", str(args.rounds)],
@@ -94,8 +95,7 @@ def main() -> None:
         lines.append(f"| {label} | {batch} | {' '.join(f'{x:.2f}' for x in a)} | {' '.join(f'{x:.2f}' for x in b)} | "
                      f"{statistics.median(b) / statistics.median(a):.3f} |")
         print(lines[-1], flush=True)
-    with open(os.path.join(ROOT, "bench", "results", "output_alloc_ab.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_table("output_alloc_ab", lines)
 
 
 if __name__ == "__main__":

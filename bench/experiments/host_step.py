@@ -1,6 +1,6 @@
 """The host's part of an engine step: what a synchronous step leaves a GPU idle for.
 
-    .venv/bin/python bench/host_step.py [--concurrency 1,16,64] [--repeats 3]
+    .venv/bin/python bench/experiments/host_step.py [--concurrency 1,16,64] [--repeats 3]
 
 One step ahead, the device computes step N+1 while the host reads step N's ids, appends and detokenizes
 them and schedules and prepares the next step; a step that must wait for its ids on the host (a grammar
@@ -19,10 +19,11 @@ import statistics
 import sys
 import time
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/, above experiments/
 sys.path.insert(0, os.path.dirname(BENCH))
 sys.path.insert(0, BENCH)
 
+from harness import write_table  # noqa: E402
 from models import MODELS  # noqa: E402
 
 import torch  # noqa: E402
@@ -93,14 +94,11 @@ def main() -> None:
     lines = ["# The host's part of a decode step", "",
              "What a synchronous step leaves a GPU idle for (one step ahead hides it): each decode step's wall "
              "time minus the model's forward pass, LM head and sampling and masking kernels, CPU path, the tiny overhead model "
-             f"(`bench/host_step.py`, {args.steps} steps, median per repeat, {args.repeats} repeats: lowest-highest).",
+             f"(`bench/experiments/host_step.py`, {args.steps} steps, median per repeat, {args.repeats} repeats: lowest-highest).",
              "", f"CPU: {os.cpu_count()} cores, {torch.get_num_threads()} compute threads.",
              "", "| running requests | rows | host ms per step |", "|---:|---|---:|"]
     lines += [f"| {c} | {kind} | {lo:.3f}-{hi:.3f} |" for c, kind, lo, hi in rows]
-    path = os.path.join(BENCH, "results", "host_step.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {path}")
+    write_table("host_step", lines)
 
 
 if __name__ == "__main__":

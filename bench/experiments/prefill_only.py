@@ -1,6 +1,6 @@
 """Prefill-only requests against a one-token generation of the same prompt, on one server.
 
-    .venv/bin/python bench/prefill_only.py [--requests 20] [--prompt-len 256]
+    .venv/bin/python bench/experiments/prefill_only.py [--requests 20] [--prompt-len 256]
 
 Sends, one at a time and interleaved (each round a fresh random prompt per kind, so the prefix cache
 serves none of them): a plain one-token completion; `max_tokens: 0`; scoring as lm-evaluation-harness
@@ -19,13 +19,13 @@ import sys
 import time
 import urllib.request
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/, above experiments/
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
 sys.path.insert(0, ROOT)
 
 from models import smollm2_bf16  # noqa: E402
-from serving import Proc, scalellm_cmd  # noqa: E402
+from harness import Proc, scalellm_cmd, write_table  # noqa: E402
 
 KINDS = {
     "generate 1 token": ("/v1/completions", {"max_tokens": 1}),
@@ -68,16 +68,13 @@ def main() -> None:
     lines = ["# Prefill-only requests vs a one-token generation", "",
              f"{time.strftime('%Y-%m-%d %H:%M')}; SmolLM2-135M-Instruct bf16, {args.prompt_len}-token random prompts, "
              f"{args.requests} requests per kind, one at a time, interleaved. Command: "
-             f"`.venv/bin/python bench/prefill_only.py --requests {args.requests} --prompt-len {args.prompt_len}`.", "",
+             f"`.venv/bin/python bench/experiments/prefill_only.py --requests {args.requests} --prompt-len {args.prompt_len}`.", "",
              "| request | median ms | p90 ms | vs generate 1 token |", "| --- | ---: | ---: | ---: |"]
     for kind, ts in times.items():
         ts = sorted(ts)
         med = statistics.median(ts)
         lines.append(f"| {kind} | {1000 * med:.1f} | {1000 * ts[int(0.9 * (len(ts) - 1))]:.1f} | {med / base:.2f}x |")
-    os.makedirs(os.path.join(BENCH, "results"), exist_ok=True)
-    with open(os.path.join(BENCH, "results", "prefill_only.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table("prefill_only", lines, show=True)
 
 
 if __name__ == "__main__":
