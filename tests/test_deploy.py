@@ -1,7 +1,7 @@
 """deploy/: the manifests parse, their commands parse with our own flags, probes and the termination
-grace fit the server's drain, and the gateway finds the servers by their headless Service; the image
-installs only what serving needs (no test extras, no browser) from a context that leaves out git,
-virtual environments and caches."""
+grace fit the server's drain, the gateway finds the servers by their headless Service, and the API keys
+come from a Secret; the image installs only what serving needs (no test extras, no browser) from a
+context that leaves out git, virtual environments and caches."""
 import os
 import re
 import shlex
@@ -11,7 +11,9 @@ import subprocess
 import yaml
 
 from scalellm.gateway.__main__ import parse_args as gateway_args
+from scalellm.gateway.proxy import PUBLIC_PATHS as GATEWAY_PUBLIC
 from scalellm.server.__main__ import parse_args as server_args
+from scalellm.server.app import PUBLIC_PATHS as SERVER_PUBLIC
 from tests.server_utils import ROOT
 
 DEPLOY = os.path.join(ROOT, "deploy", "kubernetes")
@@ -56,6 +58,50 @@ def test_the_gateway_finds_the_servers_by_dns():
     assert gateway["Service"]["spec"]["ports"][0]["targetPort"] == c["ports"][0]["name"]
     assert gateway["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > args.shutdown_grace
     assert shlex.join(c["command"]).endswith("-m scalellm.gateway")
+
+
+def secrets_created() -> dict[str, set[str]]:
+    """The Secrets the manifests' comments create with `kubectl create secret generic`: name -> keys."""
+    made = {}
+    for name in sorted(os.listdir(DEPLOY)):
+        with open(os.path.join(DEPLOY, name)) as f:
+            text = re.sub(r"\\\n#\s*", " ", f.read())  # a command continued on the next comment line
+        for m in re.finditer(r"kubectl create secret generic ([\w.-]+)(.*)", text):
+            made[m[1]] = set(re.findall(r"--from-literal=([\w.-]+)=", m[2]))
+    return made
+
+
+def from_secret(c: dict, value: str | None) -> tuple[str, str]:
+    """The (Secret, key) a flag's value comes from: `$(VAR)` with VAR set from a secretKeyRef."""
+    m = re.fullmatch(r"\$\((\w+)\)", value or "")
+    assert m, f"an API key must come from a Secret, not {value!r}"
+    (env,) = [e for e in c.get("env", []) if e["name"] == m[1]]
+    ref = env["valueFrom"]["secretKeyRef"]
+    assert not ref.get("optional"), "a missing Secret would start the pod without a key"
+    return ref["name"], ref["key"]
+
+
+def test_the_api_keys_come_from_a_secret():
+    servers, gateway = load("server.yaml"), load("gateway.yaml")
+    s, g = container(servers["Deployment"]), container(gateway["Deployment"])
+    server_key = from_secret(s, server_args(s["args"], prog="scalellm serve", model_positional=True).api_key)
+    args, _ = gateway_args(g["args"])
+    assert from_secret(g, args.upstream_api_key) == server_key  # the gateway sends what the servers require
+    client_key = from_secret(g, args.api_key)
+    assert client_key != server_key  # the gateway's clients never hold the servers' key
+    made = secrets_created()
+    for secret, key in (server_key, client_key):
+        assert key in made.get(secret, set()), f"no documented `kubectl create secret` makes {secret}/{key}"
+    # no key written into the manifests: no Secret with data, no literal value in an env var named like a key
+    for name in os.listdir(DEPLOY):
+        with open(os.path.join(DEPLOY, name)) as f:
+            for doc in yaml.safe_load_all(f):
+                assert not (doc["kind"] == "Secret" and (doc.get("data") or doc.get("stringData"))), name
+                for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                    assert not [e for e in c.get("env", []) if "KEY" in e["name"].upper() and "value" in e], name
+    # the probes stay on paths that answer without a key
+    assert all(s[p]["httpGet"]["path"] in SERVER_PUBLIC for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert all(g[p]["httpGet"]["path"] in GATEWAY_PUBLIC for p in ("readinessProbe", "livenessProbe"))
 
 
 def dockerfile_stages() -> list[tuple[str, list[tuple[str, str]]]]:
