@@ -22,7 +22,11 @@ import time
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# this checkout's virtual environment, or the interpreter running the script where the checkout has none
+# (a git worktree using another checkout's environment)
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+if not os.path.exists(PYTHON):
+    PYTHON = sys.executable
 
 
 @dataclass
@@ -162,6 +166,11 @@ def apply(copy: str, bug: Bug) -> str | None:
     return text
 
 
+def related_tests(copy: str, bug: Bug) -> list[str]:
+    """The bug's test files and node ids (file::test) that exist in the copy."""
+    return [t for t in bug.tests if os.path.exists(os.path.join(copy, t.split("::")[0]))]
+
+
 def run_tests(copy: str, files: list[str]) -> tuple[int, list[str], float]:
     cmd = [PYTHON, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *files]
     start = time.monotonic()
@@ -197,7 +206,7 @@ def main() -> int:
                 status, failed, seconds = "PATCH DID NOT APPLY", [], 0.0
                 print(f"!!! {bug.key}: '{bug.old}' is not found exactly once in {bug.path}: update BUGS")
             else:
-                files = [] if args.full else [f for f in bug.tests if os.path.exists(os.path.join(copy, f))]
+                files = [] if args.full else related_tests(copy, bug)
                 try:
                     rc, failed, seconds = run_tests(copy, files)
                 finally:
