@@ -105,3 +105,9 @@ def test_a_caught_bug_still_counts(planted, capsys):
     answers += [(0, "9 passed"), (2, COLLECTION_ERROR), (1, "FAILED tests/test_cancellation.py::test_x - assert 0")]
     assert plant_bugs.main() == 0
     assert "1/1 bugs caught" in capsys.readouterr().out
+
+
+def test_the_canarys_patch_applies():
+    """Without the canary nothing the script reports means anything: its anchor must stay in the package."""
+    with open(os.path.join(ROOT, CANARY.path)) as f:
+        assert f.read().count(CANARY.old) == 1

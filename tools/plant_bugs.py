@@ -119,7 +119,7 @@ BUGS = [
 
 # Not a bug to find: proves the copy's code is what the tests run (a syntax error must break them).
 CANARY = Bug("canary", "syntax error in the copy's scalellm/__init__.py", "scalellm/__init__.py",
-             "from scalellm.llm import LLM", "from scalellm.llm import LLM)", ["tests/test_validation.py"])
+             "def __getattr__(name: str):", "def __getattr__(name: str)):", ["tests/test_validation.py"])
 
 
 def copy_tree(dest: str) -> None:
