@@ -111,3 +111,11 @@ def test_the_canarys_patch_applies():
     """Without the canary nothing the script reports means anything: its anchor must stay in the package."""
     with open(os.path.join(ROOT, CANARY.path)) as f:
         assert f.read().count(CANARY.old) == 1
+
+
+def test_every_bugs_patch_applies():
+    """A bug whose anchor moved is reported as "patch did not apply" only when the script runs: each
+    anchor must occur exactly once in its file, as for the canary."""
+    for bug in BUGS:
+        with open(os.path.join(ROOT, bug.path)) as f:
+            assert f.read().count(bug.old) == 1, f"{bug.key}: its anchor is not found exactly once in {bug.path}"
