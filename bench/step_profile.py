@@ -29,6 +29,7 @@ sys.path.insert(0, BENCH)
 from models import MODELS  # noqa: E402
 from serving_report import cpu_flags  # noqa: E402
 from scalellm import LLM, ops  # noqa: E402
+from scalellm.ops import linear  # noqa: E402
 
 ROLES = ("qkv", "o_proj", "gate_up", "down")
 
@@ -119,6 +120,7 @@ def main() -> None:
     args.out = args.out or os.path.join(BENCH, "results", name)
     module_name, attr = args.flag.rsplit(".", 1)
     module = importlib.import_module(f"scalellm.ops.{module_name}")
+    linear.KEEP_PLAIN = True  # both small-batch kernels built, so linear.PANELS can be flipped between steps
     llm = LLM(MODELS[args.model](), dtype="bfloat16", kv_cache_memory="4GiB")
     timers = Timers(llm.engine.runner.model)
     shapes = ["decode batch 1", "decode batch 16", "decode batch 64", "prefill 4x128"]

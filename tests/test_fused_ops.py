@@ -82,7 +82,7 @@ def test_linear_paths_agree(dtype, tol, rows, bias, out_features):
     x, residual = torch.randn(rows, 160).to(dtype), torch.randn(rows, out_features).to(dtype)
     paths = {"small": Linear(weight.clone(), b), "packed": Linear(weight.clone(), b, small_batch=False),
              "plain": Linear(weight.clone(), b, pack=False, small_batch=False)}
-    assert paths["plain"].packed is None and paths["packed"]._plain is None
+    assert paths["plain"].packed is None and paths["packed"]._plain is None and paths["packed"]._panels is None
     if paths["packed"].packed is None:
         pytest.skip("this torch build has no oneDNN packed linear; the plain path serves")
     ref = F.linear(x.double(), weight.double(), None if b is None else b.double())

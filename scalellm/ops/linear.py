@@ -2,9 +2,10 @@
 
 On the CPU the weight is packed once, at load, into oneDNN's blocked layout (a plain torch linear
 re-lays it out on every call, which costs up to half the time of a small-batch GEMM), and the
-residual add rides in the GEMM's epilogue. Batches of one or two rows go to a numba kernel over the
-plain weight instead: it streams the weight once per call at close to memory bandwidth, where
-oneDNN's fixed per-call cost dominates (1.3-2x faster at these sizes, bench/results/ablation.md).
+residual add rides in the GEMM's epilogue. Batches of one or two rows go to a numba kernel instead,
+which streams the weight once per call at close to memory bandwidth where oneDNN's fixed per-call
+cost dominates: for bfloat16 over a second copy packed in 16-column panels (cpu/panel_gemm.py), for
+float32 over the plain weight (bench/results/ablation.md).
 torch.ops.mkldnn is a private API: when it is missing or refuses the weight, the plain torch path
 serves instead (tests check that all paths agree).
 """
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import scalellm.ops  # for rms_norm and silu_mul, read at call time (this module loads while ops does)
+from scalellm.ops.cpu import panel_gemm
 from scalellm.ops.cpu.kernels import NO_PROLOGUE, NO_WEIGHT, RMS_NORM, SILU_MUL, small_gemm
 from scalellm.ops.cpu.numba_util import as_numba, new_tensor
 
@@ -22,6 +24,8 @@ PACK_BATCH_HINT = 128  # the batch size oneDNN tunes the packed layout for (the 
 PACK_WEIGHTS = True  # the default for new Linears (benchmarks turn it off to measure the plain path)
 SMALL_BATCH_ROWS = 2  # batches up to this many rows take the numba kernel when the plain weight is kept
 FUSED_PROLOGUE = True  # small-batch kernels apply RMSNorm / SiLU-and-multiply (False: the ops, for comparisons)
+PANELS = True  # bfloat16 small batches on the panel kernel (False: the plain-weight kernel, for comparisons)
+KEEP_PLAIN = False  # keep the plain weight's kernel beside the panels too (benchmarks flip PANELS at run time)
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -32,31 +36,36 @@ def _can_pack(weight: torch.Tensor) -> bool:
 class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool | None = None,
                  small_batch: bool = True):
-        """small_batch: keep the plain weight beside the packed one for the numba small-batch path
-        (the weight is then held twice, unless it is shared, like a tied embedding)."""
+        """small_batch: keep a second copy of the weight beside oneDNN's for the numba small-batch path
+        (panels for bfloat16, the plain weight for float32)."""
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.bias = bias
         self.weight: torch.Tensor | None = weight.contiguous()  # the plain weight, where a path needs it
         self.packed: torch.Tensor | None = None
-        self._plain = self._bias = None  # numba views for the small-batch path
+        self._plain = self._bias = self._panels = None  # for the small-batch path: numba views, panels
         if (PACK_WEIGHTS if pack is None else pack) and _can_pack(weight):
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
             except RuntimeError:
                 self.packed = None
-        if small_batch and self.weight.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
+        cpu = self.weight.device.type == "cpu"
+        if small_batch and cpu and self.dtype == torch.bfloat16 and PANELS and self.in_features % 2 == 0:
+            self._panels = panel_gemm.pack(self.weight)
+        if small_batch and cpu and self.dtype in (torch.float32, torch.bfloat16) and (self._panels is None or KEEP_PLAIN):
             self._plain = as_numba(self.weight)
-            self._bias = np.zeros(0, self._plain.dtype) if bias is None else as_numba(bias)
-            self._no_residual = np.zeros((0, 0), self._plain.dtype)
-        elif self.packed is not None:
+        if self._panels is not None or self._plain is not None:
+            np_dtype = np.int16 if self.dtype == torch.bfloat16 else np.float32
+            self._bias = np.zeros(0, np_dtype) if bias is None else as_numba(bias)
+            self._no_residual = np.zeros((0, 0), np_dtype)
+        if self.packed is not None and self._plain is None:
             self.weight = None
 
     @property
     def nbytes(self) -> int:
         """Bytes held: the packed weight and the plain one, each where kept (the packed layout's padding
         is not counted)."""
-        copies = (self.weight is not None) + (self.packed is not None)
+        copies = (self.weight is not None) + (self.packed is not None) + (self._panels is not None)
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         return copies * self.out_features * self.in_features * self.dtype.itemsize + bias
 
@@ -65,12 +74,13 @@ class Linear:
         """x @ W^T + bias, plus `residual` when given (a new tensor; the inputs are not modified). x goes
         through rms_norm(x, norm, eps) first when norm is given, or through silu_mul when asked: the
         small-batch kernel does either on its way in (fusable_prologue), other paths call the op."""
-        if self._plain is not None and x.shape[0] <= SMALL_BATCH_ROWS and x.dim() == 2:
+        if self._bias is not None and x.shape[0] <= SMALL_BATCH_ROWS and x.dim() == 2:
             out = new_tensor((x.shape[0], self.out_features), self.dtype)
             x, op, norm_np = fusable_prologue(x, norm, eps, silu_mul)
-            small_gemm(as_numba(x), self._plain, self._bias,
-                       self._no_residual if residual is None else as_numba(residual), as_numba(out), op, norm_np,
-                       eps)
+            panels = self._panels is not None and (PANELS or self._plain is None)
+            kernel, w = (panel_gemm.panel_gemm, self._panels) if panels else (small_gemm, self._plain)
+            kernel(as_numba(x), w, self._bias, self._no_residual if residual is None else as_numba(residual),
+                   as_numba(out), op, norm_np, eps)
             return out
         x = apply_prologue(x, norm, eps, silu_mul)
         if self.packed is not None:

@@ -31,7 +31,7 @@ def _lanes(values):
     return ir.Constant(ir.VectorType(_I32, len(values)), list(values))
 
 
-def _fma(builder, a, b, c):
+def fma(builder, a, b, c):
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
     return builder.call(fn, [a, b, c])
 
@@ -41,7 +41,7 @@ def _maxnum(builder, a, b):
     return builder.call(fn, [a, b])
 
 
-def _splat(builder, value, kind=_V16F):
+def splat(builder, value, kind=_V16F):
     v = builder.insert_element(ir.Constant(kind, ir.Undefined), value, ir.Constant(_I32, 0))
     return builder.shuffle_vector(v, v, _lanes([0] * 16))
 
@@ -122,11 +122,11 @@ def _scores_intrinsic(name: str, dim: int, group: int, kv_heads: int, dot: bool)
                         v = _fold(builder, stack.pop()[1], v, level)
                         level += 1
                     stack.append((level, v))
-            lanes = builder.icmp_signed("<", _lanes(range(TILE)), _splat(builder, builder.trunc(n, _I32), _V16I))
+            lanes = builder.icmp_signed("<", _lanes(range(TILE)), splat(builder, builder.trunc(n, _I32), _V16I))
             low = ir.Constant(_V16F, [float("-inf")] * 16)
             for h in range(heads):
                 (_, v), = stacks[h]
-                v = builder.fmul(v, _splat(builder, args[7])) if dot else v
+                v = builder.fmul(v, splat(builder, args[7])) if dot else v
                 dst = builder.gep(out_p, [builder.mul(out_stride, ir.Constant(_I64, h))])
                 builder.store(v, builder.bitcast(dst, _V16F.as_pointer()), align=4)
                 running = builder.bitcast(builder.gep(max_p, [ir.Constant(_I64, h * TILE)]), _V16F.as_pointer())
@@ -147,7 +147,7 @@ def _row_dot(builder, q, row, dot: bool):
         return acc
     acc = builder.fmul(q[0], row[0])
     for qc, rc in zip(q[1:], row[1:]):
-        acc = _fma(builder, qc, rc, acc)
+        acc = fma(builder, qc, rc, acc)
     return acc
 
 
@@ -189,9 +189,9 @@ def make_accumulate(dim: int, group: int, kv_heads: int):
                     row = _bf16_row(builder, v_p, builder.add(at, ir.Constant(_I64, kh * dim)), dim)
                     for h in range(kh * group, (kh + 1) * group):
                         where = builder.add(builder.mul(p_stride, ir.Constant(_I64, h)), loop.index)
-                        w = _splat(builder, builder.load(builder.gep(p_p, [where])))
+                        w = splat(builder, builder.load(builder.gep(p_p, [where])))
                         for c in range(chunks):
-                            builder.store(_fma(builder, w, row[c], builder.load(accs[h][c])), accs[h][c])
+                            builder.store(fma(builder, w, row[c], builder.load(accs[h][c])), accs[h][c])
             _store_accumulators(builder, rows, accs)
             return context.get_dummy_value()
         return sig, codegen
@@ -311,7 +311,7 @@ def make_accumulate_dot(dim: int, group: int, kv_heads: int):
                         where = builder.add(builder.mul(p_stride, ir.Constant(_I64, h)), i)
                         w = builder.load(builder.bitcast(builder.gep(p_p, [where]), _I32.as_pointer()), align=2)
                         w = builder.select(has_second, w, builder.and_(w, ir.Constant(_I32, 0xFFFF)))
-                        w = _splat(builder, w, _V16I)
+                        w = splat(builder, w, _V16I)
                         for x in range(2 * chunks):
                             builder.store(_dot_bf16(builder, builder.load(accs[h][x]), w, mixed[x]), accs[h][x])
             _store_accumulators(builder, rows, accs)
