@@ -124,10 +124,19 @@ def as_numba(t: torch.Tensor) -> np.ndarray:
 _NUMPY_TYPES = {torch.bfloat16: np.int16, torch.float32: np.float32}
 
 
+ALIGN_TENSORS = True  # new_tensor allocates through torch (False: numpy, for comparisons)
+
+
 def new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized CPU tensor (bfloat16 or float32) made from a numpy array that it remembers, so
-    as_numba on it costs a lookup: a kernel's output is usually the next kernel's input, and converting
-    a fresh tensor costs more than many of the kernels at one row (~1.5 us against ~1 us)."""
+    """An uninitialized CPU tensor (bfloat16 or float32) that remembers its numpy view, so as_numba on it
+    costs a lookup: a kernel's output is usually the next kernel's input, and converting a fresh tensor
+    costs more than many of the kernels at one row. The memory comes from torch's allocator, 64-byte
+    aligned: numpy's large arrays start 32 bytes off a 64-byte boundary here, and oneDNN's AMX kernels
+    read a misaligned input up to ~40% slower (bench/results/step_profile_aligned.md)."""
+    if ALIGN_TENSORS:
+        t = torch.empty(shape, dtype=dtype)
+        t.__dict__["_numba_view"] = (t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy()
+        return t
     array = np.empty(shape, _NUMPY_TYPES[dtype])
     t = torch.from_numpy(array)
     if dtype == torch.bfloat16:
