@@ -12,6 +12,8 @@ rates:
   - decode: output_len - 1 steps at batch c: the projections and LM head at M = c, plus attention
     over the context (arithmetic at the GEMM rate, or reading the KV cache at the measured read
     bandwidth, whichever is slower).
+The memory floor of a decode step (memory_tpot_ms) is the time to read every weight and the batch's
+KV cache once at the read bandwidth: what no decode step can beat, whatever its arithmetic.
 Output tokens / total time is the floor's token rate. Nothing else (norms, rotary, sampling, HTTP)
 is charged, so a real server stays below it.
 
@@ -84,9 +86,10 @@ def copy_bandwidth(threads: list[int], size: int = 256 << 20) -> float:
 
 
 def read_bandwidth(threads: list[int], size: int = 512 << 20) -> float:
-    """Bytes per second for reading a large bfloat16 tensor once (a reduction): what the KV cache's and the
-    weights' reads get (a copy's rate counts its writes too, which those reads do not have)."""
-    src = torch.ones(size // 2, dtype=torch.bfloat16)
+    """Bytes per second for reading a large tensor once (an int32 maximum, which the CPU vectorizes at
+    memory speed; a bfloat16 maximum is bound by its conversions, at less than half that rate): what the KV
+    cache's and the weights' reads get (a copy's rate counts its writes too, which those reads do not have)."""
+    src = torch.ones(size // 4, dtype=torch.int32)
     best = 0.0
     for t in threads:
         torch.set_num_threads(t)
@@ -155,15 +158,19 @@ def workload_floor(floor: dict, c: int, input_len: int, output_len: int, budget:
         prefill += _proj_time(floor, tokens, group)
         prefill += group * 4 * L * H * D * input_len * (input_len + 1) / 2 / peak  # causal QK^T and PV
         done += group
-    decode = 0.0
+    decode = memory = 0.0
+    reads = floor.get("read_bandwidth", floor["bandwidth"])
+    weight_bytes = 2 * (L * sum(n * k for name, (n, k) in floor["shapes"].items() if name != "lm_head")
+                        + floor["shapes"]["lm_head"][0] * floor["shapes"]["lm_head"][1])
     for step in range(output_len - 1):
         context = input_len + step + 1
-        reads = floor.get("read_bandwidth", floor["bandwidth"])
         attention = max(c * 4 * L * H * D * context / peak, c * context * kv_bytes_per_token / reads)
         decode += _proj_time(floor, c, c) + attention
+        memory += (weight_bytes + c * context * kv_bytes_per_token) / reads
     total = prefill + decode
     step_ms = 1000 * decode / max(1, output_len - 1)
     return {"output_throughput": c * output_len / total, "request_throughput": c / total,
+            "memory_tpot_ms": 1000 * memory / max(1, output_len - 1),
             "ttft_ms": {"median": 1000 * prefill, "p99": 1000 * prefill},
             "tpot_ms": {"median": step_ms, "p99": step_ms}, "itl_ms": {"median": step_ms, "p99": step_ms},
             "e2e_ms": {"median": 1000 * total, "p99": 1000 * total}, "errors": {}}
@@ -182,7 +189,7 @@ def main() -> None:
     for c in (int(x) for x in args.concurrency.split(",")):
         w = out["workload"][c] = workload_floor(floor, c, args.input_len, args.output_len)
         print(f"    c={c:<3} floor {w['output_throughput']:8.1f} tok/s  prefill {w['ttft_ms']['median']:8.1f} ms  "
-              f"decode step {w['tpot_ms']['median']:7.2f} ms", flush=True)
+              f"decode step {w['tpot_ms']['median']:7.2f} ms (memory floor {w['memory_tpot_ms']:.2f})", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f)

@@ -120,6 +120,23 @@ def write_report(data: dict, out_dir: str) -> str:
             L.append(f"| {c} | {ratio('output_throughput')} | {ratio('ttft_ms.median', True)} | "
                      f"{ratio('ttft_ms.p99', True)} | {ratio('tpot_ms.median', True)} | {ratio('e2e_ms.median', True)} | "
                      f"{ratio('e2e_ms.p99', True)} | {share(ours)} | {share(peer) if peer['output_throughput'] else '–'} |")
+    mem = {c: [_at(rep["machine floor"], c).get("memory_tpot_ms") for rep in data["repeats"] if "machine floor" in rep]
+           for c in cs}
+    if any(v and None not in v for v in mem.values()):
+        L += ["", "## Decode steps against the memory floor", "",
+              "The memory floor of a decode step: every weight and the batch's KV cache read once at this "
+              "machine's measured read bandwidth (bench/machine_floor.py); TPOT p50 over it.", "",
+              "| concurrency | memory floor ms | ScaleLLM TPOT p50 ms | ScaleLLM / floor | vLLM TPOT p50 ms | "
+              "vLLM / floor |", "|---:|---:|---:|---:|---:|---:|"]
+        for c in cs:
+            if not mem[c] or None in mem[c]:
+                continue
+            floor_ms = statistics.median(mem[c])
+            cells = []
+            for system in ("ScaleLLM", "vLLM"):
+                t = _median_spread(data, system, c, "tpot_ms.median")
+                cells += [_cell(t), f"{t[0] / floor_ms:.2f}x" if t else "–"]
+            L.append(f"| {c} | {floor_ms:.2f} | " + " | ".join(cells) + " |")
     L += ["", "## Cost: CPU time per generated token", "",
           "CPU seconds (user + system) of each server's whole process tree during the run, over the tokens "
           "it generated (warm-up requests included on both sides).", "",
