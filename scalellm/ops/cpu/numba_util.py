@@ -3,6 +3,8 @@
 nearest-even on store (as torch rounds)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from llvmlite import ir
@@ -124,21 +126,28 @@ def as_numba(t: torch.Tensor) -> np.ndarray:
 _NUMPY_TYPES = {torch.bfloat16: np.int16, torch.float32: np.float32}
 
 
-ALIGN_TENSORS = True  # new_tensor allocates through torch (False: numpy, for comparisons)
+ALIGN_TENSORS = True  # new_tensor's memory starts on a 64-byte boundary (False: numpy's own, for comparisons)
+# from this size: realigning costs ~2.7 us a tensor, more than it saves on the small batches' tensors
+# (their projections are the panel kernel's, which does not care; batch 16 measured even)
+ALIGN_BYTES = 64 << 10
 
 
 def new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized CPU tensor (bfloat16 or float32) that remembers its numpy view, so as_numba on it
     costs a lookup: a kernel's output is usually the next kernel's input, and converting a fresh tensor
-    costs more than many of the kernels at one row. The memory comes from torch's allocator, 64-byte
-    aligned: numpy's large arrays start 32 bytes off a 64-byte boundary here, and oneDNN's AMX kernels
-    read a misaligned input up to ~40% slower (bench/results/step_profile_aligned.md)."""
-    if ALIGN_TENSORS:
-        t = torch.empty(shape, dtype=dtype)
-        t.__dict__["_numba_view"] = (t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy()
-        return t
-    array = np.empty(shape, _NUMPY_TYPES[dtype])
+    costs more than many of the kernels at one row. From ALIGN_BYTES on, the memory starts on a 64-byte
+    boundary: numpy's arrays start 32 bytes off one here, and oneDNN's AMX kernels read a misaligned input
+    up to ~40% slower (bench/results/step_profile_aligned.md). (Not torch.empty: its numpy view would go through
+    Tensor.numpy, which the CUDA step's tests count as a host sync.)"""
+    np_dtype = _NUMPY_TYPES[dtype]
+    array = np.empty(shape, np_dtype)
     t = torch.from_numpy(array)
+    if ALIGN_TENSORS and array.nbytes >= ALIGN_BYTES and t.data_ptr() % 64:  # again, at a 64-byte boundary
+        size, itemsize = math.prod(shape), array.itemsize
+        raw = np.empty(size + 64 // itemsize, np_dtype)
+        start = (-raw.ctypes.data % 64) // itemsize
+        array = raw[start:start + size].reshape(shape)
+        t = torch.from_numpy(array)
     if dtype == torch.bfloat16:
         t = t.view(torch.bfloat16)
     t.__dict__["_numba_view"] = array
