@@ -22,7 +22,7 @@ from scalellm.ops.cpu.numba_util import as_numba, new_tensor
 
 PACK_BATCH_HINT = 128  # the batch size oneDNN tunes the packed layout for (the packed GEMM's speed barely depends on it)
 PACK_WEIGHTS = True  # the default for new Linears (benchmarks turn it off to measure the plain path)
-SMALL_BATCH_ROWS = 2  # batches up to this many rows take the numba kernel when the plain weight is kept
+SMALL_BATCH_ROWS = 2  # batches up to this many rows take a numba small-batch kernel where one is built
 FUSED_PROLOGUE = True  # small-batch kernels apply RMSNorm / SiLU-and-multiply (False: the ops, for comparisons)
 PANELS = True  # bfloat16 small batches on the panel kernel (False: the plain-weight kernel, for comparisons)
 KEEP_PLAIN = False  # keep the plain weight's kernel beside the panels too (benchmarks flip PANELS at run time)
@@ -49,12 +49,12 @@ class Linear:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
             except RuntimeError:
                 self.packed = None
-        cpu = self.weight.device.type == "cpu"
-        if small_batch and cpu and self.dtype == torch.bfloat16 and PANELS and self.in_features % 2 == 0:
+        small = small_batch and self.weight.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+        if small and self.dtype == torch.bfloat16 and PANELS and self.in_features % 2 == 0:
             self._panels = panel_gemm.pack(self.weight)
-        if small_batch and cpu and self.dtype in (torch.float32, torch.bfloat16) and (self._panels is None or KEEP_PLAIN):
+        if small and (self._panels is None or KEEP_PLAIN):
             self._plain = as_numba(self.weight)
-        if self._panels is not None or self._plain is not None:
+        if small:  # _bias set marks a small-batch kernel
             np_dtype = np.int16 if self.dtype == torch.bfloat16 else np.float32
             self._bias = np.zeros(0, np_dtype) if bias is None else as_numba(bias)
             self._no_residual = np.zeros((0, 0), np_dtype)
@@ -63,8 +63,8 @@ class Linear:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the packed weight and the plain one, each where kept (the packed layout's padding
-        is not counted)."""
+        """Bytes held: the packed weight, the panels and the plain one, each where kept (the packed layout's
+        and the last panel's padding are not counted)."""
         copies = (self.weight is not None) + (self.packed is not None) + (self._panels is not None)
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         return copies * self.out_features * self.in_features * self.dtype.itemsize + bias

@@ -7,8 +7,9 @@ pair). A 64-byte line of the weight widens to two float32 vectors (a shift, a ma
 multiplies one broadcast input value into that row's 16 outputs: no horizontal sums, each line
 used by every row of the batch while it is in a register. The products are exact and summed in
 float32 (the order differs from a plain dot product, as in any blocked GEMM). Rows go through the
-panel in tiles of 16, 8, 4, 2 and 1 (accumulators in registers); the threads split the panels. The IR
-is generic LLVM vector code: no instruction set is named.
+panel two at a time (accumulators in registers; Linear sends it one or two rows, as oneDNN's AMX
+kernels win from three on), the threads split the panels. The IR is generic LLVM vector code: no
+instruction set is named.
 """
 from __future__ import annotations
 
@@ -23,11 +24,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from scalellm.ops.cpu.attention_ir import fma, splat
-from scalellm.ops.cpu.kernels import FAST, NO_PROLOGUE, NO_WEIGHT, prologue_row, renamed
+from scalellm.ops.cpu.kernels import NO_PROLOGUE, NO_WEIGHT, prologue_row, twin
 from scalellm.ops.cpu.numba_util import keep_alive, load, store
 
 LANES = 16  # output columns per panel (float32 lanes of one vector)
-ROW_TILES = (16, 8, 4, 2, 1)  # rows per pass over a panel, largest first
 PREFETCH_LINES = 16  # 64-byte weight lines ahead of the one in use that the kernel asks memory for (0: none)
 _I32, _I64, _F32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16I, _V16F = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
@@ -50,9 +50,8 @@ def _make_panel_dot(rows: int):
     for r < rows. w, x and acc are addresses (int32 panel lines; float32 rows of 2 * pairs values holding
     bfloat16 values; float32 rows acc_stride floats apart). The halves widen to float32 exactly (a shift,
     a mask) and go through float32 multiply-adds with the broadcast inputs: on the CPUs measured this
-    beats vdpbf16ps, whose throughput there is a fraction of two FMA ports'. Up to 8 rows keep two
-    accumulators each (the halves' chains run side by side)."""
-    split = rows <= 8
+    beats vdpbf16ps, whose throughput there is a fraction of two FMA ports'. Each row keeps two
+    accumulators (the halves' chains run side by side)."""
 
     def panel_dot(typingctx, w, x, pairs, acc, acc_stride):
         sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp)
@@ -62,7 +61,7 @@ def _make_panel_dot(rows: int):
             x_p = builder.inttoptr(args[1], _F32.as_pointer())
             pairs, acc_p = args[2], builder.inttoptr(args[3], _F32.as_pointer())
             zero = ir.Constant(_V16F, [0.0] * 16)
-            slots = [[cgutils.alloca_once_value(builder, zero) for _ in range(1 + split)] for _ in range(rows)]
+            slots = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(rows)]
             x_rows = [builder.gep(x_p, [builder.mul(pairs, ir.Constant(_I64, 2 * r))]) for r in range(rows)]
             prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [
                 ir.IntType(8).as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0")
@@ -79,12 +78,10 @@ def _make_panel_dot(rows: int):
                 for r in range(rows):
                     for h in range(2):
                         value = builder.load(builder.gep(x_rows[r], [builder.add(at, ir.Constant(_I64, h))]))
-                        slot = slots[r][h if split else 0]
+                        slot = slots[r][h]
                         builder.store(fma(builder, halves[h], splat(builder, value), builder.load(slot)), slot)
             for r in range(rows):
-                total = builder.load(slots[r][0])
-                if split:
-                    total = builder.fadd(total, builder.load(slots[r][1]))
+                total = builder.fadd(builder.load(slots[r][0]), builder.load(slots[r][1]))
                 dst = builder.gep(acc_p, [builder.mul(args[4], ir.Constant(_I64, r))])
                 builder.store(total, builder.bitcast(dst, _V16F.as_pointer()), align=4)
             return context.get_dummy_value()
@@ -93,31 +90,16 @@ def _make_panel_dot(rows: int):
     return intrinsic(panel_dot)
 
 
-_DOT16, _DOT8, _DOT4, _DOT2, _DOT1 = (_make_panel_dot(r) for r in ROW_TILES)
+_DOT2, _DOT1 = _make_panel_dot(2), _make_panel_dot(1)
 
 
 @njit(inline="always", nogil=True)
 def _panel_rows(w_at, x_at, pairs, acc_at, stride, rows):
-    """Every row of x through one panel, in tiles of ROW_TILES rows."""
-    r = 0
-    while r < rows:
-        left = rows - r
-        x_r, acc_r = x_at + 8 * r * pairs, acc_at + 4 * r * stride
-        if left >= 16:
-            _DOT16(w_at, x_r, pairs, acc_r, stride)
-            r += 16
-        elif left >= 8:
-            _DOT8(w_at, x_r, pairs, acc_r, stride)
-            r += 8
-        elif left >= 4:
-            _DOT4(w_at, x_r, pairs, acc_r, stride)
-            r += 4
-        elif left >= 2:
-            _DOT2(w_at, x_r, pairs, acc_r, stride)
-            r += 2
-        else:
-            _DOT1(w_at, x_r, pairs, acc_r, stride)
-            r += 1
+    """Every row of x through one panel, two at a time."""
+    for r in range(0, rows - 1, 2):
+        _DOT2(w_at, x_at + 8 * r * pairs, pairs, acc_at + 4 * r * stride, stride)
+    if rows % 2:
+        _DOT1(w_at, x_at + 8 * (rows - 1) * pairs, pairs, acc_at + 4 * (rows - 1) * stride, stride)
 
 
 def _panel_gemm(x, w, bias, residual, out, op, norm, eps):
@@ -147,8 +129,7 @@ def _panel_gemm(x, w, bias, residual, out, op, norm, eps):
 # numba's disk cache checks only this file's source; the intrinsics' IR comes from attention_ir too
 _IR = hashlib.sha1((inspect.getsource(fma) + inspect.getsource(splat)).encode()).hexdigest()[:8]
 _panel_gemm.__qualname__ = _panel_gemm.__name__ = f"_panel_gemm_{_IR}"
-_serial = njit(nogil=True, cache=True, fastmath=FAST)(_panel_gemm)
-_parallel = njit(nogil=True, cache=True, fastmath=FAST, parallel=True)(renamed(_panel_gemm, "parallel"))
+panel_gemm_kernel = twin(_panel_gemm)  # .serial and .parallel builds
 PARALLEL_PANELS = 8  # panels from which the kernel splits them over threads
 
 
@@ -156,5 +137,5 @@ def panel_gemm(x: np.ndarray, w: np.ndarray, bias: np.ndarray, residual: np.ndar
                op: int = NO_PROLOGUE, norm: np.ndarray = NO_WEIGHT, eps: float = 0.0) -> None:
     """numba-ready arrays: x [rows, K] (bfloat16 bits), w from pack(), out [rows, N] bfloat16 bits; the
     rest as kernels.small_gemm's."""
-    kernel = _parallel if w.shape[0] >= PARALLEL_PANELS else _serial
-    kernel(x, w, bias, residual, out, op, norm, np.float32(eps))
+    build = panel_gemm_kernel.parallel if w.shape[0] >= PARALLEL_PANELS else panel_gemm_kernel.serial
+    build(x, w, bias, residual, out, op, norm, np.float32(eps))
